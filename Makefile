@@ -1,0 +1,48 @@
+# blip2-workbook — `make help` lists the targets. A fresh machine needs exactly `make demo` and `make test`.
+SHELL := /bin/bash
+PY := .venv/bin/python
+STAMP := .venv.stamp
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@echo "==> creating .venv and installing blip2lib[all] (editable; torch from the local wheels)"
+	@test -x $(PY) || python3 -m venv .venv
+	@$(PY) -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+	@$(PY) -m pip install -q -e '.[all]'
+	@if git rev-parse --git-dir >/dev/null 2>&1; then .venv/bin/nbstripout --install --attributes .gitattributes >/dev/null 2>&1 || true; git checkout -- .gitattributes 2>/dev/null || true; fi
+	@touch $(STAMP)
+	@echo "==> environment ready: $(PY)"
+
+venv: $(STAMP) ## create .venv and install -e .[all] (only if missing or pyproject.toml changed)
+
+test: $(STAMP) ## run every CPU test tier (unit, dist, notebooks smoke, repo; gpu tests are skipped)
+	@echo "==> running tests (all CPU tiers; gpu-marked tests are skipped without CUDA)"
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP) ## unit tests only (no slow/dist/notebook tiers)
+	$(PY) -m pytest -m "not slow and not dist and not notebook and not browser and not gpu" $(PYTEST_ARGS)
+
+gpu-check: $(STAMP) ## on a GPU host: the gpu-marked tests
+	$(PY) -m pytest -m gpu -o addopts="--strict-markers -ra" $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff check + format check
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+format: $(STAMP) ## ruff format + autofix
+	.venv/bin/ruff format .
+	.venv/bin/ruff check --fix .
+
+demo: $(STAMP) ## run the main job end to end on the embedded toy world
+	$(PY) -m blip2lib.demo
+
+clean: ## remove caches, runs and build artefacts (keeps .venv)
+	rm -rf runs .pytest_cache .ruff_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+.PHONY: help venv test test-fast gpu-check lint format demo clean

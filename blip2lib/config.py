@@ -1,0 +1,238 @@
+"""Model configurations, presets and the flat run-parameter schema (house style D3, D6).
+
+Numbers follow ``blip2_spec.md`` §1 (architecture) — each field says where it comes from. Run parameters are
+flat dataclasses whose fields equal a notebook's ``parameters`` cell; YAML files are validated against them
+(unknown key or wrong type → error naming the file and key).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model configurations
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """Frozen image encoder (spec §1.2)."""
+
+    arch: str = "eva"  # "eva" (EVA-CLIP ViT-g family, timm Eva) or "clip" (OpenAI CLIP ViT-L family, timm ViT)
+    image_size: int = 224  # 224 pre-training / zero-shot, 364 caption+retrieval FT, 490 VQA FT (spec §1.1)
+    patch_size: int = 14  # both towers use 14-px patches
+    width: int = 1408  # Dv: 1408 ViT-g, 1024 ViT-L
+    depth: int = 39  # blocks BUILT: 39 of EVA's 40, 23 of CLIP's 24 (second-to-last layer output, spec §1.2)
+    num_heads: int = 16  # 16 for both towers
+    mlp_hidden: int = 6144  # int(1408 * 4.3637) = 6144 for ViT-g; 4096 for ViT-L
+    ln_eps: float = 1e-6  # EVA LayerNorm eps 1e-6; CLIP 1e-5
+    ln_vision_eps: float = 1e-5  # trainable ln_vision outside the tower (LAVIS 1e-5; HF post_layernorm 1e-6)
+    drop_path_rate: float = 0.0  # 0 in every BLIP-2 config
+    freeze: bool = True  # freeze_vit: True in pre-training; False in caption/retrieval/VQA fine-tuning
+    precision: str = "fp16"  # frozen tower dtype on GPU ("fp16" | "bf16" | "fp32"); always fp32 on CPU
+    grad_checkpointing: bool = False  # use_grad_checkpoint (fine-tuning with an unfrozen ViT)
+
+
+@dataclass(frozen=True)
+class QFormerConfig:
+    """BERT-base-shaped Q-Former (spec §1.3). Field names follow transformers' ``Blip2QFormerConfig``."""
+
+    vocab_size: int = 30523  # bert-base-uncased 30522 + [DEC]
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    cross_attention_frequency: int = 2  # cross-attention on layers i % 2 == 0 (0, 2, ..., 10)
+    encoder_hidden_size: int = 1408  # = vision width (1408 ViT-g, 1024 ViT-L)
+    num_query_tokens: int = 32
+    use_text_input: bool = True  # keep word/pos embeddings + text FFN (stage 1, retrieval, VQA FT); False: stage 2
+    pad_token_id: int = 0  # [PAD]
+    cls_token_id: int = 101  # [CLS]
+    sep_token_id: int = 102  # [SEP]
+    dec_token_id: int = 30522  # [DEC], the bos token added by BLIP-2 (spec §1.3 tokenizer)
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """Frozen language model (spec §1.5). Either a local ``path`` or an inline transformers ``hf_config``."""
+
+    family: str = "opt"  # "opt" (decoder-only, AutoModelForCausalLM) or "t5" (encoder-decoder, Seq2SeqLM)
+    path: str = ""  # local transformers directory (never a hub id: no network at run time)
+    hf_config: dict = field(default_factory=dict)  # transformers config kwargs (tests, meta-device counts)
+    hidden_size: int = 2560  # d_LLM: projection output width
+    precision: str = "fp16"  # OPT fp16, FlanT5 bf16 on GPU (T5 never fp16, spec §3.3); fp32 on CPU
+    exact_gelu: bool = True  # FlanT5: override dense_act_fn to exact "gelu" as LAVIS does (spec §1.5)
+    prompt: str = ""  # "" for pretrain_*, "a photo of" for caption FT (spec §1.5)
+    max_txt_len: int = 32  # LLM-side truncation (spec §3.1)
+
+
+@dataclass(frozen=True)
+class Blip2Config:
+    """A whole BLIP-2 model: vision tower + Q-Former (+ LLM for stage 2)."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    llm: LLMConfig | None = None  # None → stage-1 model (no LLM)
+    embed_dim: int = 256  # ITC projection width (vision_proj / text_proj)
+    max_txt_len: int = 32  # Q-Former text length in stage-1 training (35 at retrieval evaluation)
+
+    def replace(self, **kw: Any) -> Blip2Config:
+        """Return a copy with top-level fields replaced."""
+        return dataclasses.replace(self, **kw)
+
+
+# Vision towers (spec §1.2).
+VIT_G = VisionConfig()
+VIT_L = VisionConfig(arch="clip", width=1024, depth=23, num_heads=16, mlp_hidden=4096, ln_eps=1e-5)
+
+# Frozen LLMs as transformers config kwargs (published architectures; no weights involved).
+_OPT = dict(model_type="opt", vocab_size=50272, max_position_embeddings=2048, num_attention_heads=32,
+            num_hidden_layers=32, bos_token_id=2, eos_token_id=2, pad_token_id=1, do_layer_norm_before=True)
+_T5 = dict(model_type="t5", vocab_size=32128, d_kv=64, num_layers=24, num_decoder_layers=24,
+           feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0,
+           eos_token_id=1)
+LLMS: dict[str, LLMConfig] = {
+    "opt2.7b": LLMConfig("opt", hf_config=dict(_OPT, hidden_size=2560, ffn_dim=10240, word_embed_proj_dim=2560),
+                         hidden_size=2560),
+    "opt6.7b": LLMConfig("opt", hf_config=dict(_OPT, hidden_size=4096, ffn_dim=16384, word_embed_proj_dim=4096),
+                         hidden_size=4096),
+    "flant5xl": LLMConfig("t5", hf_config=dict(_T5, d_model=2048, d_ff=5120, num_heads=32), hidden_size=2048,
+                          precision="bf16"),
+    "flant5xxl": LLMConfig("t5", hf_config=dict(_T5, d_model=4096, d_ff=10240, num_heads=64), hidden_size=4096,
+                           precision="bf16"),
+}
+
+
+def preset(vision: str = "vitg", llm: str | None = None) -> Blip2Config:
+    """Full-size configuration from the paper (spec §1.6): ``vision`` in {vitg, vitl}, ``llm`` in LLMS or None."""
+    v = {"vitg": VIT_G, "vitl": VIT_L}[vision]
+    q = QFormerConfig(encoder_hidden_size=v.width, use_text_input=llm is None)
+    return Blip2Config(vision=v, qformer=q, llm=LLMS[llm] if llm else None)
+
+
+PRESETS: dict[str, Blip2Config] = {
+    f"{v}" + (f"_{m}" if m else ""): preset(v, m)
+    for v, m in [("vitg", None), ("vitl", None), ("vitg", "opt2.7b"), ("vitg", "opt6.7b"), ("vitg", "flant5xl"),
+                 ("vitg", "flant5xxl"), ("vitl", "opt2.7b"), ("vitl", "flant5xl")]
+}
+
+
+def tiny_config(llm: str | None = None, cross_attention_frequency: int = 2, num_layers: int = 2,
+                image_size: int = 28, arch: str = "eva") -> Blip2Config:
+    """A seconds-fast configuration of the same classes for tests and smoke runs (size kwargs only)."""
+    v = VisionConfig(arch=arch, image_size=image_size, patch_size=7, width=32, depth=2, num_heads=4, mlp_hidden=64,
+                     ln_eps=1e-6 if arch == "eva" else 1e-5, precision="fp32")
+    q = QFormerConfig(vocab_size=100, hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=4,
+                      intermediate_size=37, max_position_embeddings=64, cross_attention_frequency=cross_attention_frequency,
+                      encoder_hidden_size=32, num_query_tokens=4, use_text_input=llm is None, cls_token_id=1,
+                      sep_token_id=2, dec_token_id=99)
+    lm = None
+    if llm == "opt":
+        lm = LLMConfig("opt", hf_config=dict(model_type="opt", vocab_size=99, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, ffn_dim=37, max_position_embeddings=128,
+                                             word_embed_proj_dim=32, bos_token_id=2, eos_token_id=2,
+                                             pad_token_id=1), hidden_size=32, precision="fp32")
+    elif llm == "t5":
+        lm = LLMConfig("t5", hf_config=dict(model_type="t5", vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                            num_decoder_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+                                            tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0,
+                                            eos_token_id=1, bos_token_id=1), hidden_size=32, precision="fp32")
+    return Blip2Config(vision=v, qformer=q, llm=lm, embed_dim=16, max_txt_len=12)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Nested plain-dict view of a config dataclass (for YAML/JSON and checkpoint manifests)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict) -> Blip2Config:
+    """Inverse of :func:`config_to_dict` (unknown keys are errors)."""
+    d = dict(d)
+    llm = d.pop("llm", None)
+    return Blip2Config(vision=VisionConfig(**d.pop("vision", {})), qformer=QFormerConfig(**d.pop("qformer", {})),
+                       llm=LLMConfig(**llm) if llm else None, **d)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flat run parameters (one dataclass per notebook; the notebook's parameters cell has the same names/defaults)
+
+
+class ParamsError(ValueError):
+    """A params file or override is invalid (message names the file and key)."""
+
+
+def _check_type(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_check_type(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return isinstance(value, (list, tuple)) and (not args or all(_check_type(v, args[0]) for v in value))
+    if origin is dict:
+        return isinstance(value, dict)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+@dataclass
+class Params:
+    """Base of every notebook's run parameters: the fields every notebook has (house style D5)."""
+
+    run_dir: str = ""  # output folder; "" → runs/<notebook>/<variant>/ chosen by the runner
+    smoke_test: bool = False  # seconds-sized run for CI
+    seed: int = 42  # global seed
+    num_gpus: int = 1  # >1 launches torchrun as a subprocess
+    data_root: str = ""  # folder with the prepared datasets ("" → toy world)
+    weights_root: str = ""  # folder with local checkpoints ("" → toy world models)
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "<dict>") -> Params:
+        """Validate ``values`` against the fields (unknown key / wrong type → :class:`ParamsError`)."""
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key, value in values.items():
+            if key not in names:
+                raise ParamsError(f"{source}: unknown key '{key}' for {cls.__name__} (known: {sorted(names)})")
+            if not _check_type(value, hints[key]):
+                raise ParamsError(f"{source}: key '{key}' must be {hints[key]}, got {type(value).__name__} {value!r}")
+        values = {k: float(v) if hints[k] is float and isinstance(v, int) else v for k, v in values.items()}
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Params:
+        """Load and validate a flat YAML params file."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ParamsError(f"{path}: invalid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ParamsError(f"{path}: expected a mapping of flat keys, got {type(data).__name__}")
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_namespace(cls, ns: dict) -> Params:
+        """Build from a notebook's globals (only this class's field names are read)."""
+        return cls.from_dict({f.name: ns[f.name] for f in dataclasses.fields(cls) if f.name in ns}, "notebook")
+
+    def to_dict(self) -> dict:
+        """Flat dict of all fields."""
+        return dataclasses.asdict(self)
