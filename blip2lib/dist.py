@@ -94,11 +94,11 @@ def barrier() -> None:
 def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from all ranks along dim 0 without gradient (LAVIS ``concat_all_gather``).
 
-    At world size 1 the input itself is returned (still attached to its graph, as in open_clip's
-    single-process short-cut; callers that need a constant must detach). Spec §2 ITC.
+    At world size 1 the input is returned detached (same values, no collective), so one process on the whole
+    batch computes exactly what W processes compute together: gradients reach the local rows only (spec §2 ITC).
     """
     if not is_dist():
-        return x
+        return x.detach()
     parts = [torch.empty_like(x) for _ in range(get_world_size())]
     tdist.all_gather(parts, x.detach().contiguous())
     return torch.cat(parts, dim=0)

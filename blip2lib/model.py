@@ -1,0 +1,193 @@
+"""BLIP-2 models: the stage-1 Q-Former model and the stage-2 model with a frozen LLM (spec §1, Fig. 1–3).
+
+Models return features and logits; the losses live in ``losses.py`` and the tasks in ``tasks.py`` sum them.
+Attribute names follow transformers' BLIP-2 state-dict keys (hf_transformers_blip2.md §3.1) except
+``vision_model`` (timm key names) and the ITG head ``cls`` / ``temp`` that transformers does not have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Blip2Config
+from .decoding import beam_search
+from .qformer import (
+    Blip2QFormer,
+    Blip2QFormerLMHead,
+    Blip2TextEmbeddings,
+    bidirectional_mask,
+    causal_text_mask_with_prefix,
+    init_weights,
+)
+from .vision import build_vision_tower, freeze_vision_, set_grad_checkpointing, vision_features
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameters, counting tied tensors once."""
+    seen, total = set(), 0
+    for p in module.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+class Blip2Base(nn.Module):
+    """Vision tower + ``ln_vision`` + learned queries + Q-Former, shared by both stages (spec §1.1)."""
+
+    def __init__(self, cfg: Blip2Config, device: torch.device | str | None = None):
+        super().__init__()
+        self.config = cfg
+        q = cfg.qformer
+        meta = str(device) == "meta"  # meta device: shapes only (full-size parameter counts without memory)
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self.vision_model = build_vision_tower(cfg.vision)
+            # ln_vision sits OUTSIDE the tower and is trained in every stage (spec §1.1 step 2).
+            self.ln_vision = nn.LayerNorm(cfg.vision.width, eps=cfg.vision.ln_vision_eps)
+            self.query_tokens = nn.Parameter(torch.zeros(1, q.num_query_tokens, q.hidden_size))
+            self.qformer = Blip2QFormer(q)
+            # Word/position embeddings only where text enters the Q-Former (stage 1, retrieval, VQA FT; spec §1.5).
+            self.embeddings = Blip2TextEmbeddings(q) if q.use_text_input else None
+        if cfg.vision.freeze:
+            freeze_vision_(self.vision_model)  # no grads, pinned to eval (spec §1.2)
+        elif cfg.vision.grad_checkpointing:
+            set_grad_checkpointing(self.vision_model, True)
+        if not meta:
+            init_weights(self.qformer, q.initializer_range)
+            if self.embeddings is not None:
+                init_weights(self.embeddings, q.initializer_range)
+            nn.init.normal_(self.query_tokens, std=q.initializer_range)  # LAVIS N(0, 0.02); HF zeros
+
+    def train(self, mode: bool = True) -> Blip2Base:
+        """Switch trainable parts; frozen towers stay in eval whatever ``mode`` is (spec §1.2 ``disabled_train``)."""
+        super().train(mode)
+        for m in self.modules():
+            if getattr(m, "is_frozen", False):
+                nn.Module.train(m, False)
+        return self
+
+    def vision_dtype(self) -> torch.dtype:
+        """Dtype of the vision tower's weights."""
+        return next(self.vision_model.parameters()).dtype
+
+    def encode_vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``ln_vision(ViT(image))`` in fp32: (B, 3, S, S) → (B, N, Dv). Frozen towers run without autograd."""
+        frozen = not any(p.requires_grad for p in self.vision_model.parameters())
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            x = vision_features(self.vision_model, pixel_values.to(self.vision_dtype()))  # (B, N, Dv)
+        # LAVIS computes ln_vision in fp32 (spec §1.1); the Q-Former keeps fp32 master weights.
+        return self.ln_vision(x.float())
+
+    def query_pass(self, image_embeds: torch.Tensor, use_cache: bool = False, text_ids: torch.Tensor | None = None,
+                   text_mask: torch.Tensor | None = None):
+        """Learned queries through the Q-Former with cross-attention to ``image_embeds`` (B, N, Dv).
+
+        With ``text_ids`` the text is concatenated after the queries in one bi-directional pass (ITM, and the VQA
+        fine-tuning variant of spec §4.2). Returns the Q-Former output (``last_hidden_state`` (B, Q[+L], H)).
+        """
+        b = image_embeds.shape[0]
+        queries = self.query_tokens.expand(b, -1, -1)  # (B, Q, H)
+        nq = queries.shape[1]
+        if text_ids is None:
+            return self.qformer(queries, query_length=nq, attention_mask=None, encoder_hidden_states=image_embeds,
+                                use_cache=use_cache)
+        embeds = torch.cat([queries, self.embeddings(text_ids)], dim=1)  # (B, Q+L, H)
+        mask = bidirectional_mask(text_mask, nq)  # (B, Q+L): every token sees every non-pad token
+        return self.qformer(embeds, query_length=nq, attention_mask=mask, encoder_hidden_states=image_embeds,
+                            use_cache=use_cache)
+
+
+class Blip2QFormerModel(Blip2Base):
+    """Stage-1 model (spec §1.4): ITC/ITM/ITG heads on the Q-Former; also the retrieval fine-tuning model."""
+
+    def __init__(self, cfg: Blip2Config, device: torch.device | str | None = None):
+        if not cfg.qformer.use_text_input:
+            raise ValueError("the stage-1 model needs the Q-Former text path (qformer.use_text_input=True)")
+        super().__init__(cfg, device)
+        h, e = cfg.qformer.hidden_size, cfg.embed_dim
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self.cls = Blip2QFormerLMHead(cfg.qformer, self.embeddings.word_embeddings.weight)  # tied decoder
+            self.vision_projection = nn.Linear(h, e)
+            self.text_projection = nn.Linear(h, e)
+            self.itm_head = nn.Linear(h, 2)
+            self.temp = nn.Parameter(torch.full((), 0.07))  # learnable, never clamped (spec §1.4)
+        if str(device) != "meta":
+            for m in (self.cls, self.vision_projection, self.text_projection, self.itm_head):
+                init_weights(m, cfg.qformer.initializer_range)
+
+    # ---- features (spec §2 shared passes) ----
+    def encode_image(self, pixel_values: torch.Tensor, use_cache: bool = False) -> dict:
+        """Image side: ``image_embeds`` (B, N, Dv), ``query_output`` (B, Q, H), ``image_feats`` (B, Q, E) L2-normalised,
+        and the query pass's self-attention cache (for ITG) when ``use_cache``."""
+        image_embeds = self.encode_vision(pixel_values)
+        out = self.query_pass(image_embeds, use_cache=use_cache)
+        feats = F.normalize(self.vision_projection(out.last_hidden_state), dim=-1)  # (B, Q, E)
+        return {"image_embeds": image_embeds, "query_output": out.last_hidden_state, "image_feats": feats,
+                "past_key_values": out.past_key_values}
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        """Text-only pass (uni-modal mask: no queries, no image): ``text_feat`` (B, E) from ``[CLS]``."""
+        out = self.qformer(self.embeddings(input_ids), query_length=0, attention_mask=attention_mask)
+        feat = F.normalize(self.text_projection(out.last_hidden_state[:, 0]), dim=-1)  # (B, E)
+        return {"text_output": out.last_hidden_state, "text_feat": feat}
+
+    @staticmethod
+    def itc_similarity(image_feats: torch.Tensor, text_feat: torch.Tensor) -> torch.Tensor:
+        """Raw ITC cosine, max over queries: (Bi, Q, E) × (Bt, E) → (Bi, Bt) (spec §10.20, no temperature)."""
+        return torch.einsum("iqe,te->itq", image_feats, text_feat).amax(dim=-1)
+
+    def itm_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """ITM 2-way logits of pairs (image_embeds[i], text[i]), averaged over the queries: (B, 2) (spec §2 ITM)."""
+        out = self.query_pass(image_embeds, text_ids=input_ids, text_mask=attention_mask)
+        nq = self.query_tokens.shape[1]
+        return self.itm_head(out.last_hidden_state[:, :nq]).mean(dim=1)  # (B, Q, 2) → (B, 2)
+
+    def itg_logits(self, past_key_values, decoder_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """ITG logits (B, L, V): text-only causal pass reusing the query pass's K/V cache (spec §1.3 mask (a))."""
+        nq = self.query_tokens.shape[1]
+        mask = causal_text_mask_with_prefix(attention_mask, nq)  # (B, L, Q+L)
+        out = self.qformer(self.embeddings(decoder_ids), query_length=0, attention_mask=mask,
+                           past_key_values=past_key_values)
+        return self.cls(out.last_hidden_state)
+
+    # ---- user-facing scoring API ----
+    @torch.no_grad()
+    def itm_probability(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """P(match) per (image, text) pair: softmax of the averaged ITM logits, class 1 (spec §10.20)."""
+        image_embeds = self.encode_vision(pixel_values)
+        return self.itm_logits(image_embeds, input_ids, attention_mask).softmax(-1)[:, 1]
+
+    @torch.no_grad()
+    def generate_captions(self, pixel_values: torch.Tensor, num_beams: int = 3, max_new_tokens: int = 30,
+                          min_new_tokens: int = 10, length_penalty: float = 1.0) -> torch.Tensor:
+        """Q-Former-only captioning from ``[DEC]`` until ``[SEP]`` (spec §2): returns (B, T) BERT ids."""
+        q = self.config.qformer
+        b = pixel_values.shape[0]
+        enc = self.encode_image(pixel_values, use_cache=True)
+        # One cached query pass per image, repeated per beam; text then decodes causally on top of it.
+        idx = torch.arange(b, device=pixel_values.device).repeat_interleave(num_beams)
+        cache = [(k[idx], v[idx]) for k, v in enc["past_key_values"]]
+        nq = q.num_query_tokens
+
+        def step(tokens, cache, t):
+            past = cache
+            mask = torch.ones(tokens.shape[0], nq + t + 1, device=tokens.device, dtype=torch.long)
+            out = self.qformer(self.embeddings(tokens, past_length=t), query_length=0, attention_mask=mask,
+                               past_key_values=past, use_cache=True)
+            return self.cls(out.last_hidden_state[:, -1]), out.past_key_values
+
+        def reorder(cache, rows):
+            return [(k[rows], v[rows]) for k, v in cache]
+
+        return beam_search(step, reorder, cache, b, q.dec_token_id, q.sep_token_id, q.pad_token_id, num_beams,
+                           max_new_tokens, min_new_tokens, length_penalty, device=pixel_values.device)

@@ -1,0 +1,89 @@
+"""Tasks: a model plus its objectives; ``forward(batch)`` returns named loss terms summed into ``loss``.
+
+This is the only place that gathers features for losses (through ``blip2lib.dist``; no-ops at world size 1).
+Stage 1 = ITC + ITM + ITG (spec §2), the retrieval fine-tuning variant adds image ids (spec §4.3), stage 2 and
+the generative fine-tunings use the frozen LLM's LM loss (spec §3, §4.1, §4.2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from . import dist
+from .losses import itc_loss, itc_similarities, itg_inputs, itg_loss, itm_loss, sample_hard_negatives
+from .model import Blip2QFormerModel
+
+
+class Stage1Task(nn.Module):
+    """ITC + ITM (hard negatives) + ITG on the Q-Former with a frozen (or fine-tuned) vision tower.
+
+    Args:
+        model: the stage-1 model.
+        tokenizer: BERT tokenizer with ``[DEC]`` (Q-Former side, spec §1.3).
+        max_txt_len: Q-Former text length (32 in training, spec §1.3).
+        use_itg: include the ITG term (the Table 6 ablation switches it off).
+        negative_sampler: replaces :func:`sample_hard_negatives` (tests pass a fixed sampler).
+    """
+
+    def __init__(self, model: Blip2QFormerModel, tokenizer, max_txt_len: int = 32, use_itg: bool = True,
+                 negative_sampler: Callable | None = None):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_txt_len = max_txt_len
+        self.use_itg = use_itg
+        self.negative_sampler = negative_sampler or sample_hard_negatives
+
+    def tokenize(self, texts: list[str], device: torch.device, max_len: int | None = None):
+        """BERT ids padded to ``max_len`` (``padding="max_length"`` as LAVIS, spec §2 step 3)."""
+        tok = self.tokenizer(texts, padding="max_length", truncation=True, max_length=max_len or self.max_txt_len,
+                             return_tensors="pt")
+        return tok.input_ids.to(device), tok.attention_mask.to(device)
+
+    def forward(self, batch: dict) -> dict:
+        """``batch``: ``image`` (B, 3, S, S), ``text_input`` list of B strings, optional integer ``image_id`` (B,)."""
+        m, q = self.model, self.model.config.qformer
+        images = batch["image"]
+        ids, mask = self.tokenize(batch["text_input"], images.device)
+        image_ids = batch.get("image_id")
+        # Only integer image ids switch on the multi-positive variant (spec §10.15: never raw string ids).
+        if not (isinstance(image_ids, torch.Tensor) and not image_ids.is_floating_point()):
+            image_ids = None
+        rank = dist.get_rank()
+
+        enc = m.encode_image(images, use_cache=self.use_itg)  # image_feats (B, Q, E)
+        txt = m.encode_text(ids, mask)  # text_feat (B, E)
+
+        # ---- ITC: local rows vs gathered columns without grad (spec §2 ITC) ----
+        img_all = dist.all_gather_no_grad(enc["image_feats"])  # (B*W, Q, E)
+        txt_all = dist.all_gather_no_grad(txt["text_feat"])  # (B*W, E)
+        ids_all = dist.all_gather_no_grad(image_ids) if image_ids is not None else None
+        sim_i2t, sim_t2i = itc_similarities(enc["image_feats"], txt["text_feat"], img_all, txt_all, m.temp)
+        out = {"itc_loss": itc_loss(sim_i2t, sim_t2i, rank, image_ids=image_ids, image_ids_all=ids_all)}
+
+        # ---- ITM with hard negatives from the global batch (spec §2 ITM) ----
+        embeds_all = dist.all_gather_with_grad(enc["image_embeds"])  # (B*W, N, Dv), grads return to owners
+        text_ids_all = dist.all_gather_no_grad(ids)
+        text_mask_all = dist.all_gather_no_grad(mask)
+        neg_img, neg_txt = self.negative_sampler(sim_i2t.detach(), sim_t2i.detach(), rank, image_ids=image_ids,
+                                                 image_ids_all=ids_all)
+        pair_images = torch.cat([enc["image_embeds"], embeds_all[neg_img], enc["image_embeds"]])  # (3B, N, Dv)
+        pair_ids = torch.cat([ids, ids, text_ids_all[neg_txt]])  # (3B, L)
+        pair_mask = torch.cat([mask, mask, text_mask_all[neg_txt]])
+        b = ids.shape[0]
+        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(images.device)
+        itm = m.itm_logits(pair_images, pair_ids, pair_mask)  # (3B, 2)
+        out["itm_loss"] = itm_loss(itm, labels)
+        out["itm_acc"] = (itm.argmax(-1) == labels).float().mean().detach()
+
+        # ---- ITG: [DEC] replaces [CLS], causal text over the cached query states (spec §2 ITG) ----
+        if self.use_itg:
+            dec_ids, lm_labels = itg_inputs(ids, q.pad_token_id, q.dec_token_id)
+            logits = m.itg_logits(enc["past_key_values"], dec_ids, mask)
+            out["itg_loss"] = itg_loss(logits, lm_labels)
+        out["loss"] = out["itc_loss"] + out["itm_loss"] + out.get("itg_loss", 0.0)  # equal weights (spec §2)
+        out["temp"] = m.temp.detach()
+        return out
