@@ -1,0 +1,115 @@
+"""Image loading that never kills a run, and the bad-sample counter (spec §6: unreadable images → ``None``).
+
+How the count reaches the training loop (works with ``num_workers`` 0 or N)::
+
+    bad = BadSampleLog()                                   # one per dataset; shared with the collate
+    ds = CaptionDataset(root, ann, transform, text_proc, bad_log=bad)
+    loader = DataLoader(ds, batch_size=B, collate_fn=Collate(bad), num_workers=4)
+    for batch in loader:
+        bad.absorb(batch)                                  # main process: adds batch["n_bad"], keeps paths
+        if batch["batch_size"] == 0:                       # every sample of this batch was unreadable
+            continue
+        ...
+        metrics["data/bad_samples"] = bad.total
+
+Inside a worker process, the dataset's copy of the log queues the path of every failed image (``record``); the
+collate, which runs in that same worker, drains the queue into ``batch["bad_samples"]`` and counts the dropped
+``None`` entries in ``batch["n_bad"]``. The main process folds each batch in with ``absorb``, so ``total`` is exact
+whatever the number of workers, and nothing is counted twice with ``num_workers=0`` (``record`` only queues).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from PIL import Image
+
+__all__ = ["BadSampleLog", "load_image"]
+
+logger = logging.getLogger(__name__)
+
+
+class BadSampleLog:
+    """Counts and remembers samples that were skipped because their image could not be read.
+
+    Attributes:
+        total: number of skipped samples folded in so far (main-process view, see module docstring).
+        paths: the first ``max_paths`` skipped paths with their reasons, as ``(path, reason)``.
+    """
+
+    def __init__(self, max_paths: int = 1000):
+        self.max_paths = max_paths
+        self.total = 0
+        self.paths: list[tuple[str, str]] = []
+        self._pending: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+
+    def record(self, path: str | Path, reason: str) -> None:
+        """Queue one unreadable image (called by datasets, in whichever process loads the sample)."""
+        logger.warning("skipping unreadable image %s (%s)", path, reason)
+        with self._lock:
+            self._pending.append((str(path), reason))
+
+    def drain(self) -> list[tuple[str, str]]:
+        """Return and clear the queued ``(path, reason)`` pairs (called by the collate)."""
+        with self._lock:
+            out, self._pending = self._pending, []
+        return out
+
+    def absorb(self, batch: dict) -> int:
+        """Fold a collated batch's bad-sample fields into ``total``/``paths``; returns the batch's count."""
+        n = int(batch.get("n_bad", 0))
+        with self._lock:
+            self.total += n
+            room = self.max_paths - len(self.paths)
+            if room > 0:
+                self.paths.extend(list(batch.get("bad_samples", []))[:room])
+        return n
+
+    def state_dict(self) -> dict:
+        """Serialisable state (for checkpoints and ``metrics.json``)."""
+        return {"total": self.total, "paths": [list(p) for p in self.paths]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict`."""
+        self.total = int(state["total"])
+        self.paths = [tuple(p) for p in state.get("paths", [])]
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_lock"]  # locks do not pickle (spawned DataLoader workers)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"BadSampleLog(total={self.total}, pending={len(self._pending)})"
+
+
+def load_image(path: str | Path, bad_log: BadSampleLog | None = None) -> Image.Image | None:
+    """Open an image with PIL and convert it to RGB; ``None`` (and a log entry) if that fails.
+
+    ``convert`` forces the full decode, so truncated files fail here rather than later inside a transform
+    (PIL's ``LOAD_TRUNCATED_IMAGES`` is left at its default False on purpose).
+
+    Args:
+        path: image file.
+        bad_log: where to record the failure; a warning is logged either way.
+
+    Returns:
+        The RGB image, or None when the file is missing, truncated or not an image.
+    """
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as err:
+        reason = f"{type(err).__name__}: {err}"
+        if bad_log is not None:
+            bad_log.record(path, reason)
+        else:
+            logger.warning("skipping unreadable image %s (%s)", path, reason)
+        return None
