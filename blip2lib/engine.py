@@ -1,0 +1,280 @@
+"""Model-agnostic training loop: AMP, gradient accumulation, non-finite guard, JSONL log, exact resume (spec §7).
+
+Data-position protocol (exact resume): ``loader_factory(start_position) -> iterable of batches`` must yield the
+batches that follow the first ``start_position`` samples THIS rank has consumed since step 0, and its order and
+augmentations must be a function of its own seed and the position only (never of the global RNG; e.g. a sampler
+permutation from ``torch.Generator().manual_seed(seed + epoch)``). The iterable may be finite (one epoch): the loop
+calls the factory again at the current position when it is exhausted. The position is counted in samples
+(:func:`batch_size_of`), so it stays meaningful if the per-rank batch size changes; global position = position ×
+world size. The task moves batches to its device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import dist
+from .checkpoint import get_rng_state, latest_checkpoint, load_training_state, save_training_state, set_rng_state
+from .optim import apply_lr
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NonFiniteLossError", "batch_size_of", "run_loop"]
+
+_AMP = {None: None, "fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after ``max_bad_steps`` consecutive optimizer steps with a non-finite loss."""
+
+
+def batch_size_of(batch: object) -> int:
+    """Samples in a batch: leading dim of the first tensor (or length of the first list) found depth-first."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, dict):
+        return batch_size_of(next(iter(batch.values())))
+    if isinstance(batch, (list, tuple)):
+        if batch and isinstance(batch[0], (torch.Tensor, dict, list, tuple)):
+            return batch_size_of(batch[0])
+        return len(batch)
+    raise TypeError(f"cannot infer the batch size of a {type(batch).__name__}")
+
+
+def _to_cpu(x: object) -> object:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    if isinstance(x, dict):
+        return {k: _to_cpu(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_cpu(v) for v in x)
+    return x
+
+
+class _BatchStream:
+    """Iterator over ``loader_factory`` that tracks the sample position and re-opens exhausted iterables."""
+
+    def __init__(self, factory: Callable[[int], Iterable], position: int):
+        self.factory, self.position = factory, position
+        self._it = iter(factory(position))
+
+    def next(self) -> object:
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self._it = iter(self.factory(self.position))
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                raise RuntimeError(f"loader_factory({self.position}) yielded no batch") from None
+        self.position += batch_size_of(batch)
+        return batch
+
+
+class _JsonlLog:
+    """Append-only JSONL log on the main rank; on resume, drops records past the resumed step."""
+
+    def __init__(self, path: str | Path | None, resume_step: int | None):
+        self.path = Path(path) if path and dist.is_main() else None
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+
+    def write(self, record: dict) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _optimizer_step(optimizer, scaler, clip_norm: float | None) -> float | None:
+    """Unscale, clip (optional), step through the scaler (which skips fp16 overflow steps), update the scale."""
+    norm = None
+    if clip_norm:
+        scaler.unscale_(optimizer)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        norm = float(torch.nn.utils.clip_grad_norm_(params, clip_norm))
+    scaler.step(optimizer)
+    scaler.update()
+    return norm
+
+
+def _dump_bad_batch(bad_dir: Path, batches: list, record: dict, model: nn.Module, config: dict) -> None:
+    """Save each rank's offending micro-batches; the main rank adds the loss record and the trainable state."""
+    bad_dir.mkdir(parents=True, exist_ok=True)
+    rank = dist.get_rank()
+    torch.save([_to_cpu(b) for b in batches], bad_dir / ("batch.pt" if rank == 0 else f"batch_rank{rank}.pt"))
+    if dist.is_main():
+        (bad_dir / "info.json").write_text(json.dumps(record, indent=2))
+        save_training_state(bad_dir, model=model, optimizer=None, scheduler_state=None, scaler=None,
+                            step=record["step"], data_state=None, extra=record, config=config, keep_last=0)  # fmt: skip
+
+
+def run_loop(
+    task: Callable[[object], dict],
+    loader_factory: Callable[[int], Iterable],
+    optimizer: torch.optim.Optimizer,
+    schedule: Callable[[int], float],
+    *,
+    steps: int,
+    grad_accum: int = 1,
+    amp_dtype: str | None = None,
+    clip_norm: float | None = None,
+    log_path: str | Path | None,
+    ckpt_dir: str | Path | None,
+    ckpt_every: int = 0,
+    resume: bool = True,
+    max_bad_steps: int = 10,
+    eval_fn: Callable[[int], dict] | None = None,
+    eval_every: int = 0,
+    best_key: str | None = None,
+    higher_is_better: bool = True,
+    progress: bool = True,
+    model: nn.Module | None = None,
+    config: dict | None = None,
+    keep_last: int = 3,
+    apply_layer_decay: bool = True,
+) -> dict:
+    """Train ``task`` for ``steps`` optimizer steps (resuming from the newest checkpoint in ``ckpt_dir``).
+
+    Each optimizer step: ``lr = schedule(step)`` (0-based) via :func:`~blip2lib.optim.apply_lr`; ``grad_accum``
+    micro-batches with ``loss / grad_accum`` backpropagated (DDP ``no_sync`` on all but the last, spec §7); if the
+    averaged loss is non-finite the step is skipped (still counted: the LR schedule and data move on) and after
+    ``max_bad_steps`` consecutive skips the batches + state go to ``<ckpt_dir>/../bad_batch/`` and
+    :class:`NonFiniteLossError` is raised. fp16 uses ``torch.amp.GradScaler``; bf16 runs without one. One JSONL
+    record per step (loss terms averaged over micro-batches, lr, samples/s, data-wait fraction, peak CUDA memory).
+
+    Args:
+        task: ``task(batch) -> {"loss": scalar tensor, **other terms}``; an ``nn.Module`` is put in train mode.
+        loader_factory: See the module docstring (data-position protocol).
+        optimizer: Optimizer (groups may carry ``lr_scale``).
+        schedule: ``step -> base lr`` (e.g. :class:`~blip2lib.optim.LRSchedule`).
+        steps: Total optimizer steps of the run (the loop stops there, also when resumed).
+        grad_accum: Micro-batches per optimizer step.
+        amp_dtype: None/"fp32", "fp16" or "bf16" autocast around the task call.
+        clip_norm: Max global grad norm (None: no clipping, as LAVIS).
+        log_path: JSONL log file (None: no log).
+        ckpt_dir: Checkpoint directory (None: never save or resume).
+        ckpt_every: Save every this many steps (0: only at the end); also saved on a new best eval.
+        resume: Resume from :func:`~blip2lib.checkpoint.latest_checkpoint` when one exists.
+        max_bad_steps: Consecutive non-finite steps tolerated.
+        eval_fn: ``eval_fn(step) -> metrics`` called every ``eval_every`` steps and at the end.
+        eval_every: Eval period in steps (0: only at the end when ``eval_fn`` is given).
+        best_key: Metric used for best tracking (``best.json``); None: no best tracking.
+        higher_is_better: Direction of ``best_key``.
+        progress: tqdm bar with ETA (main rank only).
+        model: Module whose trainable weights are checkpointed (default: ``task``).
+        config: Resolved run config recorded in checkpoint manifests.
+        keep_last: Checkpoints kept (plus the best one).
+        apply_layer_decay: Multiply by each group's ``lr_scale`` (paper) or not (LAVIS, spec §10.9).
+
+    Returns:
+        ``{"step", "skipped_steps", "last", "best", "checkpoint", "resumed_from", "position"}``.
+    """
+    model = model if model is not None else task
+    if not isinstance(model, nn.Module):
+        raise TypeError("run_loop needs an nn.Module (pass model=...) to checkpoint")
+    if amp_dtype not in _AMP:
+        raise ValueError(f"amp_dtype must be one of {list(_AMP)}, got {amp_dtype!r}")
+    device = next(model.parameters()).device
+    amp = (lambda: torch.autocast(device.type, dtype=_AMP[amp_dtype])) if _AMP[amp_dtype] else contextlib.nullcontext
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == "fp16")
+    config = dict(config or {})
+    ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
+    step, position, skipped, bad, best, resumed, rng = 0, 0, 0, 0, None, None, None
+    if resume and ckpt_dir is not None and (ck := latest_checkpoint(ckpt_dir)) is not None:
+        st = load_training_state(ck, model, optimizer, scaler, restore_rng=False)
+        step, position, resumed = st["step"], st["data_state"]["position"], str(ck)
+        ex = st["extra"] or {}
+        skipped, bad, best, ranks = ex.get("skipped", 0), ex.get("bad", 0), ex.get("best"), ex.get("rng_ranks", [])
+        # each rank gets back its own RNG stream; with another world size, rank 0's state is all we have
+        rng = ranks[dist.get_rank()] if len(ranks) == dist.get_world_size() else st["rng"]
+        log.info("resumed from %s at step %d (sample position %d)", ck, step, position)
+    jlog = _JsonlLog(log_path, step if resumed else None)
+    stream = _BatchStream(loader_factory, position)
+    if rng is not None:  # after the factory call, so its RNG use cannot shift the restored state
+        set_rng_state(rng)
+    if isinstance(task, nn.Module):
+        task.train()
+    optimizer.zero_grad(set_to_none=True)
+    bar = tqdm(total=steps, initial=step, disable=not (progress and dist.is_main()), dynamic_ncols=True)
+    last, ckpt_path = {}, resumed
+    while step < steps:
+        lr = schedule(step)
+        apply_lr(optimizer, lr, apply_layer_decay)
+        t0, wait, n, terms, batches = time.perf_counter(), 0.0, 0, {}, []
+        for i in range(grad_accum):
+            tw = time.perf_counter()
+            batch = stream.next()
+            wait += time.perf_counter() - tw
+            batches.append(batch)
+            n += batch_size_of(batch)
+            sync = task.no_sync() if i < grad_accum - 1 and hasattr(task, "no_sync") else contextlib.nullcontext()
+            with sync:
+                with amp():
+                    out = task(batch)
+                scaler.scale(out["loss"] / grad_accum).backward()
+            for k, v in out.items():
+                terms[k] = terms.get(k, 0.0) + torch.as_tensor(v).detach().float() / grad_accum
+        # one verdict for all ranks: DDP has already averaged the (possibly NaN) gradients everywhere
+        finite = dist.all_reduce_sum((~torch.isfinite(terms["loss"])).float()).item() == 0
+        grad_norm = _optimizer_step(optimizer, scaler, clip_norm) if finite else None
+        optimizer.zero_grad(set_to_none=True)
+        step, bad, skipped = step + 1, 0 if finite else bad + 1, skipped + (not finite)
+        dt = time.perf_counter() - t0
+        last = {k: float(v) for k, v in terms.items()}
+        rec = {"step": step, **last, "lr": lr, "samples_per_s": n / dt, "data_wait_frac": wait / dt,
+               "skipped": not finite, "position": stream.position}  # fmt: skip
+        if grad_norm is not None:
+            rec["grad_norm"] = grad_norm
+        if scaler.is_enabled():
+            rec["loss_scale"] = scaler.get_scale()
+        if device.type == "cuda":
+            rec["max_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        jlog.write(rec)
+        bar.update(1)
+        bar.set_postfix(loss=f"{last['loss']:.4g}", lr=f"{lr:.3g}")
+        if not finite:
+            log.warning("step %d: non-finite loss %s, step skipped (%d consecutive)", step, last, bad)
+            if bad >= max_bad_steps:
+                bad_dir = (ckpt_dir.parent if ckpt_dir is not None else Path(log_path).parent) / "bad_batch"
+                _dump_bad_batch(bad_dir, batches, rec, model, config)
+                raise NonFiniteLossError(
+                    f"{bad} consecutive non-finite losses (last at step {step}: {last}); batch and state in {bad_dir}"
+                )
+        improved, metric = False, None
+        if eval_fn is not None and ((eval_every and step % eval_every == 0) or step == steps):
+            metrics = eval_fn(step)
+            if isinstance(task, nn.Module):
+                task.train()
+            jlog.write({"step": step, "eval": metrics})
+            if best_key is not None:
+                metric = float(metrics[best_key])
+                better = best is None or (metric > best["metric"] if higher_is_better else metric < best["metric"])
+                if better:
+                    best, improved = {"step": step, "metric": metric, "key": best_key}, True
+        if ckpt_dir is not None and ((ckpt_every and step % ckpt_every == 0) or step == steps or improved):
+            extra = {"skipped": skipped, "bad": bad, "best": best, "rng_ranks": dist.all_gather_object(get_rng_state())}
+            if dist.is_main():
+                data_state = {"position": stream.position, "world_size": dist.get_world_size()}
+                sched = schedule.state_dict() if hasattr(schedule, "state_dict") else None
+                kw = dict(keep_last=keep_last, best_metric=metric, higher_is_better=higher_is_better)
+                path = save_training_state(ckpt_dir, model=model, optimizer=optimizer, scheduler_state=sched,
+                                           scaler=scaler, step=step, data_state=data_state, extra=extra,
+                                           config=config, **kw)  # fmt: skip
+                ckpt_path = str(path)
+            dist.barrier()
+    bar.close()
+    return {"step": step, "skipped_steps": skipped, "last": last, "best": best, "checkpoint": ckpt_path,
+            "resumed_from": resumed, "position": stream.position}  # fmt: skip
