@@ -1,0 +1,75 @@
+"""Scoring half of BLIP-2 evaluation (spec §4.3, §5): VQA accuracy, caption metrics, retrieval recalls.
+
+Every function takes predictions / score matrices / callables from a driver (``blip2lib.tasks`` or a notebook) and
+returns plain dicts whose scores are in percent, with an explicit ``"unit": "percent"`` entry (user need 31).
+"""
+
+from blip2lib.evaluate.caption import (
+    ALL_METRICS,
+    DOMAINS,
+    CaptionDecoding,
+    JavaNotFoundError,
+    check_java,
+    coco_caption_scores,
+    nocaps_breakdown,
+    spice_models_available,
+    write_nocaps_submission,
+)
+from blip2lib.evaluate.retrieval import (
+    FUSIONS,
+    NEG_FILL,
+    candidate_scores,
+    ranks,
+    recall_at_k,
+    rerank_scores,
+    shard_rows,
+)
+from blip2lib.evaluate.vqa import (
+    VQA_PROMPTS,
+    LemmatizerUnavailable,
+    VQADecoding,
+    evaluate_gqa,
+    evaluate_okvqa,
+    evaluate_vqa,
+    gqa_accuracy,
+    lemmatize_answers,
+    load_lemmatizer,
+    normalize_answer,
+    process_digit_article,
+    process_punctuation,
+    vqa_accuracy,
+    write_vqav2_submission,
+)
+
+__all__ = [
+    "ALL_METRICS",
+    "DOMAINS",
+    "FUSIONS",
+    "NEG_FILL",
+    "VQA_PROMPTS",
+    "CaptionDecoding",
+    "JavaNotFoundError",
+    "LemmatizerUnavailable",
+    "VQADecoding",
+    "candidate_scores",
+    "check_java",
+    "coco_caption_scores",
+    "evaluate_gqa",
+    "evaluate_okvqa",
+    "evaluate_vqa",
+    "gqa_accuracy",
+    "lemmatize_answers",
+    "load_lemmatizer",
+    "nocaps_breakdown",
+    "normalize_answer",
+    "process_digit_article",
+    "process_punctuation",
+    "ranks",
+    "recall_at_k",
+    "rerank_scores",
+    "shard_rows",
+    "spice_models_available",
+    "vqa_accuracy",
+    "write_nocaps_submission",
+    "write_vqav2_submission",
+]
