@@ -191,3 +191,42 @@ class Blip2QFormerModel(Blip2Base):
 
         return beam_search(step, reorder, cache, b, q.dec_token_id, q.sep_token_id, q.pad_token_id, num_beams,
                            max_new_tokens, min_new_tokens, length_penalty, device=pixel_values.device)
+
+
+class Blip2(Blip2Base):
+    """Stage-2 model (spec §1.5, Fig. 3): Q-Former query path → ``language_projection`` → frozen LLM.
+
+    The Q-Former keeps only its query path (``qformer.use_text_input=False``) unless the VQA fine-tuning variant
+    feeds the question through it (spec §4.2), which keeps the text embeddings and text FFN.
+    """
+
+    def __init__(self, cfg: Blip2Config, device: torch.device | str | None = None, language_model: nn.Module | None = None,
+                 tokenizer=None, qformer_tokenizer=None):
+        if cfg.llm is None:
+            raise ValueError("the stage-2 model needs cfg.llm (use Blip2QFormerModel for stage 1)")
+        super().__init__(cfg, device)
+        from .llm import build_llm, freeze_llm_
+
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self.language_projection = nn.Linear(cfg.qformer.hidden_size, cfg.llm.hidden_size)  # fresh (spec §1.5)
+        self.language_model = language_model if language_model is not None else build_llm(cfg.llm, device=device)
+        freeze_llm_(self.language_model)  # frozen, pinned to eval, never in the optimizer (spec §1.5)
+        self.tokenizer = tokenizer  # LLM tokenizer (None: ids only)
+        self.qformer_tokenizer = qformer_tokenizer  # BERT tokenizer for question input (VQA FT)
+
+    @property
+    def family(self) -> str:
+        """"opt" (decoder-only) or "t5" (encoder-decoder)."""
+        return self.config.llm.family
+
+    def soft_prompt(self, pixel_values: torch.Tensor, qformer_ids: torch.Tensor | None = None,
+                    qformer_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """32 soft visual tokens in LLM space: (B, 3, S, S) → (B, Q, D_llm) (spec §1.1 step 4, §3.3).
+
+        With ``qformer_ids`` the question is fed through the Q-Former together with the queries (VQA FT, §4.2);
+        only the query outputs are projected.
+        """
+        image_embeds = self.encode_vision(pixel_values)
+        out = self.query_pass(image_embeds, text_ids=qformer_ids, text_mask=qformer_mask)
+        nq = self.query_tokens.shape[1]
+        return self.language_projection(out.last_hidden_state[:, :nq])  # (B, Q, D_llm)
