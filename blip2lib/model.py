@@ -76,6 +76,26 @@ class Blip2Base(nn.Module):
                 nn.Module.train(m, False)
         return self
 
+    def place(self, device: torch.device | str) -> Blip2Base:
+        """Move to ``device`` and apply the per-module dtype policy (spec §3.3).
+
+        On a GPU the frozen ViT runs in ``vision.precision`` (fp16/bf16) and the frozen LLM in ``llm.precision``
+        (OPT fp16, T5 bf16 — never fp16); the Q-Former, queries, ``ln_vision`` and projections keep fp32 master weights
+        (use autocast around them). On a CPU everything stays fp32.
+        """
+        from .vision import vision_dtype
+
+        self.to(device)
+        if torch.device(device).type == "cuda":
+            if getattr(self.vision_model, "is_frozen", False):
+                self.vision_model.to(vision_dtype(self.config.vision, device))
+            lm = getattr(self, "language_model", None)
+            if lm is not None:
+                from .llm import resolve_dtype
+
+                lm.to(resolve_dtype(self.family, self.config.llm.precision, device))
+        return self
+
     def vision_dtype(self) -> torch.dtype:
         """Dtype of the vision tower's weights."""
         return next(self.vision_model.parameters()).dtype
@@ -230,3 +250,26 @@ class Blip2(Blip2Base):
         out = self.query_pass(image_embeds, text_ids=qformer_ids, text_mask=qformer_mask)
         nq = self.query_tokens.shape[1]
         return self.language_projection(out.last_hidden_state[:, :nq])  # (B, Q, D_llm)
+
+    def lm_loss(self, pixel_values: torch.Tensor, llm_inputs: dict, qformer_ids: torch.Tensor | None = None,
+                qformer_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Frozen-LLM loss conditioned on the soft prompt (spec §3.1 / §3.2); ``llm_inputs`` from ``blip2lib.llm``."""
+        from .llm import llm_loss
+
+        prefix = self.soft_prompt(pixel_values, qformer_ids, qformer_mask)
+        return llm_loss(self.language_model, self.family, prefix, llm_inputs)
+
+    @torch.no_grad()
+    def generate(self, pixel_values: torch.Tensor, prompts: str | list[str] = "", qformer_ids: torch.Tensor | None = None,
+                 qformer_mask: torch.Tensor | None = None, **decoding) -> list[str]:
+        """Batched captioning / VQA (spec §5): soft prompt + text prompt → new text only.
+
+        ``decoding``: ``num_beams``, ``max_new_tokens``, ``min_new_tokens`` (new tokens, never counting the query
+        positions), ``length_penalty``, ``repetition_penalty`` … (see ``blip2lib.generation.generate``).
+        """
+        from .generation import generate
+
+        if self.tokenizer is None:
+            raise ValueError("Blip2.generate needs the LLM tokenizer (model.tokenizer)")
+        prefix = self.soft_prompt(pixel_values, qformer_ids, qformer_mask)
+        return generate(self.language_model, self.family, self.tokenizer, prefix, prompts, **decoding)

@@ -87,3 +87,74 @@ class Stage1Task(nn.Module):
         out["loss"] = out["itc_loss"] + out["itm_loss"] + out.get("itg_loss", 0.0)  # equal weights (spec §2)
         out["temp"] = m.temp.detach()
         return out
+
+
+class Stage2Task(nn.Module):
+    """Generative learning from a frozen LLM (spec §3): stage 2, caption FT (§4.1) and VQA FT (§4.2).
+
+    Batches: ``image`` + ``text_input`` (captions) for stage 2 / caption FT; ``image`` + ``text_input`` (question)
+    + ``answer`` (list of one target answer per row) for VQA fine-tuning, or ``text_output`` for an explicit T5 split.
+
+    Args:
+        model: the stage-2 model (its ``tokenizer`` is the LLM tokenizer).
+        prompt: caption prompt ("" in pre-training, "a photo of" in caption FT) — masked from the OPT loss and the
+            T5 encoder prefix in caption FT (spec §4.1, LAVIS#364).
+        max_txt_len: LLM-side truncation (32, spec §3.1).
+        prefix_lm: FlanT5 pre-training splits each caption at a random word into prefix → suffix (spec §3.2.4).
+        question_template: VQA prompt, e.g. "Question: {} Answer:" (spec §4.2).
+        qformer_question: feed the question through the Q-Former with the queries (spec §4.2; needs
+            ``model.qformer_tokenizer`` and ``qformer.use_text_input``).
+        seed: seed of the prefix-LM split sampler.
+    """
+
+    def __init__(self, model, prompt: str = "", max_txt_len: int = 32, prefix_lm: bool = True,
+                 question_template: str = "Question: {} Answer:", qformer_question: bool = False, seed: int = 0):
+        super().__init__()
+        import random
+
+        self.model = model
+        self.prompt = prompt
+        self.max_txt_len = max_txt_len
+        self.prefix_lm = prefix_lm
+        self.question_template = question_template
+        self.qformer_question = qformer_question
+        self.rng = random.Random(seed)
+
+    def llm_inputs(self, batch: dict) -> dict:
+        """Tokenised LLM inputs with the right positions masked from the loss."""
+        from .llm import opt_training_inputs, prompt_length, split_prefix_lm, t5_training_inputs
+
+        tok, texts = self.model.tokenizer, list(batch["text_input"])
+        if self.model.family == "opt":
+            if "answer" in batch:  # VQA FT: "Question: q Answer: a\n", loss on the answer only
+                prompts = [self.question_template.format(q) for q in texts]
+                out = opt_training_inputs(tok, [f"{p} {a}" for p, a in zip(prompts, batch["answer"])], "",
+                                          self.max_txt_len)
+                for i, p in enumerate(prompts):  # per-row prompt length (questions differ in length)
+                    out["labels"][i, : prompt_length(tok, p)] = -100
+                return out
+            if self.prompt:
+                texts = [t if t.startswith(self.prompt) else f"{self.prompt} {t}" for t in texts]
+            return opt_training_inputs(tok, texts, self.prompt, self.max_txt_len)
+        if "answer" in batch:
+            return t5_training_inputs(tok, [self.question_template.format(q) for q in texts], list(batch["answer"]),
+                                      self.max_txt_len)
+        if "text_output" in batch:
+            return t5_training_inputs(tok, texts, list(batch["text_output"]), self.max_txt_len)
+        if self.prompt:  # caption FT: prefix "a photo of" → caption (LAVIS#364)
+            return t5_training_inputs(tok, [self.prompt] * len(texts), texts, self.max_txt_len)
+        if self.prefix_lm:
+            pairs = [split_prefix_lm(t, self.rng) for t in texts]
+            return t5_training_inputs(tok, [a for a, _ in pairs], [b for _, b in pairs], self.max_txt_len)
+        return t5_training_inputs(tok, [""] * len(texts), texts, self.max_txt_len)
+
+    def forward(self, batch: dict) -> dict:
+        """``{"lm_loss", "loss"}`` for one batch."""
+        images = batch["image"]
+        qids = qmask = None
+        if self.qformer_question:
+            tok = self.model.qformer_tokenizer(list(batch["text_input"]), padding="longest", truncation=True,
+                                               max_length=self.max_txt_len, return_tensors="pt")
+            qids, qmask = tok.input_ids.to(images.device), tok.attention_mask.to(images.device)
+        loss = self.model.lm_loss(images, self.llm_inputs(batch), qids, qmask)
+        return {"lm_loss": loss, "loss": loss}

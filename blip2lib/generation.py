@@ -1,0 +1,184 @@
+"""Text generation from the frozen LLM conditioned on the visual soft prompt (spec §5.1, §5.2, §10.13).
+
+Layout of the LLM input (one row per image), the soft prompt always first as in LAVIS:
+
+* decoder-only (OPT): ``[prefix (Q) ; pad … pad ; BOS prompt]`` — the prompt tokens are LEFT padded, the pads sit
+  between the soft prompt and the text (LAVIS and the HF processor do the same). OPT derives positions from the
+  attention-mask cumsum, so every real token gets the same position as in an unpadded single-row run (queries
+  0..Q-1, BOS at Q), and new tokens are appended right after the last real token. No row is ever fully masked
+  (pads can attend to the prefix), which keeps eager/SDPA numerics finite. Hence batched == one-by-one.
+* encoder–decoder (T5): encoder ``[prefix (Q) ; prompt </s> ; pad …]`` (right padding), decoder from its start id.
+
+``max_new_tokens`` / ``min_new_tokens`` count generated tokens only, never the Q + prompt positions (LAVIS#707).
+transformers 5.24 ``generate(inputs_embeds=..., attention_mask=...)`` without ``input_ids`` returns ONLY the new
+tokens for a decoder-only model, and ``[decoder_start, new tokens…]`` for T5; :func:`generate_ids` normalises both
+to new tokens only. Repetition penalty therefore sees generated tokens only (the prompt ids are not passed).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel
+
+from .llm import _check_family, newline_id, prepend_prefix
+
+log = logging.getLogger(__name__)
+
+# Zero-shot VQA prompt templates (spec §5.1), kept as data; "{}" is replaced by the question.
+VQA_PROMPTS = {
+    "opt": "Question: {} Answer:",  # OPT, paper; LAVIS' OPT zero-shot yaml uses the FlanT5 template instead
+    "t5": "Question: {} Short answer:",  # FlanT5, paper and LAVIS
+    "opt_lavis": "Question: {} Short answer:",  # what LAVIS' vqav2_zeroshot_opt_eval.yaml actually uses (51.88 val)
+}
+CAPTION_PROMPT = "a photo of"  # caption fine-tuning prompt (spec §1.5)
+
+
+def format_prompt(template: str, question: str) -> str:
+    """Insert ``question`` at the single ``"{}"`` of ``template`` (plain substitution: no ``str.format`` fields).
+
+    Raises:
+        ValueError: the template does not contain exactly one ``"{}"``.
+    """
+    if template.count("{}") != 1:
+        raise ValueError(f"prompt template must contain exactly one '{{}}', got {template!r}")
+    return template.replace("{}", question)
+
+
+def resolve_eos(tokenizer, family: str, eos: str | int | None = None) -> int:
+    r"""End-of-text id: ``"\n"`` for OPT (50118 for the real tokenizer, spec §1.5), the tokenizer EOS for T5."""
+    _check_family(family)
+    if isinstance(eos, int):
+        return eos
+    if eos is None:
+        return newline_id(tokenizer) if family == "opt" else tokenizer.eos_token_id
+    ids = tokenizer(eos, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise ValueError(f"eos {eos!r} must be a single token, got {ids}")
+    return ids[0]
+
+
+def _prompt_tokens(tokenizer, family: str, prompts: list[str], max_prompt_len: int | None):
+    side = "left" if family == "opt" else "right"  # see the module docstring
+    return tokenizer(
+        prompts,
+        padding="longest",
+        padding_side=side,
+        truncation=max_prompt_len is not None,
+        max_length=max_prompt_len,
+        return_tensors="pt",
+    )
+
+
+@torch.no_grad()
+def generate_ids(
+    model: PreTrainedModel,
+    family: str,
+    tokenizer,
+    prefix_embeds: torch.Tensor,
+    prompts: str | list[str],
+    num_beams: int = 5,
+    max_new_tokens: int = 30,
+    min_new_tokens: int = 8,
+    length_penalty: float = 1.0,
+    repetition_penalty: float = 1.0,
+    do_sample: bool = False,
+    top_p: float = 0.9,
+    eos: str | int | None = None,
+    max_prompt_len: int | None = None,
+) -> torch.Tensor:
+    r"""Generate NEW token ids from the soft prompt + text prompt (HF ``generate`` on ``inputs_embeds``).
+
+    Args:
+        model: frozen transformers LLM (eval).
+        family: "opt" (decoder-only) or "t5" (encoder–decoder).
+        tokenizer: the LLM tokenizer (OPT-like: BOS prepended; T5-like: EOS appended).
+        prefix_embeds: (B, Q, D) projected Q-Former outputs.
+        prompts: one prompt per row (a single string is broadcast); ``""`` → BOS only for OPT.
+        num_beams: beam width (1 = greedy / sampling).
+        max_new_tokens: most generated tokens (never counting the Q + prompt positions, spec §10.13).
+        min_new_tokens: EOS is suppressed until this many tokens were generated.
+        length_penalty: beam score = sum log-prob / length ** length_penalty (beam search only).
+        repetition_penalty: HF CTRL-style penalty over the generated tokens.
+        do_sample: sample instead of greedy/beam argmax (HF's default ``top_k=50`` also applies, as in LAVIS).
+        top_p: nucleus mass when sampling.
+        eos: end-of-text token (string or id); None → ``"\n"`` for OPT, the tokenizer EOS for T5.
+        max_prompt_len: truncate prompt tokens (LAVIS OPT VQA: 32); None → no truncation.
+
+    Returns:
+        (B, T) new token ids, T ≤ ``max_new_tokens``; rows that stopped early are padded with the pad id after EOS.
+    """
+    _check_family(family)
+    b = prefix_embeds.shape[0]
+    prompts = [prompts] * b if isinstance(prompts, str) else list(prompts)
+    if len(prompts) != b:
+        raise ValueError(f"{len(prompts)} prompts for {b} soft prompts")
+    tok = _prompt_tokens(tokenizer, family, prompts, max_prompt_len)
+    embeds, mask = prepend_prefix(model, prefix_embeds, tok.input_ids, tok.attention_mask)  # (B, Q+T, D), (B, Q+T)
+    beam = num_beams > 1
+    gen = GenerationConfig(
+        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams, do_sample=do_sample,
+        top_p=top_p if do_sample else None, length_penalty=length_penalty if beam else None,
+        repetition_penalty=repetition_penalty, eos_token_id=resolve_eos(tokenizer, family, eos),
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=model.config.bos_token_id,
+        decoder_start_token_id=model.config.decoder_start_token_id if family == "t5" else None, use_cache=True,
+    )  # fmt: skip
+    out = model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=gen)
+    if family == "t5":
+        out = out[:, 1:]  # drop decoder_start_token_id
+    if out.shape[1] > max_new_tokens:  # a transformers version that returns the prompt would break the contract
+        raise RuntimeError(f"generate returned {out.shape[1]} > max_new_tokens={max_new_tokens} tokens")
+    return out
+
+
+def decode_new_tokens(tokenizer, ids: torch.Tensor, eos_id: int) -> list[str]:
+    """Cut each row at its first ``eos_id``, decode without special tokens, strip whitespace."""
+    texts = []
+    for row in ids.tolist():
+        row = row[: row.index(eos_id)] if eos_id in row else row
+        texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return texts
+
+
+def generate(
+    model: PreTrainedModel,
+    family: str,
+    tokenizer,
+    prefix_embeds: torch.Tensor,
+    prompts: str | list[str],
+    num_beams: int = 5,
+    max_new_tokens: int = 30,
+    min_new_tokens: int = 8,
+    length_penalty: float = 1.0,
+    repetition_penalty: float = 1.0,
+    do_sample: bool = False,
+    top_p: float = 0.9,
+    eos: str | int | None = None,
+    max_prompt_len: int | None = None,
+) -> list[str]:
+    """Generate text for each soft prompt (spec §5): see :func:`generate_ids` for the arguments.
+
+    Defaults follow the paper-time captioning settings (beam 5, 30/8 new tokens, length penalty 1, no repetition
+    penalty; spec §5.2). VQA (spec §5.1) uses ``max_new_tokens=10, min_new_tokens=1, length_penalty=-1``.
+
+    Returns:
+        One string per row: the new text only (prompt excluded), cut at EOS, special tokens removed, stripped.
+    """
+    ids = generate_ids(
+        model,
+        family,
+        tokenizer,
+        prefix_embeds,
+        prompts,
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        length_penalty=length_penalty,
+        repetition_penalty=repetition_penalty,
+        do_sample=do_sample,
+        top_p=top_p,
+        eos=eos,
+        max_prompt_len=max_prompt_len,
+    )
+    return decode_new_tokens(tokenizer, ids, resolve_eos(tokenizer, family, eos))
