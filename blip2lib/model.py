@@ -106,7 +106,7 @@ class Blip2Base(nn.Module):
         with torch.no_grad() if frozen else contextlib.nullcontext():
             x = vision_features(self.vision_model, pixel_values.to(self.vision_dtype()))  # (B, N, Dv)
         # LAVIS computes ln_vision in fp32 (spec §1.1); the Q-Former keeps fp32 master weights.
-        return self.ln_vision(x.float())
+        return self.ln_vision(x.to(self.ln_vision.weight.dtype))
 
     def query_pass(self, image_embeds: torch.Tensor, use_cache: bool = False, text_ids: torch.Tensor | None = None,
                    text_mask: torch.Tensor | None = None):
