@@ -97,20 +97,42 @@ VIT_G = VisionConfig()
 VIT_L = VisionConfig(arch="clip", width=1024, depth=23, num_heads=16, mlp_hidden=4096, ln_eps=1e-5)
 
 # Frozen LLMs as transformers config kwargs (published architectures; no weights involved).
-_OPT = dict(model_type="opt", vocab_size=50272, max_position_embeddings=2048, num_attention_heads=32,
-            num_hidden_layers=32, bos_token_id=2, eos_token_id=2, pad_token_id=1, do_layer_norm_before=True)
-_T5 = dict(model_type="t5", vocab_size=32128, d_kv=64, num_layers=24, num_decoder_layers=24,
-           feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0,
-           eos_token_id=1)
+_OPT = dict(
+    model_type="opt",
+    vocab_size=50272,
+    max_position_embeddings=2048,
+    num_attention_heads=32,
+    num_hidden_layers=32,
+    bos_token_id=2,
+    eos_token_id=2,
+    pad_token_id=1,
+    do_layer_norm_before=True,
+)
+_T5 = dict(
+    model_type="t5",
+    vocab_size=32128,
+    d_kv=64,
+    num_layers=24,
+    num_decoder_layers=24,
+    feed_forward_proj="gated-gelu",
+    tie_word_embeddings=False,
+    decoder_start_token_id=0,
+    pad_token_id=0,
+    eos_token_id=1,
+)
 LLMS: dict[str, LLMConfig] = {
-    "opt2.7b": LLMConfig("opt", hf_config=dict(_OPT, hidden_size=2560, ffn_dim=10240, word_embed_proj_dim=2560),
-                         hidden_size=2560),
-    "opt6.7b": LLMConfig("opt", hf_config=dict(_OPT, hidden_size=4096, ffn_dim=16384, word_embed_proj_dim=4096),
-                         hidden_size=4096),
-    "flant5xl": LLMConfig("t5", hf_config=dict(_T5, d_model=2048, d_ff=5120, num_heads=32), hidden_size=2048,
-                          precision="bf16"),
-    "flant5xxl": LLMConfig("t5", hf_config=dict(_T5, d_model=4096, d_ff=10240, num_heads=64), hidden_size=4096,
-                           precision="bf16"),
+    "opt2.7b": LLMConfig(
+        "opt", hf_config=dict(_OPT, hidden_size=2560, ffn_dim=10240, word_embed_proj_dim=2560), hidden_size=2560
+    ),
+    "opt6.7b": LLMConfig(
+        "opt", hf_config=dict(_OPT, hidden_size=4096, ffn_dim=16384, word_embed_proj_dim=4096), hidden_size=4096
+    ),
+    "flant5xl": LLMConfig(
+        "t5", hf_config=dict(_T5, d_model=2048, d_ff=5120, num_heads=32), hidden_size=2048, precision="bf16"
+    ),
+    "flant5xxl": LLMConfig(
+        "t5", hf_config=dict(_T5, d_model=4096, d_ff=10240, num_heads=64), hidden_size=4096, precision="bf16"
+    ),
 }
 
 
@@ -123,31 +145,95 @@ def preset(vision: str = "vitg", llm: str | None = None) -> Blip2Config:
 
 PRESETS: dict[str, Blip2Config] = {
     f"{v}" + (f"_{m}" if m else ""): preset(v, m)
-    for v, m in [("vitg", None), ("vitl", None), ("vitg", "opt2.7b"), ("vitg", "opt6.7b"), ("vitg", "flant5xl"),
-                 ("vitg", "flant5xxl"), ("vitl", "opt2.7b"), ("vitl", "flant5xl")]
+    for v, m in [
+        ("vitg", None),
+        ("vitl", None),
+        ("vitg", "opt2.7b"),
+        ("vitg", "opt6.7b"),
+        ("vitg", "flant5xl"),
+        ("vitg", "flant5xxl"),
+        ("vitl", "opt2.7b"),
+        ("vitl", "flant5xl"),
+    ]
 }
 
 
-def tiny_config(llm: str | None = None, cross_attention_frequency: int = 2, num_layers: int = 2,
-                image_size: int = 28, arch: str = "eva") -> Blip2Config:
+def tiny_config(
+    llm: str | None = None,
+    cross_attention_frequency: int = 2,
+    num_layers: int = 2,
+    image_size: int = 28,
+    arch: str = "eva",
+) -> Blip2Config:
     """A seconds-fast configuration of the same classes for tests and smoke runs (size kwargs only)."""
-    v = VisionConfig(arch=arch, image_size=image_size, patch_size=7, width=32, depth=2, num_heads=4, mlp_hidden=64,
-                     ln_eps=1e-6 if arch == "eva" else 1e-5, precision="fp32")
-    q = QFormerConfig(vocab_size=100, hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=4,
-                      intermediate_size=37, max_position_embeddings=64, cross_attention_frequency=cross_attention_frequency,
-                      encoder_hidden_size=32, num_query_tokens=4, use_text_input=llm is None, cls_token_id=1,
-                      sep_token_id=2, dec_token_id=99)
+    v = VisionConfig(
+        arch=arch,
+        image_size=image_size,
+        patch_size=7,
+        width=32,
+        depth=2,
+        num_heads=4,
+        mlp_hidden=64,
+        ln_eps=1e-6 if arch == "eva" else 1e-5,
+        precision="fp32",
+    )
+    q = QFormerConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        cross_attention_frequency=cross_attention_frequency,
+        encoder_hidden_size=32,
+        num_query_tokens=4,
+        use_text_input=llm is None,
+        cls_token_id=1,
+        sep_token_id=2,
+        dec_token_id=99,
+    )
     lm = None
     if llm == "opt":
-        lm = LLMConfig("opt", hf_config=dict(model_type="opt", vocab_size=99, hidden_size=32, num_hidden_layers=2,
-                                             num_attention_heads=4, ffn_dim=37, max_position_embeddings=128,
-                                             word_embed_proj_dim=32, bos_token_id=2, eos_token_id=2,
-                                             pad_token_id=1), hidden_size=32, precision="fp32")
+        lm = LLMConfig(
+            "opt",
+            hf_config=dict(
+                model_type="opt",
+                vocab_size=99,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                ffn_dim=37,
+                max_position_embeddings=128,
+                word_embed_proj_dim=32,
+                bos_token_id=2,
+                eos_token_id=2,
+                pad_token_id=1,
+            ),
+            hidden_size=32,
+            precision="fp32",
+        )
     elif llm == "t5":
-        lm = LLMConfig("t5", hf_config=dict(model_type="t5", vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2,
-                                            num_decoder_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
-                                            tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0,
-                                            eos_token_id=1, bos_token_id=1), hidden_size=32, precision="fp32")
+        lm = LLMConfig(
+            "t5",
+            hf_config=dict(
+                model_type="t5",
+                vocab_size=99,
+                d_model=32,
+                d_kv=8,
+                d_ff=37,
+                num_layers=2,
+                num_decoder_layers=2,
+                num_heads=4,
+                feed_forward_proj="gated-gelu",
+                tie_word_embeddings=False,
+                decoder_start_token_id=0,
+                pad_token_id=0,
+                eos_token_id=1,
+                bos_token_id=1,
+            ),
+            hidden_size=32,
+            precision="fp32",
+        )
     return Blip2Config(vision=v, qformer=q, llm=lm, embed_dim=16, max_txt_len=12)
 
 
@@ -160,8 +246,12 @@ def config_from_dict(d: dict) -> Blip2Config:
     """Inverse of :func:`config_to_dict` (unknown keys are errors)."""
     d = dict(d)
     llm = d.pop("llm", None)
-    return Blip2Config(vision=VisionConfig(**d.pop("vision", {})), qformer=QFormerConfig(**d.pop("qformer", {})),
-                       llm=LLMConfig(**llm) if llm else None, **d)
+    return Blip2Config(
+        vision=VisionConfig(**d.pop("vision", {})),
+        qformer=QFormerConfig(**d.pop("qformer", {})),
+        llm=LLMConfig(**llm) if llm else None,
+        **d,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -16,9 +16,20 @@ ReorderFn = Callable[[object, torch.Tensor], object]
 
 
 @torch.no_grad()
-def beam_search(step: StepFn, reorder: ReorderFn, cache: object, batch: int, bos_id: int, eos_id: int, pad_id: int,
-                num_beams: int = 3, max_new_tokens: int = 30, min_new_tokens: int = 10, length_penalty: float = 1.0,
-                device: torch.device | str = "cpu") -> torch.Tensor:
+def beam_search(
+    step: StepFn,
+    reorder: ReorderFn,
+    cache: object,
+    batch: int,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    num_beams: int = 3,
+    max_new_tokens: int = 30,
+    min_new_tokens: int = 10,
+    length_penalty: float = 1.0,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """Beam search (``num_beams == 1`` is greedy) with transformers' length-normalised final scores.
 
     Args:
@@ -26,9 +37,12 @@ def beam_search(step: StepFn, reorder: ReorderFn, cache: object, batch: int, bos
         reorder: re-indexes the cache along the hypothesis axis.
         cache: the initial cache, already expanded to ``batch * num_beams`` rows (row-major per sample).
         batch: number of samples B.
-        bos_id, eos_id, pad_id: start token, end token, padding for finished hypotheses.
+        bos_id: start token.
+        eos_id: end token.
+        pad_id: padding after a hypothesis finished.
         num_beams: beam width K.
-        max_new_tokens, min_new_tokens: counted in generated tokens (EOS is suppressed before ``min_new_tokens``).
+        max_new_tokens: most generated tokens.
+        min_new_tokens: EOS is suppressed before this many generated tokens.
         length_penalty: final score = sum log-prob / length ** length_penalty.
         device: device of the token tensors.
 
@@ -78,8 +92,10 @@ def beam_search(step: StepFn, reorder: ReorderFn, cache: object, batch: int, bos
         scores = torch.stack(new_scores).view(batch, k)
         done = torch.isinf(scores.view(-1))
         cache = reorder(cache, rows)
-        if all(len(f) >= k and max(s for s, _ in f) >= scores[b].max().item() / ((t + 1) ** length_penalty)
-               for b, f in enumerate(finished)) or bool(done.all()):
+        if all(
+            len(f) >= k and max(s for s, _ in f) >= scores[b].max().item() / ((t + 1) ** length_penalty)
+            for b, f in enumerate(finished)
+        ) or bool(done.all()):
             break
     best = [max(f, key=lambda x: x[0])[1] if f else tokens[b * k, 1:] for b, f in enumerate(finished)]
     width = max(s.numel() for s in best)

@@ -38,10 +38,16 @@ class NonFiniteLossError(RuntimeError):
 
 
 def batch_size_of(batch: object) -> int:
-    """Samples in a batch: leading dim of the first tensor (or length of the first list) found depth-first."""
+    """Samples a batch consumed.
+
+    ``Collate``'s kept + dropped count, else the leading dim of the first tensor (or length of the first list)
+    found depth-first.
+    """
     if isinstance(batch, torch.Tensor):
         return batch.shape[0]
     if isinstance(batch, dict):
+        if isinstance(batch.get("batch_size"), int):  # blip2lib.data.Collate: kept + dropped (bad) samples
+            return batch["batch_size"] + int(batch.get("n_bad", 0))
         return batch_size_of(next(iter(batch.values())))
     if isinstance(batch, (list, tuple)):
         if batch and isinstance(batch[0], (torch.Tensor, dict, list, tuple)):

@@ -108,8 +108,13 @@ class Blip2Base(nn.Module):
         # LAVIS computes ln_vision in fp32 (spec §1.1); the Q-Former keeps fp32 master weights.
         return self.ln_vision(x.to(self.ln_vision.weight.dtype))
 
-    def query_pass(self, image_embeds: torch.Tensor, use_cache: bool = False, text_ids: torch.Tensor | None = None,
-                   text_mask: torch.Tensor | None = None):
+    def query_pass(
+        self,
+        image_embeds: torch.Tensor,
+        use_cache: bool = False,
+        text_ids: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+    ):
         """Learned queries through the Q-Former with cross-attention to ``image_embeds`` (B, N, Dv).
 
         With ``text_ids`` the text is concatenated after the queries in one bi-directional pass (ITM, and the VQA
@@ -119,12 +124,14 @@ class Blip2Base(nn.Module):
         queries = self.query_tokens.expand(b, -1, -1)  # (B, Q, H)
         nq = queries.shape[1]
         if text_ids is None:
-            return self.qformer(queries, query_length=nq, attention_mask=None, encoder_hidden_states=image_embeds,
-                                use_cache=use_cache)
+            return self.qformer(
+                queries, query_length=nq, attention_mask=None, encoder_hidden_states=image_embeds, use_cache=use_cache
+            )
         embeds = torch.cat([queries, self.embeddings(text_ids)], dim=1)  # (B, Q+L, H)
         mask = bidirectional_mask(text_mask, nq)  # (B, Q+L): every token sees every non-pad token
-        return self.qformer(embeds, query_length=nq, attention_mask=mask, encoder_hidden_states=image_embeds,
-                            use_cache=use_cache)
+        return self.qformer(
+            embeds, query_length=nq, attention_mask=mask, encoder_hidden_states=image_embeds, use_cache=use_cache
+        )
 
 
 class Blip2QFormerModel(Blip2Base):
@@ -147,13 +154,20 @@ class Blip2QFormerModel(Blip2Base):
 
     # ---- features (spec §2 shared passes) ----
     def encode_image(self, pixel_values: torch.Tensor, use_cache: bool = False) -> dict:
-        """Image side: ``image_embeds`` (B, N, Dv), ``query_output`` (B, Q, H), ``image_feats`` (B, Q, E) L2-normalised,
-        and the query pass's self-attention cache (for ITG) when ``use_cache``."""
+        """Image side of the stage-1 passes (spec §2 steps 1–2).
+
+        Returns ``image_embeds`` (B, N, Dv), ``query_output`` (B, Q, H), ``image_feats`` (B, Q, E) L2-normalised,
+        and the query pass's self-attention cache (reused by ITG) when ``use_cache``.
+        """
         image_embeds = self.encode_vision(pixel_values)
         out = self.query_pass(image_embeds, use_cache=use_cache)
         feats = F.normalize(self.vision_projection(out.last_hidden_state), dim=-1)  # (B, Q, E)
-        return {"image_embeds": image_embeds, "query_output": out.last_hidden_state, "image_feats": feats,
-                "past_key_values": out.past_key_values}
+        return {
+            "image_embeds": image_embeds,
+            "query_output": out.last_hidden_state,
+            "image_feats": feats,
+            "past_key_values": out.past_key_values,
+        }
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
         """Text-only pass (uni-modal mask: no queries, no image): ``text_feat`` (B, E) from ``[CLS]``."""
@@ -176,8 +190,9 @@ class Blip2QFormerModel(Blip2Base):
         """ITG logits (B, L, V): text-only causal pass reusing the query pass's K/V cache (spec §1.3 mask (a))."""
         nq = self.query_tokens.shape[1]
         mask = causal_text_mask_with_prefix(attention_mask, nq)  # (B, L, Q+L)
-        out = self.qformer(self.embeddings(decoder_ids), query_length=0, attention_mask=mask,
-                           past_key_values=past_key_values)
+        out = self.qformer(
+            self.embeddings(decoder_ids), query_length=0, attention_mask=mask, past_key_values=past_key_values
+        )
         return self.cls(out.last_hidden_state)
 
     # ---- user-facing scoring API ----
@@ -188,8 +203,14 @@ class Blip2QFormerModel(Blip2Base):
         return self.itm_logits(image_embeds, input_ids, attention_mask).softmax(-1)[:, 1]
 
     @torch.no_grad()
-    def generate_captions(self, pixel_values: torch.Tensor, num_beams: int = 3, max_new_tokens: int = 30,
-                          min_new_tokens: int = 10, length_penalty: float = 1.0) -> torch.Tensor:
+    def generate_captions(
+        self,
+        pixel_values: torch.Tensor,
+        num_beams: int = 3,
+        max_new_tokens: int = 30,
+        min_new_tokens: int = 10,
+        length_penalty: float = 1.0,
+    ) -> torch.Tensor:
         """Q-Former-only captioning from ``[DEC]`` until ``[SEP]`` (spec §2): returns (B, T) BERT ids."""
         q = self.config.qformer
         b = pixel_values.shape[0]
@@ -202,15 +223,32 @@ class Blip2QFormerModel(Blip2Base):
         def step(tokens, cache, t):
             past = cache
             mask = torch.ones(tokens.shape[0], nq + t + 1, device=tokens.device, dtype=torch.long)
-            out = self.qformer(self.embeddings(tokens, past_length=t), query_length=0, attention_mask=mask,
-                               past_key_values=past, use_cache=True)
+            out = self.qformer(
+                self.embeddings(tokens, past_length=t),
+                query_length=0,
+                attention_mask=mask,
+                past_key_values=past,
+                use_cache=True,
+            )
             return self.cls(out.last_hidden_state[:, -1]), out.past_key_values
 
         def reorder(cache, rows):
             return [(k[rows], v[rows]) for k, v in cache]
 
-        return beam_search(step, reorder, cache, b, q.dec_token_id, q.sep_token_id, q.pad_token_id, num_beams,
-                           max_new_tokens, min_new_tokens, length_penalty, device=pixel_values.device)
+        return beam_search(
+            step,
+            reorder,
+            cache,
+            b,
+            q.dec_token_id,
+            q.sep_token_id,
+            q.pad_token_id,
+            num_beams,
+            max_new_tokens,
+            min_new_tokens,
+            length_penalty,
+            device=pixel_values.device,
+        )
 
 
 class Blip2(Blip2Base):
@@ -220,8 +258,14 @@ class Blip2(Blip2Base):
     feeds the question through it (spec §4.2), which keeps the text embeddings and text FFN.
     """
 
-    def __init__(self, cfg: Blip2Config, device: torch.device | str | None = None, language_model: nn.Module | None = None,
-                 tokenizer=None, qformer_tokenizer=None):
+    def __init__(
+        self,
+        cfg: Blip2Config,
+        device: torch.device | str | None = None,
+        language_model: nn.Module | None = None,
+        tokenizer=None,
+        qformer_tokenizer=None,
+    ):
         if cfg.llm is None:
             raise ValueError("the stage-2 model needs cfg.llm (use Blip2QFormerModel for stage 1)")
         super().__init__(cfg, device)
@@ -236,11 +280,15 @@ class Blip2(Blip2Base):
 
     @property
     def family(self) -> str:
-        """"opt" (decoder-only) or "t5" (encoder-decoder)."""
+        """LLM family: ``opt`` (decoder-only) or ``t5`` (encoder-decoder)."""
         return self.config.llm.family
 
-    def soft_prompt(self, pixel_values: torch.Tensor, qformer_ids: torch.Tensor | None = None,
-                    qformer_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def soft_prompt(
+        self,
+        pixel_values: torch.Tensor,
+        qformer_ids: torch.Tensor | None = None,
+        qformer_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """32 soft visual tokens in LLM space: (B, 3, S, S) → (B, Q, D_llm) (spec §1.1 step 4, §3.3).
 
         With ``qformer_ids`` the question is fed through the Q-Former together with the queries (VQA FT, §4.2);
@@ -251,8 +299,13 @@ class Blip2(Blip2Base):
         nq = self.query_tokens.shape[1]
         return self.language_projection(out.last_hidden_state[:, :nq])  # (B, Q, D_llm)
 
-    def lm_loss(self, pixel_values: torch.Tensor, llm_inputs: dict, qformer_ids: torch.Tensor | None = None,
-                qformer_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def lm_loss(
+        self,
+        pixel_values: torch.Tensor,
+        llm_inputs: dict,
+        qformer_ids: torch.Tensor | None = None,
+        qformer_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Frozen-LLM loss conditioned on the soft prompt (spec §3.1 / §3.2); ``llm_inputs`` from ``blip2lib.llm``."""
         from .llm import llm_loss
 
@@ -260,8 +313,14 @@ class Blip2(Blip2Base):
         return llm_loss(self.language_model, self.family, prefix, llm_inputs)
 
     @torch.no_grad()
-    def generate(self, pixel_values: torch.Tensor, prompts: str | list[str] = "", qformer_ids: torch.Tensor | None = None,
-                 qformer_mask: torch.Tensor | None = None, **decoding) -> list[str]:
+    def generate(
+        self,
+        pixel_values: torch.Tensor,
+        prompts: str | list[str] = "",
+        qformer_ids: torch.Tensor | None = None,
+        qformer_mask: torch.Tensor | None = None,
+        **decoding,
+    ) -> list[str]:
         """Batched captioning / VQA (spec §5): soft prompt + text prompt → new text only.
 
         ``decoding``: ``num_beams``, ``max_new_tokens``, ``min_new_tokens`` (new tokens, never counting the query

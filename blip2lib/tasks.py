@@ -28,8 +28,14 @@ class Stage1Task(nn.Module):
         negative_sampler: replaces :func:`sample_hard_negatives` (tests pass a fixed sampler).
     """
 
-    def __init__(self, model: Blip2QFormerModel, tokenizer, max_txt_len: int = 32, use_itg: bool = True,
-                 negative_sampler: Callable | None = None):
+    def __init__(
+        self,
+        model: Blip2QFormerModel,
+        tokenizer,
+        max_txt_len: int = 32,
+        use_itg: bool = True,
+        negative_sampler: Callable | None = None,
+    ):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -39,8 +45,9 @@ class Stage1Task(nn.Module):
 
     def tokenize(self, texts: list[str], device: torch.device, max_len: int | None = None):
         """BERT ids padded to ``max_len`` (``padding="max_length"`` as LAVIS, spec §2 step 3)."""
-        tok = self.tokenizer(texts, padding="max_length", truncation=True, max_length=max_len or self.max_txt_len,
-                             return_tensors="pt")
+        tok = self.tokenizer(
+            texts, padding="max_length", truncation=True, max_length=max_len or self.max_txt_len, return_tensors="pt"
+        )
         return tok.input_ids.to(device), tok.attention_mask.to(device)
 
     def forward(self, batch: dict) -> dict:
@@ -68,8 +75,9 @@ class Stage1Task(nn.Module):
         embeds_all = dist.all_gather_with_grad(enc["image_embeds"])  # (B*W, N, Dv), grads return to owners
         text_ids_all = dist.all_gather_no_grad(ids)
         text_mask_all = dist.all_gather_no_grad(mask)
-        neg_img, neg_txt = self.negative_sampler(sim_i2t.detach(), sim_t2i.detach(), rank, image_ids=image_ids,
-                                                 image_ids_all=ids_all)
+        neg_img, neg_txt = self.negative_sampler(
+            sim_i2t.detach(), sim_t2i.detach(), rank, image_ids=image_ids, image_ids_all=ids_all
+        )
         pair_images = torch.cat([enc["image_embeds"], embeds_all[neg_img], enc["image_embeds"]])  # (3B, N, Dv)
         pair_ids = torch.cat([ids, ids, text_ids_all[neg_txt]])  # (3B, L)
         pair_mask = torch.cat([mask, mask, text_mask_all[neg_txt]])
@@ -107,8 +115,16 @@ class Stage2Task(nn.Module):
         seed: seed of the prefix-LM split sampler.
     """
 
-    def __init__(self, model, prompt: str = "", max_txt_len: int = 32, prefix_lm: bool = True,
-                 question_template: str = "Question: {} Answer:", qformer_question: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        model,
+        prompt: str = "",
+        max_txt_len: int = 32,
+        prefix_lm: bool = True,
+        question_template: str = "Question: {} Answer:",
+        qformer_question: bool = False,
+        seed: int = 0,
+    ):
         super().__init__()
         import random
 
@@ -128,8 +144,9 @@ class Stage2Task(nn.Module):
         if self.model.family == "opt":
             if "answer" in batch:  # VQA FT: "Question: q Answer: a\n", loss on the answer only
                 prompts = [self.question_template.format(q) for q in texts]
-                out = opt_training_inputs(tok, [f"{p} {a}" for p, a in zip(prompts, batch["answer"])], "",
-                                          self.max_txt_len)
+                out = opt_training_inputs(
+                    tok, [f"{p} {a}" for p, a in zip(prompts, batch["answer"])], "", self.max_txt_len
+                )
                 for i, p in enumerate(prompts):  # per-row prompt length (questions differ in length)
                     out["labels"][i, : prompt_length(tok, p)] = -100
                 return out
@@ -137,8 +154,9 @@ class Stage2Task(nn.Module):
                 texts = [t if t.startswith(self.prompt) else f"{self.prompt} {t}" for t in texts]
             return opt_training_inputs(tok, texts, self.prompt, self.max_txt_len)
         if "answer" in batch:
-            return t5_training_inputs(tok, [self.question_template.format(q) for q in texts], list(batch["answer"]),
-                                      self.max_txt_len)
+            return t5_training_inputs(
+                tok, [self.question_template.format(q) for q in texts], list(batch["answer"]), self.max_txt_len
+            )
         if "text_output" in batch:
             return t5_training_inputs(tok, texts, list(batch["text_output"]), self.max_txt_len)
         if self.prompt:  # caption FT: prefix "a photo of" → caption (LAVIS#364)
@@ -153,8 +171,13 @@ class Stage2Task(nn.Module):
         images = batch["image"]
         qids = qmask = None
         if self.qformer_question:
-            tok = self.model.qformer_tokenizer(list(batch["text_input"]), padding="longest", truncation=True,
-                                               max_length=self.max_txt_len, return_tensors="pt")
+            tok = self.model.qformer_tokenizer(
+                list(batch["text_input"]),
+                padding="longest",
+                truncation=True,
+                max_length=self.max_txt_len,
+                return_tensors="pt",
+            )
             qids, qmask = tok.input_ids.to(images.device), tok.attention_mask.to(images.device)
         loss = self.model.lm_loss(images, self.llm_inputs(batch), qids, qmask)
         return {"lm_loss": loss, "loss": loss}

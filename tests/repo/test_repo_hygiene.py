@@ -29,9 +29,12 @@ def test_environment_yml_installs_the_package_with_all_extras():
 
 def test_required_extras_exist():
     extras = _pyproject()["project"]["optional-dependencies"]
-    want = {"eval": {"pycocoevalcap"}, "data": {"webdataset"},
-            "notebooks": {"papermill", "nbconvert", "nbformat", "ipykernel", "jupyterlab"},
-            "dev": {"pytest", "pytest-timeout", "ruff", "nbstripout"}}
+    want = {
+        "eval": {"pycocoevalcap"},
+        "data": {"webdataset"},
+        "notebooks": {"papermill", "nbconvert", "nbformat", "ipykernel", "jupyterlab"},
+        "dev": {"pytest", "pytest-timeout", "ruff", "nbstripout"},
+    }
     for extra, names in want.items():
         got = {re.split(r"[=<>\[ ]", r)[0] for r in extras[extra]}
         assert names <= got, f"extra '{extra}' lacks {names - got}"

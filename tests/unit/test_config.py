@@ -28,8 +28,16 @@ def test_params_unknown_key_names_file_and_key(tmp_path):
         _DemoParams.from_yaml(p)
 
 
-@pytest.mark.parametrize("text,key", [("steps: 1.5\n", "steps"), ("steps: true\n", "steps"), ("prompt: 3\n", "prompt"),
-                                      ("datasets: [1, 2]\n", "datasets"), ("smoke_test: 1\n", "smoke_test")])
+@pytest.mark.parametrize(
+    "text,key",
+    [
+        ("steps: 1.5\n", "steps"),
+        ("steps: true\n", "steps"),
+        ("prompt: 3\n", "prompt"),
+        ("datasets: [1, 2]\n", "datasets"),
+        ("smoke_test: 1\n", "smoke_test"),
+    ],
+)
 def test_params_wrong_type_names_key(tmp_path, text, key):
     p = tmp_path / "t.yaml"
     p.write_text(text)
@@ -45,8 +53,16 @@ def test_params_not_a_mapping(tmp_path):
 
 
 def test_presets_and_dict_roundtrip():
-    assert set(PRESETS) == {"vitg", "vitl", "vitg_opt2.7b", "vitg_opt6.7b", "vitg_flant5xl", "vitg_flant5xxl",
-                            "vitl_opt2.7b", "vitl_flant5xl"}
+    assert set(PRESETS) == {
+        "vitg",
+        "vitl",
+        "vitg_opt2.7b",
+        "vitg_opt6.7b",
+        "vitg_flant5xl",
+        "vitg_flant5xxl",
+        "vitl_opt2.7b",
+        "vitl_flant5xl",
+    }
     assert PRESETS["vitl"].qformer.encoder_hidden_size == 1024 and PRESETS["vitg"].vision.depth == 39
     assert PRESETS["vitl"].vision.depth == 23 and PRESETS["vitg_opt2.7b"].qformer.use_text_input is False
     for cfg in (PRESETS["vitg_flant5xl"], tiny_config("opt"), tiny_config()):

@@ -40,10 +40,17 @@ def test_stage1_full_size_trainable_count():
     assert count_parameters(m.vision_model, trainable_only=False) == 985_894_528  # EVA ViT-g 39 blocks ≈ 0.99B
 
 
-@pytest.mark.parametrize("name,d_llm,dv,expected", [
-    ("vitg_opt2.7b", 2560, 1408, 107_133_696), ("vitg_opt6.7b", 4096, 1408, 108_314_880),
-    ("vitg_flant5xl", 2048, 1408, 106_739_968), ("vitg_flant5xxl", 4096, 1408, 108_314_880),
-    ("vitl_opt2.7b", 2560, 1024, 103_593_984), ("vitl_flant5xl", 2048, 1024, 103_200_256)])
+@pytest.mark.parametrize(
+    "name,d_llm,dv,expected",
+    [
+        ("vitg_opt2.7b", 2560, 1408, 107_133_696),
+        ("vitg_opt6.7b", 4096, 1408, 108_314_880),
+        ("vitg_flant5xl", 2048, 1408, 106_739_968),
+        ("vitg_flant5xxl", 4096, 1408, 108_314_880),
+        ("vitl_opt2.7b", 2560, 1024, 103_593_984),
+        ("vitl_flant5xl", 2048, 1024, 103_200_256),
+    ],
+)
 def test_stage2_full_size_trainable_counts(name, d_llm, dv, expected):
     m = Blip2(PRESETS[name], device="meta")
     formula = _qformer_count(dv=dv, text=False) + 2 * dv + 768 * d_llm + d_llm  # + ln_vision + projection
@@ -76,8 +83,17 @@ def test_stage1_gradients_reach_exactly_the_trainable_set():
     cfg = tiny_config()
     model = Blip2QFormerModel(cfg)
     task = Stage1Task(model, tiny_bert_tokenizer(), max_txt_len=cfg.max_txt_len)
-    prefixes = {"ln_vision", "query_tokens", "qformer", "embeddings", "cls", "vision_projection", "text_projection",
-                "itm_head", "temp"}
+    prefixes = {
+        "ln_vision",
+        "query_tokens",
+        "qformer",
+        "embeddings",
+        "cls",
+        "vision_projection",
+        "text_projection",
+        "itm_head",
+        "temp",
+    }
     _step_and_check(task, model, synthetic_batch(4, 28), prefixes)
     assert not model.vision_model.training and model.training  # frozen tower stays in eval after task.train()
     assert not any(p.requires_grad for p in model.vision_model.parameters())
@@ -87,11 +103,14 @@ def test_stage1_gradients_reach_exactly_the_trainable_set():
 def test_stage2_gradients_reach_exactly_the_query_path(family):
     model = Blip2(tiny_config(family), tokenizer=tiny_llm_tokenizer(family))
     assert model.embeddings is None  # stage 2 keeps only the query path (spec §1.5)
-    assert not any("intermediate." in n or ".output." in n and "output_query" not in n and "attention" not in n
-                   for n, _ in model.qformer.named_parameters())
+    assert not any(
+        "intermediate." in n or ".output." in n and "output_query" not in n and "attention" not in n
+        for n, _ in model.qformer.named_parameters()
+    )
     task = Stage2Task(model)
-    with_grad = _step_and_check(task, model, synthetic_batch(3, 28),
-                                {"ln_vision", "query_tokens", "qformer", "language_projection"})
+    with_grad = _step_and_check(
+        task, model, synthetic_batch(3, 28), {"ln_vision", "query_tokens", "qformer", "language_projection"}
+    )
     assert not any(n.startswith("language_model") for n in with_grad)
     assert not model.language_model.training and not model.vision_model.training
 
@@ -130,8 +149,10 @@ def test_stage2_batched_generation_equals_one_by_one(family):
     images = synthetic_batch(3, 28, seed=3)["image"]
     prompts = ["a photo of", "question : what is the colour ? answer :", ""]
     batched = model.generate(images, prompts, num_beams=1, max_new_tokens=5, min_new_tokens=5)
-    single = [model.generate(images[i : i + 1], [prompts[i]], num_beams=1, max_new_tokens=5, min_new_tokens=5)[0]
-              for i in range(3)]
+    single = [
+        model.generate(images[i : i + 1], [prompts[i]], num_beams=1, max_new_tokens=5, min_new_tokens=5)[0]
+        for i in range(3)
+    ]
     assert batched == single
     assert all(len(s.split()) == 5 for s in batched)  # exactly 5 NEW tokens (one word each), prompt excluded
 
@@ -155,8 +176,12 @@ def test_itc_and_itm_scoring_api():
     enc, txt = model.encode_image(b["image"]), model.encode_text(t.input_ids, t.attention_mask)
     assert enc["image_feats"].shape == (3, 4, 16) and txt["text_feat"].shape == (3, 16)
     sim = model.itc_similarity(enc["image_feats"], txt["text_feat"])
-    brute = torch.tensor([[max(float(enc["image_feats"][i, q] @ txt["text_feat"][j]) for q in range(4))
-                           for j in range(3)] for i in range(3)])
+    brute = torch.tensor(
+        [
+            [max(float(enc["image_feats"][i, q] @ txt["text_feat"][j]) for q in range(4)) for j in range(3)]
+            for i in range(3)
+        ]
+    )
     assert torch.allclose(sim, brute, atol=1e-6)
     p = model.itm_probability(b["image"], t.input_ids, t.attention_mask)
     logits = model.itm_logits(enc["image_embeds"], t.input_ids, t.attention_mask)

@@ -1,0 +1,266 @@
+"""Assemble what a training run needs from flat params: model, task, tokenizers, data (spec §2–4, §6).
+
+Model sources: ``tiny`` (random, seconds; smoke tests), ``toy`` (the embedded toy world's frozen models) or a
+``PRESETS`` key with local weights (``vision_weights``, ``llm_path``, ``bert_dir``). Nothing here downloads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from torch.utils.data import DataLoader
+
+from . import dist
+from .config import PRESETS, Blip2Config, tiny_config
+from .data import (
+    BadSampleLog,
+    CaptionDataset,
+    CaptionProcessor,
+    Collate,
+    ManifestDataset,
+    QuestionProcessor,
+    ResumableDistributedSampler,
+    RetrievalDataset,
+    VQADataset,
+    image_eval_transform,
+    image_train_transform,
+)
+from .model import Blip2, Blip2QFormerModel
+from .tasks import Stage1Task, Stage2Task
+
+log = logging.getLogger(__name__)
+
+GENERATIVE = ("stage2", "caption_ft", "vqa_ft")
+
+
+def _with(cfg, **kw):
+    return dataclasses.replace(cfg, **kw)
+
+
+def _tiny_components(params) -> dict:
+    from .testing import tiny_bert_tokenizer, tiny_llm_tokenizer
+
+    cfg = tiny_config(params.llm if params.stage in GENERATIVE else None, image_size=params.image_size)
+    return {"config": cfg, "qformer_tokenizer": tiny_bert_tokenizer(), "llm_tokenizer": tiny_llm_tokenizer(params.llm)}
+
+
+def _toy_components(params) -> dict:
+    from .toy import toy_model_components
+
+    return toy_model_components(params.llm if params.stage in GENERATIVE else None, image_size=params.image_size)
+
+
+def _preset_components(params) -> dict:
+    from transformers import AutoTokenizer
+
+    if params.model not in PRESETS:
+        raise ValueError(f"model must be 'toy', 'tiny' or one of {sorted(PRESETS)}, got {params.model!r}")
+    cfg = PRESETS[params.model]
+    if not params.bert_dir:
+        raise ValueError("bert_dir (a local bert-base-uncased folder) is required for real presets")
+    qtok = AutoTokenizer.from_pretrained(params.bert_dir, local_files_only=True, truncation_side="right")
+    qtok.add_special_tokens({"bos_token": "[DEC]"})  # id 30522 (spec §1.3)
+    out = {
+        "config": cfg,
+        "qformer_tokenizer": qtok,
+        "bert_dir": params.bert_dir,
+        "vision_weights": params.vision_weights,
+        "llm_path": params.llm_path,
+    }
+    if cfg.llm is not None:
+        if not params.llm_path:
+            raise ValueError(f"llm_path (a local {params.model.split('_')[1]} folder) is required for stage 2")
+        out["config"] = _with(cfg, llm=_with(cfg.llm, path=params.llm_path))
+        out["llm_tokenizer"] = AutoTokenizer.from_pretrained(params.llm_path, local_files_only=True)
+    return out
+
+
+def build_model_and_task(params, device: torch.device):
+    """Model, task and the components dict (tokenizers, config, paths, best-metric key) for ``params.stage``."""
+    comps = {"tiny": _tiny_components, "toy": _toy_components}.get(params.model, _preset_components)(params)
+    cfg: Blip2Config = comps["config"]
+    vision = _with(
+        cfg.vision,
+        image_size=params.image_size,
+        freeze=params.freeze_vit,
+        grad_checkpointing=params.grad_checkpointing,
+        precision=cfg.vision.precision if params.freeze_vit else "fp32",
+    )
+    qformer = cfg.qformer
+    if params.stage == "vqa_ft":  # the question goes through the Q-Former too (spec §4.2): keep the text path
+        qformer = _with(qformer, use_text_input=True)
+    llm = cfg.llm
+    if params.stage in GENERATIVE and llm is not None:
+        llm = _with(llm, prompt=params.prompt, max_txt_len=params.max_txt_len)
+    cfg = _with(
+        cfg,
+        vision=vision,
+        qformer=qformer,
+        llm=llm if params.stage in GENERATIVE else None,
+        max_txt_len=params.max_txt_len,
+    )
+    comps["config"] = cfg
+    if params.stage in GENERATIVE:
+        model = Blip2(cfg, tokenizer=comps["llm_tokenizer"], qformer_tokenizer=comps["qformer_tokenizer"])
+    else:
+        model = Blip2QFormerModel(cfg)
+    _load_frozen_and_init(model, comps, params)
+    model.place(device)
+    if params.stage in GENERATIVE:
+        task = Stage2Task(
+            model,
+            prompt=params.prompt,
+            max_txt_len=params.max_txt_len,
+            question_template=params.question_template,
+            qformer_question=params.stage == "vqa_ft",
+            seed=params.seed,
+        )
+        comps.update(best_key="val_lm_loss", higher_is_better=False)
+    else:
+        task = Stage1Task(model, comps["qformer_tokenizer"], max_txt_len=params.max_txt_len, use_itg=params.use_itg)
+        comps.update(best_key="val_r_mean_itc", higher_is_better=True)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("%s model: %.2fM trainable parameters", params.stage, n_train / 1e6)
+    return model, task, comps
+
+
+def _load_frozen_and_init(model, comps: dict, params) -> None:
+    """Frozen tower weights, BERT initialisation of the Q-Former (paper §3.1), toy-world weights."""
+    from .vision import load_vision_weights
+
+    if comps.get("vision_weights"):
+        missing, _ = load_vision_weights(model.vision_model, comps["vision_weights"], model.config.vision)
+        if missing:
+            raise ValueError(f"vision weights {comps['vision_weights']} lack keys: {missing[:8]}")
+    if comps.get("bert_dir") and not params.init_from and model.embeddings is not None:
+        from .qformer import load_bert_weights
+
+        load_bert_weights(model.qformer, model.embeddings, getattr(model, "cls", None), comps["bert_dir"])
+    if comps.get("qformer_init") and not params.init_from:
+        comps["qformer_init"](model)
+
+
+def load_init(model: torch.nn.Module, path: str) -> dict:
+    """Initialise trainable weights from a parent checkpoint: keys that exist in both are taken (spec §3.4).
+
+    Returns the report ``{"loaded", "dropped", "fresh"}`` (stage 1 → stage 2 drops the text FFN, word embeddings,
+    ITG/ITC/ITM heads; the projection to the LLM is fresh).
+    """
+    p = Path(path)
+    file = p / "model.safetensors" if p.is_dir() else p
+    if p.is_dir() and not file.exists():
+        from .checkpoint import latest_checkpoint
+
+        ck = latest_checkpoint(p / "checkpoints") or latest_checkpoint(p)
+        if ck is None:
+            raise FileNotFoundError(f"init_from={path}: no model.safetensors or checkpoint found")
+        file = Path(ck) / "model.safetensors"
+    sd = safetensors.torch.load_file(str(file))
+    own = model.state_dict()
+    take = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    bad_shape = [k for k in sd if k in own and own[k].shape != sd[k].shape]
+    if bad_shape:
+        raise ValueError(f"init_from={file}: shape mismatch for {bad_shape[:8]}")
+    model.load_state_dict(take, strict=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    report = {
+        "file": str(file),
+        "loaded": len(take),
+        "dropped": sorted(set(sd) - set(take)),
+        "fresh": sorted(trainable - set(take)),
+    }
+    log.info(
+        "init from %s: %d tensors loaded, %d dropped, %d fresh",
+        file,
+        len(take),
+        len(report["dropped"]),
+        len(report["fresh"]),
+    )
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def _train_dataset(params, comps: dict, bad: BadSampleLog):
+    transform = image_train_transform(params.image_size)
+    if params.stage == "vqa_ft":
+        text = QuestionProcessor()
+    else:
+        text = CaptionProcessor(prompt=f"{params.prompt} " if params.prompt else "")
+    spec = params.train_data
+    if spec == "synthetic":
+        from .testing import SyntheticImageText
+
+        return SyntheticImageText(256, params.image_size, seed=params.seed, vqa=params.stage == "vqa_ft")
+    if spec == "toy":
+        from .toy import toy_train_files
+
+        root, ann, images = toy_train_files(params.stage)
+    else:
+        root = Path(params.data_root or ".")
+        ann, images = root / spec, root / params.images_root
+    if str(ann).endswith((".jsonl", ".csv")) and spec != "toy":
+        return ManifestDataset(ann, root=images, transform=transform, text_processor=text, bad_log=bad)
+    cls = {"retrieval_ft": RetrievalDataset, "vqa_ft": VQADataset}.get(params.stage, CaptionDataset)
+    return cls(images, [ann], transform=transform, text_processor=text, bad_log=bad)
+
+
+def _top_answer(batch: dict) -> dict:
+    # VQA FT target: the most frequent annotator answer (spec §4.2 leaves the choice open; BLIP-1 weighted all).
+    if "answers" in batch and "weights" in batch:
+        batch["answer"] = [
+            a[max(range(len(w)), key=lambda i: w[i])] for a, w in zip(batch["answers"], batch["weights"])
+        ]
+    return batch
+
+
+def build_data(params, comps: dict, device: torch.device) -> dict:
+    """``loader_factory(position)`` for the engine (resumable, rank-aware), the bad-sample log, eval transform."""
+    bad = BadSampleLog()
+    ds = _train_dataset(params, comps, bad)
+    per_rank = len(ds) // dist.get_world_size()  # drop_last sampler: samples per rank and epoch
+    usable = (per_rank // params.batch_size) * params.batch_size  # full batches only (DataLoader drop_last)
+    if usable == 0:
+        raise ValueError(f"train_data has {len(ds)} samples: fewer than batch_size={params.batch_size} per rank")
+
+    def to_device(batch: dict) -> dict:
+        batch = _top_answer(batch)
+        return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def factory(position: int):
+        epoch, offset = divmod(position, usable)  # the sample position alone decides where to continue
+        sampler = ResumableDistributedSampler(ds, shuffle=True, seed=params.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        sampler.advance(offset)
+        g = torch.Generator().manual_seed(params.seed * 1000 + epoch)  # worker seeds: not the global RNG
+        loader = DataLoader(
+            ds,
+            batch_size=params.batch_size,
+            sampler=sampler,
+            num_workers=params.num_workers,
+            collate_fn=Collate(bad),
+            drop_last=True,
+            generator=g,
+            persistent_workers=False,
+            pin_memory=device.type == "cuda",
+        )
+        for batch in loader:
+            if batch.get("batch_size", 1):
+                bad.absorb(batch)
+                yield to_device(batch)
+
+    return {
+        "loader_factory": factory,
+        "bad_log": bad,
+        "dataset": ds,
+        "eval_transform": image_eval_transform(params.image_size),
+    }
+
+
+__all__ = ["build_model_and_task", "build_data", "load_init", "GENERATIVE"]

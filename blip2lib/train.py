@@ -1,0 +1,210 @@
+"""One training entry point for stage 1, stage 2 and the three fine-tunings (spec §2–4, §7).
+
+In-process (CPU, one GPU, a JupyterLab kernel that wants the live objects)::
+
+    from blip2lib.train import TrainParams, train
+    result = train(TrainParams.from_yaml("params/10_stage1_pretrain/toy.yaml"))
+
+Several GPUs on one node (``launch.run_training`` builds exactly this command from a notebook)::
+
+    torchrun --standalone --nproc_per_node=8 -m blip2lib.train --params FILE.yaml
+
+Several nodes: the same module on every node with ``--nnodes=N --node_rank=i --rdzv_backend=c10d
+--rdzv_endpoint=HOST:PORT`` instead of ``--standalone``. ``batch_size`` is per GPU; the global batch is
+``batch_size × grad_accum × world size`` (paper stage 1: 1680 for ViT-g, spec §7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import dist
+from .config import Params, config_to_dict
+from .engine import run_loop
+from .optim import LRSchedule, build_optimizer, param_groups
+from .setup import build_data, build_model_and_task, load_init
+from .validate import make_eval_fn
+
+log = logging.getLogger(__name__)
+
+STAGES = ("stage1", "stage2", "caption_ft", "vqa_ft", "retrieval_ft")
+
+
+@dataclass
+class TrainParams(Params):
+    """Flat training parameters (the stage notebooks' parameters cells hold the same keys)."""
+
+    stage: str = "stage1"  # stage1 | stage2 | caption_ft | vqa_ft | retrieval_ft
+    model: str = "toy"  # "toy" (embedded toy world), "tiny" (random, seconds) or a PRESETS key, e.g. "vitg_opt2.7b"
+    llm: str = "opt"  # toy/tiny LLM family: opt | t5
+    init_from: str = ""  # parent checkpoint dir (stage 1 → stage 2 / retrieval FT; stage 2 → caption/VQA FT)
+    bert_dir: str = ""  # local bert-base-uncased dir: Q-Former init + tokenizer ("" with model=toy/tiny)
+    vision_weights: str = ""  # eva_vit_g.pth / clip_vit_L.pth (real presets)
+    llm_path: str = ""  # local transformers LLM dir (real presets)
+    image_size: int = 224  # 224 pre-training; 364 caption/retrieval FT; 490 VQA FT (spec §4)
+    freeze_vit: bool = True  # False in the fine-tunings (ViT fp32, spec §10.18)
+    grad_checkpointing: bool = False  # ViT gradient checkpointing when it is trained
+    train_data: str = "toy"  # "toy", "synthetic", an annotation file / manifest under data_root, or shard urls
+    images_root: str = ""  # image folder under data_root for annotation files
+    val_data: str = ""  # validation annotation file ("toy" → the toy val split; "" → none)
+    val_images: int = 64  # validation subset size (images)
+    steps: int = 100  # optimizer steps (paper: 250k stage 1, 80k stage 2)
+    batch_size: int = 32  # per GPU
+    grad_accum: int = 1  # micro-batches per step
+    num_workers: int = 0  # DataLoader workers
+    lr: float = 1e-4  # peak LR (paper §3.4)
+    min_lr: float = 1e-5  # cosine floor (1e-5 stage 1, 5e-5 stage 2 in the paper)
+    warmup_lr: float = 1e-6  # LR at step 0
+    warmup_steps: int = 2000  # paper 2k (LAVIS yaml 5k)
+    weight_decay: float = 0.05
+    beta2: float = 0.98  # paper 0.98 (LAVIS yamls 0.999)
+    lr_layer_decay: float = 1.0  # ViT layer-wise LR decay (Tables 7–9)
+    apply_layer_decay: bool = True  # paper: applied; LAVIS computes and ignores it (spec §10.9)
+    schedule: str = "step"  # "step" (paper) | "lavis_epoch"
+    steps_per_epoch: int = 0  # for schedule=lavis_epoch
+    amp: str = "bf16"  # bf16 | fp16 (GradScaler) | fp32; CPU runs use fp32 regardless
+    clip_norm: float = 0.0  # 0 = off (the paper does not clip)
+    max_txt_len: int = 32  # Q-Former and LLM text length
+    prompt: str = ""  # "" pre-training; "a photo of" caption FT
+    question_template: str = "Question: {} Answer:"  # VQA FT prompt (spec §4.2)
+    use_itg: bool = True  # Table 6 ablation switch (retrieval FT)
+    ckpt_every: int = 0  # steps between checkpoints (0 → only at the end)
+    eval_every: int = 0  # steps between validations (0 → only at the end)
+    keep_last: int = 2  # checkpoints kept
+    max_bad_steps: int = 10  # consecutive non-finite steps before stopping
+    progress: bool = True  # tqdm bar on rank 0
+
+    def validate_values(self) -> TrainParams:
+        """Semantic checks that types alone cannot express."""
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.amp not in ("bf16", "fp16", "fp32"):
+            raise ValueError(f"amp must be bf16, fp16 or fp32, got {self.amp!r}")
+        return self
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` returns: the live objects plus the run's summary."""
+
+    task: torch.nn.Module
+    model: torch.nn.Module
+    summary: dict
+    run_dir: Path
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def train(params: TrainParams, run_dir: str | Path | None = None) -> RunResult:
+    """Train one stage; returns the live task/model and the summary (also written to ``<run_dir>/train.json``)."""
+    params.validate_values()
+    run_dir = Path(run_dir or params.run_dir or "runs/adhoc")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dist.init_distributed()
+    _seed_all(params.seed + dist.get_rank() * 0)  # identical model init on every rank (DDP replicas)
+    device = torch.device(f"cuda:{dist.get_local_rank()}" if torch.cuda.is_available() else "cpu")
+    model, task, components = build_model_and_task(params, device)
+    init_report = load_init(model, params.init_from) if params.init_from else None
+    if dist.is_dist():
+        task = torch.nn.parallel.DistributedDataParallel(
+            task, device_ids=[device.index] if device.index is not None else None, find_unused_parameters=True
+        )
+    data = build_data(params, components, device)
+    vit_depth = model.config.vision.depth
+    groups = param_groups(model, params.weight_decay, lr_layer_decay=params.lr_layer_decay, vit_depth=vit_depth)
+    optimizer = build_optimizer(groups, params.lr, betas=(0.9, params.beta2))
+    schedule = LRSchedule(
+        params.lr,
+        params.steps,
+        warmup_steps=params.warmup_steps,
+        warmup_lr=params.warmup_lr,
+        min_lr=params.min_lr,
+        mode=params.schedule,
+        steps_per_epoch=params.steps_per_epoch or None,
+    )
+    eval_fn = make_eval_fn(params, model, task, components, data, device, run_dir)
+    amp = params.amp if device.type == "cuda" else None
+    config = {
+        "model": config_to_dict(model.config),
+        "stage": params.stage,
+        "parent": params.init_from,
+        "vision_weights": params.vision_weights,
+        "llm_path": components.get("llm_path", params.llm_path),
+        "bert_dir": components.get("bert_dir", params.bert_dir),
+        "params": params.to_dict(),
+    }
+    summary = run_loop(
+        task,
+        data["loader_factory"],
+        optimizer,
+        schedule,
+        steps=params.steps,
+        grad_accum=params.grad_accum,
+        amp_dtype=amp,
+        clip_norm=params.clip_norm or None,
+        log_path=run_dir / "log.jsonl",
+        ckpt_dir=run_dir / "checkpoints",
+        ckpt_every=params.ckpt_every or params.steps,
+        max_bad_steps=params.max_bad_steps,
+        eval_fn=eval_fn,
+        eval_every=params.eval_every or params.steps,
+        best_key=components["best_key"],
+        higher_is_better=components["higher_is_better"],
+        progress=params.progress and dist.is_main(),
+        model=model,
+        config=config,
+        keep_last=params.keep_last,
+        apply_layer_decay=params.apply_layer_decay,
+    )
+    summary["init"] = init_report
+    summary["bad_samples"] = data["bad_log"].total
+    if dist.is_main():
+        (run_dir / "train.json").write_text(json.dumps(summary, indent=2, default=str))
+    return RunResult(task=task, model=model, summary=summary, run_dir=run_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m blip2lib.train --params FILE [--run-dir DIR]`` (also under torchrun)."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", required=True, help="flat YAML of TrainParams keys")
+    ap.add_argument("--run-dir", default="", help="output folder (default: the file's run_dir or runs/adhoc)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if dist.is_main() else logging.WARNING)
+    params = TrainParams.from_yaml(args.params)
+    try:
+        result = train(params, args.run_dir or None)
+        if dist.is_main():
+            print(
+                json.dumps(
+                    {
+                        "run_dir": str(result.run_dir),
+                        "step": result.summary["step"],
+                        "best": result.summary.get("best"),
+                    },
+                    default=str,
+                )
+            )
+    finally:
+        dist.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
