@@ -1,0 +1,40 @@
+"""``make demo``: build the embedded toy world and run the whole ``toy`` variant, then print the index report.
+
+Runs every ``params/*/toy.yaml`` in notebook order (stage 0 → stage 1 → stage 2 OPT and T5 → fine-tunings → every
+table → summary) through the papermill runner, skipping steps whose outputs are current.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo variant; exit status 0 on success, 1 with the failure page's path otherwise."""
+    from .workbook.run import REPO_ROOT
+    from .workbook.runner import run_all, variant_params
+
+    ap = argparse.ArgumentParser(prog="python -m blip2lib.demo", description=__doc__)
+    ap.add_argument("--variant", default="toy", help="params variant to run (default: toy)")
+    ap.add_argument("--force", action="store_true", help="redo steps whose outputs are current")
+    args = ap.parse_args(argv)
+    steps = variant_params(args.variant)
+    print(f"==> blip2-workbook demo: {len(steps)} notebooks of the '{args.variant}' variant, in order:")
+    for p in steps:
+        print(f"    {p.relative_to(REPO_ROOT)}")
+    t0 = time.time()
+    try:
+        jobs = run_all(args.variant, force=args.force)
+    except RuntimeError as e:
+        print(f"==> demo stopped: {e}", file=sys.stderr)
+        return 1
+    index = REPO_ROOT / "reports" / args.variant / "index.html"
+    print(f"==> demo finished in {time.time() - t0:.0f} s: {len(jobs)} notebooks executed or current")
+    print(f"==> open the reports: {index if index.exists() else jobs[-1].report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
