@@ -31,6 +31,17 @@ log = logging.getLogger(__name__)
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module):
+    """Temporarily switch ``module`` to eval (dropout off), restoring its mode afterwards."""
+    was = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was)
+
+
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
     """Number of (trainable) parameters, counting tied tensors once."""
     seen, total = set(), 0
@@ -214,7 +225,8 @@ class Blip2QFormerModel(Blip2Base):
         """Q-Former-only captioning from ``[DEC]`` until ``[SEP]`` (spec §2): returns (B, T) BERT ids."""
         q = self.config.qformer
         b = pixel_values.shape[0]
-        enc = self.encode_image(pixel_values, use_cache=True)
+        with _eval_mode(self):
+            enc = self.encode_image(pixel_values, use_cache=True)
         # One cached query pass per image, repeated per beam; text then decodes causally on top of it.
         idx = torch.arange(b, device=pixel_values.device).repeat_interleave(num_beams)
         cache = [(k[idx], v[idx]) for k, v in enc["past_key_values"]]
@@ -235,20 +247,21 @@ class Blip2QFormerModel(Blip2Base):
         def reorder(cache, rows):
             return [(k[rows], v[rows]) for k, v in cache]
 
-        return beam_search(
-            step,
-            reorder,
-            cache,
-            b,
-            q.dec_token_id,
-            q.sep_token_id,
-            q.pad_token_id,
-            num_beams,
-            max_new_tokens,
-            min_new_tokens,
-            length_penalty,
-            device=pixel_values.device,
-        )
+        with _eval_mode(self):
+            return beam_search(
+                step,
+                reorder,
+                cache,
+                b,
+                q.dec_token_id,
+                q.sep_token_id,
+                q.pad_token_id,
+                num_beams,
+                max_new_tokens,
+                min_new_tokens,
+                length_penalty,
+                device=pixel_values.device,
+            )
 
 
 class Blip2(Blip2Base):
@@ -330,5 +343,6 @@ class Blip2(Blip2Base):
 
         if self.tokenizer is None:
             raise ValueError("Blip2.generate needs the LLM tokenizer (model.tokenizer)")
-        prefix = self.soft_prompt(pixel_values, qformer_ids, qformer_mask)
-        return generate(self.language_model, self.family, self.tokenizer, prefix, prompts, **decoding)
+        with _eval_mode(self):  # no Q-Former dropout while decoding, whatever mode the caller left
+            prefix = self.soft_prompt(pixel_values, qformer_ids, qformer_mask)
+            return generate(self.language_model, self.family, self.tokenizer, prefix, prompts, **decoding)
