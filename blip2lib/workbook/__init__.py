@@ -5,6 +5,6 @@ measured number to ``metrics.json``; ``compare_to_paper`` builds the "paper vs r
 ``params/paper_targets.yaml`` — notebooks never type a paper number.
 """
 
-from .run import Run, compare_to_paper, load_targets, record, start_run
+from .run import Run, compare_to_paper, load_targets, provenance, record, start_run
 
-__all__ = ["Run", "start_run", "record", "compare_to_paper", "load_targets"]
+__all__ = ["Run", "start_run", "record", "compare_to_paper", "load_targets", "provenance"]

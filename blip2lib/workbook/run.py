@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+import importlib.metadata
 import json
 import math
 import os
@@ -23,10 +25,16 @@ _CURRENT: Run | None = None
 def git_commit(root: Path = REPO_ROOT) -> str:
     """Short git commit of the checkout ("unknown" outside a repository), with "+dirty" for local changes."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return (sha or "unknown") + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -36,13 +44,17 @@ def environment() -> dict:
     """Library versions and hardware, for the report header and every result file."""
     import torch
 
-    env = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-           "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"}
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
+    }
     for name in ("transformers", "timm", "blip2lib"):
-        try:
-            env[name] = __import__(name).__version__
-        except ImportError:
+        try:  # package metadata, not an import: importing transformers/timm costs seconds per notebook
+            env[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
             env[name] = None
     env["git_commit"] = git_commit()
     return env
@@ -57,6 +69,8 @@ class Run:
     env: dict
     started: float = field(default_factory=time.time)
     metrics: dict = field(default_factory=dict)
+    comparison: list[dict] = field(default_factory=list)
+    job: dict = field(default_factory=dict)  # the runner's ``job.json`` (run id, params file, report path), if any
 
     @property
     def metrics_path(self) -> Path:
@@ -65,8 +79,14 @@ class Run:
 
     def save(self) -> None:
         """Write ``metrics.json`` atomically (units stated per value)."""
-        payload = {"metrics": self.metrics, "params": self.params, "env": self.env,
-                   "wall_time_s": round(time.time() - self.started, 1)}
+        payload = {
+            "metrics": self.metrics,
+            "comparison": self.comparison,
+            "params": self.params,
+            "env": self.env,
+            "job": self.job,
+            "wall_time_s": round(time.time() - self.started, 1),
+        }
         tmp = self.metrics_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(payload, indent=2, default=str))
         os.replace(tmp, self.metrics_path)
@@ -79,12 +99,14 @@ def start_run(params: Any, notebook: str = "") -> Run:
     run_dir = Path(values.get("run_dir") or REPO_ROOT / "runs" / (notebook or "adhoc") / "interactive")
     run_dir.mkdir(parents=True, exist_ok=True)
     values["run_dir"] = str(run_dir)
-    run = Run(dir=run_dir, params=values, env=environment())
+    job_path = run_dir / "job.json"
+    job = json.loads(job_path.read_text()) if job_path.exists() else {}
+    run = Run(dir=run_dir, params=values, env=environment(), job=job)
     (run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(values, sort_keys=True))
     (run_dir / "env.json").write_text(json.dumps(run.env, indent=2))
     run.save()
     _CURRENT = run
-    _display_header(run, notebook)
+    _display_header(run, notebook or job.get("notebook", ""))
     return run
 
 
@@ -93,12 +115,19 @@ def _display_header(run: Run, notebook: str) -> None:
         from IPython.display import HTML, display
     except ImportError:
         return
-    rows = "".join(f"<tr><th style='text-align:left'>{k}</th><td>{v}</td></tr>" for k, v in
-                   [("notebook", notebook), ("run folder", run.dir), ("git commit", run.env["git_commit"]),
-                    ("hardware", run.env["device"]), ("torch / transformers / timm",
-                     f"{run.env['torch']} / {run.env['transformers']} / {run.env['timm']}"),
-                    ("started", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.started)))])
-    display(HTML(f"<table>{rows}</table>"))
+    rows = "".join(
+        f"<tr><th style='text-align:left'>{k}</th><td>{v}</td></tr>"
+        for k, v in [
+            ("notebook", notebook),
+            ("run folder", run.dir),
+            ("git commit", run.env["git_commit"]),
+            ("hardware", run.env["device"]),
+            ("torch / transformers / timm", f"{run.env['torch']} / {run.env['transformers']} / {run.env['timm']}"),
+            ("started", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.started))),
+        ]
+    )
+    # the runner renders its own header (with wall time) at the top of the report and drops this one
+    display(HTML(f"<table>{rows}</table>"), metadata={"blip2": {"role": "header"}})
 
 
 def record(name: str, value: Any, unit: str = "", run: Run | None = None) -> Any:
@@ -113,8 +142,13 @@ def record(name: str, value: Any, unit: str = "", run: Run | None = None) -> Any
     try:
         from IPython.display import display
 
-        display({"application/vnd.blip2.metric+json": {"name": name, "value": value, "unit": unit},
-                 "text/plain": f"{name} = {value} {unit}".strip()}, raw=True)
+        display(
+            {
+                "application/vnd.blip2.metric+json": {"name": name, "value": value, "unit": unit},
+                "text/plain": f"{name} = {value} {unit}".strip(),
+            },
+            raw=True,
+        )
     except ImportError:
         pass
     return value
@@ -126,39 +160,92 @@ def load_targets(path: Path = TARGETS) -> list[dict]:
     return data["targets"]
 
 
-def compare_to_paper(metrics: dict[str, float], targets: dict[str, str | dict], path: Path = TARGETS):
-    """The "paper vs reproduced" table: one row per metric.
+def _decimals(x: float) -> int:
+    """Decimals of a number as printed in the paper (65.0 → 1, 121.6 → 1, 89 → 0)."""
+    text = repr(float(x)) if not isinstance(x, int) else str(x)
+    return len(text.split(".")[1]) if "." in text and "e" not in text else 0
+
+
+def _measured(value: Any) -> float | None:
+    if isinstance(value, dict):  # a record() entry {"value", "unit"}
+        value = value.get("value")
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def compare_to_paper(metrics: dict[str, Any], targets: dict[str, str | dict], path: Path = TARGETS,
+                     run: Run | None = None, show: bool = True):  # fmt: skip
+    """The "paper vs reproduced" table: one row per metric; stored in ``metrics.json`` under ``comparison``.
+
+    Verdicts: ``match`` / ``differs`` (paper target: ``|value - paper| <= tolerance``), ``met`` / ``missed``
+    (inline goal with ``direction`` ``">="`` or ``"<="``), ``not measured`` (metric missing, None or NaN).
 
     Args:
-        metrics: measured values by metric name.
+        metrics: measured values by metric name (floats, or ``record``-style ``{"value", "unit"}`` entries).
         targets: metric name → a paper-target id from ``paper_targets.yaml``, or an inline goal
-            ``{"goal": float, "direction": ">=", "label": str, "baseline": float | None}`` (toy variant goals).
+            ``{"goal": float, "direction": ">=" | "<=", "label": str, "baseline": float | None}`` (toy goals).
         path: the targets file.
+        run: the run to store the rows in (default: the current run, if any).
+        show: display the table (marked, so the runner can move it to the top of the report).
 
     Returns:
-        A pandas DataFrame (value, target, delta, verdict).
+        A pandas DataFrame (metric, target, reproduced, paper / goal, delta, tolerance, baseline, verdict), with
+        values and deltas rounded to the paper's printed precision.
     """
     import pandas as pd
 
-    by_id = {t["id"]: t for t in load_targets(path)}
+    by_id = {t["id"]: t for t in load_targets(path)} if any(isinstance(r, str) for r in targets.values()) else {}
     rows = []
     for name, ref in targets.items():
-        value = metrics.get(name)
+        value = _measured(metrics.get(name))
         if isinstance(ref, dict):
-            goal, label, tol, direction = ref["goal"], ref.get("label", name), 0.0, ref.get("direction", ">=")
+            goal, label, tol, direction = float(ref["goal"]), ref.get("label", name), None, ref.get("direction", ">=")
             base = ref.get("baseline")
         else:
+            if ref not in by_id:
+                raise KeyError(f"paper target id '{ref}' (for metric '{name}') is not in {path}")
             t = by_id[ref]
-            goal, label, tol, direction = t["value"], f"{t['table']} · {t['row']} · {t['column']}", t.get(
-                "tolerance", 0.5), "≈"
-            base = None
+            goal, tol, direction, base = float(t["value"]), float(t.get("tolerance", 0.5)), "≈", None
+            label = f"{t['table']} · {t['row']} · {t['column']}"
+        # paper numbers at the paper's printed precision; toy goals (often 0.9-like) keep 3 more decimals
+        digits = _decimals(by_id[ref]["value"]) if isinstance(ref, str) else max(_decimals(ref["goal"]), 3)
         if value is None:
             verdict = "not measured"
         elif direction == ">=":
             verdict = "met" if value >= goal else "missed"
+        elif direction == "<=":
+            verdict = "met" if value <= goal else "missed"
         else:
-            verdict = "match" if abs(value - goal) <= tol else "differs"
-        rows.append({"metric": name, "target": label, "reproduced": value, "paper / goal": goal,
-                     "delta": None if value is None else round(value - goal, 2), "baseline": base,
-                     "verdict": verdict})
-    return pd.DataFrame(rows)
+            verdict = "match" if abs(value - goal) <= tol + 1e-9 else "differs"
+        rows.append({"metric": name, "target": label, "reproduced": None if value is None else round(value, digits),
+                     "paper / goal": goal, "delta": None if value is None else round(value - goal, digits),
+                     "tolerance": tol, "baseline": base, "verdict": verdict})  # fmt: skip
+    run = run or _CURRENT
+    if run is not None:
+        run.comparison = rows
+        run.save()
+    table = pd.DataFrame(rows)
+    if show:
+        try:
+            from IPython.display import display
+
+            display(table, metadata={"blip2": {"role": "paper-table"}})
+        except ImportError:
+            pass
+    return table
+
+
+def provenance(run: Run | None = None) -> None:
+    """Display the resolved config and environment (the runner re-renders both at the end of the report)."""
+    from IPython.display import HTML, display
+
+    run = run or _CURRENT
+    if run is None:
+        raise RuntimeError("provenance() needs start_run() first")
+    cfg = html.escape(yaml.safe_dump(run.params, sort_keys=True))
+    env = html.escape(json.dumps(run.env, indent=2))
+    display(
+        HTML(f"<h4>config</h4><pre>{cfg}</pre><h4>environment</h4><pre>{env}</pre>"),
+        metadata={"blip2": {"role": "provenance"}},
+    )

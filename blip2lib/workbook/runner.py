@@ -7,6 +7,11 @@ The params file's path alone decides everything: ``params/<notebook>/<variant>.y
     python -m blip2lib.workbook run params/10_stage1_pretrain/toy.yaml [--force]
     python -m blip2lib.workbook run-all toy [--force]          # every notebook with a toy.yaml, in order
     python -m blip2lib.workbook validate                       # check every params file against its schema
+
+A run folder holds ``executed.ipynb``, ``metrics.json``, ``config.resolved.yaml``, ``env.json``, ``job.json`` (where
+the runner put things), ``status.json`` (ok/failed, wall time), ``stdout.log``/``stderr.log`` (kernel streams) and
+``.inputs.sha256`` (what "current" means: same params file, notebook and upstream ``metrics.json``). A failed run
+keeps its executed notebook and gets ``failed.html`` (code visible, error banner); it never writes ``reports/``.
 """
 
 from __future__ import annotations
@@ -20,9 +25,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from ..config import ParamsError
+from .report import render_html
 from .run import REPO_ROOT
 from .schemas import schema_for
+from .summary import build_index
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +46,26 @@ class Job:
     report: Path
 
     @property
+    def variant(self) -> str:
+        """The params file's stem (``toy``, ``smoke``, ``vitg``…)."""
+        return self.params_path.stem
+
+    @property
     def run_id(self) -> str:
         """``<notebook>/<variant>``."""
         return f"{self.notebook.stem}/{self.params_path.stem}"
 
 
-def job_for(params_path: str | Path, root: Path = REPO_ROOT, runs: Path | None = None,
-            reports: Path | None = None) -> Job:
+def job_for(
+    params_path: str | Path, root: Path = REPO_ROOT, runs: Path | None = None, reports: Path | None = None
+) -> Job:
     """Map ``params/<notebook>/<variant>.yaml`` to its notebook, run folder and report path."""
-    p = Path(params_path).resolve()
+    p = Path(params_path)
+    if not p.is_absolute() and not p.exists() and (root / p).exists():
+        p = root / p
+    if not p.exists():
+        raise FileNotFoundError(f"{params_path}: no such params file")
+    p = p.resolve()
     nb_name, variant = p.parent.name, p.stem
     nb = root / "notebooks" / f"{nb_name}.ipynb"
     if not nb.exists():
@@ -55,80 +75,134 @@ def job_for(params_path: str | Path, root: Path = REPO_ROOT, runs: Path | None =
     return Job(p, nb, runs / nb_name / variant, reports / variant / f"{nb_name}.html")
 
 
-def load_params(path: Path) -> dict:
-    """Validate a params file against its notebook's schema; returns the flat values present in the file."""
-    schema = schema_for(path.parent.name)
-    params = schema.from_yaml(path)  # unknown key / wrong type → ParamsError naming file and key
-    import yaml
+class RunFailed(RuntimeError):
+    """A notebook raised; the executed notebook and ``failed.html`` are kept in the run folder."""
 
+
+def load_params(path: Path) -> dict:
+    """Validate a params file against its notebook's schema; returns the flat values present in the file.
+
+    Raises:
+        ParamsError: unknown notebook folder, invalid YAML, unknown key or wrong type (the message names the file
+            and the key).
+    """
+    path = Path(path)
+    try:
+        schema = schema_for(path.parent.name)
+    except KeyError as e:
+        raise ParamsError(f"{path}: {e.args[0]}") from None
+    params = schema.from_yaml(path)  # unknown key / wrong type → ParamsError naming file and key
     given = yaml.safe_load(path.read_text()) or {}
     return {k: getattr(params, k) for k in given}
 
 
-def _inputs_digest(job: Job) -> str:
+def _upstream_metrics(job: Job, root: Path) -> list[Path]:
+    """``metrics.json`` of the runs this job reads: ``*_run`` keys, or every run of the variant for collectors."""
+    values = yaml.safe_load(job.params_path.read_text()) or {}
+    found = [Path(v) if Path(v).is_absolute() else root / v for k, v in sorted(values.items())
+             if k.endswith("_run") and isinstance(v, str) and v]  # fmt: skip
+    found = [d / "metrics.json" for d in found]
+    if getattr(schema_for(job.notebook.stem), "collects_variant", False):
+        found += [m for m in sorted(job.run_dir.parents[1].glob(f"*/{job.variant}/metrics.json"))
+                  if m.parent != job.run_dir]  # fmt: skip
+    return found
+
+
+def _inputs_digest(job: Job, root: Path = REPO_ROOT) -> str:
     h = hashlib.sha256()
-    for f in (job.params_path, job.notebook):
-        h.update(f.read_bytes())
+    for f in (job.params_path, job.notebook, *_upstream_metrics(job, root)):
+        h.update(str(f.name).encode())
+        h.update(f.read_bytes() if f.exists() else b"<missing>")
     return h.hexdigest()
 
 
-def is_current(job: Job) -> bool:
-    """True when the run finished with the same notebook and params and its upstream runs are not newer."""
+def is_current(job: Job, root: Path = REPO_ROOT) -> bool:
+    """True when the run succeeded with the same params file and notebook and its upstream runs are unchanged."""
     stamp = job.run_dir / ".inputs.sha256"
-    metrics = job.run_dir / "metrics.json"
-    if not (stamp.exists() and metrics.exists() and job.report.exists()):
+    if not (stamp.exists() and (job.run_dir / "metrics.json").exists() and job.report.exists()):
         return False
-    return stamp.read_text() == _inputs_digest(job)
+    return stamp.read_text() == _inputs_digest(job, root)
 
 
-def render_html(executed: Path, out: Path, hide_input: bool = True) -> None:
-    """nbconvert HTML with embedded images and input cells hidden (tags ``remove-cell``/``remove-input`` honoured)."""
-    import nbformat
-    from nbconvert import HTMLExporter
-    from nbconvert.preprocessors import TagRemovePreprocessor
-    from traitlets.config import Config
+def _context(job: Job, root: Path, status: str, wall: float) -> dict:
+    try:
+        shown = str(job.params_path.relative_to(root))
+    except ValueError:
+        shown = str(job.params_path)
+    return {
+        "run_id": job.run_id,
+        "params_file": shown,
+        "params_text": job.params_path.read_text(),
+        "status": status,
+        "wall_time_s": round(wall, 1),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
-    c = Config()
-    c.TagRemovePreprocessor.remove_cell_tags = ("remove-cell",)
-    c.TagRemovePreprocessor.remove_input_tags = ("remove-input",)
-    c.TagRemovePreprocessor.remove_all_outputs_tags = ("remove-output",)
-    c.TagRemovePreprocessor.enabled = True
-    exporter = HTMLExporter(config=c, exclude_input=hide_input, exclude_input_prompt=True,
-                            exclude_output_prompt=True, embed_images=True)
-    exporter.register_preprocessor(TagRemovePreprocessor(config=c), True)
-    body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(body)
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, default=str))
 
 
 def run(params_path: str | Path, force: bool = False, root: Path = REPO_ROOT, runs: Path | None = None,
-        reports: Path | None = None, progress: bool = True) -> Job:
-    """Execute one params file's notebook and render its report; raises on failure (after a failure page)."""
+        reports: Path | None = None, progress: bool = False) -> Job:  # fmt: skip
+    """Validate a params file, execute its notebook with papermill and render its report.
+
+    Args:
+        params_path: ``params/<notebook>/<variant>.yaml``.
+        force: run even when the outputs are current.
+        root: repository root (``notebooks/`` and the kernel's working directory).
+        runs: runs root (default ``<root>/runs``; tests point it at a temporary folder).
+        reports: reports root (default ``<root>/reports``).
+        progress: papermill's progress bar.
+
+    Returns:
+        The job (paths of the run folder and report).
+
+    Raises:
+        ParamsError: the params file is invalid (nothing is executed).
+        RunFailed: the notebook raised; ``failed.html`` and the executed notebook are in the run folder.
+    """
     import papermill as pm
 
     job = job_for(params_path, root, runs, reports)
-    values = load_params(job.params_path)
-    if not force and is_current(job):
-        print(f"[skip] {job.run_id}: outputs are current (use --force to redo)")
+    values = load_params(job.params_path)  # validation BEFORE execution
+    if not force and is_current(job, root):
+        log.info("[skip] %s: outputs are current (use --force to redo)", job.run_id)
         return job
     job.run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("executed.ipynb", "metrics.json", "status.json", "failed.html", ".inputs.sha256"):
+        (job.run_dir / stale).unlink(missing_ok=True)  # checkpoints and logs stay (resume)
+    _write_json(job.run_dir / "job.json", {"run_id": job.run_id, "notebook": job.notebook.stem,
+                                           "variant": job.variant, "params_file": str(job.params_path),
+                                           "runs_root": str(job.run_dir.parents[1]), "report": str(job.report),
+                                           "reports_root": str(job.report.parents[1])})  # fmt: skip
     executed = job.run_dir / "executed.ipynb"
     values["run_dir"] = str(job.run_dir)
-    print(f"[run ] {job.run_id} → {job.run_dir}")
+    log.info("[run ] %s → %s", job.run_id, job.run_dir)
     t0 = time.time()
     try:
-        pm.execute_notebook(str(job.notebook), str(executed), parameters=values, kernel_name="python3",
-                            cwd=str(root), progress_bar=progress, log_output=False)
-    except Exception as e:  # papermill keeps the executed notebook with the error banner
+        with open(job.run_dir / "stdout.log", "w") as out, open(job.run_dir / "stderr.log", "w") as err:
+            pm.execute_notebook(str(job.notebook), str(executed), parameters=values, kernel_name="python3",
+                                cwd=str(root), progress_bar=progress, stdout_file=out, stderr_file=err)  # fmt: skip
+    except Exception as e:  # papermill has saved the executed notebook with its error banner
+        ctx = _context(job, root, "failed", time.time() - t0)
+        _write_json(job.run_dir / "status.json", {"status": "failed", "wall_time_s": ctx["wall_time_s"],
+                                                  "finished": ctx["finished"], "error": str(e)[-2000:]})  # fmt: skip
         failed = job.run_dir / "failed.html"
         if executed.exists():
-            render_html(executed, failed, hide_input=False)
-        (job.run_dir / ".inputs.sha256").unlink(missing_ok=True)
-        raise RuntimeError(f"{job.run_id} failed after {time.time() - t0:.0f} s: {e}\n"
-                           f"executed notebook: {executed}\nfailure page: {failed}") from e
-    render_html(executed, job.report)
-    (job.run_dir / ".inputs.sha256").write_text(_inputs_digest(job))
-    print(f"[done] {job.run_id} in {time.time() - t0:.0f} s → {job.report}")
+            render_html(executed, failed, hide_input=False, context=ctx)
+        build_index(job.run_dir.parents[1], job.report.parents[1], job.variant)
+        raise RunFailed(
+            f"{job.run_id} failed after {ctx['wall_time_s']:.0f} s: {type(e).__name__}: "
+            f"{str(e).strip()[-800:]}\nexecuted notebook: {executed}\nfailure page: {failed}"
+        ) from e
+    ctx = _context(job, root, "ok", time.time() - t0)
+    _write_json(job.run_dir / "status.json", {"status": "ok", "wall_time_s": ctx["wall_time_s"],
+                                              "finished": ctx["finished"]})  # fmt: skip
+    render_html(executed, job.report, context=ctx)
+    (job.run_dir / ".inputs.sha256").write_text(_inputs_digest(job, root))
+    build_index(job.run_dir.parents[1], job.report.parents[1], job.variant)  # the index always lists this run
+    log.info("[done] %s in %.0f s → %s", job.run_id, ctx["wall_time_s"], job.report)
     return job
 
 
@@ -138,43 +212,65 @@ def variant_params(variant: str, root: Path = REPO_ROOT) -> list[Path]:
     return sorted((root / "params").glob(f"*/{variant}.yaml"), key=lambda p: p.parent.name)
 
 
-def run_all(variant: str, force: bool = False, **kw) -> list[Job]:
-    """Run a whole variant in dependency order; stops at the first failure (its page is rendered)."""
-    paths = variant_params(variant, kw.get("root", REPO_ROOT))
+def run_all(variant: str, force: bool = False, root: Path = REPO_ROOT, runs: Path | None = None,
+            reports: Path | None = None, progress: bool = False) -> list[Job]:  # fmt: skip
+    """Run a whole variant in dependency order, skipping current steps; stops at the first failure.
+
+    Every executed step rebuilds ``reports/<variant>/index.html`` (a failed step shows as such, without a link).
+    """
+    paths = variant_params(variant, root)
     if not paths:
-        raise FileNotFoundError(f"no params/*/{variant}.yaml files")
-    return [run(p, force=force, **kw) for p in paths]
+        raise FileNotFoundError(f"no params/*/{variant}.yaml files under {root}")
+    for p in paths:  # validate everything before executing anything
+        load_params(p)
+    return [run(p, force=force, root=root, runs=runs, reports=reports, progress=progress) for p in paths]
 
 
 def validate_all(root: Path = REPO_ROOT) -> int:
-    """Validate every params file; returns the number checked (raises on the first invalid one)."""
+    """Validate every params file; returns the number checked (one ParamsError lists every invalid file)."""
     files = sorted((root / "params").glob("*/*.yaml"))
+    errors = []
     for f in files:
-        load_params(f)
+        try:
+            load_params(f)
+        except ParamsError as e:
+            errors.append(str(e))
+    if errors:
+        raise ParamsError("\n".join(errors))
     return len(files)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: ``run``, ``run-all``, ``validate``."""
+    """Command line: ``run``, ``run-all``, ``validate``; returns the exit status (1 on any error)."""
     ap = argparse.ArgumentParser(prog="python -m blip2lib.workbook", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--root", type=Path, default=REPO_ROOT, help="repository root (notebooks/, params/)")
+    common.add_argument("--runs", type=Path, default=None, help="runs root (default <root>/runs)")
+    common.add_argument("--reports", type=Path, default=None, help="reports root (default <root>/reports)")
+    common.add_argument("--force", action="store_true", help="run even when the outputs are current")
+    common.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="execute one params file")
-    r.add_argument("params")
-    r.add_argument("--force", action="store_true")
-    a = sub.add_parser("run-all", help="execute every notebook of a variant in order")
-    a.add_argument("variant")
-    a.add_argument("--force", action="store_true")
-    sub.add_parser("validate", help="validate every params file")
+    sub.add_parser("run", help="execute one params file", parents=[common]).add_argument("params")
+    sub.add_parser("run-all", help="execute every notebook of a variant in order", parents=[common]).add_argument(
+        "variant"
+    )
+    v = sub.add_parser("validate", help="validate every params file")
+    v.add_argument("--root", type=Path, default=REPO_ROOT)
     args = ap.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        if args.cmd == "validate":
+            print(f"{validate_all(args.root)} params files valid")
+            return 0
+        kw = {"force": args.force, "root": args.root, "runs": args.runs, "reports": args.reports,
+              "progress": args.progress}  # fmt: skip
         if args.cmd == "run":
-            run(args.params, force=args.force)
-        elif args.cmd == "run-all":
-            jobs = run_all(args.variant, force=args.force)
-            print(json.dumps({"reports": [str(j.report) for j in jobs]}, indent=2))
+            run(args.params, **kw)
         else:
-            print(f"{validate_all()} params files valid")
+            jobs = run_all(args.variant, **kw)
+            print(json.dumps({"reports": [str(j.report) for j in jobs]}, indent=2))
     except (ParamsError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

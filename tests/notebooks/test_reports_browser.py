@@ -1,0 +1,126 @@
+"""The rendered reports open cleanly in a real browser (headless Chromium, no extra Python packages).
+
+How Chromium is driven: one ``chromium --headless --dump-dom`` process per page, with ``--enable-logging=stderr
+--v=0`` so every console message (errors, uncaught exceptions) appears on stderr as an ``INFO:CONSOLE`` line. Each
+page is copied next to itself with a tiny inline script appended that, on ``load``, writes each ``<img>``'s
+``naturalWidth`` into a ``data-nw`` attribute and sets ``document.title``; ``--virtual-time-budget`` lets the load
+finish before the DOM is dumped. A page fails on any console message, any image with ``naturalWidth`` 0, any
+script/stylesheet/image URL that is neither ``data:`` nor an existing local file, and any broken local link.
+"""
+
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pytest
+
+from blip2lib.workbook.runner import run_all
+
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--enable-logging=stderr", "--v=0",
+         "--virtual-time-budget=5000", "--dump-dom"]  # fmt: skip
+PROBE = (
+    "<script>window.addEventListener('load',()=>{document.querySelectorAll('img').forEach("
+    "i=>i.setAttribute('data-nw',String(i.naturalWidth)));document.title='probed:'+document.title;});</script>"
+)
+
+
+class _Refs(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links, self.resources, self.images, self.title = [], [], [], ""
+        self._in_title = False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "a" and a.get("href"):
+            self.links.append(a["href"])
+        if tag in ("img", "script") and a.get("src"):
+            self.resources.append(a["src"])
+        if tag == "link" and a.get("href"):
+            self.resources.append(a["href"])
+        if tag == "img":
+            self.images.append(a.get("data-nw"))
+        self._in_title = tag == "title"
+
+    def handle_data(self, data):
+        if self._in_title:
+            self.title += data
+
+    def handle_endtag(self, tag):
+        self._in_title = False
+
+
+def _local(url: str, page: Path) -> Path | None:
+    """The file a relative or file:// URL points to (None for data:, in-page anchors and web links)."""
+    u = urlparse(url)
+    if u.scheme in ("data", "http", "https", "mailto") or url.startswith("#"):
+        return None
+    return Path(unquote(u.path)) if u.scheme == "file" else (page.parent / unquote(u.path)).resolve()
+
+
+def _load(page: Path, profile: Path) -> tuple[_Refs, list[str]]:
+    probe = page.with_name(f".probe-{page.name}")
+    probe.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
+    try:
+        proc = subprocess.run(["chromium", *FLAGS, f"--user-data-dir={profile}", probe.as_uri()],
+                              capture_output=True, text=True, timeout=90)  # fmt: skip
+    finally:
+        probe.unlink()
+    assert proc.returncode == 0, f"chromium failed on {page.name}: {proc.stderr[-2000:]}"
+    console = [ln for ln in proc.stderr.splitlines() if ":CONSOLE" in ln]
+    refs = _Refs()
+    refs.feed(proc.stdout)
+    return refs, console
+
+
+def _check(page: Path, profile: Path) -> list[Path]:
+    refs, console = _load(page, profile)
+    assert refs.title.startswith("probed:"), f"{page.name}: the load event never fired (title {refs.title!r})"
+    assert not console, f"{page.name}: console messages: {console}"
+    assert all(nw not in (None, "0") for nw in refs.images), f"{page.name}: images not loaded: {refs.images}"
+    for url in refs.resources:
+        assert not re.match(r"https?:", url), f"{page.name}: loads {url} from the network"
+        target = _local(url, page)
+        assert target is None or target.exists(), f"{page.name}: missing resource {url}"
+    linked = []
+    for url in refs.links:
+        target = _local(url, page)
+        if target is not None:
+            assert target.exists(), f"{page.name}: broken link {url}"
+            linked.append(target)
+    return linked
+
+
+@pytest.mark.browser
+@pytest.mark.notebook
+@pytest.mark.timeout(300)
+def test_index_and_every_linked_report_open_cleanly(tmp_path):
+    assert shutil.which("chromium")
+    runs, reports = tmp_path / "runs", tmp_path / "reports"
+    jobs = run_all("smoke", force=True, runs=runs, reports=reports)
+    index = reports / "smoke" / "index.html"
+    linked = _check(index, tmp_path / "profile")
+    assert sorted(p.name for p in linked) == sorted(j.report.name for j in jobs), "index must link every report"
+    for report in linked:
+        _check(report, tmp_path / "profile")
+
+
+@pytest.mark.browser
+def test_the_checker_catches_broken_pages(tmp_path):
+    """The checks above can fail: a console error, an image that does not load and a broken link are caught."""
+    page = tmp_path / "bad.html"
+    page.write_text(
+        '<html><head><title>t</title></head><body><img src="missing.png"><a href="gone.html">x</a>'
+        "<script>console.error('boom')</script></body></html>"
+    )
+    refs, console = _load(page, tmp_path / "profile")
+    assert any("boom" in ln for ln in console) and refs.images == ["0"]
+    with pytest.raises(AssertionError, match="console messages"):
+        _check(page, tmp_path / "profile")
+    page.write_text('<html><head><title>t</title></head><body><a href="gone.html">x</a></body></html>')
+    with pytest.raises(AssertionError, match="broken link gone.html"):
+        _check(page, tmp_path / "profile")

@@ -1,0 +1,28 @@
+"""Every notebook's smoke.yaml runs through the runner on CPU (house style D7), outputs redirected to tmp_path."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from blip2lib.workbook.runner import run
+from blip2lib.workbook.schemas import SCHEMAS
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = sorted((ROOT / "params").glob("*/smoke.yaml"))
+
+
+@pytest.mark.notebook
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("params", SMOKE, ids=[p.parent.name for p in SMOKE])
+def test_smoke_run_records_expected_finite_metrics(params, tmp_path):
+    job = run(params, force=True, runs=tmp_path / "runs", reports=tmp_path / "reports")
+    assert job.run_dir.is_relative_to(tmp_path) and job.report.is_relative_to(tmp_path)
+    metrics = json.loads((job.run_dir / "metrics.json").read_text())["metrics"]
+    for key in SCHEMAS[params.parent.name].records:
+        assert key in metrics, f"{job.run_id}: metric {key} not recorded"
+        value = metrics[key]["value"]
+        assert isinstance(value, (int, float)) and math.isfinite(value), f"{job.run_id}: {key} = {value!r}"
+    assert job.report.exists() and job.report.stat().st_size < 2_000_000
+    assert json.loads((job.run_dir / "status.json").read_text())["status"] == "ok"

@@ -1,0 +1,321 @@
+"""The workbook machinery: path mapping, validation, paper comparison, metrics, reports, index, runner."""
+
+import json
+import math
+from dataclasses import dataclass
+
+import nbformat
+import pytest
+import yaml
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+
+from blip2lib.config import Params, ParamsError
+from blip2lib.workbook import compare_to_paper, record, start_run
+from blip2lib.workbook import run as run_mod
+from blip2lib.workbook.report import render_html
+from blip2lib.workbook.runner import _inputs_digest, is_current, job_for, load_params, main
+from blip2lib.workbook.schemas import SCHEMAS
+from blip2lib.workbook.summary import build_index, collect_runs
+
+PROBE = "07_probe"
+
+
+@dataclass
+class ProbeParams(Params):
+    fail: bool = False  # raise on purpose
+    stage1_run: str = ""  # upstream run folder
+
+
+PROBE_CELLS = [
+    ("md", "# 07 · Probe"),
+    (
+        "code",
+        'run_dir: str = ""  # out\nsmoke_test: bool = False  # s\nseed: int = 42  # s\nnum_gpus: int = 1  # g\n'
+        'data_root: str = ""  # d\nweights_root: str = ""  # w\nfail: bool = False  # f\nstage1_run: str = ""  # u',
+    ),
+    (
+        "code",
+        "from pathlib import Path\nfrom blip2lib.workbook import record, start_run\n"
+        "run = start_run({'run_dir': run_dir, 'fail': fail})\n"
+        "open(Path(run_dir).parent / 'count.txt', 'a').write('x')\nrecord('answer', 42.0, 'units')",
+    ),
+    ("code", "if fail:\n    raise ValueError('deliberate failure in the probe')"),
+]
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch):
+    """A throwaway repository: notebooks/07_probe.ipynb, params/07_probe/{smoke,fail}.yaml, a registered schema."""
+    monkeypatch.setitem(SCHEMAS, PROBE, ProbeParams)
+    cells = [new_markdown_cell(s) if k == "md" else new_code_cell(s) for k, s in PROBE_CELLS]
+    cells[1].metadata["tags"] = ["parameters"]
+    nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                            "language": "python"}})  # fmt: skip
+    (tmp_path / "notebooks").mkdir()
+    nbformat.write(nb, tmp_path / "notebooks" / f"{PROBE}.ipynb")
+    (tmp_path / "params" / PROBE).mkdir(parents=True)
+    (tmp_path / "params" / PROBE / "smoke.yaml").write_text("seed: 1  # test\n")
+    (tmp_path / "params" / PROBE / "fail.yaml").write_text("fail: true\n")
+    return tmp_path
+
+
+# ---- path mapping and validation ------------------------------------------------------------------------------
+
+
+def test_job_for_maps_params_path_to_notebook_run_dir_and_report(root):
+    job = job_for(root / "params" / PROBE / "smoke.yaml", root=root)
+    assert job.notebook == root / "notebooks" / f"{PROBE}.ipynb"
+    assert job.run_dir == root / "runs" / PROBE / "smoke"
+    assert job.report == root / "reports" / "smoke" / f"{PROBE}.html"
+    assert (job.run_id, job.variant) == (f"{PROBE}/smoke", "smoke")
+    relative = job_for(f"params/{PROBE}/smoke.yaml", root=root, runs=root / "R", reports=root / "H")
+    assert (
+        relative.run_dir == root / "R" / PROBE / "smoke" and relative.report == root / "H" / "smoke" / f"{PROBE}.html"
+    )
+
+
+def test_job_for_names_missing_notebook_and_missing_file(root):
+    (root / "params" / "08_orphan").mkdir()
+    (root / "params" / "08_orphan" / "x.yaml").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="notebooks/08_orphan.ipynb"):
+        job_for(root / "params" / "08_orphan" / "x.yaml", root=root)
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        job_for(root / "params" / PROBE / "nope.yaml", root=root)
+
+
+@pytest.mark.parametrize(("text", "key", "what"), [("seeed: 3\n", "seeed", "unknown key"),
+                                                   ("seed: three\n", "seed", "must be"),
+                                                   ("fail: 1\n", "fail", "must be")])  # fmt: skip
+def test_validation_errors_name_file_and_key(root, text, key, what):
+    path = root / "params" / PROBE / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    assert str(path) in str(err.value) and f"'{key}'" in str(err.value) and what in str(err.value)
+
+
+def test_validation_error_for_folder_without_schema(tmp_path):
+    path = tmp_path / "params" / "55_unregistered" / "smoke.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text("{}")
+    with pytest.raises(ParamsError, match=r"smoke\.yaml.*55_unregistered"):
+        load_params(path)
+
+
+def test_load_params_returns_only_given_keys_typed(root):
+    path = root / "params" / PROBE / "p.yaml"
+    path.write_text("seed: 7\nfail: true\n")
+    assert load_params(path) == {"seed": 7, "fail": True}
+
+
+def test_main_rejects_invalid_params_before_executing(root, capsys):
+    path = root / "params" / PROBE / "bad.yaml"
+    path.write_text("lr: 0.1\n")
+    assert main(["run", str(path), "--root", str(root)]) == 1
+    assert "'lr'" in capsys.readouterr().err
+    assert not (root / "runs").exists()
+
+
+# ---- staleness ------------------------------------------------------------------------------------------------
+
+
+def test_is_current_tracks_params_notebook_and_upstream_metrics(root):
+    up = root / "runs" / "05_up" / "smoke"
+    up.mkdir(parents=True)
+    (up / "metrics.json").write_text('{"metrics": {"a": 1}}')
+    params = root / "params" / PROBE / "smoke.yaml"
+    params.write_text("stage1_run: runs/05_up/smoke  # upstream\n")
+    job = job_for(params, root=root)
+    assert not is_current(job, root)  # nothing ran yet
+    job.run_dir.mkdir(parents=True)
+    (job.run_dir / "metrics.json").write_text("{}")
+    job.report.parent.mkdir(parents=True)
+    job.report.write_text("<html></html>")
+    (job.run_dir / ".inputs.sha256").write_text(_inputs_digest(job, root))
+    assert is_current(job, root)
+    (up / "metrics.json").write_text('{"metrics": {"a": 2}}')  # the upstream run was redone
+    assert not is_current(job, root)
+    (job.run_dir / ".inputs.sha256").write_text(_inputs_digest(job, root))
+    params.write_text("stage1_run: runs/05_up/smoke\nseed: 3\n")  # params edited
+    assert not is_current(job, root)
+
+
+# ---- compare_to_paper and record ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def targets(tmp_path):
+    path = tmp_path / "targets.yaml"
+    rows = [
+        {"id": "t_vqa", "table": "Table 2", "row": "BLIP-2", "column": "VQAv2", "value": 65.0, "tolerance": 0.5},
+        {"id": "t_cider", "table": "Table 3", "row": "BLIP-2", "column": "CIDEr", "value": 121.6, "tolerance": 1.0},
+        {"id": "t_r1", "table": "Table 5", "row": "BLIP-2", "column": "TR@1", "value": 97.6},
+    ]
+    path.write_text(yaml.safe_dump({"targets": rows}))
+    return path
+
+
+def test_compare_to_paper_verdicts(targets, monkeypatch):
+    monkeypatch.setattr(run_mod, "_CURRENT", None)
+    metrics = {"vqa": 65.5, "cider": {"value": 119.0, "unit": "CIDEr"}, "acc": 0.95, "err": 3.0, "nan": math.nan}
+    refs = {
+        "vqa": "t_vqa",
+        "cider": "t_cider",
+        "r1": "t_r1",
+        "acc": {"goal": 0.9, "direction": ">="},
+        "err": {"goal": 2.0, "direction": "<=", "label": "error"},
+        "nan": "t_r1",
+    }
+    table = compare_to_paper(metrics, refs, path=targets, show=False)
+    got = dict(zip(table["metric"], table["verdict"]))
+    assert got == {"vqa": "match", "cider": "differs", "r1": "not measured", "acc": "met", "err": "missed",
+                   "nan": "not measured"}  # fmt: skip
+    row = table.set_index("metric")
+    assert row.loc["vqa", "delta"] == pytest.approx(0.5) and row.loc["cider", "delta"] == pytest.approx(-2.6)
+    assert row.loc["cider", "target"] == "Table 3 · BLIP-2 · CIDEr" and row.loc["cider", "tolerance"] == 1.0
+    assert row.loc["acc", "reproduced"] == pytest.approx(0.95) and row.loc["err", "target"] == "error"
+    assert row.loc["r1", "tolerance"] == 0.5  # default tolerance
+    assert compare_to_paper({"vqa": 64.4}, {"vqa": "t_vqa"}, path=targets, show=False)["verdict"][0] == "differs"
+    with pytest.raises(KeyError, match="t_missing"):
+        compare_to_paper({}, {"x": "t_missing"}, path=targets, show=False)
+
+
+def test_compare_to_paper_rounds_to_paper_precision(targets, monkeypatch):
+    monkeypatch.setattr(run_mod, "_CURRENT", None)
+    row = compare_to_paper({"vqa": 65.2349}, {"vqa": "t_vqa"}, path=targets, show=False).iloc[0]
+    assert row["reproduced"] == 65.2 and row["delta"] == 0.2
+
+
+def test_start_run_and_record_write_json_with_units(tmp_path, targets, monkeypatch):
+    monkeypatch.setattr(run_mod, "_CURRENT", None)
+    with pytest.raises(RuntimeError, match="start_run"):
+        record("x", 1.0)
+    run_dir = tmp_path / "runs" / "nb" / "v"
+    run_dir.mkdir(parents=True)
+    (run_dir / "job.json").write_text('{"variant": "v", "notebook": "nb"}')
+    run = start_run({"run_dir": str(run_dir), "seed": 3})
+    assert run.job == {"variant": "v", "notebook": "nb"}
+    assert yaml.safe_load((run_dir / "config.resolved.yaml").read_text()) == {"run_dir": str(run_dir), "seed": 3}
+    assert "torch" in json.loads((run_dir / "env.json").read_text())
+    assert record("txt_r1", 12.5, "%") == 12.5
+    record("steps", 3)
+    record("bad", math.nan, "%")
+    compare_to_paper(run.metrics, {"txt_r1": "t_r1"}, path=targets, show=False)
+    data = json.loads((run_dir / "metrics.json").read_text())
+    assert data["metrics"] == {"txt_r1": {"value": 12.5, "unit": "%"}, "steps": {"value": 3, "unit": ""},
+                               "bad": {"value": None, "unit": "%"}}  # fmt: skip
+    assert [r["verdict"] for r in data["comparison"]] == ["differs"]
+    assert data["params"]["seed"] == 3 and data["wall_time_s"] >= 0
+
+
+# ---- report and index (no kernel) -----------------------------------------------------------------------------
+
+
+def _marked(role: str, text: str):
+    return new_output("display_data", data={"text/html": text}, metadata={"blip2": {"role": role}})
+
+
+def test_render_html_places_sections_in_d8_order(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "env.json").write_text('{"git_commit": "abc1234", "device": "CPU (2 cores)", "torch": "2.x"}')
+    (run_dir / "config.resolved.yaml").write_text("seed: 42\n")
+    comparison = [{"metric": "vqa", "target": "Table 2", "reproduced": 60.1, "paper / goal": 65.0, "delta": -4.9,
+                   "tolerance": 0.5, "baseline": None, "verdict": "differs"}]  # fmt: skip
+    (run_dir / "metrics.json").write_text(json.dumps({"metrics": {}, "comparison": comparison}))
+    cells = [
+        new_markdown_cell("# 42 · The title"),
+        new_code_cell("x = 1"),
+        new_code_cell("start_run()"),
+        new_code_cell("plot()"),
+        new_code_cell("compare_to_paper()"),
+        new_code_cell("provenance()"),
+    ]
+    cells[2].outputs = [_marked("header", "<p>KERNEL-HEADER</p>")]
+    cells[3].outputs = [new_output("display_data", data={"text/html": "<p>THE-PLOT</p>"})]
+    cells[4].outputs = [_marked("paper-table", "<p>KERNEL-TABLE</p>")]
+    cells[5].outputs = [_marked("provenance", "<p>KERNEL-PROVENANCE</p>")]
+    nb = new_notebook(cells=cells)
+    nbformat.write(nb, run_dir / "executed.ipynb")
+    ctx = {"run_id": "42_x/toy", "params_file": "params/42_x/toy.yaml", "params_text": "seed: 42  # s\n",
+           "status": "ok", "wall_time_s": 12.34, "finished": "2026-01-01 00:00:00"}  # fmt: skip
+    out = render_html(run_dir / "executed.ipynb", tmp_path / "r" / "x.html", context=ctx)
+    page = out.read_text()
+    order = [page.index(s) for s in ("The title", "abc1234", "12.3 s", "Paper vs reproduced", ">differs<",
+                                     "THE-PLOT", "params/42_x/toy.yaml</h4>", "seed: 42  # s")]  # fmt: skip
+    assert order == sorted(order)
+    assert "KERNEL-HEADER" not in page and "KERNEL-TABLE" not in page and "KERNEL-PROVENANCE" not in page
+    assert "<script src" not in page and "cdnjs" not in page and "start_run()" not in page  # inputs hidden
+    failed = render_html(run_dir / "executed.ipynb", tmp_path / "f.html", hide_input=False,
+                         context={**ctx, "status": "failed"}).read_text()  # fmt: skip
+    assert "FAILED" in failed and 'class="highlight' in failed and 'class="highlight' not in page  # code shown
+
+
+def _fake_run(runs, nb, variant, status, comparison=(), metrics=None):
+    d = runs / nb / variant
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps({"metrics": metrics or {}, "comparison": list(comparison),
+                                                "env": {"git_commit": "abc"}}))  # fmt: skip
+    if status:
+        (d / "status.json").write_text(json.dumps({"status": status, "wall_time_s": 3.0, "finished": "today"}))
+
+
+def test_build_index_links_existing_reports_and_counts_verdicts(tmp_path):
+    runs, reports = tmp_path / "runs", tmp_path / "reports"
+    _fake_run(runs, "01_a", "toy", "ok", [{"verdict": "match"}, {"verdict": "differs"}],
+              {"acc": {"value": 0.5, "unit": "%"}})  # fmt: skip
+    _fake_run(runs, "02_b", "toy", "failed", [{"verdict": "not measured"}])
+    _fake_run(runs, "03_c", "toy", None)
+    _fake_run(runs, "04_d", "other", "ok", [{"verdict": "met"}])
+    (reports / "toy").mkdir(parents=True)
+    (reports / "toy" / "01_a.html").write_text("<html></html>")
+    (reports / "toy" / "02_b.html").write_text("<html>stale</html>")  # an old report of a now-failed run
+    index = build_index(runs, reports, "toy")
+    page = index.read_text()
+    assert index == reports / "toy" / "index.html"
+    assert '<a href="01_a.html">01_a</a>' in page
+    assert 'href="02_b.html"' not in page and "03_c" in page and "04_d" not in page
+    assert "1 match, 1 differs, 0 met, 0 missed, 1 not measured" in page and "acc = 0.5 %" in page
+    rows = collect_runs(runs, "toy")
+    assert [(r["notebook"], r["status"]) for r in rows] == [("01_a", "ok"), ("02_b", "failed"), ("03_c", "incomplete")]
+    assert "<script" not in page
+
+
+# ---- the runner end to end (papermill) ------------------------------------------------------------------------
+
+
+@pytest.mark.notebook
+@pytest.mark.timeout(120)
+def test_run_skips_current_outputs_and_force_reruns(root):
+    params = root / "params" / PROBE / "smoke.yaml"
+    count = root / "runs" / PROBE / "count.txt"
+    assert main(["run", str(params), "--root", str(root), "--no-progress"]) == 0
+    job = job_for(params, root=root)
+    assert json.loads((job.run_dir / "metrics.json").read_text())["metrics"]["answer"] == {
+        "value": 42.0,
+        "unit": "units",
+    }
+    assert job.report.exists() and (job.run_dir / "executed.ipynb").exists() and count.read_text() == "x"
+    assert json.loads((job.run_dir / "status.json").read_text())["status"] == "ok"
+    assert (job.report.parent / "index.html").exists()
+    assert main(["run", str(params), "--root", str(root), "--no-progress"]) == 0
+    assert count.read_text() == "x"  # skipped: outputs are current
+    assert main(["run", str(params), "--root", str(root), "--no-progress", "--force"]) == 0
+    assert count.read_text() == "xx"
+
+
+@pytest.mark.notebook
+@pytest.mark.timeout(120)
+def test_failed_run_keeps_notebook_renders_failure_page_and_exits_nonzero(root, capsys):
+    params = root / "params" / PROBE / "fail.yaml"
+    assert main(["run", str(params), "--root", str(root), "--no-progress"]) == 1
+    assert "deliberate failure in the probe" in capsys.readouterr().err
+    job = job_for(params, root=root)
+    executed = nbformat.read(job.run_dir / "executed.ipynb", as_version=4)
+    assert any(o.get("ename") == "ValueError" for c in executed.cells for o in c.get("outputs", []))
+    page = (job.run_dir / "failed.html").read_text()
+    assert "FAILED" in page and "deliberate failure in the probe" in page
+    assert not job.report.exists() and not (job.run_dir / ".inputs.sha256").exists()
+    assert json.loads((job.run_dir / "status.json").read_text())["status"] == "failed"
+    index = (job.report.parent / "index.html").read_text()
+    assert "failed" in index and f'href="{PROBE}.html"' not in index
