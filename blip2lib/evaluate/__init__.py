@@ -15,6 +15,8 @@ from blip2lib.evaluate.caption import (
     spice_models_available,
     write_nocaps_submission,
 )
+from blip2lib.evaluate.drivers import run_caption, run_retrieval, run_vqa
+from blip2lib.evaluate.drivers_common import CacheMismatchError
 from blip2lib.evaluate.retrieval import (
     FUSIONS,
     NEG_FILL,
@@ -43,6 +45,7 @@ from blip2lib.evaluate.vqa import (
 
 __all__ = [
     "ALL_METRICS",
+    "CacheMismatchError",
     "DOMAINS",
     "FUSIONS",
     "NEG_FILL",
@@ -66,6 +69,9 @@ __all__ = [
     "process_punctuation",
     "ranks",
     "recall_at_k",
+    "run_caption",
+    "run_retrieval",
+    "run_vqa",
     "rerank_scores",
     "shard_rows",
     "spice_models_available",

@@ -1,0 +1,288 @@
+"""Command line: ``python -m blip2lib.evaluate {vqa,caption,retrieval} --params FILE``.
+
+FILE is a flat YAML mapping validated like every ``blip2lib.config.Params`` (an unknown key or a wrong type is an
+error naming the file and the key). Multi-GPU: ``torchrun --nproc_per_node N -m blip2lib.evaluate vqa --params F``
+(each rank generates its shard; re-running with the same ``out_dir`` resumes). Example (zero-shot VQAv2 val)::
+
+    checkpoint: /models/blip2-flan-t5-xl            # blip2lib.from_pretrained source, or "tiny" (smoke test)
+    data_root: /data                                # layout of blip2lib/data/README.md
+    split: vqa_val_eval                             # a blip2lib.data.FORMATS key
+    recipe: paper                                   # paper | lavis (spec §5.1); keys below override it
+    batch_size: 64
+    out_dir: runs/eval/vqav2_val_flant5xl
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from blip2lib import dist
+from blip2lib.config import Params, ParamsError, tiny_config
+from blip2lib.data import (
+    FORMATS,
+    CaptionEvalDataset,
+    GQAEvalDataset,
+    NoCapsDataset,
+    QuestionProcessor,
+    RetrievalEvalDataset,
+    VQAEvalDataset,
+    image_eval_transform,
+)
+from blip2lib.evaluate.caption import ALL_METRICS, CaptionDecoding
+from blip2lib.evaluate.drivers import run_caption, run_retrieval, run_vqa
+from blip2lib.evaluate.retrieval import FUSIONS
+from blip2lib.evaluate.vqa import VQADecoding
+
+
+@dataclass
+class EvalParams(Params):
+    """Keys shared by the three evaluations (plus ``Params``' run_dir, seed, data_root, …)."""
+
+    checkpoint: str = "tiny"  # path for blip2lib.from_pretrained, or "tiny" (random tiny model + tokenizers)
+    family: str = "opt"  # LLM family of the "tiny" model: opt | t5
+    split: str = ""  # a blip2lib.data.FORMATS key, e.g. vqa_val_eval, gqa_testdev, coco_karpathy_test
+    ann_file: str = ""  # override FORMATS[split]["file"] (relative to data_root, or absolute)
+    images_root: str = ""  # override FORMATS[split]["images_root"]
+    image_size: int = 0  # 0 -> the checkpoint's (LAVIS files: from the pos-embed); tiny: 28
+    vision_weights: str = ""  # LAVIS / training checkpoints: local ViT file (blip2lib.from_pretrained)
+    llm_path: str = ""  # LAVIS / training checkpoints: local LLM directory
+    bert_dir: str = ""  # local bert-base-uncased directory (Q-Former tokenizer)
+    batch_size: int = 16
+    num_workers: int = 0
+    out_dir: str = ""  # "" -> run_dir
+    device: str = "auto"  # auto (cuda:LOCAL_RANK if available, else cpu) | cpu | cuda | cuda:N
+    autocast: str = ""  # "" | fp16 | bf16 (generation only)
+    progress: bool = True
+
+
+@dataclass
+class VQAParams(EvalParams):
+    """Zero-shot VQA (spec §5.1); decoding keys left at None take the recipe's value."""
+
+    recipe: str = "paper"  # paper | lavis
+    prompt: str = ""  # "" -> the recipe's prompt for the family
+    num_beams: int | None = None
+    length_penalty: float | None = None
+    max_new_tokens: int | None = None
+    min_new_tokens: int | None = None
+    annotations: str = ""  # official annotation file (relative to data_root); "" -> the split file's answers
+    lemmatize: bool | None = None  # None -> True for okvqa splits (spec §10.17)
+
+
+@dataclass
+class CaptionParams(EvalParams):
+    """Captioning (spec §5.2); decoding keys left at None take the recipe's value."""
+
+    recipe: str = "paper"  # paper | lavis
+    prompt: str | None = None
+    num_beams: int | None = None
+    max_new_tokens: int | None = None
+    min_new_tokens: int | None = None
+    repetition_penalty: float | None = None
+    length_penalty: float | None = None
+    gt_file: str = ""  # "" -> FORMATS[split + "_gt"] when it exists; "none" -> no scoring
+    metrics: list[str] = field(default_factory=lambda: list(ALL_METRICS))
+
+
+@dataclass
+class RetrievalParams(EvalParams):
+    """Retrieval (spec §4.3, §5.3)."""
+
+    k: int = 128
+    fusion: str = "itm+itc"  # itm+itc | itm | itc
+    text_max_len: int = 35
+    itm_batch_size: int = 128
+
+
+SCHEMAS = {"vqa": VQAParams, "caption": CaptionParams, "retrieval": RetrievalParams}
+_CHOICES = {"family": ("opt", "t5"), "recipe": ("paper", "lavis"), "autocast": ("", "fp16", "bf16"), "fusion": FUSIONS}
+
+
+def _check(p: EvalParams, source: str) -> None:
+    for key, choices in _CHOICES.items():
+        if hasattr(p, key) and getattr(p, key) not in choices:
+            raise ParamsError(f"{source}: key '{key}' must be one of {list(choices)}, got {getattr(p, key)!r}")
+    if not p.data_root:
+        raise ParamsError(f"{source}: key 'data_root' is required (folder laid out as blip2lib/data/README.md)")
+    if not (p.out_dir or p.run_dir):
+        raise ParamsError(f"{source}: key 'out_dir' is required")
+    if p.split not in FORMATS and not (p.ann_file and p.images_root):
+        raise ParamsError(
+            f"{source}: key 'split' must be a blip2lib.data.FORMATS key (or set ann_file and "
+            f"images_root), got {p.split!r}"
+        )
+    if isinstance(p, CaptionParams) and set(p.metrics) - set(ALL_METRICS):
+        raise ParamsError(f"{source}: key 'metrics' must be a subset of {list(ALL_METRICS)}, got {p.metrics}")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{dist.get_local_rank()}" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _from_pretrained():
+    import blip2lib
+
+    fn = getattr(blip2lib, "from_pretrained", None)
+    if fn is None:
+        try:
+            from blip2lib.pretrained import from_pretrained as fn
+        except ImportError:
+            return None
+    return fn
+
+
+def load_model(p: EvalParams, task: str, source: str = "<params>"):
+    """(model, Q-Former tokenizer or None) from ``p.checkpoint``; "tiny" = a random tiny model for smoke tests."""
+    from blip2lib.model import Blip2, Blip2QFormerModel
+
+    if p.checkpoint == "tiny":
+        from blip2lib.testing import tiny_bert_tokenizer, tiny_llm_tokenizer
+
+        torch.manual_seed(p.seed)
+        cfg = tiny_config(None if task == "retrieval" else p.family, image_size=p.image_size or 28)
+        if task == "retrieval":
+            return Blip2QFormerModel(cfg), tiny_bert_tokenizer()
+        return Blip2(cfg, tokenizer=tiny_llm_tokenizer(p.family)), None
+    from_pretrained = _from_pretrained()
+    if from_pretrained is None:
+        raise ParamsError(
+            f"{source}: checkpoint {p.checkpoint!r}: loading from a path needs blip2lib.from_pretrained "
+            "(blip2lib/pretrained.py), which this installation does not have; use checkpoint: tiny, or call "
+            "blip2lib.evaluate.run_vqa / run_caption / run_retrieval on an in-memory model"
+        )
+    extra = {k: getattr(p, k) for k in ("vision_weights", "llm_path", "bert_dir") if getattr(p, k)}
+    model = from_pretrained(p.checkpoint, image_size=p.image_size or None, **extra)
+    want = Blip2QFormerModel if task == "retrieval" else Blip2
+    if not isinstance(model, want):
+        raise ParamsError(
+            f"{source}: checkpoint {p.checkpoint!r} holds a {type(model).__name__}; {task} needs a "
+            f"{want.__name__} ({'stage-1 / retrieval' if task == 'retrieval' else 'stage-2'} model)"
+        )
+    if task == "retrieval":  # stage-1 models carry the BERT tokenizer as .tokenizer (blip2lib.pretrained)
+        tok = getattr(model, "qformer_tokenizer", None) or getattr(model, "tokenizer", None)
+        if tok is None:
+            raise ParamsError(f"{source}: the checkpoint has no Q-Former tokenizer; set bert_dir")
+        return model, tok
+    if model.tokenizer is None:
+        raise ParamsError(f"{source}: the checkpoint has no LLM tokenizer; set llm_path")
+    return model, None
+
+
+def build_dataset(p: EvalParams, task: str, image_size: int):
+    """The reader for ``p.split`` under ``p.data_root`` with the eval transform (spec §6)."""
+    root = Path(p.data_root)
+    fmt = FORMATS.get(p.split, {})
+    ann = root / (p.ann_file or fmt["file"])
+    images = root / (p.images_root or fmt["images_root"])
+    transform = image_eval_transform(image_size)
+    if task == "vqa":
+        cls = GQAEvalDataset if p.split.startswith("gqa") else VQAEvalDataset
+        return cls(images, ann, transform, QuestionProcessor())
+    if task == "caption":
+        cls = NoCapsDataset if p.split.startswith("nocaps") else CaptionEvalDataset
+        return cls(images, ann, transform)
+    return RetrievalEvalDataset(images, ann, transform)
+
+
+def _override(recipe, p: Params, keys: tuple[str, ...], source: str):
+    changes = {k: getattr(p, k) for k in keys if getattr(p, k) not in (None, "")}
+    new = dataclasses.replace(recipe, **changes)
+    return new if new == recipe else dataclasses.replace(new, source=f"{recipe.source}, overridden by {source}")
+
+
+def run(task: str, params_path: str | Path) -> dict:
+    """Validate the params file, load model and data, run the driver; returns the result dict."""
+    p = SCHEMAS[task].from_yaml(params_path)
+    _check(p, str(params_path))
+    torch.manual_seed(p.seed)
+    model, qformer_tok = load_model(p, task, str(params_path))
+    model.place(_device(p.device))
+    dataset = build_dataset(p, task, model.config.vision.image_size)
+    out_dir = Path(p.out_dir or p.run_dir)
+    common = dict(batch_size=p.batch_size, num_workers=p.num_workers, progress=p.progress)
+    if task == "retrieval":
+        return run_retrieval(
+            model,
+            dataset,
+            qformer_tok,
+            k=p.k,
+            fusion=p.fusion,
+            text_max_len=p.text_max_len,
+            out_dir=out_dir,
+            split_name=p.split,
+            itm_batch_size=p.itm_batch_size,
+            **common,
+        )
+    autocast = p.autocast or None
+    if task == "vqa":
+        base = VQADecoding.paper(model.family) if p.recipe == "paper" else VQADecoding.lavis_head(model.family)
+        keys = ("prompt", "num_beams", "length_penalty", "max_new_tokens", "min_new_tokens")
+        decoding = _override(base, p, keys, str(params_path))
+        annotations = Path(p.data_root) / p.annotations if p.annotations else None
+        lemmatize = p.split.startswith("okvqa") if p.lemmatize is None else p.lemmatize
+        return run_vqa(
+            model,
+            dataset,
+            decoding,
+            out_dir=out_dir,
+            split_name=p.split,
+            annotations=annotations,
+            gqa=p.split.startswith("gqa"),
+            lemmatize=lemmatize,
+            autocast=autocast,
+            **common,
+        )
+    base = CaptionDecoding.paper() if p.recipe == "paper" else CaptionDecoding.lavis_head()
+    keys = ("prompt", "num_beams", "max_new_tokens", "min_new_tokens", "repetition_penalty", "length_penalty")
+    decoding = _override(base, p, keys, str(params_path))
+    gt_key = f"{p.split}_gt"
+    if p.gt_file == "none":
+        gt = None
+    elif p.gt_file:
+        gt = Path(p.data_root) / p.gt_file
+    else:
+        gt = Path(p.data_root) / FORMATS[gt_key]["file"] if gt_key in FORMATS else None
+    return run_caption(
+        model,
+        dataset,
+        decoding,
+        gt,
+        out_dir=out_dir,
+        split_name=p.split,
+        metrics=tuple(p.metrics),
+        autocast=autocast,
+        **common,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m blip2lib.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("task", choices=sorted(SCHEMAS))
+    parser.add_argument("--params", required=True, help="flat YAML params file")
+    args = parser.parse_args(argv)
+    started = dist.init_distributed()
+    try:
+        result = run(args.task, args.params)
+        main_rank = dist.is_main()
+    except ParamsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if started:
+            dist.cleanup()
+    if main_rank:
+        print(json.dumps({"metrics": result.get("metrics"), "counts": result.get("counts")}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
