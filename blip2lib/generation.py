@@ -121,7 +121,7 @@ def generate_ids(
         max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams, do_sample=do_sample,
         top_p=top_p if do_sample else None, length_penalty=length_penalty if beam else None,
         repetition_penalty=repetition_penalty, eos_token_id=resolve_eos(tokenizer, family, eos),
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=model.config.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=getattr(model.config, "bos_token_id", None),
         decoder_start_token_id=model.config.decoder_start_token_id if family == "t5" else None, use_cache=True,
     )  # fmt: skip
     out = model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=gen)

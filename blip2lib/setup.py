@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import dist
-from .config import PRESETS, Blip2Config, tiny_config
+from .config import PRESETS, Blip2Config, LLMConfig, QFormerConfig, VisionConfig, tiny_config
 from .data import (
     BadSampleLog,
     CaptionDataset,
@@ -48,10 +48,59 @@ def _tiny_components(params) -> dict:
     return {"config": cfg, "qformer_tokenizer": tiny_bert_tokenizer(), "llm_tokenizer": tiny_llm_tokenizer(params.llm)}
 
 
-def _toy_components(params) -> dict:
-    from .toy import toy_model_components
+def toy_world(params):
+    """The embedded toy world for ``params`` (built once, then cached; ``data_root`` may name a world folder)."""
+    from .toy import build_toy_world, load_toy_world
 
-    return toy_model_components(params.llm if params.stage in GENERATIVE else None, image_size=params.image_size)
+    if params.data_root and (Path(params.data_root) / "manifest.json").exists():
+        return load_toy_world(params.data_root)
+    return build_toy_world(size=params.toy_world, progress=params.progress)
+
+
+def _toy_components(params) -> dict:
+    """Toy-world frozen models: the ViT, the BERT that initialises the Q-Former, the OPT / T5 LLMs.
+
+    Toy choices (not the paper's sizes): the Q-Former takes the toy BERT's width and depth, 8 queries and
+    cross-attention in every layer (a 2-layer Q-Former with frequency 2 would cross-attend once).
+    """
+    import json as _json
+
+    from transformers import AutoTokenizer
+
+    world = toy_world(params)
+    bert = _json.loads((world.bert_dir / "config.json").read_text())
+    qtok = AutoTokenizer.from_pretrained(world.bert_dir, local_files_only=True)
+    qtok.add_special_tokens({"bos_token": "[DEC]"})
+    vision = VisionConfig(**{**world.vit_config, "precision": "fp32"})
+    qformer = QFormerConfig(
+        vocab_size=len(qtok), hidden_size=bert["hidden_size"], num_hidden_layers=bert["num_hidden_layers"],
+        num_attention_heads=bert["num_attention_heads"], intermediate_size=bert["intermediate_size"],
+        max_position_embeddings=bert["max_position_embeddings"], layer_norm_eps=bert.get("layer_norm_eps", 1e-12),
+        cross_attention_frequency=1, encoder_hidden_size=vision.width, num_query_tokens=8,
+        pad_token_id=qtok.pad_token_id, cls_token_id=qtok.cls_token_id, sep_token_id=qtok.sep_token_id,
+        dec_token_id=qtok.convert_tokens_to_ids("[DEC]"),
+    )  # fmt: skip
+    out = {
+        "world": world,
+        "qformer_tokenizer": qtok,
+        "bert_dir": str(world.bert_dir),
+        "vision_weights": str(world.vit_weights),
+    }
+    llm = None
+    if params.stage in GENERATIVE:
+        path = world.opt_dir if params.llm == "opt" else world.t5_dir
+        hidden = _json.loads((path / "config.json").read_text())
+        llm = LLMConfig(
+            params.llm,
+            path=str(path),
+            hidden_size=hidden.get("hidden_size", hidden.get("d_model")),
+            precision="fp32",
+            exact_gelu=False,
+        )
+        out["llm_tokenizer"] = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        out["llm_path"] = str(path)
+    out["config"] = Blip2Config(vision=vision, qformer=qformer, llm=llm, embed_dim=64)
+    return out
 
 
 def _preset_components(params) -> dict:
@@ -199,9 +248,9 @@ def _train_dataset(params, comps: dict, bad: BadSampleLog):
 
         return SyntheticImageText(256, params.image_size, seed=params.seed, vqa=params.stage == "vqa_ft")
     if spec == "toy":
-        from .toy import toy_train_files
-
-        root, ann, images = toy_train_files(params.stage)
+        world = comps.get("world") or toy_world(params)
+        name = "vqa_train" if params.stage == "vqa_ft" else "coco_karpathy_train"
+        ann, images = world.annotations[name], world.images_dir
     else:
         root = Path(params.data_root or ".")
         ann, images = root / spec, root / params.images_root

@@ -45,8 +45,9 @@ class TrainParams(Params):
     stage: str = "stage1"  # stage1 | stage2 | caption_ft | vqa_ft | retrieval_ft
     model: str = "toy"  # "toy" (embedded toy world), "tiny" (random, seconds) or a PRESETS key, e.g. "vitg_opt2.7b"
     llm: str = "opt"  # toy/tiny LLM family: opt | t5
+    toy_world: str = "full"  # toy world size: full (make demo) | tiny (seconds, tests)
     init_from: str = ""  # parent checkpoint dir (stage 1 → stage 2 / retrieval FT; stage 2 → caption/VQA FT)
-    bert_dir: str = ""  # local bert-base-uncased dir: Q-Former init + tokenizer ("" with model=toy/tiny)
+    bert_dir: str = ""  # local bert-base-uncased dir: Q-Former init + tokenizer (unused by the toy and tiny models)
     vision_weights: str = ""  # eva_vit_g.pth / clip_vit_L.pth (real presets)
     llm_path: str = ""  # local transformers LLM dir (real presets)
     image_size: int = 224  # 224 pre-training; 364 caption/retrieval FT; 490 VQA FT (spec §4)
@@ -64,14 +65,14 @@ class TrainParams(Params):
     min_lr: float = 1e-5  # cosine floor (1e-5 stage 1, 5e-5 stage 2 in the paper)
     warmup_lr: float = 1e-6  # LR at step 0
     warmup_steps: int = 2000  # paper 2k (LAVIS yaml 5k)
-    weight_decay: float = 0.05
+    weight_decay: float = 0.05  # AdamW weight decay (paper and LAVIS), none on 1-D params and biases
     beta2: float = 0.98  # paper 0.98 (LAVIS yamls 0.999)
     lr_layer_decay: float = 1.0  # ViT layer-wise LR decay (Tables 7–9)
     apply_layer_decay: bool = True  # paper: applied; LAVIS computes and ignores it (spec §10.9)
     schedule: str = "step"  # "step" (paper) | "lavis_epoch"
-    steps_per_epoch: int = 0  # for schedule=lavis_epoch
+    steps_per_epoch: int = 0  # iterations per epoch, for the lavis_epoch schedule
     amp: str = "bf16"  # bf16 | fp16 (GradScaler) | fp32; CPU runs use fp32 regardless
-    clip_norm: float = 0.0  # 0 = off (the paper does not clip)
+    clip_norm: float = 0.0  # gradient clipping norm; 0 turns it off (the paper does not clip)
     max_txt_len: int = 32  # Q-Former and LLM text length
     prompt: str = ""  # "" pre-training; "a photo of" caption FT
     question_template: str = "Question: {} Answer:"  # VQA FT prompt (spec §4.2)
@@ -174,6 +175,7 @@ def train(params: TrainParams, run_dir: str | Path | None = None) -> RunResult:
         apply_layer_decay=params.apply_layer_decay,
     )
     summary["init"] = init_report
+    summary["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     summary["bad_samples"] = data["bad_log"].total
     if dist.is_main():
         (run_dir / "train.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -35,9 +35,10 @@ def _val_set(params, data: dict) -> dict | None:
     from .data import CaptionProcessor, RetrievalEvalDataset
 
     if spec == "toy":
-        from .toy import toy_val_file
+        from .setup import toy_world
 
-        root, ann = toy_val_file()
+        world = toy_world(params)
+        root, ann = world.images_dir, world.annotations["coco_karpathy_val"]
     else:
         root, ann = Path(params.data_root or ".") / params.images_root, Path(params.data_root or ".") / spec
     ds = RetrievalEvalDataset(root, [ann], transform=data["eval_transform"], text_processor=CaptionProcessor())

@@ -12,7 +12,7 @@ Two class-level (non-field) attributes steer the runner and the tests:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ..config import Params
@@ -63,3 +63,85 @@ class SummaryParams(Params):
     records: ClassVar[tuple[str, ...]] = ("runs_collected", "runs_ok", "verdicts_match", "verdicts_differs",
                                           "verdicts_met", "verdicts_missed", "verdicts_not_measured")  # fmt: skip
     collects_variant: ClassVar[bool] = True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training notebooks: the flat TrainParams keys (blip2lib.train) with per-stage defaults and report goals.
+
+from ..train import TrainParams  # noqa: E402
+
+
+@dataclass
+class _StageParams(TrainParams):
+    goals: dict = field(default_factory=dict)  # report goals: metric → {goal, direction, label, baseline}
+
+    records: ClassVar[tuple[str, ...]] = ("loss_start", "loss_end", "steps", "trainable_params")
+
+    def train_params(self) -> TrainParams:
+        """The plain :class:`TrainParams` (drops the report-only keys)."""
+        keep = {f for f in TrainParams.__dataclass_fields__}
+        return TrainParams(**{k: v for k, v in self.to_dict().items() if k in keep})
+
+
+@register("10_stage1_pretrain")
+@dataclass
+class Stage1Params(_StageParams):
+    """Stage 1 (paper §3.2): ITC + ITM + ITG on the Q-Former with a frozen image encoder."""
+
+    stage: str = "stage1"
+    val_data: str = "toy"
+
+
+@register("20_stage2_pretrain")
+@dataclass
+class Stage2Params(_StageParams):
+    """Stage 2 (paper §3.3): generative learning from a frozen LLM, one run per family in ``llms``."""
+
+    stage: str = "stage2"
+    llms: list[str] = field(default_factory=list)  # LLM families trained one after the other (empty: [llm])
+    min_lr: float = 5e-5  # paper §3.4 stage 2
+    val_data: str = "toy"
+
+
+@register("30_finetune_caption")
+@dataclass
+class CaptionFTParams(_StageParams):
+    """COCO-style caption fine-tuning (paper §4.2, Table 7): prompt "a photo of", ViT unfrozen."""
+
+    stage: str = "caption_ft"
+    prompt: str = "a photo of"
+    freeze_vit: bool = False
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    beta2: float = 0.999
+    warmup_steps: int = 1000
+    val_data: str = "toy"
+
+
+@register("31_finetune_retrieval")
+@dataclass
+class RetrievalFTParams(_StageParams):
+    """Retrieval fine-tuning (paper §4.4, Table 9): image-id-aware ITC/ITM + ITG, ViT unfrozen."""
+
+    stage: str = "retrieval_ft"
+    freeze_vit: bool = False
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    beta2: float = 0.999
+    warmup_steps: int = 1000
+    lr_layer_decay: float = 0.95
+    val_data: str = "toy"
+
+
+@register("32_finetune_vqa")
+@dataclass
+class VQAFTParams(_StageParams):
+    """VQA fine-tuning (paper §4.3, Table 8): the question goes through the Q-Former and the LLM prompt."""
+
+    stage: str = "vqa_ft"
+    freeze_vit: bool = False
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    beta2: float = 0.999
+    warmup_steps: int = 1000
+    lr_layer_decay: float = 0.95

@@ -73,7 +73,8 @@ def test_parameters_equal_schema_fields_and_defaults(path):
         f = fields[name]
         assert p["inferred_type_name"] == str(f.type), f"{path.name}: {name} type {p['inferred_type_name']} != {f.type}"
         default = ast.literal_eval(p["default"])
-        assert default == f.default and type(default) is type(f.default), f"{path.name}: {name} default differs"
+        want = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        assert default == want and type(default) is type(want), f"{path.name}: {name} default differs"
     for name, value in REQUIRED.items():
         assert ast.literal_eval(inspected[name]["default"]) == value, f"{path.name}: every notebook has {name}"
 

@@ -1,0 +1,247 @@
+"""Build (or load from cache) the embedded toy world: data files, frozen stage-0 models and their baselines.
+
+``build_toy_world()`` is deterministic in ``seed``: the same seed gives byte-identical annotation files, images and
+weights (same library versions and thread count). The world lives in ``$BLIP2LIB_CACHE/toy/<key>`` (default
+``~/.cache/blip2lib/toy/<key>``), ``key`` hashing the builder version, seed and sizes, and is built once into a
+temporary folder that is renamed into place when complete (an interrupted build never looks finished).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from ..config import VisionConfig
+from . import baselines as B
+from . import llm_pretrain as L
+from . import vit_pretrain as VP
+from . import vocab as V
+from . import world, writers
+
+log = logging.getLogger(__name__)
+
+BUILDER_VERSION = "1"
+# Sizes: "full" is the default world (≤ 3 min on 2 cores); "tiny" is for fast tests of the machinery only.
+SIZES: dict[str, dict[str, int]] = {
+    "full": dict(train=3000, val=300, test=300, novel=200, vit_images=3000, vit_steps=300, text_scenes=8000,
+                 opt_steps=900, t5_steps=700, bert_steps=150, probe_images=1000),
+    "tiny": dict(train=12, val=6, test=6, novel=6, vit_images=16, vit_steps=2, text_scenes=32, opt_steps=2,
+                 t5_steps=2, bert_steps=2, probe_images=12),
+}  # fmt: skip
+
+
+@dataclass
+class ToyWorld:
+    """Where everything of a built toy world is (all paths absolute)."""
+
+    root: Path  # the world folder (holds manifest.json)
+    data_root: Path  # pass as ``data_root``: the same layout as the real datasets (blip2lib.data.readers.FORMATS)
+    images_dir: Path  # data_root/coco/images
+    annotations: dict[str, Path]  # name → file (coco_karpathy_*, vqa_*, v2_*, gqa_*, nocaps_*, scenes_*)
+    vit_weights: Path  # safetensors with timm Eva keys (load with blip2lib.vision.load_vision_weights)
+    vit_config: dict  # VisionConfig fields
+    opt_dir: Path  # transformers dir: OPTForCausalLM + tokenizer (AutoModelForCausalLM / AutoTokenizer)
+    t5_dir: Path  # transformers dir: T5ForConditionalGeneration + tokenizer
+    bert_dir: Path  # transformers dir: BertForMaskedLM + tokenizer (Q-Former init)
+    baselines_path: Path
+    seed: int = 0
+    size: str = "full"
+    baselines: dict = field(default_factory=dict)
+
+    @property
+    def vision_config(self) -> VisionConfig:
+        """The tower's :class:`~blip2lib.config.VisionConfig`."""
+        return VisionConfig(**self.vit_config)
+
+
+def cache_dir() -> Path:
+    """``$BLIP2LIB_CACHE/toy`` or ``~/.cache/blip2lib/toy``."""
+    base = os.environ.get("BLIP2LIB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "blip2lib")
+    return Path(base) / "toy"
+
+
+def world_key(seed: int, size: str) -> str:
+    """Cache key: hash of the builder version, seed and sizes."""
+    blob = json.dumps({"version": BUILDER_VERSION, "seed": seed, "sizes": SIZES[size]}, sort_keys=True)
+    return f"{size}-s{seed}-" + hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def _annotation_paths(data_root: Path) -> dict[str, Path]:
+    ann = data_root / "coco" / "annotations"
+    out = {p.stem: p for p in sorted(ann.glob("*.json"))}
+    out.update({f"gqa_{p.stem}": p for p in sorted((data_root / "gqa" / "annotations").glob("*.json"))})
+    out.update({p.stem: p for p in sorted((data_root / "nocaps" / "annotations").glob("*.json"))})
+    out.update({p.stem: p for p in sorted((data_root / "toy").glob("*.json"))})
+    return out
+
+
+def load_toy_world(root: str | Path) -> ToyWorld:
+    """Open an already built world folder (raises FileNotFoundError if it is incomplete)."""
+    root = Path(root).resolve()
+    manifest = json.loads((root / "manifest.json").read_text())
+    data_root = root / "data"
+    return ToyWorld(
+        root=root, data_root=data_root, images_dir=data_root / "coco" / "images",
+        annotations=_annotation_paths(data_root), vit_weights=root / "vit" / "model.safetensors",
+        vit_config=manifest["vit_config"], opt_dir=root / "opt", t5_dir=root / "t5", bert_dir=root / "bert",
+        baselines_path=root / "baselines.json", seed=manifest["seed"], size=manifest["size"],
+        baselines=json.loads((root / "baselines.json").read_text()),
+    )  # fmt: skip
+
+
+def build_toy_world(root: str | Path | None = None, seed: int = 0, force: bool = False, progress: bool = True,
+                    size: str = "full") -> ToyWorld:
+    """Build the toy world (or return the cached one).
+
+    Args:
+        root: World folder; None → ``cache_dir() / world_key(seed, size)``.
+        seed: Everything (scenes, renders, answers, model inits, batches) derives from it.
+        force: Rebuild even when a complete world is there.
+        progress: Show a tqdm bar while building.
+        size: ``"full"`` (default world) or ``"tiny"`` (seconds; for tests of the machinery).
+
+    Returns:
+        The :class:`ToyWorld` paths and baselines.
+    """
+    root = Path(root) if root is not None else cache_dir() / world_key(seed, size)
+    if (root / "manifest.json").exists() and not force:
+        return load_toy_world(root)
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, 2))  # the build is sized for 2 cores; fixed threads keep weights identical
+    try:
+        _build(tmp, seed, size, progress)
+    finally:
+        torch.set_num_threads(threads)
+    if root.exists():
+        shutil.rmtree(root)
+    tmp.rename(root)
+    return load_toy_world(root)
+
+
+def _build(out: Path, seed: int, size: str, progress: bool) -> None:
+    sz = SIZES[size]
+    total = 4 + sz["vit_steps"] + sz["opt_steps"] + sz["t5_steps"] + sz["bert_steps"] + 3
+    bar = tqdm(total=total, desc="toy world", disable=not progress, unit="step")
+    tick = bar.update
+    times: dict[str, float] = {}
+
+    t = time.perf_counter()
+    splits = {name: writers.make_split(name, sz[name], seed) for name in writers.SPLITS}
+    records = writers.write_dataset(out / "data", splits, seed, tick=tick)
+    times["data"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    bar.set_postfix_str("vit")
+    imgs, patch_labels, slot_labels = VP.image_pool(sz["vit_images"], seed)
+    tower = VP.train_vit(imgs, patch_labels, slot_labels, sz["vit_steps"], seed, tick=tick)
+    vcfg = VP.vit_config()
+    (out / "vit").mkdir()
+    save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, str(out / "vit" / "model.safetensors"))
+    (out / "vit" / "config.json").write_text(json.dumps(dataclasses.asdict(vcfg), indent=1) + "\n")
+    times["vit"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    pool = L.text_pool(sz["text_scenes"], seed)
+    bar.set_postfix_str("opt")
+    opt = L.train_opt(pool, sz["opt_steps"], seed, tick=tick)
+    _save_hf(opt, V.build_opt_tokenizer(), out / "opt")
+    times["opt"] = time.perf_counter() - t
+    t = time.perf_counter()
+    bar.set_postfix_str("t5")
+    t5 = L.train_t5(pool, sz["t5_steps"], seed, tick=tick)
+    _save_hf(t5, V.build_t5_tokenizer(), out / "t5")
+    times["t5"] = time.perf_counter() - t
+    t = time.perf_counter()
+    bar.set_postfix_str("bert")
+    bert = L.train_bert([c for ex in pool for c in ex.captions], sz["bert_steps"], seed, tick=tick)
+    _save_hf(bert, V.build_bert_tokenizer(), out / "bert")
+    times["bert"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    bar.set_postfix_str("baselines")
+    base = _baselines(splits, records, opt, t5, tower, seed, sz, tick)
+    times["baselines"] = time.perf_counter() - t
+    base["build_seconds"] = {k: round(v, 1) for k, v in times.items()}
+    (out / "baselines.json").write_text(json.dumps(base, indent=1, sort_keys=True) + "\n")
+    manifest = {"builder_version": BUILDER_VERSION, "seed": seed, "size": size, "sizes": sz,
+                "vit_config": dataclasses.asdict(vcfg), "opt_special_ids": _opt_ids(), "t5_special_ids": _t5_ids(),
+                "bert_special_ids": _bert_ids(), "novel_pairs": [list(p) for p in world.NOVEL_PAIRS]}  # fmt: skip
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    bar.close()
+    log.info("toy world built in %.0f s: %s", sum(times.values()), base["build_seconds"])
+
+
+def _save_hf(model, tokenizer, out: Path) -> None:
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+
+
+def _opt_ids() -> dict:
+    return {"bos": V.OPT_BOS, "eos": V.OPT_EOS, "pad": V.OPT_PAD, "newline": V.OPT_NEWLINE, "vocab_size": len(L.OPT_V)}
+
+
+def _t5_ids() -> dict:
+    return {"pad": V.T5_PAD, "eos": V.T5_EOS, "decoder_start": V.T5_PAD, "vocab_size": len(L.T5_V)}
+
+
+def _bert_ids() -> dict:
+    return {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4, "vocab_size": len(L.BERT_V), "dec_when_added": len(L.BERT_V)}
+
+
+def _baselines(splits, records, opt, t5, tower, seed: int, sz: dict, tick) -> dict:
+    out: dict = {"vqa": {}, "retrieval_chance": {}, "vision_probe": {}}
+    for split in ("test", "novel"):
+        recs, sp = records[split], splits[split]
+        desc = {s.image_id: c[0] for s, c in zip(sp.scenes, sp.captions)}  # the canonical (first) caption
+        out["vqa"][split] = {
+            "opt_blind": B.summarize(B.opt_answers(opt, recs, None), recs),
+            "opt_oracle": B.summarize(B.opt_answers(opt, recs, desc), recs),
+            "t5_blind": B.summarize(B.t5_answers(t5, recs, None), recs),
+            "t5_oracle": B.summarize(B.t5_answers(t5, recs, desc), recs),
+            "majority_per_family": B.summarize(_majority(records["train"], recs), recs),
+            "num_questions": len(recs),
+        }
+        out["retrieval_chance"][split] = {**B.retrieval_chance(len(sp.scenes)),
+                                          "caption_ceiling": B.caption_ceiling(sp.captions)}  # fmt: skip
+    tick()
+    train = splits["train"]
+    n = min(sz["probe_images"], len(train.scenes))
+    tr_imgs = np.stack([world.decode(b) for b in train.jpegs[:n]])
+    tr_slots = np.asarray([s.slot_labels() for s in train.scenes[:n]])
+    tr_feats = VP.features(tower, tr_imgs)
+    tick()
+    for split in ("test", "novel"):
+        sp = splits[split]
+        feats = VP.features(tower, np.stack([world.decode(b) for b in sp.jpegs]))
+        slots = np.asarray([s.slot_labels() for s in sp.scenes])
+        out["vision_probe"][split] = VP.linear_probe(tr_feats, tr_slots, feats, slots, seed)
+    tick()
+    return out
+
+
+def _majority(train_records: list[dict], records: list[dict]) -> list[str]:
+    """The most common training answer of each question template (a language-prior baseline without any LLM)."""
+    from collections import Counter
+
+    def template(q: str) -> str:
+        return " ".join(w for w in q.split()[:3])
+
+    counts: dict[str, Counter] = {}
+    for r in train_records:
+        counts.setdefault(template(r["question"]), Counter())[r["answer"]] += 1
+    return [counts.get(template(r["question"]), Counter({"yes": 1})).most_common(1)[0][0] for r in records]

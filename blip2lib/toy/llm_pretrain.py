@@ -1,0 +1,248 @@
+"""Stage-0 text-only pretraining of the toy world's frozen LLMs (OPT decoder-only, T5 encoder–decoder) and BERT.
+
+The LLMs never see an image. They learn from scene descriptions (the caption paraphrases) followed by
+(a) a question in the exact zero-shot prompt of the workbook and its one-token answer, or (b) another paraphrase —
+the same token layout BLIP-2 feeds them later, with the description replaced by the 32 soft visual prompts:
+
+* OPT (spec §3.1, §5.1): ``</s> {description} </s> question : {q} answer : {a} \\n`` — at zero-shot time the
+  soft prompt stands where ``</s> {description}`` is, then the tokenizer's own BOS and prompt follow; ``"\\n"``
+  ends answers and captions (LAVIS' OPT end-of-text).
+* T5 (spec §3.2): encoder ``{description} question : {q} short answer : </s>``, decoder ``{a} </s>``; captions as
+  prefix LM (encoder gets the description + a caption prefix, the decoder the rest), as BLIP-2's FlanT5 stage 2.
+
+Why the format is so regular: the feasibility probe (toy_world_probe.md) found that a tiny LM barely learns to
+*use* free-form descriptions in CPU minutes; a fixed left→right object order, short texts, single-token answers
+and a loss concentrated on answers make a ≥ 95% text-oracle reachable in well under a minute per model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    OPTConfig,
+    OPTForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+from . import vocab as V
+from . import world
+
+log = logging.getLogger(__name__)
+
+OPT_V = V._vocab(V.OPT_SPECIALS)
+T5_V = V._vocab(V.T5_SPECIALS)
+BERT_V = V._vocab(V.BERT_SPECIALS)
+
+
+@dataclass
+class TextExample:
+    """A scene's language: its caption paraphrases and (family, question, answer) triples."""
+
+    captions: list[str]
+    qas: list[tuple[str, str, str]]
+
+
+def text_pool(num_scenes: int, seed: int) -> list[TextExample]:
+    """Scenes over ALL (colour, shape) pairs (the LLM knows every word, as a web-trained LLM would)."""
+    rng = np.random.default_rng([seed, 11])
+    out = []
+    for i in range(num_scenes):
+        scene = world.sample_scene(rng, i, "any")
+        out.append(TextExample(world.captions(scene), world.questions(scene, rng, 4)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Example construction: (ids, per-target loss weights)
+
+_W_DESC, _W_RECAP, _W_ANSWER = 0.1, 0.3, 1.0  # the loss is concentrated on answers (probe run B: answers ×5)
+
+
+def opt_example(ex: TextExample, rng: np.random.Generator, num_qa: int = 3) -> tuple[list[int], list[float]]:
+    """One OPT training sequence; ``weights[t]`` is the loss weight of predicting ``ids[t]`` from ``ids[:t]``.
+
+    A description is followed by ``num_qa`` questions, each opened by ``</s>`` exactly as the zero-shot prompt is
+    after the soft prompt; packing several questions per description makes each FLOP teach more answers.
+    """
+    r = rng.random()
+    desc = V.encode(ex.captions[0 if rng.random() < 0.5 else rng.integers(5)], OPT_V)
+    ids, w = [V.OPT_BOS] + desc, [0.0] + [_W_DESC] * len(desc)
+    if r < 0.05:  # blind: a question with no description (gives the LLM's language prior a meaning)
+        ids, w = [], []
+    if r < 0.85:
+        for j in rng.permutation(len(ex.qas))[:num_qa]:
+            _, q, a = ex.qas[j]
+            prompt = V.encode(V.OPT_PROMPT.format(q), OPT_V)
+            ids += [V.OPT_BOS] + prompt + [OPT_V[a], V.OPT_NEWLINE]
+            w += [0.0] * (1 + len(prompt)) + [_W_ANSWER, _W_ANSWER]
+    else:  # re-describe: what stage 2 asks of the soft prompt ("[soft] </s> caption \n")
+        cap = V.encode(ex.captions[rng.integers(5)], OPT_V)
+        ids += [V.OPT_BOS] + cap + [V.OPT_NEWLINE]
+        w += [0.0] + [_W_RECAP] * (len(cap) + 1)
+    return ids, w
+
+
+def t5_example(ex: TextExample, rng: np.random.Generator) -> tuple[list[int], list[int], float]:
+    """One T5 example ``(encoder ids, decoder labels, weight)``; the decoder start token is prepended by T5."""
+    r = rng.random()
+    desc = [] if r < 0.05 else V.encode(ex.captions[rng.integers(5)], T5_V)
+    if r < 0.8:
+        _, q, a = ex.qas[rng.integers(len(ex.qas))]
+        return desc + V.encode(V.T5_PROMPT.format(q), T5_V) + [V.T5_EOS], [T5_V[a], V.T5_EOS], _W_ANSWER
+    cap = V.encode(ex.captions[rng.integers(5)], T5_V)
+    k = int(rng.integers(len(cap)))  # prefix-LM split point (BLIP-2 T5 stage 2, spec §3.2)
+    return desc + cap[:k] + [V.T5_EOS], cap[k:] + [V.T5_EOS], _W_RECAP
+
+
+def _pad(seqs: list[list], value) -> torch.Tensor:
+    n = max(len(s) for s in seqs)
+    return torch.tensor([s + [value] * (n - len(s)) for s in seqs])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+
+
+def opt_config(width: int = 128, layers: int = 4) -> OPTConfig:
+    """The toy OPT: the real OPT architecture (pre-LN, learned positions, ReLU FFN) at width ``width``."""
+    return OPTConfig(
+        vocab_size=len(OPT_V), hidden_size=width, num_hidden_layers=layers, num_attention_heads=4, ffn_dim=4 * width,
+        max_position_embeddings=128, word_embed_proj_dim=width, do_layer_norm_before=True, dropout=0.0,
+        attention_dropout=0.0, activation_function="relu", bos_token_id=V.OPT_BOS, eos_token_id=V.OPT_EOS,
+        pad_token_id=V.OPT_PAD, enable_bias=True, tie_word_embeddings=True,
+    )  # fmt: skip
+
+
+def t5_config(width: int = 128, layers: int = 3) -> T5Config:
+    """The toy T5: FlanT5's architecture (gated-GELU FFN, relative positions, untied head) at width ``width``."""
+    return T5Config(
+        vocab_size=len(T5_V), d_model=width, d_kv=width // 4, d_ff=2 * width, num_layers=layers,
+        num_decoder_layers=layers, num_heads=4, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+        tie_word_embeddings=False, decoder_start_token_id=V.T5_PAD, pad_token_id=V.T5_PAD, eos_token_id=V.T5_EOS,
+        relative_attention_num_buckets=16, relative_attention_max_distance=64,
+    )  # fmt: skip
+
+
+def bert_config(width: int = 64, layers: int = 2) -> BertConfig:
+    """The toy BERT whose weights initialise the Q-Former (spec §1.3: Q-Former = BERT-base + cross-attention)."""
+    return BertConfig(
+        vocab_size=len(BERT_V), hidden_size=width, num_hidden_layers=layers, num_attention_heads=4,
+        intermediate_size=4 * width, max_position_embeddings=64, pad_token_id=0, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+
+
+def _schedule(opt: torch.optim.Optimizer, step: int, steps: int, lr: float, warmup: int = 30) -> None:
+    f = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+    for g in opt.param_groups:
+        g["lr"] = lr * max(f, 0.02)
+
+
+@torch.no_grad()
+def _sinusoidal_init(table: torch.Tensor, scale: float = 0.5) -> None:
+    """Start OPT's LEARNED position table from sinusoids: relative offsets ("the word before") are then linear in
+    the embedding from step 0, which a tiny LM otherwise needs thousands of steps to discover. Still trainable."""
+    n, d = table.shape
+    pos = torch.arange(n, dtype=torch.float32)[:, None]
+    freq = torch.exp(-math.log(1000.0) * torch.arange(0, d, 2, dtype=torch.float32) / d)  # (d/2,)
+    table[:, 0::2] = scale * torch.sin(pos * freq)
+    table[:, 1::2] = scale * torch.cos(pos * freq)
+
+
+def train_opt(pool: list[TextExample], steps: int, seed: int, batch: int = 64, lr: float = 3e-3,
+              tick: Callable[[], None] | None = None, num_qa: int = 3, **cfg) -> OPTForCausalLM:
+    """Pretrain the toy OPT on ``pool`` (weighted next-token loss, see :func:`opt_example`)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng([seed, 21])
+    model = OPTForCausalLM(opt_config(**cfg))
+    _sinusoidal_init(model.model.decoder.embed_positions.weight)
+    optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    model.train()
+    for step in range(steps):
+        ids, ws = zip(*(opt_example(pool[i], rng, num_qa) for i in rng.integers(len(pool), size=batch)))
+        x, w = _pad(list(ids), V.OPT_PAD), _pad(list(ws), 0.0)  # (B, T)
+        logits = model(input_ids=x, attention_mask=(x != V.OPT_PAD).long()).logits  # (B, T, V)
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="none")  # (B*(T-1),)
+        loss = (nll * w[:, 1:].flatten()).sum() / w[:, 1:].sum()
+        _schedule(optim, step, steps, lr)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        if tick:
+            tick()
+        if step % 100 == 0:
+            log.info("opt step %d loss %.4f", step, loss.item())
+        if tick and hasattr(tick, "evaluate") and (step + 1) % 300 == 0:
+            tick.evaluate(model)
+            model.train()
+    return model.eval()
+
+
+def train_t5(pool: list[TextExample], steps: int, seed: int, batch: int = 128, lr: float = 3e-3,
+             tick: Callable[[], None] | None = None, **cfg) -> T5ForConditionalGeneration:
+    """Pretrain the toy T5 on ``pool`` (weighted decoder loss, see :func:`t5_example`)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng([seed, 22])
+    model = T5ForConditionalGeneration(t5_config(**cfg))
+    optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    model.train()
+    for step in range(steps):
+        enc, dec, ws = zip(*(t5_example(pool[i], rng) for i in rng.integers(len(pool), size=batch)))
+        x, y = _pad(list(enc), V.T5_PAD), _pad(list(dec), -100)  # (B, S), (B, T)
+        logits = model(input_ids=x, attention_mask=(x != V.T5_PAD).long(), labels=y).logits  # (B, T, V)
+        nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none", ignore_index=-100).view_as(y)
+        w = torch.tensor(ws)[:, None] * (y != -100)  # (B, T)
+        loss = (nll * w).sum() / w.sum()
+        _schedule(optim, step, steps, lr)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        if tick:
+            tick()
+        if step % 100 == 0:
+            log.info("t5 step %d loss %.4f", step, loss.item())
+        if tick and hasattr(tick, "evaluate") and (step + 1) % 300 == 0:
+            tick.evaluate(model)
+            model.train()
+    return model.eval()
+
+
+def train_bert(captions: list[str], steps: int, seed: int, batch: int = 128, lr: float = 2e-3,
+               tick: Callable[[], None] | None = None, **cfg) -> BertForMaskedLM:
+    """Briefly pretrain the toy BERT with masked-LM (15% of words: 80% [MASK], 10% random, 10% kept)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng([seed, 23])
+    model = BertForMaskedLM(bert_config(**cfg))
+    optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    encoded = [[2] + V.encode(c, BERT_V) + [3] for c in captions]  # [CLS] ... [SEP]
+    first = len(V.BERT_SPECIALS)
+    model.train()
+    for step in range(steps):
+        x = _pad([encoded[i] for i in rng.integers(len(encoded), size=batch)], 0)  # (B, T)
+        g = torch.Generator().manual_seed(seed * 100_003 + step)
+        pick = (torch.rand(x.shape, generator=g) < 0.15) & (x >= first)
+        labels = torch.where(pick, x, torch.full_like(x, -100))
+        u = torch.rand(x.shape, generator=g)
+        x = torch.where(pick & (u < 0.8), torch.full_like(x, 4), x)  # [MASK]
+        rand_ids = torch.randint(first, len(BERT_V), x.shape, generator=g)
+        x = torch.where(pick & (u >= 0.8) & (u < 0.9), rand_ids, x)
+        loss = model(input_ids=x, attention_mask=(x != 0).long(), labels=labels).loss
+        _schedule(optim, step, steps, lr)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+        if tick:
+            tick()
+    return model.eval()

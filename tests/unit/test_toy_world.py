@@ -1,0 +1,259 @@
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from blip2lib.toy import baselines as B
+from blip2lib.toy import vocab as V
+from blip2lib.toy import world, writers
+from blip2lib.toy.build import build_toy_world, world_key
+
+_PAIR = re.compile(r"(red|green|blue|yellow) (circle|square|triangle)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scenes, captions, questions (checked against brute-force recomputation from the scene graph)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return {n: writers.make_split(n, k, seed=0) for n, k in [("train", 300), ("test", 60), ("novel", 60)]}
+
+
+def test_novel_pairs_never_in_training_captions(splits):
+    held = set(world.NOVEL_PAIRS)
+    train_pairs = {m for caps in splits["train"].captions for c in caps for m in _PAIR.findall(c)}
+    assert train_pairs and not (train_pairs & held)
+    for caps in splits["novel"].captions:
+        assert set(_PAIR.findall(caps[0])) & held  # every novel scene shows >= 1 held-out pair
+    assert not {m for caps in splits["test"].captions for m in _PAIR.findall(caps[0])} & held
+
+
+def test_captions_list_objects_left_to_right(splits):
+    for scene, caps in zip(splits["test"].scenes, splits["test"].captions):
+        assert [o.slot for o in scene.objects] == sorted({o.slot for o in scene.objects})
+        assert len(caps) == 5
+        words = caps[0].replace(",", "").split()
+        shapes = [w for w in words if w in world.SHAPES]
+        assert shapes == [o.shape for o in scene.objects]
+
+
+def test_answers_match_the_scene(splits):
+    n_checked = 0
+    for scene, qas in zip(splits["test"].scenes, splits["test"].qas):
+        objs = scene.objects
+        for family, q, a in qas:
+            m = re.fullmatch(r"how many (\w+)s are there\?", q)
+            if m and m.group(1) in world.SHAPES:
+                assert a == str(sum(o.shape == m.group(1) for o in objs))
+            m = re.fullmatch(r"is there a (\w+) (\w+)\?", q)
+            if m:
+                assert a == ("yes" if any((o.colour, o.shape) == m.groups() for o in objs) else "no")
+            m = re.fullmatch(r"what (shape|colour) is (left|right) of the (\w+) (\w+)\?", q)
+            if m:
+                attr, side, colour, shape = m.groups()
+                (ref,) = [i for i, o in enumerate(objs) if (o.colour, o.shape) == (colour, shape)]
+                others = objs[:ref] if side == "left" else objs[ref + 1 :]
+                assert len(others) == 1 and getattr(others[0], attr) == a  # unambiguous "left of"
+            assert family in world.FAMILIES
+            n_checked += 1
+    assert n_checked == 4 * 60
+
+
+def test_question_families_are_balanced(splits):
+    fam = [f for qas in splits["train"].qas for f, _, _ in qas]
+    shares = {f: fam.count(f) / len(fam) for f in world.FAMILIES}
+    assert min(shares.values()) > 0.15 and max(shares.values()) < 0.35
+    yes = [a for qas in splits["train"].qas for f, _, a in qas if f == "exist"]
+    assert 0.4 < yes.count("yes") / len(yes) < 0.6
+
+
+def test_render_patch_labels():
+    scene = world.Scene(1, "test", (world.Obj(0, "square", "red", "large", 8, 20),))
+    image, labels = world.render(scene, np.random.default_rng(0))
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+    assert image[20, 8, 0] > 150 and image[20, 8, 2] < 120  # red pixel at the object's centre
+    assert labels[2, 1] == scene.objects[0].cls and labels[7, 7] == 0
+    assert scene.slot_labels() == [scene.objects[0].cls, 0, 0, 0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tokenizers
+
+
+@pytest.mark.parametrize("build", [V.build_opt_tokenizer, V.build_t5_tokenizer, V.build_bert_tokenizer])
+def test_tokenizer_roundtrip_and_fast_encode(tmp_path, build):
+    from transformers import AutoTokenizer
+
+    build().save_pretrained(str(tmp_path))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    vocab = tok.get_vocab()
+    text = "Question: what colour is left of the red circle? Short answer: a large blue square, 2"
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert ids == V.encode(text, vocab)
+    assert tok.unk_token_id not in ids
+
+
+def test_tokenizer_special_ids(tmp_path):
+    from transformers import AutoTokenizer
+
+    V.build_opt_tokenizer().save_pretrained(str(tmp_path / "opt"))
+    opt = AutoTokenizer.from_pretrained(str(tmp_path / "opt"))
+    assert opt("red\n").input_ids == [2, opt.convert_tokens_to_ids("red"), 4]  # BOS </s> first, "\n" one token
+    assert (opt.pad_token_id, opt.eos_token_id, opt("\n", add_special_tokens=False).input_ids) == (1, 2, [4])
+    V.build_t5_tokenizer().save_pretrained(str(tmp_path / "t5"))
+    t5 = AutoTokenizer.from_pretrained(str(tmp_path / "t5"))
+    assert t5("yes").input_ids == [t5.convert_tokens_to_ids("yes"), 1] and t5.pad_token_id == 0
+    V.build_bert_tokenizer().save_pretrained(str(tmp_path / "bert"))
+    bert = AutoTokenizer.from_pretrained(str(tmp_path / "bert"))
+    assert [bert.pad_token_id, bert.cls_token_id, bert.sep_token_id, bert.mask_token_id] == [0, 2, 3, 4]
+    n = len(bert)
+    bert.add_special_tokens({"bos_token": "[DEC]"})  # as BLIP-2 does for the Q-Former (spec §1.3)
+    assert bert.bos_token_id == n
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# metrics (hand-worked values)
+
+
+def test_vqa_accuracy_hand_worked():
+    assert B.vqa_accuracy("2", ["2"] * 7 + ["two"] * 3) == 1.0  # number words normalise to digits
+    assert B.vqa_accuracy("two", ["2"] * 10) == 1.0
+    # "3" given once: the 9 subsets that contain it score 1/3, the one without it scores 0 → 0.3
+    assert B.vqa_accuracy("3", ["2"] * 9 + ["3"]) == pytest.approx(0.3)
+    assert B.vqa_accuracy("the red\n", ["red"] * 10) == 1.0
+
+
+def test_retrieval_chance_hand_worked():
+    r = B.retrieval_chance(2)  # 2 images × 5 captions
+    assert r["img_r1"] == 50.0 and r["txt_r1"] == 50.0
+    assert r["txt_r5"] == pytest.approx(100 * (1 - math.comb(5, 5) / math.comb(10, 5)), abs=1e-3)
+    assert B.caption_ceiling([["a"], ["a"], ["b"]]) == {"img_r1": round(100 * (0.5 + 0.5 + 1) / 3, 2),
+                                                         "distinct_scenes": 2}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the built world (tiny size): files, formats, readers, determinism
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    return build_toy_world(tmp_path_factory.mktemp("toy") / "w", seed=3, progress=False, size="tiny")
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()
+            and p.name != "baselines.json"}  # fmt: skip
+
+
+def test_same_seed_same_files_and_weights(tiny, tmp_path):
+    again = build_toy_world(tmp_path / "w2", seed=3, progress=False, size="tiny")
+    assert _digest(tiny.root) == _digest(again.root)
+    assert any(k.endswith("model.safetensors") for k in _digest(tiny.root))
+    other = writers.make_split("test", 6, seed=4)
+    assert other.jpegs != writers.make_split("test", 6, seed=3).jpegs
+
+
+def test_cache_key_and_reuse(tiny, tmp_path, monkeypatch):
+    assert world_key(0, "full") != world_key(1, "full") != world_key(0, "tiny")
+    again = build_toy_world(tiny.root, seed=3, progress=False, size="tiny")  # manifest present → no rebuild
+    assert again.root == tiny.root and again.baselines == tiny.baselines
+    monkeypatch.setenv("BLIP2LIB_CACHE", str(tmp_path / "cache"))
+    from blip2lib.toy.build import cache_dir
+
+    assert cache_dir() == tmp_path / "cache" / "toy"
+
+
+def test_files_have_documented_formats(tiny):
+    ann = tiny.annotations
+    train = json.loads(ann["coco_karpathy_train"].read_text())
+    assert set(train[0]) == {"image", "caption", "image_id"} and train[0]["image_id"].startswith("coco_")
+    test = json.loads(ann["coco_karpathy_test"].read_text())
+    assert all(len(e["caption"]) == 5 and (tiny.images_dir / e["image"]).is_file() for e in test)
+    gt = json.loads(ann["coco_karpathy_test_gt"].read_text())
+    assert len(gt["annotations"]) == 5 * len(gt["images"])
+    qs = json.loads(ann["v2_OpenEnded_mscoco_test_questions"].read_text())
+    an = json.loads(ann["v2_mscoco_test_annotations"].read_text())
+    assert set(qs["questions"][0]) == {"image_id", "question", "question_id"}
+    a0 = an["annotations"][0]
+    assert set(a0) == {"question_id", "image_id", "question_type", "answer_type", "multiple_choice_answer", "answers"}
+    assert len(a0["answers"]) == 10 and set(a0["answers"][0]) == {"answer", "answer_confidence", "answer_id"}
+    assert a0["answer_type"] in ("yes/no", "number", "other") and a0["question_type"] in world.FAMILIES
+    lavis = json.loads(ann["vqa_test"].read_text())
+    assert [e["question_id"] for e in lavis] == [q["question_id"] for q in qs["questions"]]
+    gqa = json.loads(ann["gqa_testdev_balanced_questions"].read_text())
+    assert isinstance(gqa[0]["question_id"], str) and isinstance(gqa[0]["answer"], str)
+    assert (tiny.data_root / "gqa" / "images" / gqa[0]["image"]).is_file()
+    noc = json.loads(ann["nocaps_val"].read_text())
+    assert (tiny.data_root / "nocaps" / "images" / noc[0]["image"]).is_file()
+
+
+def test_read_back_through_blip2lib_readers(tiny):
+    readers = pytest.importorskip("blip2lib.data.readers")
+    root, F = tiny.data_root, readers.FORMATS
+
+    def files(name):
+        return root / F[name]["file"], root / F[name]["images_root"]
+
+    ann, img_root = files("coco_karpathy_train")
+    ds = readers.CaptionDataset(img_root, ann)
+    assert len(ds) == 5 * 12 and ds[0]["text_input"] and ds[0]["image"].size == (64, 64)
+    ann, img_root = files("coco_karpathy_test")
+    ret = readers.RetrievalEvalDataset(img_root, ann)
+    assert len(ret.text) == 5 * len(ret.image)
+    cap = readers.CaptionEvalDataset(img_root, ann)
+    gt = readers.load_caption_gt(root / F["coco_karpathy_test_gt"]["file"])
+    assert {cap[i]["image_id"] for i in range(len(cap))} == set(gt)
+    ann, img_root = files("vqa_val_eval")
+    vqa = readers.VQAEvalDataset(img_root, ann)
+    assert len(vqa) == 4 * 6 and vqa[0]["image"].size == (64, 64)
+    ann, img_root = files("vqa_train")
+    assert readers.VQADataset(img_root, ann)[0]["weights"]
+    ann, img_root = files("gqa_testdev")
+    assert readers.GQAEvalDataset(img_root, ann)[0]["answer"]
+    ann, img_root = files("nocaps_val")
+    assert readers.NoCapsDataset(img_root, ann)[0]["domain"] == "out-domain"
+    official = [root / "coco/annotations/v2_OpenEnded_mscoco_val_questions.json",
+                root / "coco/annotations/v2_mscoco_val_annotations.json"]  # fmt: skip
+    from_official = readers.load_annotations(official)
+    from_lavis = readers.load_annotations(root / F["vqa_val_eval"]["file"])
+    strip = lambda es: [(e["question_id"], e["image"], e["answer"]) for e in es]  # noqa: E731
+    assert strip(from_official) == strip(from_lavis)
+
+
+def test_models_load_from_local_dirs(tiny):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from blip2lib.vision import build_vision_tower, load_vision_weights
+
+    assert AutoModelForCausalLM.from_pretrained(str(tiny.opt_dir)).config.model_type == "opt"
+    assert AutoModelForSeq2SeqLM.from_pretrained(str(tiny.t5_dir)).config.model_type == "t5"
+    assert AutoModelForMaskedLM.from_pretrained(str(tiny.bert_dir)).config.model_type == "bert"
+    assert AutoTokenizer.from_pretrained(str(tiny.opt_dir)).bos_token_id == 2
+    tower = build_vision_tower(tiny.vision_config)
+    missing, unexpected = load_vision_weights(tower, tiny.vit_weights, tiny.vision_config)
+    assert missing == [] and unexpected == []
+    assert set(tiny.baselines) >= {"vqa", "retrieval_chance", "vision_probe", "build_seconds"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the full world meets its bars (builds once, ~3 min on 2 cores)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_full_world_meets_bars(tmp_path, monkeypatch):
+    monkeypatch.setenv("BLIP2LIB_CACHE", str(tmp_path))
+    w = build_toy_world(seed=0, progress=False)
+    vqa = w.baselines["vqa"]["test"]
+    assert vqa["opt_oracle"]["overall"] >= 95.0, vqa
+    assert vqa["t5_oracle"]["overall"] >= 95.0, vqa
+    assert vqa["opt_blind"]["overall"] < vqa["opt_oracle"]["overall"] - 30
+    assert w.baselines["vision_probe"]["test"]["slot_accuracy"] >= 95.0
