@@ -332,6 +332,7 @@ class Blip2(Blip2Base):
         prompts: str | list[str] = "",
         qformer_ids: torch.Tensor | None = None,
         qformer_mask: torch.Tensor | None = None,
+        questions: list[str] | None = None,
         **decoding,
     ) -> list[str]:
         """Batched captioning / VQA (spec §5): soft prompt + text prompt → new text only.
@@ -343,6 +344,17 @@ class Blip2(Blip2Base):
 
         if self.tokenizer is None:
             raise ValueError("Blip2.generate needs the LLM tokenizer (model.tokenizer)")
+        if questions is not None and qformer_ids is None and self.embeddings is not None:
+            # VQA fine-tuned variant (spec §4.2): the question also goes through the Q-Former with the queries.
+            tok = self.qformer_tokenizer(
+                list(questions),
+                padding="longest",
+                truncation=True,
+                max_length=self.config.max_txt_len,
+                return_tensors="pt",
+            )
+            qformer_ids = tok.input_ids.to(pixel_values.device)
+            qformer_mask = tok.attention_mask.to(pixel_values.device)
         with _eval_mode(self):  # no Q-Former dropout while decoding, whatever mode the caller left
             prefix = self.soft_prompt(pixel_values, qformer_ids, qformer_mask)
             return generate(self.language_model, self.family, self.tokenizer, prefix, prompts, **decoding)

@@ -146,7 +146,7 @@ def train(params: TrainParams, run_dir: str | Path | None = None) -> RunResult:
         "model": config_to_dict(model.config),
         "stage": params.stage,
         "parent": params.init_from,
-        "vision_weights": params.vision_weights,
+        "vision_weights": components.get("vision_weights", params.vision_weights),
         "llm_path": components.get("llm_path", params.llm_path),
         "bert_dir": components.get("bert_dir", params.bert_dir),
         "params": params.to_dict(),

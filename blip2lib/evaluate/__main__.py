@@ -201,7 +201,11 @@ def _override(recipe, p: Params, keys: tuple[str, ...], source: str):
 
 def run(task: str, params_path: str | Path) -> dict:
     """Validate the params file, load model and data, run the driver; returns the result dict."""
-    p = SCHEMAS[task].from_yaml(params_path)
+    return run_params(task, SCHEMAS[task].from_yaml(params_path), str(params_path))
+
+
+def run_params(task: str, p: EvalParams, params_path: str = "<params>") -> dict:
+    """Run one evaluation from validated params (notebooks call this; ``params_path`` names the source)."""
     _check(p, str(params_path))
     torch.manual_seed(p.seed)
     model, qformer_tok = load_model(p, task, str(params_path))

@@ -227,7 +227,10 @@ def generation_pass(
                         for j, i in enumerate(batch["bad_index"])]  # fmt: skip
                 if batch["batch_size"]:
                     pixels = batch["image"].to(device, non_blocking=True)  # (B, 3, S, S)
-                    texts = model.generate(pixels, prompts_fn(batch), **gen_kwargs)  # strings: nothing left on GPU
+                    extra = {}
+                    if getattr(model, "embeddings", None) is not None and "text_input" in batch:
+                        extra["questions"] = list(batch["text_input"])  # VQA-FT: the question enters the Q-Former
+                    texts = model.generate(pixels, prompts_fn(batch), **gen_kwargs, **extra)  # strings only
                     rows += [
                         {"index": i, **record_fn(batch, j), "text": t}
                         for j, (i, t) in enumerate(zip(batch["index"], texts))

@@ -198,7 +198,7 @@ def compare_to_paper(metrics: dict[str, Any], targets: dict[str, str | dict], pa
     by_id = {t["id"]: t for t in load_targets(path)} if any(isinstance(r, str) for r in targets.values()) else {}
     rows = []
     for name, ref in targets.items():
-        value = _measured(metrics.get(name))
+        value = _measured(metrics.get(name, metrics.get(name.split("@")[0])))  # "x@table1": same cell
         if isinstance(ref, dict):
             goal, label, tol, direction = float(ref["goal"]), ref.get("label", name), None, ref.get("direction", ">=")
             base = ref.get("baseline")

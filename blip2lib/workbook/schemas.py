@@ -145,3 +145,114 @@ class VQAFTParams(_StageParams):
     beta2: float = 0.999
     warmup_steps: int = 1000
     lr_layer_decay: float = 0.95
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation notebooks, one per paper table: evaluate named checkpoints on one split with the paper's scoring.
+
+
+@dataclass
+class _TableParams(Params):
+    checkpoints: dict = field(default_factory=dict)  # model name → run folder, transformers dir, LAVIS file or tiny
+    split: str = ""  # a blip2lib.data.FORMATS key of the evaluated split
+    images_root: str = ""  # image folder under data_root (empty: the split's default)
+    image_size: int = 0  # 0 keeps each checkpoint's own resolution
+    vision_weights: str = ""  # LAVIS / training checkpoints: local ViT file
+    llm_path: str = ""  # LAVIS / training checkpoints: local LLM directory
+    bert_dir: str = ""  # local bert-base-uncased directory (Q-Former tokenizer)
+    toy_world: str = "full"  # toy world size when data_root is empty: full | tiny
+    batch_size: int = 16  # evaluation batch per process
+    paper_targets: dict = field(default_factory=dict)  # recorded metric → paper_targets.yaml id
+    goals: dict = field(default_factory=dict)  # recorded metric → toy goal {goal, direction, label, baseline}
+
+    records: ClassVar[tuple[str, ...]] = ("models_evaluated",)
+
+
+@register("41_zeroshot_vqa")
+@dataclass
+class ZeroShotVQAParams(_TableParams):
+    """Table 2: zero-shot VQA (VQAv2 val / test-dev, OK-VQA test, GQA test-dev) of stage-2 models."""
+
+    split: str = "vqa_val_eval"
+    recipe: str = "paper"  # paper (beam 5, length penalty -1, Question: {} Answer: for OPT) | lavis
+    blind_margin: float = 20.0  # toy goal: accuracy at least this many points above the blind (question-only) LLM
+
+
+@register("42_captioning")
+@dataclass
+class CaptioningParams(_TableParams):
+    """Table 3: COCO Karpathy test captioning of caption-fine-tuned models, and the NoCaps transfer."""
+
+    split: str = "coco_karpathy_test"
+    transfer_split: str = ""  # the NoCaps analogue evaluated zero-shot (empty: none)
+    recipe: str = "paper"  # paper (beam 5, 8–30 new tokens, no repetition penalty) | lavis
+    metrics: list[str] = field(default_factory=lambda: ["BLEU", "CIDEr"])  # pycocoevalcap metric groups to compute
+
+
+@register("43_vqa_finetuned")
+@dataclass
+class FinetunedVQAParams(_TableParams):
+    """Table 4: VQAv2 of VQA-fine-tuned models (test-dev: writes the submission file for the server)."""
+
+    split: str = "vqa_val_eval"
+    recipe: str = "paper"  # the fine-tuning prompt "Question: {} Answer:" with the paper's decoding
+
+
+@register("44_retrieval")
+@dataclass
+class RetrievalTableParams(_TableParams):
+    """Table 5: image-text retrieval (Flickr30K zero-shot, COCO fine-tuned): ITC top-k then ITM re-ranking."""
+
+    split: str = "coco_karpathy_test"
+    k: int = 128  # ITC candidates re-ranked by ITM (spec §4.3)
+    fusion: str = "itm+itc"  # itm+itc (LAVIS) | itm (the paper's text) | itc
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Walk-through notebooks (helper "notebooks"; library calls in blip2lib.workbook.explore).
+
+
+@register("00_explore")
+@dataclass
+class ExploreParams(Params):
+    """Interactive walk-through: caption, VQA, ITC/ITM scores and the queries' cross-attention maps."""
+
+    checkpoint: str = "tiny"  # stage-2 model: run folder, transformers dir, LAVIS file, or tiny (random)
+    stage1_checkpoint: str = "tiny"  # stage-1 model for ITC/ITM: the same choices
+    missing_ok: bool = False  # a checkpoint path that does not exist falls back to tiny
+    family: str = "opt"  # LLM family of the tiny stage-2 model: opt | t5
+    toy_world: str = "full"  # images from the toy world of this size (full | tiny), or synthetic
+    num_images: int = 4  # images walked through
+    max_new_tokens: int = 20  # longest caption or answer, in new tokens
+    attention_layer: int = 0  # Q-Former layer whose cross-attention is drawn (a cross-attention layer)
+
+    records: ClassVar[tuple[str, ...]] = ("num_images", "itc_matched_mean", "itc_mismatched_mean", "itm_matched_mean",
+                                          "itm_mismatched_mean", "vqa_exact_match")  # fmt: skip
+
+
+@register("02_prepare_data")
+@dataclass
+class PrepareDataParams(Params):
+    """Convert official downloads with ``blip2lib.data.prepare``; size checks and a dedup report."""
+
+    datasets: list[str] = field(default_factory=lambda: ["coco_karpathy"])  # blip2lib.data.prepare DATASETS
+    src_root: str = ""  # folder of the official downloads ("" → a fake miniature written in the run folder)
+    link_images: bool = False  # symlink the official image folders into data_root (no copying)
+    fake_images: int = 10  # images of the fake miniature (src_root empty)
+    dedup_pretrain: list[str] = field(default_factory=list)  # pre-training annotation files under data_root
+    dedup_eval: list[str] = field(default_factory=list)  # evaluation annotation files under data_root
+    dedup_by: str = "coco_id"  # dedup key: coco_id | hash
+
+    records: ClassVar[tuple[str, ...]] = ("datasets_prepared", "size_warnings", "dedup_overlap")
+
+
+@register("50_parity")
+@dataclass
+class ParityParams(Params):
+    """Our model vs stock transformers on the same weights: max-abs differences per stage, greedy agreement."""
+
+    checkpoints: list[str] = field(default_factory=lambda: ["tiny-opt", "tiny-t5", "tiny-retrieval"])  # or paths
+    skip_missing: bool = False  # checkpoint paths that do not exist are skipped
+    goals: dict = field(default_factory=dict)  # report goals: metric → {goal, direction, label}
+
+    records: ClassVar[tuple[str, ...]] = ("checkpoints_compared", "max_abs_diff", "min_agreement")

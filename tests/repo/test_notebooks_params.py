@@ -153,7 +153,6 @@ def test_referenced_paper_ids_exist():
         assert set(refs) <= known, f"{f}: unknown paper target ids {sorted(set(refs) - known)}"
 
 
-@pytest.mark.xfail(condition=not _paper_files(), reason="paper_* params land with the stage notebooks", strict=False)
 def test_every_paper_number_is_referenced_by_a_paper_params_file():
     used = {i for refs in _referenced().values() for i in refs}
     missing = [i for i in _target_ids() if i not in used]

@@ -1,0 +1,136 @@
+"""The evaluation notebooks' library calls: evaluate several checkpoints on one split, tabulate per paper table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..evaluate.__main__ import SCHEMAS as EVAL_SCHEMAS
+from ..evaluate.__main__ import run_params
+
+
+def resolve_data_root(data_root: str, toy_world: str = "full") -> str:
+    """``""`` → the embedded toy world's ``data_root`` (built once, then cached)."""
+    if data_root:
+        return data_root
+    from ..toy import build_toy_world
+
+    return str(build_toy_world(size=toy_world, progress=False).data_root)
+
+
+def evaluate_checkpoints(task: str, checkpoints: dict[str, str], out_dir: str | Path, **settings) -> dict[str, dict]:
+    """Run ``python -m blip2lib.evaluate <task>`` for each named checkpoint; returns name → result dict.
+
+    Args:
+        task: ``vqa``, ``caption`` or ``retrieval``.
+        checkpoints: model name → checkpoint (a run folder, a transformers dir, a LAVIS file, or ``tiny``), or
+            → ``{"checkpoint", "vision_weights", "llm_path", "bert_dir"}`` when models need different local files.
+        out_dir: each result goes to ``out_dir/<name>/result.json`` (resumable from cached predictions).
+        **settings: any key of the task's params schema (``split``, ``data_root``, decoding overrides …).
+    """
+    results = {}
+    for name, ckpt in checkpoints.items():
+        own = ckpt if isinstance(ckpt, dict) else {"checkpoint": ckpt}
+        values = {**settings, **own, "out_dir": str(Path(out_dir) / name)}
+        params = EVAL_SCHEMAS[task].from_dict(values, source=f"{task} evaluation of '{name}'")
+        results[name] = {**run_params(task, params, f"{task}:{name}"), "out_dir": values["out_dir"]}
+    return results
+
+
+def metric_table(results: dict[str, dict], keys: list[str] | None = None):
+    """One row per model with the chosen metrics (percent) — what the notebook displays and records."""
+    import pandas as pd
+
+    rows = []
+    for name, res in results.items():
+        m = res["metrics"]
+        pick = keys or [k for k, v in m.items() if isinstance(v, (int, float))]
+        rows.append({"model": name, **{k: m.get(k) for k in pick}})
+    return pd.DataFrame(rows)
+
+
+_TASK_KEYS = {"vqa": ("recipe",), "caption": ("recipe", "metrics"), "retrieval": ("k", "fusion")}
+
+
+def evaluate_table(task: str, params, run_dir: str | Path, split: str | None = None, **extra) -> dict[str, dict]:
+    """Evaluate every ``params.checkpoints`` entry on ``split`` (default ``params.split``) into ``run_dir``."""
+    data_root = resolve_data_root(params.data_root, params.toy_world)
+    settings = {"split": split or params.split, "data_root": data_root, "images_root": params.images_root,
+                "image_size": params.image_size, "vision_weights": params.vision_weights,
+                "llm_path": params.llm_path, "bert_dir": params.bert_dir, "batch_size": params.batch_size,
+                "seed": params.seed, "progress": False}  # fmt: skip
+    settings.update({k: getattr(params, k) for k in _TASK_KEYS[task] if hasattr(params, k)})
+    settings.update(extra)
+    folder = Path(settings.get("ann_file") or settings["split"]).stem  # one cache folder per evaluated file
+    return evaluate_checkpoints(task, params.checkpoints, Path(run_dir) / folder, **settings)
+
+
+def transfer_settings(transfer: str) -> dict:
+    """Settings for the NoCaps-style transfer split: a FORMATS key, or an annotation file with a ``_gt`` sibling."""
+    if not transfer.endswith(".json"):
+        return {"split": transfer}
+    return {"split": "coco_karpathy_test", "ann_file": transfer, "gt_file": transfer.replace(".json", "_gt.json")}
+
+
+def flat_metrics(result: dict, prefix: str) -> dict[str, float]:
+    """``{prefix}_{metric}`` for every numeric metric of a result (nested per-type dicts flattened one level)."""
+    out = {}
+    for k, v in (result.get("metrics") or {}).items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "n_questions":
+            out[f"{prefix}_{'vqa_acc' if k == 'overall' else k}"] = float(v)
+        elif isinstance(v, dict):
+            out.update({f"{prefix}_{k}_{kk}".replace(" ", "_").replace("/", "_"): float(vv)
+                        for kk, vv in v.items() if isinstance(vv, (int, float))})  # fmt: skip
+    return out
+
+
+def toy_vqa_goals(results: dict, margin: float, toy_world: str = "full") -> dict:
+    """Toy goal per model: VQA accuracy ≥ the blind (question-only) accuracy of its LLM family + ``margin``."""
+    from ..toy import build_toy_world
+
+    base = build_toy_world(size=toy_world, progress=False).baselines.get("vqa", {})
+    goals = {}
+    for name, res in results.items():
+        family = "t5" if "t5" in name else "opt"
+        split = "test" if "test" in res.get("split", "") else "val"
+        blind = ((base.get(split) or base.get("test") or {}).get(f"{family}_blind") or {}).get("overall")
+        if blind is not None:
+            goals[f"{name}_vqa_acc"] = {
+                "goal": round(blind + margin, 2),
+                "direction": ">=",
+                "baseline": blind,
+                "label": f"zero-shot VQA ≥ blind {family} LLM + {margin:g} points",
+            }
+    return goals
+
+
+def examples(result: dict, data_root: str, n: int = 8) -> tuple[list, list[str]]:
+    """Images and "question → answer" / caption strings of the first ``n`` predictions (report galleries)."""
+    import json
+
+    from PIL import Image
+
+    from ..data import FORMATS
+
+    out_dir = Path(result["out_dir"]) if "out_dir" in result else None
+    fmt = FORMATS.get(result.get("split", ""), {})
+    if out_dir is None or not fmt:
+        return [], []
+    ann = json.loads((Path(data_root) / fmt["file"]).read_text())
+    root = Path(data_root) / fmt.get("images_root", "")
+    images, texts = [], []
+    if result["task"] == "vqa":
+        preds = {p["question_id"]: p["answer"] for p in json.loads((out_dir / "predictions.json").read_text())}
+        for a in ann:
+            if a["question_id"] in preds and len(images) < n:
+                images.append(Image.open(root / a["image"]).convert("RGB"))
+                texts.append(f"{a['question']} → {preds[a['question_id']]}")
+    elif result["task"] == "caption":
+        caps = json.loads((out_dir / "captions.json").read_text())[:n]
+        by_id = {}
+        for a in ann:
+            by_id.setdefault(int(Path(a["image"]).stem.split("_")[-1]), a["image"])
+        for c in caps:
+            if c["image_id"] in by_id:
+                images.append(Image.open(root / by_id[c["image_id"]]).convert("RGB"))
+                texts.append(c["caption"])
+    return images, texts
