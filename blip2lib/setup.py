@@ -237,7 +237,11 @@ def load_init(model: torch.nn.Module, path: str) -> dict:
 
 
 def _train_dataset(params, comps: dict, bad: BadSampleLog):
-    transform = image_train_transform(params.image_size)
+    # The toy world encodes left/right in its captions: a flip (or a tight crop) would make them wrong.
+    if params.augment == "none":
+        transform = image_eval_transform(params.image_size)
+    else:
+        transform = image_train_transform(params.image_size, flip=params.augment == "paper")
     if params.stage == "vqa_ft":
         text = QuestionProcessor()
     else:

@@ -51,6 +51,7 @@ class TrainParams(Params):
     vision_weights: str = ""  # eva_vit_g.pth / clip_vit_L.pth (real presets)
     llm_path: str = ""  # local transformers LLM dir (real presets)
     image_size: int = 224  # 224 pre-training; 364 caption/retrieval FT; 490 VQA FT (spec §4)
+    augment: str = "paper"  # paper (random crop 0.5-1 + flip) | crop (no flip) | none (eval resize: toy world)
     freeze_vit: bool = True  # False in the fine-tunings (ViT fp32, spec §10.18)
     grad_checkpointing: bool = False  # ViT gradient checkpointing when it is trained
     train_data: str = "toy"  # "toy", "synthetic", an annotation file / manifest under data_root, or shard urls
@@ -87,6 +88,8 @@ class TrainParams(Params):
         """Semantic checks that types alone cannot express."""
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.augment not in ("paper", "crop", "none"):
+            raise ValueError(f"augment must be paper, crop or none, got {self.augment!r}")
         if self.amp not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"amp must be bf16, fp16 or fp32, got {self.amp!r}")
         return self

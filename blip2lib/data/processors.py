@@ -33,7 +33,9 @@ _PUNCT = re.compile(r"[.!\"()*#:;~]")
 _MULTI_SPACE = re.compile(r"\s{2,}")
 
 
-def image_train_transform(size: int = 224, scale: tuple[float, float] = (0.5, 1.0)) -> transforms.Compose:
+def image_train_transform(
+    size: int = 224, scale: tuple[float, float] = (0.5, 1.0), flip: bool = True
+) -> transforms.Compose:
     """``blip2_image_train``: RandomResizedCrop(size, scale 0.5–1, bicubic) → h-flip → ToTensor → CLIP normalise.
 
     The aspect-ratio range is torchvision's default (3/4, 4/3), as in LAVIS. No RandAugment (spec §6: that belongs
@@ -42,6 +44,7 @@ def image_train_transform(size: int = 224, scale: tuple[float, float] = (0.5, 1.
     Args:
         size: output side in pixels.
         scale: area fraction range of the random crop.
+        flip: random horizontal flip (the paper's recipe; off where left/right carries meaning, e.g. the toy world).
 
     Returns:
         A transform mapping a PIL RGB image to a float tensor ``(3, size, size)``.
@@ -49,7 +52,7 @@ def image_train_transform(size: int = 224, scale: tuple[float, float] = (0.5, 1.
     return transforms.Compose(
         [
             transforms.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC),
-            transforms.RandomHorizontalFlip(p=0.5),
+            transforms.RandomHorizontalFlip(p=0.5 if flip else 0.0),
             transforms.ToTensor(),
             transforms.Normalize(CLIP_MEAN, CLIP_STD),
         ]

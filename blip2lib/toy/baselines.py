@@ -52,7 +52,7 @@ def summarize(preds: list[str], records: list[dict]) -> dict:
 
 @torch.no_grad()
 def opt_answers(model, records: list[dict], descriptions: dict[int, str] | None, batch: int = 256) -> list[str]:
-    """Greedy answers of the toy OPT: ``</s> {description} </s> question : q answer :`` → text up to ``"\\n"``."""
+    r"""Greedy answers of the toy OPT: ``</s> {description} </s> question : q answer :`` → text up to ``"\n"``."""
     inv = {i: w for w, i in V._vocab(V.OPT_SPECIALS).items()}
     vocab = V._vocab(V.OPT_SPECIALS)
     out = []

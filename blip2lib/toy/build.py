@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 BUILDER_VERSION = "1"
 # Sizes: "full" is the default world (≤ 3 min on 2 cores); "tiny" is for fast tests of the machinery only.
 SIZES: dict[str, dict[str, int]] = {
-    "full": dict(train=3000, val=300, test=300, novel=200, vit_images=3000, vit_steps=300, text_scenes=8000,
-                 opt_steps=900, t5_steps=700, bert_steps=150, probe_images=1000),
+    "full": dict(train=3000, val=300, test=300, novel=200, vit_images=3000, vit_steps=400, text_scenes=8000,
+                 opt_steps=2400, t5_steps=2100, bert_steps=150, probe_images=1000),
     "tiny": dict(train=12, val=6, test=6, novel=6, vit_images=16, vit_steps=2, text_scenes=32, opt_steps=2,
                  t5_steps=2, bert_steps=2, probe_images=12),
 }  # fmt: skip
@@ -101,8 +101,9 @@ def load_toy_world(root: str | Path) -> ToyWorld:
     )  # fmt: skip
 
 
-def build_toy_world(root: str | Path | None = None, seed: int = 0, force: bool = False, progress: bool = True,
-                    size: str = "full") -> ToyWorld:
+def build_toy_world(
+    root: str | Path | None = None, seed: int = 0, force: bool = False, progress: bool = True, size: str = "full"
+) -> ToyWorld:
     """Build the toy world (or return the cached one).
 
     Args:
@@ -200,7 +201,15 @@ def _t5_ids() -> dict:
 
 
 def _bert_ids() -> dict:
-    return {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4, "vocab_size": len(L.BERT_V), "dec_when_added": len(L.BERT_V)}
+    return {
+        "pad": 0,
+        "unk": 1,
+        "cls": 2,
+        "sep": 3,
+        "mask": 4,
+        "vocab_size": len(L.BERT_V),
+        "dec_when_added": len(L.BERT_V),
+    }
 
 
 def _baselines(splits, records, opt, t5, tower, seed: int, sz: dict, tick) -> dict:

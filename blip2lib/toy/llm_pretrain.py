@@ -1,11 +1,11 @@
-"""Stage-0 text-only pretraining of the toy world's frozen LLMs (OPT decoder-only, T5 encoder–decoder) and BERT.
+r"""Stage-0 text-only pretraining of the toy world's frozen LLMs (OPT decoder-only, T5 encoder–decoder) and BERT.
 
 The LLMs never see an image. They learn from scene descriptions (the caption paraphrases) followed by
 (a) a question in the exact zero-shot prompt of the workbook and its one-token answer, or (b) another paraphrase —
 the same token layout BLIP-2 feeds them later, with the description replaced by the 32 soft visual prompts:
 
-* OPT (spec §3.1, §5.1): ``</s> {description} </s> question : {q} answer : {a} \\n`` — at zero-shot time the
-  soft prompt stands where ``</s> {description}`` is, then the tokenizer's own BOS and prompt follow; ``"\\n"``
+* OPT (spec §3.1, §5.1): ``</s> {description} </s> question : {q} answer : {a} \n`` — at zero-shot time the
+  soft prompt stands where ``</s> {description}`` is, then the tokenizer's own BOS and prompt follow; ``"\n"``
   ends answers and captions (LAVIS' OPT end-of-text).
 * T5 (spec §3.2): encoder ``{description} question : {q} short answer : </s>``, decoder ``{a} </s>``; captions as
   prefix LM (encoder gets the description + a caption prefix, the decoder the rest), as BLIP-2's FlanT5 stage 2.
@@ -113,7 +113,7 @@ def _pad(seqs: list[list], value) -> torch.Tensor:
 # Models
 
 
-def opt_config(width: int = 128, layers: int = 4) -> OPTConfig:
+def opt_config(width: int = 64, layers: int = 3) -> OPTConfig:
     """The toy OPT: the real OPT architecture (pre-LN, learned positions, ReLU FFN) at width ``width``."""
     return OPTConfig(
         vocab_size=len(OPT_V), hidden_size=width, num_hidden_layers=layers, num_attention_heads=4, ffn_dim=4 * width,
@@ -123,7 +123,7 @@ def opt_config(width: int = 128, layers: int = 4) -> OPTConfig:
     )  # fmt: skip
 
 
-def t5_config(width: int = 128, layers: int = 3) -> T5Config:
+def t5_config(width: int = 64, layers: int = 2) -> T5Config:
     """The toy T5: FlanT5's architecture (gated-GELU FFN, relative positions, untied head) at width ``width``."""
     return T5Config(
         vocab_size=len(T5_V), d_model=width, d_kv=width // 4, d_ff=2 * width, num_layers=layers,
@@ -150,8 +150,11 @@ def _schedule(opt: torch.optim.Optimizer, step: int, steps: int, lr: float, warm
 
 @torch.no_grad()
 def _sinusoidal_init(table: torch.Tensor, scale: float = 0.5) -> None:
-    """Start OPT's LEARNED position table from sinusoids: relative offsets ("the word before") are then linear in
-    the embedding from step 0, which a tiny LM otherwise needs thousands of steps to discover. Still trainable."""
+    """Start OPT's LEARNED position table from sinusoids (it stays trainable).
+
+    Relative offsets ("the word before") are then linear in the embedding from step 0, which a tiny LM with a
+    random table needs thousands of steps to discover.
+    """
     n, d = table.shape
     pos = torch.arange(n, dtype=torch.float32)[:, None]
     freq = torch.exp(-math.log(1000.0) * torch.arange(0, d, 2, dtype=torch.float32) / d)  # (d/2,)
@@ -159,8 +162,16 @@ def _sinusoidal_init(table: torch.Tensor, scale: float = 0.5) -> None:
     table[:, 1::2] = scale * torch.cos(pos * freq)
 
 
-def train_opt(pool: list[TextExample], steps: int, seed: int, batch: int = 64, lr: float = 3e-3,
-              tick: Callable[[], None] | None = None, num_qa: int = 3, **cfg) -> OPTForCausalLM:
+def train_opt(
+    pool: list[TextExample],
+    steps: int,
+    seed: int,
+    batch: int = 64,
+    lr: float = 3e-3,
+    tick: Callable[[], None] | None = None,
+    num_qa: int = 3,
+    **cfg,
+) -> OPTForCausalLM:
     """Pretrain the toy OPT on ``pool`` (weighted next-token loss, see :func:`opt_example`)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 21])
@@ -189,8 +200,15 @@ def train_opt(pool: list[TextExample], steps: int, seed: int, batch: int = 64, l
     return model.eval()
 
 
-def train_t5(pool: list[TextExample], steps: int, seed: int, batch: int = 128, lr: float = 3e-3,
-             tick: Callable[[], None] | None = None, **cfg) -> T5ForConditionalGeneration:
+def train_t5(
+    pool: list[TextExample],
+    steps: int,
+    seed: int,
+    batch: int = 64,
+    lr: float = 3e-3,
+    tick: Callable[[], None] | None = None,
+    **cfg,
+) -> T5ForConditionalGeneration:
     """Pretrain the toy T5 on ``pool`` (weighted decoder loss, see :func:`t5_example`)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 22])
@@ -219,8 +237,15 @@ def train_t5(pool: list[TextExample], steps: int, seed: int, batch: int = 128, l
     return model.eval()
 
 
-def train_bert(captions: list[str], steps: int, seed: int, batch: int = 128, lr: float = 2e-3,
-               tick: Callable[[], None] | None = None, **cfg) -> BertForMaskedLM:
+def train_bert(
+    captions: list[str],
+    steps: int,
+    seed: int,
+    batch: int = 128,
+    lr: float = 2e-3,
+    tick: Callable[[], None] | None = None,
+    **cfg,
+) -> BertForMaskedLM:
     """Briefly pretrain the toy BERT with masked-LM (15% of words: 80% [MASK], 10% random, 10% kept)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 23])

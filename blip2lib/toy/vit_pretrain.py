@@ -33,7 +33,7 @@ STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
 GRID = world.IMAGE_SIZE // 8  # 8 × 8 patches
 
 
-def vit_config(width: int = 96, depth: int = 4) -> VisionConfig:
+def vit_config(width: int = 64, depth: int = 3) -> VisionConfig:
     """The toy EVA tower (built blocks = ``depth``; BLIP-2 reads the last built block's output, spec §1.2)."""
     return VisionConfig(arch="eva", image_size=world.IMAGE_SIZE, patch_size=8, width=width, depth=depth,
                         num_heads=4, mlp_hidden=4 * width, ln_eps=1e-6, precision="fp32", freeze=True)  # fmt: skip
@@ -83,8 +83,17 @@ class _Heads(nn.Module):
         return self.patch(h[:, 1:]), self.slot(slot_tokens(h).mean(2))  # (B, 64, C), (B, 4, C)
 
 
-def train_vit(images: np.ndarray, patch_labels: np.ndarray, slot_labels: np.ndarray, steps: int, seed: int,
-              batch: int = 128, lr: float = 2e-3, tick: Callable[[], None] | None = None, **cfg) -> nn.Module:
+def train_vit(
+    images: np.ndarray,
+    patch_labels: np.ndarray,
+    slot_labels: np.ndarray,
+    steps: int,
+    seed: int,
+    batch: int = 64,
+    lr: float = 2e-3,
+    tick: Callable[[], None] | None = None,
+    **cfg,
+) -> nn.Module:
     """Pretrain the tower on per-patch + per-slot classification; returns the tower in eval mode."""
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 32])
@@ -122,8 +131,14 @@ def features(tower: nn.Module, images: np.ndarray, batch: int = 256) -> torch.Te
     return torch.cat([vision_features(tower, to_pixels(images[s : s + batch])) for s in range(0, len(images), batch)])
 
 
-def linear_probe(train_feats: torch.Tensor, train_slots: np.ndarray, test_feats: torch.Tensor,
-                 test_slots: np.ndarray, seed: int, steps: int = 300) -> dict:
+def linear_probe(
+    train_feats: torch.Tensor,
+    train_slots: np.ndarray,
+    test_feats: torch.Tensor,
+    test_slots: np.ndarray,
+    seed: int,
+    steps: int = 300,
+) -> dict:
     """Per-slot linear probe (25 classes: empty or shape×colour×size) over a slot's 16 concatenated patch tokens.
 
     Returns:

@@ -1,10 +1,10 @@
-"""Closed toy vocabulary, the three offline tokenizers, and the text corpora the frozen models learn from.
+r"""Closed toy vocabulary, the three offline tokenizers, and the text corpora the frozen models learn from.
 
 Tokenizers are ``tokenizers`` WordLevel models wrapped in ``PreTrainedTokenizerFast`` and saved with
 ``save_pretrained``, so ``AutoTokenizer.from_pretrained(local_dir)`` loads them like the real ones:
 
-* OPT: ``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3, ``"\\n"``=4. ``</s>`` is prepended as BOS (as OPT does) and
-  ``"\\n"`` is a single token, the end-of-caption / end-of-answer marker LAVIS uses for OPT (spec §3.1, §5.1).
+* OPT: ``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3, ``"\n"``=4. ``</s>`` is prepended as BOS (as OPT does) and
+  ``"\n"`` is a single token, the end-of-caption / end-of-answer marker LAVIS uses for OPT (spec §3.1, §5.1).
 * T5: ``<pad>``=0 (also the decoder start), ``</s>``=1 (appended), ``<unk>``=2.
 * BERT: ``[PAD]``=0, ``[UNK]``=1, ``[CLS]``=2, ``[SEP]``=3, ``[MASK]``=4; ``[DEC]`` is added later by the Q-Former
   (id = ``len(tokenizer)``), as BLIP-2 adds it to bert-base-uncased (spec §1.3).
@@ -48,7 +48,7 @@ _SPLIT = re.compile(r"\n|[a-z0-9]+|[^\sa-z0-9]")
 
 
 def split_words(text: str) -> list[str]:
-    """What the tokenizers' normaliser + pre-tokeniser produce (lower-case; ``\\n`` and punctuation isolated)."""
+    r"""What the tokenizers' normaliser + pre-tokeniser produce (lower-case; ``\n`` and punctuation isolated)."""
     return _SPLIT.findall(text.lower())
 
 
@@ -69,7 +69,7 @@ def _word_level(vocab: dict[str, int], unk: str, keep_newline: bool) -> Tokenize
 
 
 def build_opt_tokenizer() -> PreTrainedTokenizerFast:
-    """OPT-style tokenizer: BOS ``</s>`` first, no EOS appended, ``"\\n"`` a single token."""
+    r"""OPT-style tokenizer: BOS ``</s>`` first, no EOS appended, ``"\n"`` a single token."""
     vocab = _vocab(OPT_SPECIALS)
     tok = _word_level(vocab, "<unk>", keep_newline=True)
     tok.post_processor = processors.TemplateProcessing(

@@ -48,8 +48,10 @@ class Obj:
     @property
     def cls(self) -> int:
         """Class index 1..24 of (shape, colour, size); 0 is reserved for an empty slot / background patch."""
-        return 1 + (SHAPES.index(self.shape) * len(COLOURS) + COLOURS.index(self.colour)) * len(SIZES) + SIZES.index(
-            self.size
+        return (
+            1
+            + (SHAPES.index(self.shape) * len(COLOURS) + COLOURS.index(self.colour)) * len(SIZES)
+            + SIZES.index(self.size)
         )
 
     def phrase(self) -> str:
@@ -224,7 +226,9 @@ def _exist(scene: Scene, rng: np.random.Generator, allow_novel: bool) -> tuple[s
     if rng.random() < 0.5:  # balanced yes/no: half the questions name an object in the scene
         colour, shape = sorted(present)[rng.integers(len(present))]
     else:
-        pool = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present and (allow_novel or not _is_novel(c, s))]
+        pool = [
+            (c, s) for c in COLOURS for s in SHAPES if (c, s) not in present and (allow_novel or not _is_novel(c, s))
+        ]
         colour, shape = pool[rng.integers(len(pool))]
     return f"is there a {colour} {shape}?", "yes" if (colour, shape) in present else "no"
 
@@ -276,8 +280,11 @@ _ALTERNATIVES = {"other": SHAPES + COLOURS + SIZES, "number": ("0", "1", "2", "3
 
 
 def annotator_answers(answer: str, family: str, rng: np.random.Generator) -> list[str]:
-    """Ten human-like answers: numbers sometimes as words ("2"/"two", equal after the official normalisation,
-    spec §5.1) and occasionally one or two wrong answers of the same kind."""
+    """Ten human-like answers for a canonical ``answer``.
+
+    Numbers are sometimes written as words ("2"/"two", equal after the official normalisation, spec §5.1) and
+    20% of questions get one or two wrong answers of the same kind.
+    """
     answers = [answer] * 10
     kind = _ANSWER_TYPE[family]
     if kind == "number" and rng.random() < 0.4:

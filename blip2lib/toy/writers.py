@@ -121,9 +121,13 @@ def vqa_records(split: SplitData, seed: int) -> list[dict]:
 def _official_vqa(ann: Path, split: SplitData, records: list[dict]) -> None:
     # data_subtype = split name, so blip2lib.data.official.vqa_to_lavis maps image ids to our file names.
     header = {"info": {"description": "blip2lib toy world"}, "license": {}, "data_subtype": split.name}
-    questions = [{"image_id": r["image_id"], "question": r["question"], "question_id": r["question_id"]} for r in records]
-    _dump(ann / f"v2_OpenEnded_mscoco_{split.name}_questions.json", {**header, "task_type": "OpenEnded",
-                                                                       "data_type": "toy", "questions": questions})
+    questions = [
+        {"image_id": r["image_id"], "question": r["question"], "question_id": r["question_id"]} for r in records
+    ]
+    _dump(
+        ann / f"v2_OpenEnded_mscoco_{split.name}_questions.json",
+        {**header, "task_type": "OpenEnded", "data_type": "toy", "questions": questions},
+    )
     annotations = []
     for r in records:
         ten = [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1} for j, a in enumerate(r["answers"])]
@@ -147,15 +151,27 @@ def _vqa_files(root: Path, split: SplitData, seed: int) -> list[dict]:
     ann = root / "coco" / "annotations"
     records = vqa_records(split, seed)
     lavis = [
-        {"question_id": r["question_id"], "question": r["question"], "answer": r["answers"], "image": r["image"],
-         "dataset": "vqa"}
+        {
+            "question_id": r["question_id"],
+            "question": r["question"],
+            "answer": r["answers"],
+            "image": r["image"],
+            "dataset": "vqa",
+        }
         for r in records
     ]
     _dump(ann / f"{_LAVIS_VQA_NAME[split.name]}.json", lavis)
     _official_vqa(ann, split, records)
     if split.name in ("train", "test"):  # GQA-style: one answer, string question ids (spec §6.1)
-        gqa = [{"image": r["image"], "question": r["question"], "question_id": str(r["question_id"]),
-                "answer": r["answer"]} for r in records]
+        gqa = [
+            {
+                "image": r["image"],
+                "question": r["question"],
+                "question_id": str(r["question_id"]),
+                "answer": r["answer"],
+            }
+            for r in records
+        ]
         name = "train_balanced_questions.json" if split.name == "train" else "testdev_balanced_questions.json"
         _dump(root / "gqa" / "annotations" / name, gqa)
     return records
@@ -171,15 +187,18 @@ def write_split(root: Path, split: SplitData, seed: int) -> list[dict]:
     _caption_files(ann, split)
     _dump(root / "toy" / f"scenes_{split.name}.json", [s.to_json() for s in split.scenes])
     if split.name == "novel":
-        noc = [{"image": split.image_path(i), "img_id": s.image_id, "domain": "out-domain"}
-               for i, s in enumerate(split.scenes)]
+        noc = [
+            {"image": split.image_path(i), "img_id": s.image_id, "domain": "out-domain"}
+            for i, s in enumerate(split.scenes)
+        ]
         _dump(root / "nocaps" / "annotations" / "nocaps_val.json", noc)
         _dump(root / "nocaps" / "annotations" / "nocaps_val_gt.json", caption_gt(split))
     return _vqa_files(root, split, seed)
 
 
-def write_dataset(root: Path, splits: dict[str, SplitData], seed: int,
-                  tick: Callable[[], None] | None = None) -> dict[str, list[dict]]:
+def write_dataset(
+    root: Path, splits: dict[str, SplitData], seed: int, tick: Callable[[], None] | None = None
+) -> dict[str, list[dict]]:
     """Write all splits under ``root``; ``tick`` is called once per split (progress bar)."""
     records = {}
     for name, split in splits.items():
