@@ -194,11 +194,33 @@ def _load_frozen_and_init(model, comps: dict, params) -> None:
 
 
 def load_init(model: torch.nn.Module, path: str) -> dict:
-    """Initialise trainable weights from a parent checkpoint: keys that exist in both are taken (spec §3.4).
+    """Initialise trainable weights from parent checkpoints: keys that exist in both are taken (spec §3.4).
+
+    ``path`` may list several comma-separated checkpoints; a later one only fills keys the earlier ones lacked
+    (VQA fine-tuning: the stage-2 run, then the stage-1 run for the Q-Former text path, spec §4.2 / §10.4).
 
     Returns the report ``{"loaded", "dropped", "fresh"}`` (stage 1 → stage 2 drops the text FFN, word embeddings,
     ITG/ITC/ITM heads; the projection to the LLM is fresh).
     """
+    parts = [p.strip() for p in path.split(",") if p.strip()]
+    if len(parts) > 1:
+        reports = [_load_one(model, parts[0])]
+        for extra in parts[1:]:
+            done = {k for r in reports for k in r["keys"]}
+            reports.append(_load_one(model, extra, skip=done))
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        loaded = {k for r in reports for k in r["keys"]}
+        return {
+            "files": [r["file"] for r in reports],
+            "loaded": len(loaded),
+            "keys": sorted(loaded),
+            "dropped": sorted(set().union(*[r["dropped"] for r in reports]) - loaded),
+            "fresh": sorted(trainable - loaded),
+        }
+    return _load_one(model, parts[0])
+
+
+def _load_one(model: torch.nn.Module, path: str, skip: set | None = None) -> dict:
     p = Path(path)
     file = p / "model.safetensors" if p.is_dir() else p
     if p.is_dir() and not file.exists():
@@ -210,7 +232,7 @@ def load_init(model: torch.nn.Module, path: str) -> dict:
         file = Path(ck) / "model.safetensors"
     sd = safetensors.torch.load_file(str(file))
     own = model.state_dict()
-    take = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    take = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape and k not in (skip or ())}
     bad_shape = [k for k in sd if k in own and own[k].shape != sd[k].shape]
     if bad_shape:
         raise ValueError(f"init_from={file}: shape mismatch for {bad_shape[:8]}")
@@ -219,6 +241,7 @@ def load_init(model: torch.nn.Module, path: str) -> dict:
     report = {
         "file": str(file),
         "loaded": len(take),
+        "keys": sorted(take),
         "dropped": sorted(set(sd) - set(take)),
         "fresh": sorted(trainable - set(take)),
     }

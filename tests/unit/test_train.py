@@ -93,3 +93,14 @@ def test_killed_run_resumes_exactly(tmp_path, monkeypatch):
 def test_unknown_stage_is_rejected():
     with pytest.raises(ValueError, match="stage must be one of"):
         train(_params("stage3"))
+
+
+def test_vqa_finetune_takes_query_path_from_stage2_and_text_path_from_stage1(tmp_path):
+    train(_params("stage1", steps=2), tmp_path / "s1")
+    train(_params("stage2", llm="opt", steps=2, init_from=str(tmp_path / "s1")), tmp_path / "s2")
+    r = train(_params("vqa_ft", llm="opt", steps=1, init_from=f"{tmp_path / 's2'},{tmp_path / 's1'}"), tmp_path / "v")
+    init = r.summary["init"]
+    # only the ViT (trained in fine-tuning, loaded from its own tower file) is not in the two checkpoints
+    assert len(init["files"]) == 2 and all(k.startswith("vision_model.") for k in init["fresh"])
+    assert "language_projection.weight" in init["keys"] and "embeddings.word_embeddings.weight" in init["keys"]
+    assert any(".intermediate.dense" in k for k in init["keys"])  # the text FFN comes from stage 1
