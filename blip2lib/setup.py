@@ -193,6 +193,28 @@ def _load_frozen_and_init(model, comps: dict, params) -> None:
         comps["qformer_init"](model)
 
 
+def materialize_frozen(model, comps: dict, run_dir: Path) -> None:
+    """Write the frozen parts of a config-built (``tiny``) model into ``run_dir/frozen`` and record their paths.
+
+    Real and toy runs reference their towers by path; a random tiny model has none, so its ViT, LLM and tokenizers
+    are saved once (a few MB) to make the run loadable by ``blip2lib.from_pretrained`` like any other.
+    """
+    frozen = run_dir / "frozen"
+    if not comps.get("vision_weights"):
+        frozen.mkdir(parents=True, exist_ok=True)
+        sd = {k: v.contiguous() for k, v in model.vision_model.state_dict().items()}
+        safetensors.torch.save_file(sd, str(frozen / "vision.safetensors"))
+        comps["vision_weights"] = str(frozen / "vision.safetensors")
+    if not comps.get("bert_dir") and comps.get("qformer_tokenizer") is not None:
+        comps["qformer_tokenizer"].save_pretrained(frozen / "bert")
+        comps["bert_dir"] = str(frozen / "bert")
+    lm = getattr(model, "language_model", None)
+    if lm is not None and not comps.get("llm_path"):
+        lm.save_pretrained(frozen / "llm")
+        comps["llm_tokenizer"].save_pretrained(frozen / "llm")
+        comps["llm_path"] = str(frozen / "llm")
+
+
 def load_init(model: torch.nn.Module, path: str) -> dict:
     """Initialise trainable weights from parent checkpoints: keys that exist in both are taken (spec §3.4).
 

@@ -30,7 +30,7 @@ from . import dist
 from .config import Params, config_to_dict
 from .engine import run_loop
 from .optim import LRSchedule, build_optimizer, param_groups
-from .setup import build_data, build_model_and_task, load_init
+from .setup import build_data, build_model_and_task, load_init, materialize_frozen
 from .validate import make_eval_fn
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,8 @@ def train(params: TrainParams, run_dir: str | Path | None = None) -> RunResult:
     device = torch.device(f"cuda:{dist.get_local_rank()}" if torch.cuda.is_available() else "cpu")
     model, task, components = build_model_and_task(params, device)
     init_report = load_init(model, params.init_from) if params.init_from else None
+    if params.model == "tiny" and dist.is_main():
+        materialize_frozen(model, components, run_dir)
     if dist.is_dist():
         task = torch.nn.parallel.DistributedDataParallel(
             task, device_ids=[device.index] if device.index is not None else None, find_unused_parameters=True

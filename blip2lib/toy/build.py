@@ -33,7 +33,8 @@ from . import world, writers
 log = logging.getLogger(__name__)
 
 BUILDER_VERSION = "1"
-# Sizes: "full" is the default world (≤ 3 min on 2 cores); "tiny" is for fast tests of the machinery only.
+# Sizes: "full" is the default world (target ≤ 3 min on 2 cores, NOT yet met: see README); "tiny" is for fast
+# tests of the machinery only.
 SIZES: dict[str, dict[str, int]] = {
     "full": dict(train=3000, val=300, test=300, novel=200, vit_images=3000, vit_steps=400, text_scenes=8000,
                  opt_steps=2400, t5_steps=2100, bert_steps=150, probe_images=1000),

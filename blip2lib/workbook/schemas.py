@@ -256,3 +256,42 @@ class ParityParams(Params):
     goals: dict = field(default_factory=dict)  # report goals: metric → {goal, direction, label}
 
     records: ClassVar[tuple[str, ...]] = ("checkpoints_compared", "max_abs_diff", "min_agreement")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ablations: variants × seeds of one training recipe, each evaluated the same way.
+
+
+@dataclass
+class _AblationParams(Params):
+    base: dict = field(default_factory=dict)  # TrainParams keys shared by every variant
+    variants: dict = field(default_factory=dict)  # variant name → TrainParams overrides (first one is the reference)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # training seeds per variant (spread over seeds)
+    eval_task: str = "retrieval"  # vqa | caption | retrieval
+    eval_split: str = "coco_karpathy_test"  # blip2lib.data.FORMATS key of the evaluated split
+    metrics: list[str] = field(default_factory=list)  # metrics summarised per variant (mean and spread)
+    toy_world: str = "full"  # toy world size when data_root is empty: full | tiny
+    batch_size: int = 16  # evaluation batch
+    paper_targets: dict = field(default_factory=dict)  # recorded metric → paper_targets.yaml id
+    goals: dict = field(default_factory=dict)  # recorded metric → toy goal
+
+    records: ClassVar[tuple[str, ...]] = ("variants", "seeds_per_variant")
+
+
+@register("45_ablation_itg")
+@dataclass
+class ITGAblationParams(_AblationParams):
+    """Table 6: retrieval fine-tuning with and without the ITG loss."""
+
+    variants: dict = field(default_factory=lambda: {"itc_itm": {"use_itg": False}, "itc_itm_itg": {"use_itg": True}})
+    metrics: list[str] = field(default_factory=lambda: ["txt_r1", "txt_r5", "img_r1", "img_r5"])
+
+
+@register("46_ablation_stage1")
+@dataclass
+class Stage1AblationParams(_AblationParams):
+    """Figure 5: stage-2 training with and without stage-1 representation learning, zero-shot VQA."""
+
+    eval_task: str = "vqa"
+    eval_split: str = "vqa_val_eval"
+    metrics: list[str] = field(default_factory=lambda: ["vqa_acc"])
