@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"==> demo stopped: {e}", file=sys.stderr)
         return 1
     index = REPO_ROOT / "reports" / args.variant / "index.html"
+    if args.variant == "toy":
+        from .workbook.summary import update_readme
+
+        update_readme(REPO_ROOT / "README.md", REPO_ROOT / "runs", "toy")  # measured numbers, never typed in
+        print("==> README.md 'Toy results' block updated from runs/*/toy/metrics.json")
     print(f"==> demo finished in {time.time() - t0:.0f} s: {len(jobs)} notebooks executed or current")
     print(f"==> open the reports: {index if index.exists() else jobs[-1].report}")
     return 0

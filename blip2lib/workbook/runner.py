@@ -257,12 +257,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     v = sub.add_parser("validate", help="validate every params file")
     v.add_argument("--root", type=Path, default=REPO_ROOT)
+    r = sub.add_parser("readme", help="write a variant's measured goals into README.md's results block")
+    r.add_argument("variant")
+    r.add_argument("--runs", type=Path, default=REPO_ROOT / "runs")
     args = ap.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.cmd == "validate":
             print(f"{validate_all(args.root)} params files valid")
+            return 0
+        if args.cmd == "readme":
+            from .summary import update_readme
+
+            changed = update_readme(REPO_ROOT / "README.md", args.runs, args.variant)
+            print(f"README.md results block {'updated' if changed else 'unchanged'} from {args.runs}/*/{args.variant}")
             return 0
         kw = {"force": args.force, "root": args.root, "runs": args.runs, "reports": args.reports,
               "progress": args.progress}  # fmt: skip
