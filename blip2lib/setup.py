@@ -77,6 +77,7 @@ def _toy_components(params) -> dict:
         num_attention_heads=bert["num_attention_heads"], intermediate_size=bert["intermediate_size"],
         max_position_embeddings=bert["max_position_embeddings"], layer_norm_eps=bert.get("layer_norm_eps", 1e-12),
         cross_attention_frequency=1, encoder_hidden_size=vision.width, num_query_tokens=8,
+        use_text_input=params.stage not in GENERATIVE,  # stage 2 keeps only the query path (spec §1.5)
         pad_token_id=qtok.pad_token_id, cls_token_id=qtok.cls_token_id, sep_token_id=qtok.sep_token_id,
         dec_token_id=qtok.convert_tokens_to_ids("[DEC]"),
     )  # fmt: skip
