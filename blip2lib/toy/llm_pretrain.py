@@ -113,21 +113,21 @@ def _pad(seqs: list[list], value) -> torch.Tensor:
 # Models
 
 
-def opt_config(width: int = 64, layers: int = 3) -> OPTConfig:
+def opt_config(width: int = 64, layers: int = 3, heads: int = 4) -> OPTConfig:
     """The toy OPT: the real OPT architecture (pre-LN, learned positions, ReLU FFN) at width ``width``."""
     return OPTConfig(
-        vocab_size=len(OPT_V), hidden_size=width, num_hidden_layers=layers, num_attention_heads=4, ffn_dim=4 * width,
-        max_position_embeddings=128, word_embed_proj_dim=width, do_layer_norm_before=True, dropout=0.0,
-        attention_dropout=0.0, activation_function="relu", bos_token_id=V.OPT_BOS, eos_token_id=V.OPT_EOS,
+        vocab_size=len(OPT_V), hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+        ffn_dim=4 * width, max_position_embeddings=128, word_embed_proj_dim=width, do_layer_norm_before=True,
+        dropout=0.0, attention_dropout=0.0, activation_function="relu", bos_token_id=V.OPT_BOS, eos_token_id=V.OPT_EOS,
         pad_token_id=V.OPT_PAD, enable_bias=True, tie_word_embeddings=True,
     )  # fmt: skip
 
 
-def t5_config(width: int = 64, layers: int = 2) -> T5Config:
+def t5_config(width: int = 64, layers: int = 2, heads: int = 4) -> T5Config:
     """The toy T5: FlanT5's architecture (gated-GELU FFN, relative positions, untied head) at width ``width``."""
     return T5Config(
-        vocab_size=len(T5_V), d_model=width, d_kv=width // 4, d_ff=2 * width, num_layers=layers,
-        num_decoder_layers=layers, num_heads=4, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+        vocab_size=len(T5_V), d_model=width, d_kv=width // heads, d_ff=2 * width, num_layers=layers,
+        num_decoder_layers=layers, num_heads=heads, feed_forward_proj="gated-gelu", dropout_rate=0.0,
         tie_word_embeddings=False, decoder_start_token_id=V.T5_PAD, pad_token_id=V.T5_PAD, eos_token_id=V.T5_EOS,
         relative_attention_num_buckets=16, relative_attention_max_distance=64,
     )  # fmt: skip
