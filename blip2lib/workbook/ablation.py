@@ -19,8 +19,14 @@ def run_ablation(params, run_dir: str | Path) -> dict[str, dict[int, dict]]:
     """
     run_dir = Path(run_dir)
     data_root = resolve_data_root(params.data_root, params.toy_world)
+    parent = ""
+    if params.parent:  # e.g. the stage-1 run the "with stage 1" variant starts from (self-contained smoke runs)
+        parent = str(run_dir / "parent")
+        values = {"progress": False, "num_gpus": params.num_gpus, **params.parent}
+        run_training(TrainParams.from_dict(values, source="ablation parent"), parent)
     out: dict[str, dict[int, dict]] = {}
     for variant, overrides in params.variants.items():
+        overrides = {k: v.replace("{parent}", parent) if isinstance(v, str) else v for k, v in overrides.items()}
         out[variant] = {}
         for seed in params.seeds:
             folder = run_dir / variant / f"seed{seed}"

@@ -265,6 +265,7 @@ class ParityParams(Params):
 @dataclass
 class _AblationParams(Params):
     base: dict = field(default_factory=dict)  # TrainParams keys shared by every variant
+    parent: dict = field(default_factory=dict)  # TrainParams of a parent run trained first (variants name it {parent})
     variants: dict = field(default_factory=dict)  # variant name → TrainParams overrides (first one is the reference)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # training seeds per variant (spread over seeds)
     eval_task: str = "retrieval"  # vqa | caption | retrieval
