@@ -34,7 +34,6 @@ import math
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from blip2lib.checkpoint import git_state  # noqa: E402
 from blip2lib.config import PRESETS, Blip2Config, tiny_config  # noqa: E402
 from blip2lib.generation import VQA_PROMPTS, format_prompt, generate_ids, resolve_eos  # noqa: E402
 from blip2lib.model import Blip2, Blip2QFormerModel, count_parameters  # noqa: E402
@@ -456,21 +456,14 @@ def header(bench: Bench, argv: list[str]) -> dict:
     import timm
     import transformers
 
-    def git(*a):
-        try:
-            return subprocess.run(
-                ["git", *a], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent
-            ).stdout.strip()
-        except OSError:
-            return ""
-
+    git = git_state(Path(__file__).parent)
     return dict(
         gpu=torch.cuda.get_device_name() if bench.cuda else f"none (CPU: {platform.processor() or platform.machine()})",
         mode="tiny (CPU smoke run — NOT performance)" if bench.tiny else "full size",
         torch=torch.__version__, cuda=torch.version.cuda, transformers=transformers.__version__, timm=timm.__version__,
         python=platform.python_version(), date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        command=shlex.join(["python", "benchmarks/gpu.py", *argv]), commit=git("rev-parse", "--short", "HEAD"),
-        dirty=bool(git("status", "--porcelain")), dtype=bench.dtype, compile=bench.compile, sizes=bench.sizes,
+        command=shlex.join(["python", "benchmarks/gpu.py", *argv]), commit=(git["commit"] or "")[:7],
+        dirty=git["dirty"], dtype=bench.dtype, compile=bench.compile, sizes=bench.sizes,
     )  # fmt: skip
 
 

@@ -96,17 +96,27 @@ def _fsync(path: Path) -> None:
     os.close(fd)
 
 
-@functools.lru_cache(maxsize=1)
-def _git_info() -> dict:
-    """Commit and dirty flag of the checkout holding blip2lib (``None`` when not a git checkout)."""
-    cwd = Path(__file__).resolve().parent
+def git_state(where: Path | None = None) -> dict:
+    """Commit and dirty flag (tracked files only) of the checkout at ``where`` (default: the one holding blip2lib).
+
+    ``{"commit": None, "dirty": None}`` outside a git checkout or when git is missing or slow — provenance must
+    never fail a run. Untracked files are not scanned: a busy ``runs/`` or ``.venv/`` would make that slow.
+    """
+    cwd = Path(where) if where is not None else Path(__file__).resolve().parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, timeout=10)
-        ok = sha.returncode == 0
-        return {"commit": sha.stdout.strip() if ok else None, "dirty": bool(dirty.stdout.strip()) if ok else None}
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=30)
+        if sha.returncode != 0:
+            return {"commit": None, "dirty": None}
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+        return {"commit": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0 else None}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
+
+
+@functools.lru_cache(maxsize=1)
+def _git_info() -> dict:
+    return git_state()
 
 
 def _versions() -> dict:

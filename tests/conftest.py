@@ -23,6 +23,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs CUDA (run `make gpu-check` on a GPU host)"))
         if "browser" in item.keywords and not has_chromium:
             item.add_marker(pytest.mark.skip(reason="needs Debian's chromium (.ci/run installs it)"))
+    # Browser tests last: they open the reports the smoke notebook tests produced (tests/notebooks/conftest.py).
+    items.sort(key=lambda item: "browser" in item.keywords)
 
 
 @pytest.fixture(autouse=True)

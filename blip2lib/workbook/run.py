@@ -8,7 +8,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,20 +23,10 @@ _CURRENT: Run | None = None
 
 def git_commit(root: Path = REPO_ROOT) -> str:
     """Short git commit of the checkout ("unknown" outside a repository), with "+dirty" for local changes."""
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        return (sha or "unknown") + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    from ..checkpoint import git_state
+
+    state = git_state(root)
+    return (state["commit"][:7] if state["commit"] else "unknown") + ("+dirty" if state["dirty"] else "")
 
 
 def environment() -> dict:

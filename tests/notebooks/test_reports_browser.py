@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from blip2lib.workbook.runner import run_all
+from blip2lib.workbook.runner import variant_params
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", "--enable-logging=stderr", "--v=0",
@@ -97,12 +97,11 @@ def _check(page: Path, profile: Path) -> list[Path]:
 
 @pytest.mark.browser
 @pytest.mark.notebook
-@pytest.mark.timeout(300)
-def test_index_and_every_linked_report_open_cleanly(tmp_path):
+@pytest.mark.timeout(1800)  # only the page loads when test_smoke.py has filled the tree (it runs first)
+def test_index_and_every_linked_report_open_cleanly(smoke_tree, tmp_path):
     assert shutil.which("chromium")
-    runs, reports = tmp_path / "runs", tmp_path / "reports"
-    jobs = run_all("smoke", force=True, runs=runs, reports=reports)
-    index = reports / "smoke" / "index.html"
+    jobs = [smoke_tree(p) for p in variant_params("smoke")]
+    index = smoke_tree.root / "reports" / "smoke" / "index.html"
     linked = _check(index, tmp_path / "profile")
     assert sorted(p.name for p in linked) == sorted(j.report.name for j in jobs), "index must link every report"
     for report in linked:

@@ -1,4 +1,4 @@
-"""Every notebook's smoke.yaml runs through the runner on CPU (house style D7), outputs redirected to tmp_path."""
+"""Every notebook's smoke.yaml runs through the runner on CPU (house style D7), outputs in a temporary tree."""
 
 import json
 import math
@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from blip2lib.workbook.runner import run
 from blip2lib.workbook.schemas import SCHEMAS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -16,9 +15,9 @@ SMOKE = sorted((ROOT / "params").glob("*/smoke.yaml"))
 @pytest.mark.notebook
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("params", SMOKE, ids=[p.parent.name for p in SMOKE])
-def test_smoke_run_records_expected_finite_metrics(params, tmp_path):
-    job = run(params, force=True, runs=tmp_path / "runs", reports=tmp_path / "reports")
-    assert job.run_dir.is_relative_to(tmp_path) and job.report.is_relative_to(tmp_path)
+def test_smoke_run_records_expected_finite_metrics(params, smoke_tree):
+    job = smoke_tree(params)
+    assert job.run_dir.is_relative_to(smoke_tree.root) and job.report.is_relative_to(smoke_tree.root)
     metrics = json.loads((job.run_dir / "metrics.json").read_text())["metrics"]
     for key in SCHEMAS[params.parent.name].records:
         assert key in metrics, f"{job.run_id}: metric {key} not recorded"
