@@ -14,7 +14,6 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv .venv
 	@$(PY) -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 	@$(PY) -m pip install -q -e '.[all]'
-	@if git rev-parse --git-dir >/dev/null 2>&1; then .venv/bin/nbstripout --install --attributes .gitattributes >/dev/null 2>&1 || true; git checkout -- .gitattributes 2>/dev/null || true; fi
 	@touch $(STAMP)
 	@echo "==> environment ready: $(PY)"
 
@@ -34,9 +33,10 @@ lint: $(STAMP) ## ruff check + format check
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 
-format: $(STAMP) ## ruff format + autofix
+format: $(STAMP) ## ruff format + autofix; strip notebook outputs (cell ids kept)
 	.venv/bin/ruff format .
 	.venv/bin/ruff check --fix .
+	.venv/bin/nbstripout --keep-id notebooks/*.ipynb
 
 demo: $(STAMP) ## run the main job end to end on the embedded toy world
 	$(PY) -m blip2lib.demo
