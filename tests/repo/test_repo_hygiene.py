@@ -66,3 +66,14 @@ def test_gitignore_keeps_runs_and_venv_out():
     ignored = (ROOT / ".gitignore").read_text().split()
     for entry in (".venv/", "runs/", "__pycache__/"):
         assert entry in ignored
+
+
+def test_ruff_lint_and_format_are_clean():
+    """`make lint` passes on the committed tree (ruff is in the `dev` extra)."""
+    import subprocess
+    import sys
+
+    ruff = Path(sys.executable).with_name("ruff")
+    for args in (["check", "."], ["format", "--check", "."]):
+        proc = subprocess.run([str(ruff), *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, f"ruff {' '.join(args)}:\n{proc.stdout[-3000:]}{proc.stderr[-1000:]}"
