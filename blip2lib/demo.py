@@ -7,6 +7,7 @@ table → summary) through the papermill runner, skipping steps whose outputs ar
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 
@@ -19,14 +20,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m blip2lib.demo", description=__doc__)
     ap.add_argument("--variant", default="toy", help="params variant to run (default: toy)")
     ap.add_argument("--force", action="store_true", help="redo steps whose outputs are current")
+    ap.add_argument("--no-progress", dest="progress", action="store_false", help="no per-cell progress bar")
     args = ap.parse_args(argv)
+    if not logging.getLogger().handlers:  # the runner's "[run ] / [done] / [skip]" lines
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
     steps = variant_params(args.variant)
     print(f"==> blip2-workbook demo: {len(steps)} notebooks of the '{args.variant}' variant, in order:")
     for p in steps:
         print(f"    {p.relative_to(REPO_ROOT)}")
     t0 = time.time()
     try:
-        jobs = run_all(args.variant, force=args.force)
+        jobs = run_all(args.variant, force=args.force, progress=args.progress)
     except RuntimeError as e:
         print(f"==> demo stopped: {e}", file=sys.stderr)
         return 1

@@ -264,3 +264,14 @@ def test_full_world_meets_bars(tmp_path, monkeypatch):
     assert vqa["t5_oracle"]["overall"] >= 95.0, vqa
     assert vqa["opt_blind"]["overall"] < vqa["opt_oracle"]["overall"] - 30
     assert w.baselines["vision_probe"]["test"]["slot_accuracy"] >= 95.0
+
+
+def test_toy_opt_word_vectors_start_as_large_as_its_position_vectors():
+    """OPT's default 0.02 init buries token identity under the sinusoidal positions (see train_opt's docstring)."""
+    from blip2lib.toy import llm_pretrain as L
+
+    model = L.train_opt(L.text_pool(4, 0), steps=0, seed=0)
+    words = model.model.decoder.embed_tokens.weight
+    positions = model.model.decoder.embed_positions.weight
+    assert abs(words.std().item() - 0.5) < 0.03
+    assert 0.3 < words.norm(dim=1).mean().item() / positions.norm(dim=1).mean().item() < 3.0

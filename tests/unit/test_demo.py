@@ -1,0 +1,30 @@
+"""`make demo` wrapper: lists the steps, runs them in order with progress, exits 1 with the failure on a failed step."""
+
+from pathlib import Path
+
+from blip2lib import demo
+from blip2lib.workbook import runner
+
+
+def test_demo_runs_the_variant_in_order_and_reports_the_index(monkeypatch, capsys):
+    calls = []
+
+    def fake_run_all(variant, force=False, progress=False, **kw):
+        calls.append((variant, force, progress))
+        return [runner.Job(params_path=Path(f"p/{variant}.yaml"), notebook=Path("n.ipynb"), run_dir=Path("runs/x"),
+                           report=Path("reports/smoke/x.html"))]  # fmt: skip
+
+    monkeypatch.setattr(runner, "run_all", fake_run_all)
+    assert demo.main(["--variant", "smoke", "--force"]) == 0
+    assert calls == [("smoke", True, True)]
+    out = capsys.readouterr().out
+    assert "params/10_stage1_pretrain/smoke.yaml" in out and "demo finished" in out
+
+
+def test_demo_exits_1_with_the_failure(monkeypatch, capsys):
+    def failing(*a, **kw):
+        raise runner.RunFailed("10_stage1_pretrain/smoke failed after 3 s: boom")
+
+    monkeypatch.setattr(runner, "run_all", failing)
+    assert demo.main(["--variant", "smoke"]) == 1
+    assert "demo stopped: 10_stage1_pretrain/smoke failed after 3 s: boom" in capsys.readouterr().err
