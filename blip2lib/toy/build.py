@@ -117,9 +117,11 @@ def build_toy_world(
     Returns:
         The :class:`ToyWorld` paths and baselines.
     """
+    in_cache = root is None
     root = Path(root) if root is not None else cache_dir() / world_key(seed, size)
     if (root / "manifest.json").exists() and not force:
         return load_toy_world(root)
+    _remove_dead_partials(root.parent, "*" if in_cache else root.name)
     tmp = root.with_name(root.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -127,12 +129,30 @@ def build_toy_world(
     torch.set_num_threads(min(threads, 2))  # the build is sized for 2 cores; fixed threads keep weights identical
     try:
         _build(tmp, seed, size, progress)
+    except BaseException:  # Ctrl-C or an error: no half-built folder is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     finally:
         torch.set_num_threads(threads)
     if root.exists():
         shutil.rmtree(root)
     tmp.rename(root)
     return load_toy_world(root)
+
+
+def _remove_dead_partials(folder: Path, name: str) -> None:
+    """Delete ``<name>.tmp<pid>`` folders of builds whose process is gone (killed builds; a live one is kept)."""
+    for partial in folder.glob(f"{name}.tmp*"):
+        pid = partial.name.rsplit(".tmp", 1)[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            log.info("removing the partial build %s (process %s is gone)", partial, pid)
+            shutil.rmtree(partial, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def _build(out: Path, seed: int, size: str, progress: bool) -> None:

@@ -174,6 +174,28 @@ def test_cache_key_and_reuse(tiny, tmp_path, monkeypatch):
     assert cache_dir() == tmp_path / "cache" / "toy"
 
 
+def test_failed_build_leaves_nothing_and_dead_partials_are_removed(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from blip2lib.toy import build as tb
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"w.tmp{int(gone.stdout)}"  # a build killed earlier: its process no longer exists
+    (dead / "vit").mkdir(parents=True)
+    alive = tmp_path / f"w.tmp{os.getppid()}"  # a build still running elsewhere is left alone
+    alive.mkdir()
+
+    def boom(out, *a):
+        (out / "half").write_text("x")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tb, "_build", boom)
+    with pytest.raises(KeyboardInterrupt):
+        build_toy_world(tmp_path / "w", seed=3, progress=False, size="tiny")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name]
+
+
 def test_files_have_documented_formats(tiny):
     ann = tiny.annotations
     train = json.loads(ann["coco_karpathy_train"].read_text())
