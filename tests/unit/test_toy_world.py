@@ -297,3 +297,47 @@ def test_toy_opt_word_vectors_start_as_large_as_its_position_vectors():
     positions = model.model.decoder.embed_positions.weight
     assert abs(words.std().item() - 0.5) < 0.03
     assert 0.3 < words.norm(dim=1).mean().item() / positions.norm(dim=1).mean().item() < 3.0
+
+
+@pytest.mark.parametrize("family", ["opt", "t5"])
+def test_generate_with_the_description_as_prefix_equals_the_text_oracle(family):
+    """BLIP-2's generate path (prefix embeddings + prompt) given the TRUE description's word embeddings answers
+    exactly like the text-oracle baseline code: a zero-shot VQA gap to the oracle is the soft prompt's, not the path's.
+
+    A random LLM with large weights (answers depend on every input token) stands in for the trained one.
+    """
+    from transformers import OPTForCausalLM, T5ForConditionalGeneration
+
+    from blip2lib.generation import generate
+    from blip2lib.toy import llm_pretrain as L
+
+    torch.manual_seed(0)
+    if family == "opt":
+        llm, tok, prompt = OPTForCausalLM(L.opt_config()), V.build_opt_tokenizer(), V.OPT_PROMPT
+    else:
+        llm, tok, prompt = T5ForConditionalGeneration(L.t5_config()), V.build_t5_tokenizer(), V.T5_PROMPT
+    with torch.no_grad():  # matrices random and large; biases 0 and norms 1, so no single direction dominates
+        for name, p in llm.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3 if "embed" in name or "shared" in name else 1.0 / p.shape[1] ** 0.5)
+            else:
+                p.fill_(1.0 if "norm" in name else 0.0)
+    llm.eval()
+    split = writers.make_split("test", 6, seed=3)
+    records = writers.vqa_records(split, seed=3)[:12]
+    descriptions = {s.image_id: world.captions(s)[0] for s in split.scenes}
+    oracle = (B.opt_answers if family == "opt" else B.t5_answers)(llm, records, descriptions)
+
+    def ours(drop_first: bool) -> list[str]:
+        out = []
+        for r in records:
+            ids = tok(descriptions[r["image_id"]], return_tensors="pt").input_ids  # OPT: </s> desc; T5: desc </s>
+            ids = ids[:, 1:] if drop_first else ids if family == "opt" else ids[:, :-1]
+            prefix = llm.get_input_embeddings()(ids)
+            out += generate(llm, family, tok, prefix, prompt.format(r["question"]), num_beams=1, max_new_tokens=3,
+                            min_new_tokens=1)  # fmt: skip
+        return [o.strip() for o in out]
+
+    assert len(set(oracle)) >= 3, oracle  # the answers really depend on the inputs
+    assert ours(drop_first=False) == oracle
+    assert ours(drop_first=True) != oracle  # and the check sees a one-token change of the prefix
