@@ -72,7 +72,11 @@ def _vqa_ground_truth(dataset: Dataset, annotations: Any, gqa: bool) -> Any:
         return None
     if gqa:
         return {a["question_id"]: a["answer"] for a in anns}
-    return [{"question_id": a["question_id"], "answers": list(a["answer"])} for a in anns]
+    # answer_type / question_type are not in LAVIS lists, but kept when a list carries them (the toy world's do),
+    # so the per-type breakdown (spec §5.1) is not all "unknown".
+    types = ("answer_type", "question_type")
+    return [{"question_id": a["question_id"], "answers": list(a["answer"]), **{k: a[k] for k in types if k in a}}
+            for a in anns]  # fmt: skip
 
 
 def _score_vqa(preds: dict, gt: Any, gqa: bool, lemmatize: bool) -> dict | None:

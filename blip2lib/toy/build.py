@@ -32,7 +32,7 @@ from . import world, writers
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = "2"  # 2: OPT word-embedding init (emb_std), 4 questions per description, longer ViT
+BUILDER_VERSION = "3"  # 2: OPT embedding init, 4 questions per description, longer ViT; 3: VQA list types
 # Sizes: "full" is the default world (target ≤ 3 min on 2 cores, NOT yet met: see README); "tiny" is for fast
 # tests of the machinery only.
 SIZES: dict[str, dict[str, int]] = {

@@ -157,6 +157,8 @@ def _vqa_files(root: Path, split: SplitData, seed: int) -> list[dict]:
             "answer": r["answers"],
             "image": r["image"],
             "dataset": "vqa",
+            "question_type": r["family"],  # extra keys (not in LAVIS lists): per-family VQA accuracy in reports
+            "answer_type": world.answer_type(r["family"]),
         }
         for r in records
     ]

@@ -100,6 +100,17 @@ TINY_VQA = VQADecoding(prompt="question : {} answer :", num_beams=2, max_new_tok
 # VQA
 
 
+def test_vqa_breakdown_uses_types_carried_by_the_dataset_list(tmp_path):
+    ds = vqa_data(tmp_path / "data", n=3)
+    for a, (at, qt) in zip(ds.annotation, [("other", "attribute"), ("number", "count"), ("other", "relation")]):
+        a["answer_type"], a["question_type"] = at, qt
+    prompts = [f"Question: {q} Answer:" for q in ("what colour is the dog?", "how many cats?", "what is on the mat?")]
+    res = run_vqa(StubVQA(dict(zip(prompts, ["red", "3", "blue"]))), ds, VQADecoding.paper("opt"), batch_size=3,
+                  out_dir=tmp_path / "out", split_name="vqa_val_eval", progress=False)  # fmt: skip
+    assert res["metrics"]["per_answer_type"] == {"other": 50.0, "number": 0.0}
+    assert res["metrics"]["per_question_type"] == {"attribute": 100.0, "count": 0.0, "relation": 0.0}
+
+
 def test_vqa_scores_hand_worked_and_records_configuration(tmp_path):
     ds = vqa_data(tmp_path / "data", n=3)
     prompts = [f"Question: {q} Answer:" for q in ("what colour is the dog?", "how many cats?", "what is on the mat?")]

@@ -239,6 +239,9 @@ def test_read_back_through_blip2lib_readers(tiny):
     ann, img_root = files("vqa_val_eval")
     vqa = readers.VQAEvalDataset(img_root, ann)
     assert len(vqa) == 4 * 6 and vqa[0]["image"].size == (64, 64)
+    fams = {a["question_type"] for a in vqa.annotation}  # toy extra keys → per-family VQA accuracy in the reports
+    assert fams <= set(world.FAMILIES) and len(fams) >= 3
+    assert all(a["answer_type"] == world.answer_type(a["question_type"]) for a in vqa.annotation)
     ann, img_root = files("vqa_train")
     assert readers.VQADataset(img_root, ann)[0]["weights"]
     ann, img_root = files("gqa_testdev")
