@@ -203,7 +203,7 @@ def train_opt(
             tick()
         if step % 100 == 0:
             log.info("opt step %d loss %.4f", step, loss.item())
-        if tick and hasattr(tick, "evaluate") and (step + 1) % getattr(tick, "every", 300) == 0:
+        if tick and hasattr(tick, "evaluate") and (step + 1) % 300 == 0:
             tick.evaluate(model)
             model.train()
     return model.eval()
@@ -240,7 +240,7 @@ def train_t5(
             tick()
         if step % 100 == 0:
             log.info("t5 step %d loss %.4f", step, loss.item())
-        if tick and hasattr(tick, "evaluate") and (step + 1) % getattr(tick, "every", 300) == 0:
+        if tick and hasattr(tick, "evaluate") and (step + 1) % 300 == 0:
             tick.evaluate(model)
             model.train()
     return model.eval()
