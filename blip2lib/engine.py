@@ -86,11 +86,29 @@ class _BatchStream:
         return batch
 
 
-class _JsonlLog:
-    """Append-only JSONL log on the main rank; on resume, drops records past the resumed step."""
+def _tensorboard_writer(folder: Path, resume_step: int | None):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:  # torch's wrapper imports the tensorboard package itself
+        raise ImportError(
+            "tensorboard=True needs the `tensorboard` package: pip install tensorboard (or -e '.[all]')"
+        ) from err
+    # purge_step: after a resume, TensorBoard hides the events the killed run wrote past the checkpoint
+    return SummaryWriter(str(folder), purge_step=None if resume_step is None else resume_step + 1, flush_secs=10)
 
-    def __init__(self, path: str | Path | None, resume_step: int | None):
+
+class _JsonlLog:
+    """Append-only JSONL log on the main rank; on resume, drops records past the resumed step.
+
+    Optionally mirrored to TensorBoard: a step record's numeric fields as ``train/<key>``, validation metrics as
+    ``val/<key>``.
+    """
+
+    def __init__(self, path: str | Path | None, resume_step: int | None, tensorboard_dir: str | Path | None = None):
         self.path = Path(path) if path and dist.is_main() else None
+        self.tb = (
+            _tensorboard_writer(Path(tensorboard_dir), resume_step) if tensorboard_dir and dist.is_main() else None
+        )
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,6 +120,15 @@ class _JsonlLog:
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            prefix, values = ("val", record["eval"]) if "eval" in record else ("train", record)
+            for key, value in values.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(f"{prefix}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
 
 
 def _optimizer_step(optimizer, scaler, clip_norm: float | None) -> float | None:
@@ -151,6 +178,7 @@ def run_loop(
     config: dict | None = None,
     keep_last: int = 3,
     apply_layer_decay: bool = True,
+    tensorboard_dir: str | Path | None = None,
 ) -> dict:
     """Train ``task`` for ``steps`` optimizer steps (resuming from the newest checkpoint in ``ckpt_dir``).
 
@@ -184,6 +212,7 @@ def run_loop(
         config: Resolved run config recorded in checkpoint manifests.
         keep_last: Checkpoints kept (plus the best one).
         apply_layer_decay: Multiply by each group's ``lr_scale`` (paper) or not (LAVIS, spec §10.9).
+        tensorboard_dir: Also write the step records' scalars there (main rank; None: no TensorBoard).
 
     Returns:
         ``{"step", "skipped_steps", "last", "best", "checkpoint", "resumed_from", "position"}``.
@@ -207,7 +236,7 @@ def run_loop(
         # each rank gets back its own RNG stream; with another world size, rank 0's state is all we have
         rng = ranks[dist.get_rank()] if len(ranks) == dist.get_world_size() else st["rng"]
         log.info("resumed from %s at step %d (sample position %d)", ck, step, position)
-    jlog = _JsonlLog(log_path, step if resumed else None)
+    jlog = _JsonlLog(log_path, step if resumed else None, tensorboard_dir)
     stream = _BatchStream(loader_factory, position)
     if rng is not None:  # after the factory call, so its RNG use cannot shift the restored state
         set_rng_state(rng)
@@ -256,6 +285,7 @@ def run_loop(
             if bad >= max_bad_steps:
                 bad_dir = (ckpt_dir.parent if ckpt_dir is not None else Path(log_path).parent) / "bad_batch"
                 _dump_bad_batch(bad_dir, batches, rec, model, config)
+                jlog.close()
                 raise NonFiniteLossError(
                     f"{bad} consecutive non-finite losses (last at step {step}: {last}); batch and state in {bad_dir}"
                 )
@@ -282,5 +312,6 @@ def run_loop(
                 ckpt_path = str(path)
             dist.barrier()
     bar.close()
+    jlog.close()
     return {"step": step, "skipped_steps": skipped, "last": last, "best": best, "checkpoint": ckpt_path,
             "resumed_from": resumed, "position": stream.position}  # fmt: skip

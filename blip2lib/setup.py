@@ -282,16 +282,20 @@ def _load_one(model: torch.nn.Module, path: str, skip: set | None = None) -> dic
 # Data
 
 
-def _train_dataset(params, comps: dict, bad: BadSampleLog):
+def _transforms(params) -> tuple:
+    """``(image transform, text processor)`` of the training data."""
     # The toy world encodes left/right in its captions: a flip (or a tight crop) would make them wrong.
     if params.augment == "none":
         transform = image_eval_transform(params.image_size)
     else:
         transform = image_train_transform(params.image_size, flip=params.augment == "paper")
     if params.stage == "vqa_ft":
-        text = QuestionProcessor()
-    else:
-        text = CaptionProcessor(prompt=f"{params.prompt} " if params.prompt else "")
+        return transform, QuestionProcessor()
+    return transform, CaptionProcessor(prompt=f"{params.prompt} " if params.prompt else "")
+
+
+def _train_dataset(params, comps: dict, bad: BadSampleLog):
+    transform, text = _transforms(params)
     spec = params.train_data
     if spec == "synthetic":
         from .testing import SyntheticImageText
@@ -319,18 +323,99 @@ def _top_answer(batch: dict) -> dict:
     return batch
 
 
+def is_shard_spec(spec: str) -> bool:
+    """``train_data`` names WebDataset tar shards: a ``.tar`` path, brace notation or a comma-separated list."""
+    return any(part.strip().endswith(".tar") or ".tar}" in part for part in spec.split(","))
+
+
+def _shard_urls(params) -> list[str]:
+    """Brace-expanded shard list; local shards must exist (webdataset would otherwise retry them forever)."""
+    from braceexpand import braceexpand  # a webdataset dependency
+
+    # Relative shard paths live under data_root like annotation files; absolute paths and explicit URLs pass as
+    # given (a remote URL is only ever read because the user wrote it into the params).
+    root = Path(params.data_root or ".")
+    urls = []
+    for part in (p.strip() for p in params.train_data.split(",") if p.strip()):
+        for url in braceexpand(part):
+            urls.append(url if "://" in url or url.startswith(("pipe:", "/")) else str(root / url))
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise FileNotFoundError(
+            f"train_data={params.train_data!r}: {len(missing)} of {len(urls)} shards missing: {shown}"
+        )
+    return urls
+
+
+def _shard_factory(params, bad: BadSampleLog, text, transform, to_device):
+    """Loader factory over resampled shards (spec §3.4 web data), exact to the sample position.
+
+    Epoch ``e`` is the deterministic stream ``make_shard_dataset(seed=seed + e, resampled=True)`` cut to
+    ``shard_epoch_samples`` per rank (split evenly over the DataLoader workers, whole batches only). Resuming at a
+    position inside an epoch replays that epoch's stream and discards the batches already consumed: exact, at the
+    cost of re-reading them once (log line says how many).
+    """
+    from .data import make_shard_dataset
+
+    if params.shard_epoch_samples <= 0:
+        raise ValueError(
+            f"train_data={params.train_data!r} names tar shards: set shard_epoch_samples (samples per rank and "
+            "epoch, e.g. the dataset size / world size) so the run has epochs and an exact resume position"
+        )
+    workers = max(1, params.num_workers)
+    per_worker = (params.shard_epoch_samples // workers // params.batch_size) * params.batch_size
+    if per_worker == 0:
+        raise ValueError(
+            f"shard_epoch_samples={params.shard_epoch_samples} is less than batch_size={params.batch_size} per "
+            f"DataLoader worker ({workers} workers)"
+        )
+    usable, urls = per_worker * workers, _shard_urls(params)
+
+    def factory(position: int):
+        epoch, offset = divmod(position, usable)
+        ds = make_shard_dataset(
+            urls, transform, text, resampled=True, seed=params.seed + epoch,
+            shuffle_buffer=params.shuffle_buffer, epoch_samples=per_worker, bad_log=bad,
+        )  # fmt: skip
+        g = torch.Generator().manual_seed(params.seed * 1000 + epoch)  # DataLoader seeds: never the global RNG
+        loader = DataLoader(
+            ds, batch_size=params.batch_size, num_workers=params.num_workers, collate_fn=Collate(bad),
+            drop_last=True, persistent_workers=False, generator=g,
+        )  # fmt: skip
+        skip = offset // params.batch_size
+        if skip:
+            log.info("shards: replaying %d batches of epoch %d to reach sample position %d", skip, epoch, position)
+        for i, batch in enumerate(loader):
+            if i < skip:  # consumed (and their bad samples counted) before the checkpoint
+                continue
+            if batch.get("batch_size", 1):
+                bad.absorb(batch)
+                yield to_device(batch)
+
+    return factory
+
+
 def build_data(params, comps: dict, device: torch.device) -> dict:
     """``loader_factory(position)`` for the engine (resumable, rank-aware), the bad-sample log, eval transform."""
     bad = BadSampleLog()
+
+    def to_device(batch: dict) -> dict:
+        batch = _top_answer(batch)
+        return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    if is_shard_spec(params.train_data):
+        if params.stage in ("vqa_ft", "retrieval_ft"):
+            raise ValueError(f"stage {params.stage} needs annotation files (question/image ids), not tar shards")
+        transform, text = _transforms(params)
+        factory = _shard_factory(params, bad, text, transform, to_device)
+        return {"loader_factory": factory, "bad_log": bad, "dataset": None,
+                "eval_transform": image_eval_transform(params.image_size)}  # fmt: skip
     ds = _train_dataset(params, comps, bad)
     per_rank = len(ds) // dist.get_world_size()  # drop_last sampler: samples per rank and epoch
     usable = (per_rank // params.batch_size) * params.batch_size  # full batches only (DataLoader drop_last)
     if usable == 0:
         raise ValueError(f"train_data has {len(ds)} samples: fewer than batch_size={params.batch_size} per rank")
-
-    def to_device(batch: dict) -> dict:
-        batch = _top_answer(batch)
-        return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def factory(position: int):
         epoch, offset = divmod(position, usable)  # the sample position alone decides where to continue

@@ -12,6 +12,11 @@ Several GPUs on one node (``launch.run_training`` builds exactly this command fr
 Several nodes: the same module on every node with ``--nnodes=N --node_rank=i --rdzv_backend=c10d
 --rdzv_endpoint=HOST:PORT`` instead of ``--standalone``. ``batch_size`` is per GPU; the global batch is
 ``batch_size × grad_accum × world size`` (paper stage 1: 1680 for ViT-g, spec §7).
+
+Data (``train_data``): the toy world, an annotation file / manifest under ``data_root``, or WebDataset tar shards
+(``"laion/{000000..000999}.tar"``, with ``shard_epoch_samples`` per rank; see ``setup.build_data``). Logs:
+``<run_dir>/log.jsonl`` every step, ``val.jsonl`` per validation, and with ``tensorboard: true`` the same scalars
+under ``<run_dir>/tensorboard``.
 """
 
 from __future__ import annotations
@@ -54,7 +59,9 @@ class TrainParams(Params):
     augment: str = "paper"  # paper (random crop 0.5-1 + flip) | crop (no flip) | none (eval resize: toy world)
     freeze_vit: bool = True  # False in the fine-tunings (ViT fp32, spec §10.18)
     grad_checkpointing: bool = False  # ViT gradient checkpointing when it is trained
-    train_data: str = "toy"  # "toy", "synthetic", an annotation file / manifest under data_root, or shard urls
+    train_data: str = "toy"  # "toy", "synthetic", an annotation file / manifest under data_root, or tar shards
+    shard_epoch_samples: int = 0  # tar-shard train_data: samples per rank and epoch (shards are resampled)
+    shuffle_buffer: int = 1000  # tar-shard train_data: sample shuffle buffer (0 keeps the shard order)
     images_root: str = ""  # image folder under data_root for annotation files
     val_data: str = ""  # validation annotation file ("toy" → the toy val split; "" → none)
     val_images: int = 64  # validation subset size (images)
@@ -83,6 +90,7 @@ class TrainParams(Params):
     keep_last: int = 2  # checkpoints kept
     max_bad_steps: int = 10  # consecutive non-finite steps before stopping
     progress: bool = True  # tqdm bar on rank 0
+    tensorboard: bool = False  # also write the log's scalars to <run_dir>/tensorboard (needs `tensorboard`)
 
     def validate_values(self) -> TrainParams:
         """Semantic checks that types alone cannot express."""
@@ -178,6 +186,7 @@ def train(params: TrainParams, run_dir: str | Path | None = None) -> RunResult:
         config=config,
         keep_last=params.keep_last,
         apply_layer_decay=params.apply_layer_decay,
+        tensorboard_dir=run_dir / "tensorboard" if params.tensorboard else None,
     )
     summary["init"] = init_report
     summary["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)

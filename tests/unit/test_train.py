@@ -104,3 +104,112 @@ def test_vqa_finetune_takes_query_path_from_stage2_and_text_path_from_stage1(tmp
     assert len(init["files"]) == 2 and all(k.startswith("vision_model.") for k in init["fresh"])
     assert "language_projection.weight" in init["keys"] and "embeddings.word_embeddings.weight" in init["keys"]
     assert any(".intermediate.dense" in k for k in init["keys"])  # the text FFN comes from stage 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tar-shard training data (paper §3.4 web data) and TensorBoard
+
+
+def _write_shards(folder, n=14, bad=(5,)):
+    """``n`` random 28-px JPEG samples with captions over the tiny vocabulary; ``bad`` indices hold broken bytes."""
+    import io
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    from blip2lib.testing import WORDS
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with wds.ShardWriter(str(folder / "part-%04d.tar"), maxcount=5, verbose=0) as sink:
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(buf, format="JPEG")
+            words = [WORDS[j] for j in rng.integers(0, len(WORDS) - 4, 4)]
+            sink.write({"__key__": f"k{i:03d}", "jpg": b"\xff\xd8 broken" if i in bad else buf.getvalue(),
+                        "txt": " ".join(words)})  # fmt: skip
+    return sorted(p.name for p in folder.glob("*.tar"))
+
+
+def _shard_params(root, **kw):
+    base = dict(train_data="shards/part-{0000..0002}.tar", data_root=str(root), shard_epoch_samples=12,
+                shuffle_buffer=4, steps=7, eval_every=0, val_data="", augment="none")  # fmt: skip
+    return _params("stage1", **{**base, **kw})
+
+
+def test_shard_training_resumes_exactly_across_epochs(tmp_path, monkeypatch):
+    assert _write_shards(tmp_path / "shards") == ["part-0000.tar", "part-0001.tar", "part-0002.tar"]
+    # 12 samples per epoch, batch 4: 3 steps per epoch, so 7 steps cross two epoch boundaries
+    full = train(_shard_params(tmp_path), tmp_path / "full")
+    recs = [json.loads(x) for x in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    assert [r["position"] for r in recs] == [4 * (i + 1) for i in range(7)]
+    assert full.summary["bad_samples"] >= 1  # the broken JPEG was drawn (resampled shards) and skipped, not fatal
+    calls = {"n": 0}
+    original = tasks_mod.Stage1Task.forward
+
+    def dying(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 6:  # dies in step 6: last checkpoint at step 4, mid-way through the second epoch
+            raise KeyboardInterrupt("killed")
+        return original(self, batch)
+
+    monkeypatch.setattr(tasks_mod.Stage1Task, "forward", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(_shard_params(tmp_path), tmp_path / "killed")
+    monkeypatch.setattr(tasks_mod.Stage1Task, "forward", original)
+    resumed = train(_shard_params(tmp_path), tmp_path / "killed")
+    assert resumed.summary["resumed_from"].endswith("ckpt-4")
+    a, b = _trainable(full.model), _trainable(resumed.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lb = [json.loads(x) for x in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in recs] == [r["loss"] for r in lb]
+
+
+def test_shard_epochs_differ_and_bad_params_are_named(tmp_path):
+    from blip2lib.setup import build_data, is_shard_spec
+
+    _write_shards(tmp_path / "shards", bad=())
+    assert is_shard_spec("a/{000..009}.tar") and is_shard_spec("x.tar, y.tar") and not is_shard_spec("ann.json")
+    data = build_data(_shard_params(tmp_path), {}, torch.device("cpu"))
+    texts = [t for batch in data["loader_factory"](0) for t in batch["text_input"]]
+    again = [t for batch in data["loader_factory"](12) for t in batch["text_input"]]  # the next epoch
+    assert len(texts) == len(again) == 12 and texts != again
+    resumed = [t for batch in data["loader_factory"](8) for t in batch["text_input"]]
+    assert resumed == texts[8:]  # a position inside an epoch continues that epoch's stream exactly
+    # two DataLoader workers: 12 // 2 workers = 6 -> 4 whole-batch samples each, so an epoch is 8 samples
+    two = build_data(_shard_params(tmp_path, num_workers=2), {}, torch.device("cpu"))["loader_factory"]
+    texts2 = [t for batch in two(0) for t in batch["text_input"]]
+    assert len(texts2) == 8 and [t for batch in two(4) for t in batch["text_input"]] == texts2[4:]
+    with pytest.raises(ValueError, match="set shard_epoch_samples"):
+        build_data(_shard_params(tmp_path, shard_epoch_samples=0), {}, torch.device("cpu"))
+    with pytest.raises(ValueError, match="stage retrieval_ft needs annotation files"):
+        p = _shard_params(tmp_path)
+        p.stage = "retrieval_ft"
+        build_data(p, {}, torch.device("cpu"))
+
+
+def test_tensorboard_mirrors_the_jsonl_log(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(_params("stage1", steps=4, tensorboard=True), tmp_path)
+    recs = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    steps = [r for r in recs if "loss" in r]
+    for key in ("loss", "itc_loss", "itm_loss", "itg_loss", "lr", "samples_per_s"):
+        got = [(e.step, e.value) for e in acc.Scalars(f"train/{key}")]
+        assert got == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in steps]
+    evals = [r for r in recs if "eval" in r]
+    assert [e.step for e in acc.Scalars("val/val_txt_r1_itc")] == [r["step"] for r in evals] == [2, 4]
+    assert acc.Scalars("val/val_itm_acc")[-1].value == pytest.approx(evals[-1]["eval"]["val_itm_acc"], rel=1e-6)
+    assert "train/skipped" not in tags  # booleans are not plotted
+
+
+def test_missing_shards_are_named_not_retried_forever(tmp_path):
+    from blip2lib.setup import build_data
+
+    _write_shards(tmp_path / "shards", n=5)  # only part-0000.tar exists
+    with pytest.raises(FileNotFoundError, match=r"2 of 3 shards missing: .*part-0001.tar, .*part-0002.tar"):
+        build_data(_shard_params(tmp_path), {}, torch.device("cpu"))
