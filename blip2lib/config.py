@@ -262,6 +262,37 @@ class ParamsError(ValueError):
     """A params file or override is invalid (message names the file and key)."""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key given twice in one mapping (plain YAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):  # noqa: D102
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (first on line {seen[key] + 1})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_params_yaml(path: str | Path) -> dict:
+    """Read a flat params YAML file: a mapping, no duplicate keys; errors name the file (and line).
+
+    Raises:
+        ParamsError: invalid YAML, a duplicate key, or a top level that is not a mapping.
+    """
+    path = Path(path)
+    try:
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of flat keys, got {type(data).__name__}")
+    return data
+
+
 def _check_type(value: Any, tp: Any) -> bool:
     origin = typing.get_origin(tp)
     if tp is Any:
@@ -309,14 +340,7 @@ class Params:
     @classmethod
     def from_yaml(cls, path: str | Path) -> Params:
         """Load and validate a flat YAML params file."""
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ParamsError(f"{path}: invalid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ParamsError(f"{path}: expected a mapping of flat keys, got {type(data).__name__}")
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(load_params_yaml(path), source=str(path))
 
     @classmethod
     def from_namespace(cls, ns: dict) -> Params:

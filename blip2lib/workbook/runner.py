@@ -25,9 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from ..config import ParamsError
+from ..config import ParamsError, load_params_yaml
 from .report import render_html
 from .run import REPO_ROOT
 from .schemas import schema_for
@@ -92,13 +90,13 @@ def load_params(path: Path) -> dict:
     except KeyError as e:
         raise ParamsError(f"{path}: {e.args[0]}") from None
     params = schema.from_yaml(path)  # unknown key / wrong type → ParamsError naming file and key
-    given = yaml.safe_load(path.read_text()) or {}
+    given = load_params_yaml(path)
     return {k: getattr(params, k) for k in given}
 
 
 def _upstream_metrics(job: Job, root: Path) -> list[Path]:
     """``metrics.json`` of the runs this job reads: ``*_run`` keys, or every run of the variant for collectors."""
-    values = yaml.safe_load(job.params_path.read_text()) or {}
+    values = load_params_yaml(job.params_path)
     found = [Path(v) if Path(v).is_absolute() else root / v for k, v in sorted(values.items())
              if k.endswith("_run") and isinstance(v, str) and v]  # fmt: skip
     found = [d / "metrics.json" for d in found]

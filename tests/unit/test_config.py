@@ -28,6 +28,16 @@ def test_params_unknown_key_names_file_and_key(tmp_path):
         _DemoParams.from_yaml(p)
 
 
+def test_params_duplicate_key_names_file_key_and_both_lines(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("lr: 1.0e-4\nsteps: 3\n# a comment\nlr: 2.0e-4\n")
+    with pytest.raises(ParamsError, match=r"dup\.yaml: invalid YAML: key 'lr' given twice \(first on line 1\)") as e:
+        _DemoParams.from_yaml(p)
+    assert "line 4" in str(e.value)
+    p.write_text("lr: 1.0e-4\nsteps: 3\n")
+    assert _DemoParams.from_yaml(p).steps == 3
+
+
 @pytest.mark.parametrize(
     "text,key",
     [
