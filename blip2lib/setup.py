@@ -169,7 +169,10 @@ def build_model_and_task(params, device: torch.device):
             qformer_question=params.stage == "vqa_ft",
             seed=params.seed,
         )
-        comps.update(best_key="val_lm_loss", higher_is_better=False)
+        if params.stage == "vqa_ft":
+            comps.update(best_key="val_vqa_acc", higher_is_better=True)
+        else:
+            comps.update(best_key="val_lm_loss", higher_is_better=False)
     else:
         task = Stage1Task(model, comps["qformer_tokenizer"], max_txt_len=params.max_txt_len, use_itg=params.use_itg)
         comps.update(best_key="val_r_mean_itc", higher_is_better=True)

@@ -64,7 +64,7 @@ class TrainParams(Params):
     shuffle_buffer: int = 1000  # tar-shard train_data: sample shuffle buffer (0 keeps the shard order)
     images_root: str = ""  # image folder under data_root for annotation files
     val_data: str = ""  # validation annotation file ("toy" → the toy val split; "" → none)
-    val_images: int = 64  # validation subset size (images)
+    val_images: int = 64  # validation subset size (images; questions for vqa_ft)
     steps: int = 100  # optimizer steps (paper: 250k stage 1, 80k stage 2)
     batch_size: int = 32  # per GPU
     grad_accum: int = 1  # micro-batches per step

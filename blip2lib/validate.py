@@ -1,9 +1,11 @@
 """Periodic validation and the health checks users ask for (user_needs rows 5–6): is this run learning?
 
 Stage 1 / retrieval FT: a zero-shot retrieval probe on a fixed validation subset (ITC and ITC+ITM re-ranking,
-R@1/5 both directions, spec §4.3) and ITM accuracy against the constant predictor. Stage 2 / generative FT:
+R@1/5 both directions, spec §4.3) and ITM accuracy against the constant predictor. Stage 2 / caption FT:
 validation LM loss, the image-shuffle control (the loss must rise when images are shuffled: the soft prompt
-carries the image) and a few generated captions with their diversity (unique / N).
+carries the image) and a few generated captions with their diversity (unique / N). VQA FT: greedy answers to a
+fixed subset of validation questions, scored with the official VQA accuracy (spec §5.1) against the constant
+predictor that always gives the most frequent validation answer.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from . import dist
 from .evaluate.retrieval import recall_at_k, rerank_scores
+from .evaluate.vqa import normalize_answer, vqa_accuracy
 
 
 def _val_set(params, data: dict) -> dict | None:
@@ -54,6 +57,66 @@ def _val_set(params, data: dict) -> dict | None:
             txt2img.append(new_i)
             texts.append(ds.text[t])
     return {"images": images, "texts": texts, "txt2img": txt2img, "img2txt": img2txt}
+
+
+def _vqa_val_set(params, data: dict) -> dict | None:
+    """The first ``val_images`` validation questions (LAVIS VQA eval format: ``answer`` = annotator answers)."""
+    spec, n = params.val_data, params.val_images
+    if not spec:
+        return None
+    from .data import QuestionProcessor, VQAEvalDataset
+
+    if spec == "synthetic":
+        from .testing import SyntheticImageText
+
+        items = [SyntheticImageText(n, params.image_size, seed=params.seed + 1, vqa=True)[i] for i in range(n)]
+        return {"images": torch.stack([it["image"] for it in items]), "questions": [it["text_input"] for it in items],
+                "answers": [it["answers"] for it in items]}  # fmt: skip
+    if spec == "toy":
+        from .setup import toy_world
+
+        world = toy_world(params)
+        root, ann = world.images_dir, world.annotations["vqa_val_eval"]
+    else:
+        root, ann = Path(params.data_root or ".") / params.images_root, Path(params.data_root or ".") / spec
+    ds = VQAEvalDataset(root, [ann], transform=data["eval_transform"], text_processor=QuestionProcessor())
+    images, questions, answers = [], [], []
+    for i in range(len(ds)):
+        answer = ds.annotation[i].get("answer")
+        if not isinstance(answer, list) or not answer:
+            raise ValueError(f"{ann}: question {i} has no 'answer' list, so VQA validation cannot score it")
+        sample = ds[i]
+        if sample is not None:
+            images.append(sample["image"])
+            questions.append(sample["text_input"])
+            answers.append([str(a) for a in answer])
+        if len(images) == n:
+            break
+    return {"images": torch.stack(images), "questions": questions, "answers": answers}
+
+
+@torch.no_grad()
+def vqa_probe(model, val: dict, device, template: str, batch: int = 64) -> dict:
+    """Greedy answers (≤ 10 new tokens) with the question also in the Q-Former (spec §4.2), official accuracy."""
+    preds = []
+    for i in range(0, len(val["questions"]), batch):
+        qs = val["questions"][i : i + batch]
+        imgs = val["images"][i : i + batch].to(device)
+        preds += model.generate(imgs, [template.format(q) for q in qs], questions=qs, num_beams=1,
+                                max_new_tokens=10, min_new_tokens=1)  # fmt: skip
+    acc = [vqa_accuracy(p, a) for p, a in zip(preds, val["answers"])]
+    tally: dict[str, int] = {}
+    for a in val["answers"]:
+        for x in a:
+            tally[normalize_answer(x)] = tally.get(normalize_answer(x), 0) + 1
+    constant = max(tally, key=lambda k: (tally[k], k))  # the most frequent validation answer
+    const_acc = [vqa_accuracy(constant, a) for a in val["answers"]]
+    return {
+        "val_vqa_acc": 100.0 * sum(acc) / len(acc),
+        "val_vqa_acc_constant": 100.0 * sum(const_acc) / len(const_acc),
+        "val_answer_diversity": len({normalize_answer(p) for p in preds}) / len(preds),
+        "val_answers": preds[:8],
+    }
 
 
 @torch.no_grad()
@@ -122,7 +185,8 @@ def lm_health(model, task, val: dict, device, batch: int = 32, n_captions: int =
 
 def make_eval_fn(params, model, task, comps: dict, data: dict, device, run_dir: Path) -> Callable[[int], dict] | None:
     """The engine's ``eval_fn(step) -> metrics`` for this stage (None when there is no validation set)."""
-    val = _val_set(params, data) if params.stage != "vqa_ft" else None  # VQA FT is validated by the VQA table
+    vqa = params.stage == "vqa_ft"
+    val = _vqa_val_set(params, data) if vqa else _val_set(params, data)
     if val is None:
         return None
     generative = hasattr(model, "language_model")
@@ -130,7 +194,9 @@ def make_eval_fn(params, model, task, comps: dict, data: dict, device, run_dir: 
     def eval_fn(step: int) -> dict:
         was = model.training
         core_task = task.module if hasattr(task, "module") else task
-        if generative:
+        if vqa:
+            m = vqa_probe(model, val, device, params.question_template)
+        elif generative:
             m = lm_health(model, core_task, val, device, prompt=params.prompt)
         else:
             m = retrieval_probe(model, comps["qformer_tokenizer"], val, device)

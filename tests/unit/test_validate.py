@@ -1,0 +1,55 @@
+"""Periodic validation probes: the VQA fine-tuning probe's scoring and its constant-answer baseline."""
+
+import json
+
+import pytest
+import torch
+
+from blip2lib.validate import vqa_probe
+
+
+class _FakeVQAModel:
+    """Answers from a fixed list; records what ``generate`` was given."""
+
+    def __init__(self, answers):
+        self.answers, self.calls = answers, []
+
+    def generate(self, images, prompts, questions=None, **decoding):
+        self.calls.append({"n": len(images), "prompts": prompts, "questions": questions, **decoding})
+        start = sum(c["n"] for c in self.calls[:-1])
+        return self.answers[start : start + len(images)]
+
+
+def test_vqa_probe_scores_with_official_accuracy_and_a_constant_baseline():
+    val = {
+        "images": torch.zeros(3, 3, 4, 4),
+        "questions": ["what colour is it?", "what colour is the square?", "what shape is it?"],
+        "answers": [["red"] * 10, ["blue"] * 2 + ["red"] * 8, ["circle"] * 10],
+    }
+    model = _FakeVQAModel(["Red", "blue", "square"])
+    out = vqa_probe(model, val, torch.device("cpu"), "Question: {} Answer:", batch=2)
+    # q1: 1; q2: "blue" given by 2 of 10 -> (2 * 1/3 + 8 * 2/3) / 10 = 0.6; q3: 0  -> 1.6 / 3
+    assert out["val_vqa_acc"] == pytest.approx(100 * 1.6 / 3)
+    # most frequent answer over the set: "red" (18 of 30) -> q1 1, q2 1 (8 of 10 say red), q3 0
+    assert out["val_vqa_acc_constant"] == pytest.approx(100 * 2 / 3)
+    assert out["val_answer_diversity"] == 1.0 and out["val_answers"] == ["Red", "blue", "square"]
+    assert [c["n"] for c in model.calls] == [2, 1]  # batched
+    first = model.calls[0]
+    assert first["prompts"] == ["Question: what colour is it? Answer:", "Question: what colour is the square? Answer:"]
+    assert first["questions"] == val["questions"][:2]  # the question also goes through the Q-Former (spec §4.2)
+    assert first["num_beams"] == 1 and first["max_new_tokens"] == 10
+
+
+def test_vqa_finetune_validates_and_keeps_the_best_by_vqa_accuracy(tmp_path):
+    from blip2lib.train import TrainParams, train
+
+    params = TrainParams(stage="vqa_ft", model="tiny", llm="opt", train_data="synthetic", val_data="synthetic",
+                         val_images=6, steps=2, batch_size=4, warmup_steps=1, image_size=28, max_txt_len=12,
+                         progress=False, ckpt_every=2, eval_every=1)  # fmt: skip
+    r = train(params, tmp_path)
+    val = [json.loads(line) for line in (tmp_path / "val.jsonl").read_text().splitlines()]
+    assert [v["step"] for v in val] == [1, 2]
+    for v in val:
+        assert 0.0 <= v["val_vqa_acc"] <= 100.0 and len(v["val_answers"]) == 6
+    assert r.summary["best"]["key"] == "val_vqa_acc"
+    assert r.summary["best"]["metric"] == max(v["val_vqa_acc"] for v in val)
