@@ -40,6 +40,7 @@ def run_ablation(params, run_dir: str | Path) -> dict[str, dict[int, dict]]:
                 data_root=data_root,
                 batch_size=params.batch_size,
                 progress=False,
+                **params.eval_settings,
             )["m"]
             out[variant][seed] = {k[2:]: v for k, v in flat_metrics(res, "m").items()}
     return out

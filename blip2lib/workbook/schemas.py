@@ -273,6 +273,7 @@ class _AblationParams(Params):
     metrics: list[str] = field(default_factory=list)  # metrics summarised per variant (mean and spread)
     toy_world: str = "full"  # toy world size when data_root is empty: full | tiny
     batch_size: int = 16  # evaluation batch
+    eval_settings: dict = field(default_factory=dict)  # more keys of the eval task's params, e.g. {k: 16}
     paper_targets: dict = field(default_factory=dict)  # recorded metric → paper_targets.yaml id
     goals: dict = field(default_factory=dict)  # recorded metric → toy goal
 

@@ -319,3 +319,19 @@ def test_failed_run_keeps_notebook_renders_failure_page_and_exits_nonzero(root, 
     assert json.loads((job.run_dir / "status.json").read_text())["status"] == "failed"
     index = (job.report.parent / "index.html").read_text()
     assert "failed" in index and f'href="{PROBE}.html"' not in index
+
+
+def test_ablation_passes_eval_settings_to_every_evaluation(tmp_path):
+    from blip2lib.workbook.ablation import run_ablation
+    from blip2lib.workbook.schemas import ITGAblationParams
+
+    params = ITGAblationParams.from_yaml("params/45_ablation_itg/smoke.yaml")
+    params.eval_settings = {"k": 3}
+    out = run_ablation(params, tmp_path)
+    assert set(out) == {"itc_itm", "itc_itm_itg"} and all(set(v) == {0} for v in out.values())
+    for variant in out:
+        result = json.loads((tmp_path / variant / "seed0" / "eval" / "m" / "result.json").read_text())
+        assert result["config"]["k"] == 3 and result["config"]["fusion"] == "itm+itc"
+    params.eval_settings = {"kk": 3}
+    with pytest.raises(ParamsError, match="unknown key 'kk'"):
+        run_ablation(params, tmp_path / "bad")
