@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import logging
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -137,6 +138,14 @@ def _context(job: Job, root: Path, status: str, wall: float) -> dict:
     }
 
 
+def _finished(run_dir: Path) -> bool:
+    """The folder holds a run that completed (``status.json`` says ok)."""
+    try:
+        return json.loads((run_dir / "status.json").read_text()).get("status") == "ok"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, default=str))
 
@@ -167,9 +176,14 @@ def run(params_path: str | Path, force: bool = False, root: Path = REPO_ROOT, ru
     if not force and is_current(job, root):
         log.info("[skip] %s: outputs are current (use --force to redo)", job.run_id)
         return job
+    if _finished(job.run_dir):
+        # A finished run redone (--force, or changed params / notebook / upstream runs) must train again from
+        # scratch: resuming its final checkpoint would report the old training under the new params.
+        log.info("[redo] %s: clearing the previous finished run in %s", job.run_id, job.run_dir)
+        shutil.rmtree(job.run_dir)
     job.run_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("executed.ipynb", "metrics.json", "status.json", "failed.html", ".inputs.sha256"):
-        (job.run_dir / stale).unlink(missing_ok=True)  # checkpoints and logs stay (resume)
+        (job.run_dir / stale).unlink(missing_ok=True)  # a failed / killed run keeps checkpoints and logs (resume)
     _write_json(job.run_dir / "job.json", {"run_id": job.run_id, "notebook": job.notebook.stem,
                                            "variant": job.variant, "params_file": str(job.params_path),
                                            "runs_root": str(job.run_dir.parents[1]), "report": str(job.report),

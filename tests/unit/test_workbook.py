@@ -300,8 +300,10 @@ def test_run_skips_current_outputs_and_force_reruns(root):
     assert (job.report.parent / "index.html").exists()
     assert main(["run", str(params), "--root", str(root), "--no-progress"]) == 0
     assert count.read_text() == "x"  # skipped: outputs are current
+    (job.run_dir / "checkpoints").mkdir()  # a finished run's training state must not be resumed by a redo
     assert main(["run", str(params), "--root", str(root), "--no-progress", "--force"]) == 0
-    assert count.read_text() == "xx"
+    assert count.read_text() == "xx" and not (job.run_dir / "checkpoints").exists()
+    assert json.loads((job.run_dir / "status.json").read_text())["status"] == "ok"
 
 
 @pytest.mark.notebook
@@ -319,6 +321,9 @@ def test_failed_run_keeps_notebook_renders_failure_page_and_exits_nonzero(root, 
     assert json.loads((job.run_dir / "status.json").read_text())["status"] == "failed"
     index = (job.report.parent / "index.html").read_text()
     assert "failed" in index and f'href="{PROBE}.html"' not in index
+    (job.run_dir / "checkpoints").mkdir()  # a failed run keeps its training state for the retry to resume
+    assert main(["run", str(params), "--root", str(root), "--no-progress"]) == 1
+    assert (job.run_dir / "checkpoints").is_dir()
 
 
 def test_ablation_passes_eval_settings_to_every_evaluation(tmp_path):
