@@ -179,6 +179,7 @@ def run_loop(
     keep_last: int = 3,
     apply_layer_decay: bool = True,
     tensorboard_dir: str | Path | None = None,
+    eval_at_start: bool = False,
 ) -> dict:
     """Train ``task`` for ``steps`` optimizer steps (resuming from the newest checkpoint in ``ckpt_dir``).
 
@@ -213,6 +214,8 @@ def run_loop(
         keep_last: Checkpoints kept (plus the best one).
         apply_layer_decay: Multiply by each group's ``lr_scale`` (paper) or not (LAVIS, spec §10.9).
         tensorboard_dir: Also write the step records' scalars there (main rank; None: no TensorBoard).
+        eval_at_start: A fresh run also calls ``eval_fn(0)`` before its first step (logged as step 0), so every
+            validation curve starts from the untrained model; not used for best tracking.
 
     Returns:
         ``{"step", "skipped_steps", "last", "best", "checkpoint", "resumed_from", "position"}``.
@@ -243,6 +246,10 @@ def run_loop(
     if isinstance(task, nn.Module):
         task.train()
     optimizer.zero_grad(set_to_none=True)
+    if eval_fn is not None and eval_at_start and step == 0 and steps > 0:
+        jlog.write({"step": 0, "eval": eval_fn(0)})
+        if isinstance(task, nn.Module):
+            task.train()
     bar = tqdm(total=steps, initial=step, disable=not (progress and dist.is_main()), dynamic_ncols=True)
     last, ckpt_path = {}, resumed
     while step < steps:

@@ -87,6 +87,7 @@ class TrainParams(Params):
     use_itg: bool = True  # Table 6 ablation switch (retrieval FT)
     ckpt_every: int = 0  # steps between checkpoints (0 → only at the end)
     eval_every: int = 0  # steps between validations (0 → only at the end)
+    eval_at_start: bool = True  # also validate before the first step, so each validation curve has a true start
     keep_last: int = 2  # checkpoints kept
     max_bad_steps: int = 10  # consecutive non-finite steps before stopping
     progress: bool = True  # tqdm bar on rank 0
@@ -187,6 +188,7 @@ def train(params: TrainParams, run_dir: str | Path | None = None) -> RunResult:
         keep_last=params.keep_last,
         apply_layer_decay=params.apply_layer_decay,
         tensorboard_dir=run_dir / "tensorboard" if params.tensorboard else None,
+        eval_at_start=params.eval_at_start,
     )
     summary["init"] = init_report
     summary["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)

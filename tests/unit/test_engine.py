@@ -223,6 +223,25 @@ def test_eval_hook_best_tracking_and_log_fields(tmp_path):
     assert 0.0 <= step["data_wait_frac"] <= 1.0 and step["lr"] == pytest.approx(1e-4)
 
 
+def test_eval_at_start_logs_step_zero_once_and_is_never_best(tmp_path):
+    scores = {0: 5.0, 2: 0.5, 4: 0.9, 6: 0.7}  # the untrained start scores highest on purpose
+    calls = []
+
+    def eval_fn(s):
+        calls.append(s)
+        return {"acc": scores[s]}
+
+    kw = dict(steps=6, grad_accum=1, ckpt_every=2, eval_every=2, eval_fn=eval_fn, best_key="acc", eval_at_start=True)
+    with pytest.raises(Kill):  # dies in step 5, after the step-4 checkpoint
+        _run(tmp_path, wrapper=lambda t: Faulty(t, kill_at=5), **kw)
+    assert calls == [0, 2, 4]
+    _, out = _run(tmp_path, **kw)  # the resumed run does not evaluate its "start" again
+    assert calls == [0, 2, 4, 6] and out["resumed_from"].endswith("ckpt-4")
+    assert out["best"] == {"step": 4, "metric": 0.9, "key": "acc"}
+    recs = [json.loads(ln) for ln in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["eval"]["acc"]) for r in recs if "eval" in r] == [(0, 5.0), (2, 0.5), (4, 0.9), (6, 0.7)]
+
+
 def test_bf16_autocast_runs(tmp_path):
     _, out = _run(tmp_path, steps=2, grad_accum=1, amp_dtype="bf16", clip_norm=1.0)
     rec = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
