@@ -107,9 +107,17 @@ def _upstream_metrics(job: Job, root: Path) -> list[Path]:
     return found
 
 
+LIBRARY_ROOT = Path(__file__).resolve().parents[1]  # blip2lib/: its code is an input of every run
+
+
 def _inputs_digest(job: Job, root: Path = REPO_ROOT) -> str:
+    """Hash of what a run's outputs depend on: params file, notebook, upstream metrics and the library's code.
+
+    The library is included so that a changed training recipe or toy-world builder re-runs the steps (and their
+    dependants) instead of leaving reports of the old code marked current.
+    """
     h = hashlib.sha256()
-    for f in (job.params_path, job.notebook, *_upstream_metrics(job, root)):
+    for f in (job.params_path, job.notebook, *_upstream_metrics(job, root), *sorted(LIBRARY_ROOT.rglob("*.py"))):
         h.update(str(f.name).encode())
         h.update(f.read_bytes() if f.exists() else b"<missing>")
     return h.hexdigest()

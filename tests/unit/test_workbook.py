@@ -284,6 +284,23 @@ def test_build_index_links_existing_reports_and_counts_verdicts(tmp_path):
 # ---- the runner end to end (papermill) ------------------------------------------------------------------------
 
 
+def test_inputs_digest_follows_params_notebook_and_library_code(root, tmp_path, monkeypatch):
+    from blip2lib.workbook import runner
+
+    lib = tmp_path / "lib"
+    (lib / "sub").mkdir(parents=True)
+    (lib / "sub" / "a.py").write_text("x = 1\n")
+    monkeypatch.setattr(runner, "LIBRARY_ROOT", lib)
+    job = job_for(root / "params" / PROBE / "smoke.yaml", root=root)
+    first = _inputs_digest(job, root)
+    assert _inputs_digest(job, root) == first
+    (lib / "sub" / "a.py").write_text("x = 2\n")  # a library edit makes every run stale
+    second = _inputs_digest(job, root)
+    assert second != first
+    job.params_path.write_text("seed: 2  # test\n")
+    assert _inputs_digest(job, root) not in (first, second)
+
+
 @pytest.mark.notebook
 @pytest.mark.timeout(120)
 def test_run_skips_current_outputs_and_force_reruns(root):
