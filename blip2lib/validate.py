@@ -21,6 +21,17 @@ from .evaluate.retrieval import recall_at_k, rerank_scores
 from .evaluate.vqa import normalize_answer, vqa_accuracy
 
 
+def _val_files(params, toy_name: str) -> tuple[Path, Path]:
+    """``(image root, annotation file)`` of ``val_data``: the toy world's ``toy_name`` split or a file."""
+    if params.val_data == "toy":
+        from .setup import toy_world
+
+        world = toy_world(params)
+        return world.images_dir, world.annotations[toy_name]
+    root = Path(params.data_root or ".")
+    return root / params.images_root, root / params.val_data
+
+
 def _val_set(params, data: dict) -> dict | None:
     """Validation images (tensor, eval transform), captions and the txt2img / img2txt maps."""
     spec = params.val_data
@@ -37,13 +48,7 @@ def _val_set(params, data: dict) -> dict | None:
         return {"images": images, "texts": texts, "txt2img": list(range(n)), "img2txt": [[i] for i in range(n)]}
     from .data import CaptionProcessor, RetrievalEvalDataset
 
-    if spec == "toy":
-        from .setup import toy_world
-
-        world = toy_world(params)
-        root, ann = world.images_dir, world.annotations["coco_karpathy_val"]
-    else:
-        root, ann = Path(params.data_root or ".") / params.images_root, Path(params.data_root or ".") / spec
+    root, ann = _val_files(params, "coco_karpathy_val")
     ds = RetrievalEvalDataset(root, [ann], transform=data["eval_transform"], text_processor=CaptionProcessor())
     idx = [i for i in range(min(n, len(ds)))]
     samples = [ds[i] for i in idx]
@@ -72,13 +77,7 @@ def _vqa_val_set(params, data: dict) -> dict | None:
         items = [SyntheticImageText(n, params.image_size, seed=params.seed + 1, vqa=True)[i] for i in range(n)]
         return {"images": torch.stack([it["image"] for it in items]), "questions": [it["text_input"] for it in items],
                 "answers": [it["answers"] for it in items]}  # fmt: skip
-    if spec == "toy":
-        from .setup import toy_world
-
-        world = toy_world(params)
-        root, ann = world.images_dir, world.annotations["vqa_val_eval"]
-    else:
-        root, ann = Path(params.data_root or ".") / params.images_root, Path(params.data_root or ".") / spec
+    root, ann = _val_files(params, "vqa_val_eval")
     ds = VQAEvalDataset(root, [ann], transform=data["eval_transform"], text_processor=QuestionProcessor())
     images, questions, answers = [], [], []
     for i in range(len(ds)):
