@@ -302,7 +302,7 @@ def run_loop(
             if isinstance(task, nn.Module):
                 task.train()
             jlog.write({"step": step, "eval": metrics})
-            if best_key is not None:
+            if best_key is not None and best_key in metrics:  # a probe may skip (e.g. no Java for CIDEr)
                 metric = float(metrics[best_key])
                 better = best is None or (metric > best["metric"] if higher_is_better else metric < best["metric"])
                 if better:

@@ -171,6 +171,8 @@ def build_model_and_task(params, device: torch.device):
         )
         if params.stage == "vqa_ft":
             comps.update(best_key="val_vqa_acc", higher_is_better=True)
+        elif params.stage == "caption_ft":  # LAVIS caption_coco: agg_metrics = CIDEr + BLEU-4
+            comps.update(best_key="val_cider_plus_bleu4", higher_is_better=True)
         else:
             comps.update(best_key="val_lm_loss", higher_is_better=False)
     else:

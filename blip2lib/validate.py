@@ -3,7 +3,9 @@
 Stage 1 / retrieval FT: a zero-shot retrieval probe on a fixed validation subset (ITC and ITC+ITM re-ranking,
 R@1/5 both directions, spec §4.3) and ITM accuracy against the constant predictor. Stage 2 / caption FT:
 validation LM loss, the image-shuffle control (the loss must rise when images are shuffled: the soft prompt
-carries the image) and a few generated captions with their diversity (unique / N). VQA FT: greedy answers to a
+carries the image) and a few generated captions with their diversity (unique / N); caption FT also CIDEr and
+BLEU-4 of greedy captions for every validation image (LAVIS selects caption fine-tuning checkpoints by CIDEr +
+BLEU-4). VQA FT: greedy answers to a
 fixed subset of validation questions, scored with the official VQA accuracy (spec §5.1) against the constant
 predictor that always gives the most frequent validation answer.
 """
@@ -11,6 +13,7 @@ predictor that always gives the most frequent validation answer.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +22,8 @@ import torch
 from . import dist
 from .evaluate.retrieval import recall_at_k, rerank_scores
 from .evaluate.vqa import normalize_answer, vqa_accuracy
+
+log = logging.getLogger(__name__)
 
 
 def _val_files(params, toy_name: str) -> tuple[Path, Path]:
@@ -182,6 +187,29 @@ def lm_health(model, task, val: dict, device, batch: int = 32, n_captions: int =
     return out
 
 
+@torch.no_grad()
+def caption_probe(model, val: dict, device, prompt: str = "", batch: int = 64) -> dict:
+    """Greedy captions (≤ 30 new tokens) of every validation image scored against its references (spec §5.2).
+
+    Greedy rather than the paper's beam 5 keeps validation cheap; the table notebooks use the paper's decoding.
+    Needs Java for the PTB tokenizer, like the official scorer; without it the probe is skipped with a warning.
+    """
+    from .evaluate.caption import JavaNotFoundError, coco_caption_scores
+
+    n = len(val["images"])
+    caps = []
+    for i in range(0, n, batch):
+        caps += model.generate(val["images"][i : i + batch].to(device), prompt, num_beams=1, max_new_tokens=30,
+                               min_new_tokens=1)  # fmt: skip
+    refs = {i: [val["texts"][t] for t in val["img2txt"][i]] for i in range(n)}
+    try:
+        sc = coco_caption_scores(dict(enumerate(caps)), refs, metrics=("BLEU", "CIDEr"))
+    except JavaNotFoundError as err:
+        log.warning("caption validation skipped: %s", err)
+        return {}
+    return {"val_cider": sc["CIDEr"], "val_bleu4": sc["Bleu_4"], "val_cider_plus_bleu4": sc["CIDEr"] + sc["Bleu_4"]}
+
+
 def make_eval_fn(params, model, task, comps: dict, data: dict, device, run_dir: Path) -> Callable[[int], dict] | None:
     """The engine's ``eval_fn(step) -> metrics`` for this stage (None when there is no validation set)."""
     vqa = params.stage == "vqa_ft"
@@ -197,6 +225,8 @@ def make_eval_fn(params, model, task, comps: dict, data: dict, device, run_dir: 
             m = vqa_probe(model, val, device, params.question_template)
         elif generative:
             m = lm_health(model, core_task, val, device, prompt=params.prompt)
+            if params.stage == "caption_ft":
+                m.update(caption_probe(model, val, device, prompt=params.prompt))
         else:
             m = retrieval_probe(model, comps["qformer_tokenizer"], val, device)
         if dist.is_main():

@@ -54,3 +54,43 @@ def test_vqa_finetune_validates_and_keeps_the_best_by_vqa_accuracy(tmp_path):
     assert r.summary["best"]["key"] == "val_vqa_acc"
     assert r.summary["best"]["metric"] == max(v["val_vqa_acc"] for v in val if v["step"] > 0)
     assert r.summary["best"]["step"] in (1, 2)  # the start is a reference, never the "best" checkpoint
+
+
+class _FakeCaptioner:
+    def __init__(self, captions):
+        self.captions, self.prompts = captions, []
+
+    def generate(self, images, prompt, **decoding):
+        self.prompts.append(prompt)
+        return self.captions[: len(images)]  # one batch: every validation image
+
+
+def test_caption_probe_scores_greedy_captions_against_all_references():
+    from blip2lib.evaluate.caption import coco_caption_scores
+    from blip2lib.validate import caption_probe
+
+    texts = ["a red circle", "a small red circle", "a blue square", "a large blue square", "two green triangles"]
+    val = {"images": torch.zeros(3, 3, 4, 4), "texts": texts, "img2txt": [[0, 1], [2, 3], [4]]}
+    preds = ["a small red circle", "a blue circle", "two green triangles"]
+    out = caption_probe(_FakeCaptioner(preds), val, torch.device("cpu"), prompt="a photo of")
+    refs = {0: texts[:2], 1: texts[2:4], 2: texts[4:]}
+    ref = coco_caption_scores(dict(enumerate(preds)), refs, metrics=("BLEU", "CIDEr"))
+    assert out["val_cider"] == pytest.approx(ref["CIDEr"]) and out["val_bleu4"] == pytest.approx(ref["Bleu_4"])
+    assert out["val_cider_plus_bleu4"] == pytest.approx(ref["CIDEr"] + ref["Bleu_4"])
+    perfect = caption_probe(_FakeCaptioner(["a red circle", "a blue square", "two green triangles"]), val,
+                            torch.device("cpu"))  # fmt: skip
+    assert perfect["val_cider"] > out["val_cider"]
+
+
+def test_caption_finetune_keeps_the_best_by_cider_plus_bleu4(tmp_path):
+    from blip2lib.train import TrainParams, train
+
+    params = TrainParams(stage="caption_ft", model="tiny", llm="opt", train_data="synthetic", val_data="synthetic",
+                         val_images=6, steps=2, batch_size=4, warmup_steps=1, image_size=28, max_txt_len=12,
+                         progress=False, ckpt_every=2, eval_every=1, prompt="a photo of")  # fmt: skip
+    r = train(params, tmp_path)
+    val = [json.loads(line) for line in (tmp_path / "val.jsonl").read_text().splitlines()]
+    assert [v["step"] for v in val] == [0, 1, 2]
+    assert all(v["val_cider_plus_bleu4"] == pytest.approx(v["val_cider"] + v["val_bleu4"]) for v in val)
+    assert r.summary["best"]["key"] == "val_cider_plus_bleu4"
+    assert r.summary["best"]["metric"] == max(v["val_cider_plus_bleu4"] for v in val if v["step"] > 0)
