@@ -95,15 +95,35 @@ def load_params(path: Path) -> dict:
     return {k: getattr(params, k) for k in given}
 
 
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]  # init_from may list two folders
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
 def _upstream_metrics(job: Job, root: Path) -> list[Path]:
-    """``metrics.json`` of the runs this job reads: ``*_run`` keys, or every run of the variant for collectors."""
-    values = load_params_yaml(job.params_path)
-    found = [Path(v) if Path(v).is_absolute() else root / v for k, v in sorted(values.items())
-             if k.endswith("_run") and isinstance(v, str) and v]  # fmt: skip
-    found = [d / "metrics.json" for d in found]
+    """``metrics.json`` of the runs this job reads, or of every run of the variant for collectors.
+
+    A run is read when any params value (``*_run``, ``init_from``, ``checkpoints`` entries, an ablation's
+    ``base`` …) names a folder inside another run of the runs root, e.g. ``runs/20_stage2_pretrain/toy/opt``.
+    """
+    runs_root = job.run_dir.parents[1].resolve()
+    found: list[Path] = []
+    for text in _strings(load_params_yaml(job.params_path)):
+        path = (Path(text) if Path(text).is_absolute() else root / text).resolve()
+        if path == runs_root or runs_root not in path.parents:
+            continue
+        parts = path.relative_to(runs_root).parts
+        run = runs_root.joinpath(*parts[:2]) if len(parts) >= 2 else None  # runs/<notebook>/<variant>
+        if run is not None and run != job.run_dir.resolve() and run / "metrics.json" not in found:
+            found.append(run / "metrics.json")
     if getattr(schema_for(job.notebook.stem), "collects_variant", False):
         found += [m for m in sorted(job.run_dir.parents[1].glob(f"*/{job.variant}/metrics.json"))
-                  if m.parent != job.run_dir]  # fmt: skip
+                  if m.parent != job.run_dir and m.resolve() not in found]  # fmt: skip
     return found
 
 

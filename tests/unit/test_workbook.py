@@ -301,6 +301,21 @@ def test_inputs_digest_follows_params_notebook_and_library_code(root, tmp_path, 
     assert _inputs_digest(job, root) not in (first, second)
 
 
+def test_upstream_runs_are_found_in_any_params_value(root):
+    from blip2lib.workbook.runner import _upstream_metrics
+
+    (root / "params" / PROBE / "down.yaml").write_text(
+        "stage1_run: runs/07_probe/up/checkpoints/x, runs/07_probe/up2\n"
+    )
+    job = job_for(root / "params" / PROBE / "down.yaml", root=root)
+    runs = (root / "runs" / PROBE).resolve()
+    assert _upstream_metrics(job, root) == [runs / "up" / "metrics.json", runs / "up2" / "metrics.json"]
+    before = _inputs_digest(job, root)
+    (runs / "up").mkdir(parents=True)
+    (runs / "up" / "metrics.json").write_text("{}")  # an upstream run (re)written: this step is stale
+    assert _inputs_digest(job, root) != before
+
+
 @pytest.mark.notebook
 @pytest.mark.timeout(120)
 def test_run_skips_current_outputs_and_force_reruns(root):
