@@ -7,6 +7,7 @@ Model sources: ``tiny`` (random, seconds; smoke tests), ``toy`` (the embedded to
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from pathlib import Path
 
@@ -328,6 +329,14 @@ def _top_answer(batch: dict) -> dict:
     return batch
 
 
+def _deliver(batches, bad: BadSampleLog, to_device):
+    """Count each batch's dropped samples, skip batches left empty by them, move the rest to the device."""
+    for batch in batches:
+        if batch.get("batch_size", 1):
+            bad.absorb(batch)
+            yield to_device(batch)
+
+
 def is_shard_spec(spec: str) -> bool:
     """``train_data`` names WebDataset tar shards: a ``.tar`` path, brace notation or a comma-separated list."""
     return any(part.strip().endswith(".tar") or ".tar}" in part for part in spec.split(","))
@@ -339,12 +348,15 @@ def _shard_urls(params) -> list[str]:
 
     # Relative shard paths live under data_root like annotation files; absolute paths and explicit URLs pass as
     # given (a remote URL is only ever read because the user wrote it into the params).
+    def remote(url: str) -> bool:
+        return "://" in url or url.startswith("pipe:")
+
     root = Path(params.data_root or ".")
     urls = []
     for part in (p.strip() for p in params.train_data.split(",") if p.strip()):
         for url in braceexpand(part):
-            urls.append(url if "://" in url or url.startswith(("pipe:", "/")) else str(root / url))
-    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
+            urls.append(url if remote(url) or url.startswith("/") else str(root / url))
+    missing = [u for u in urls if not remote(u) and not Path(u).is_file()]
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise FileNotFoundError(
@@ -391,12 +403,7 @@ def _shard_factory(params, bad: BadSampleLog, text, transform, to_device):
         skip = offset // params.batch_size
         if skip:
             log.info("shards: replaying %d batches of epoch %d to reach sample position %d", skip, epoch, position)
-        for i, batch in enumerate(loader):
-            if i < skip:  # consumed (and their bad samples counted) before the checkpoint
-                continue
-            if batch.get("batch_size", 1):
-                bad.absorb(batch)
-                yield to_device(batch)
+        yield from _deliver(itertools.islice(loader, skip, None), bad, to_device)  # skipped: consumed before
 
     return factory
 
@@ -439,10 +446,7 @@ def build_data(params, comps: dict, device: torch.device) -> dict:
             persistent_workers=False,
             pin_memory=device.type == "cuda",
         )
-        for batch in loader:
-            if batch.get("batch_size", 1):
-                bad.absorb(batch)
-                yield to_device(batch)
+        yield from _deliver(loader, bad, to_device)
 
     return {
         "loader_factory": factory,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -79,7 +80,8 @@ def _vqa_val_set(params, data: dict) -> dict | None:
     if spec == "synthetic":
         from .testing import SyntheticImageText
 
-        items = [SyntheticImageText(n, params.image_size, seed=params.seed + 1, vqa=True)[i] for i in range(n)]
+        ds = SyntheticImageText(n, params.image_size, seed=params.seed + 1, vqa=True)
+        items = [ds[i] for i in range(n)]
         return {"images": torch.stack([it["image"] for it in items]), "questions": [it["text_input"] for it in items],
                 "answers": [it["answers"] for it in items]}  # fmt: skip
     root, ann = _val_files(params, "vqa_val_eval")
@@ -109,10 +111,7 @@ def vqa_probe(model, val: dict, device, template: str, batch: int = 64) -> dict:
         preds += model.generate(imgs, [template.format(q) for q in qs], questions=qs, num_beams=1,
                                 max_new_tokens=10, min_new_tokens=1)  # fmt: skip
     acc = [vqa_accuracy(p, a) for p, a in zip(preds, val["answers"])]
-    tally: dict[str, int] = {}
-    for a in val["answers"]:
-        for x in a:
-            tally[normalize_answer(x)] = tally.get(normalize_answer(x), 0) + 1
+    tally = Counter(normalize_answer(x) for a in val["answers"] for x in a)
     constant = max(tally, key=lambda k: (tally[k], k))  # the most frequent validation answer
     const_acc = [vqa_accuracy(constant, a) for a in val["answers"]]
     return {
