@@ -1,11 +1,12 @@
 """The toy world's scenes: sampling, rendering, captions, questions and splits (the paper in miniature).
 
 A scene is 1–4 objects placed in 4 fixed left→right slots of a 64×64 image; each object has a shape, a colour, a
-size and a vertical position. Captions list the objects left→right (5 paraphrase templates per scene, like COCO's
-5 captions), questions need grounding (attribute, counting, existence, relation) and carry 10 annotator answers
-with realistic disagreement ("2" vs "two", the odd wrong answer), so the official VQA accuracy (spec §5.1) means
-something. The ``novel`` split holds scenes containing (colour, shape) pairs that never occur in the train/val/test
-scenes — the toy analogue of NoCaps' zero-shot transfer (spec §5.2). Everything is a pure function of a seed.
+size and a position (its slot, and a row of the tower's 8-px patch grid). Captions list the objects left→right (5
+paraphrase templates per scene, like COCO's 5 captions), questions need grounding (attribute, counting, existence,
+relation) and carry 10 annotator answers with realistic disagreement ("2" vs "two", the odd wrong answer), so the
+official VQA accuracy (spec §5.1) means something. The ``novel`` split holds scenes containing (colour, shape) pairs
+that never occur in the train/val/test scenes — the toy analogue of NoCaps' zero-shot transfer (spec §5.2).
+Everything is a pure function of a seed.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 FAMILIES = ("attribute", "count", "exist", "relation")  # question families = VQA question_type
 _ANSWER_TYPE = {"attribute": "other", "count": "number", "exist": "yes/no", "relation": "other"}
 _RGB = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 75, 215), "yellow": (225, 195, 35)}
-_RADIUS = {"small": 3.6, "large": 6.6}  # px; a large object spans ~2 patches of 8 px, a small one ~1
+_RADIUS = {"small": 3.6, "large": 6.6}  # px; a small object fits one 8-px patch, a large one spans 2 × 2 patches
 # P(number of objects = 1, 2, 3, 4): few single-object scenes, whose captions are the least distinctive.
 _N_OBJ_P = (0.1, 0.25, 0.3, 0.35)
 NUM_CLASSES = 1 + len(SHAPES) * len(COLOURS) * len(SIZES)  # 0 = empty/background, then (shape, colour, size)
@@ -111,11 +112,23 @@ def sample_scene(rng: np.random.Generator, image_id: int, split: str) -> Scene:
             if split == "any" or (novel if k == forced else not novel):
                 break
         size = SIZES[rng.integers(2)]
-        r = _RADIUS[size]
-        x = slot * SLOT_PX + SLOT_PX // 2 + int(rng.integers(-1, 2))
-        y = int(rng.integers(int(np.ceil(r)) + 2, IMAGE_SIZE - int(np.ceil(r)) - 2))
+        x, y = _grid_position(slot, size, rng)
         objs.append(Obj(slot, shape, colour, size, x, y))
     return Scene(image_id, split, tuple(objs))
+
+
+def _grid_position(slot: int, size: str, rng: np.random.Generator) -> tuple[int, int]:
+    """Pixel centre on the tower's 8-px patch grid (a slot is 2 patch columns).
+
+    Why the grid: with free positions every object straddled patch borders and each patch saw a fragment, so the
+    tiny ViT's patch tokens told shapes apart poorly (measured: slot probe 78.67%, shape 71.88%; 400 pretraining
+    steps: 42% of object patches classified right). A small object now sits inside one patch (centre of patch
+    column 2·slot or 2·slot + 1, any row) and a large one on the corner of 2 × 2 patches (each patch sees a
+    quadrant whose outline still names the shape): 100% of patches right after 400 steps.
+    """
+    if size == "small":
+        return slot * SLOT_PX + 4 + 8 * int(rng.integers(2)), 4 + 8 * int(rng.integers(IMAGE_SIZE // 8))
+    return slot * SLOT_PX + SLOT_PX // 2, 8 * int(rng.integers(1, IMAGE_SIZE // 8))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -148,15 +161,23 @@ def render(scene: Scene, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarr
         8-px patch (0 = background; an object needs ≥ 8 of the 64 pixels), the ViT's dense pretraining target.
     """
     img = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 232.0) + rng.normal(0, 5, (IMAGE_SIZE, IMAGE_SIZE, 1))
+    for o in scene.objects:
+        img[_mask(o)] = np.asarray(_RGB[o.colour], dtype=float) + rng.normal(0, 10, 3)
+    return np.clip(img, 0, 255).round().astype(np.uint8), patch_labels(scene)
+
+
+def patch_labels(scene: Scene) -> np.ndarray:
+    """(8, 8) class of the object covering most of each 8-px patch (0 = background; ≥ 8 of its 64 pixels).
+
+    A function of the geometry only (no noise), so a probe can label any scene without re-rendering it.
+    """
     best = np.zeros((8, 8))
     labels = np.zeros((8, 8), dtype=np.int64)
     for o in scene.objects:
-        m = _mask(o)
-        img[m] = np.asarray(_RGB[o.colour], dtype=float) + rng.normal(0, 10, 3)
-        cover = m.reshape(8, 8, 8, 8).sum(axis=(1, 3))  # (8, 8) pixels of this object per patch
+        cover = _mask(o).reshape(8, 8, 8, 8).sum(axis=(1, 3))  # (8, 8) pixels of this object per patch
         take = (cover >= 8) & (cover > best)
         labels[take], best[take] = o.cls, cover[take]
-    return np.clip(img, 0, 255).round().astype(np.uint8), labels
+    return labels
 
 
 def jpeg_bytes(image: np.ndarray) -> bytes:
