@@ -1,7 +1,7 @@
 """``make demo``: build the embedded toy world and run the whole ``toy`` variant, then print the index report.
 
-Runs every ``params/*/toy.yaml`` in notebook order (stage 0 → stage 1 → stage 2 OPT and T5 → fine-tunings → every
-table → summary) through the papermill runner, skipping steps whose outputs are current.
+Runs every ``params/*/toy.yaml`` (stage 0 → stage 1 → stage 2 OPT and T5 → fine-tunings → every table → summary)
+through the papermill runner, two at a time in dependency order, skipping steps whose outputs are current.
 """
 
 from __future__ import annotations
@@ -21,16 +21,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", default="toy", help="params variant to run (default: toy)")
     ap.add_argument("--force", action="store_true", help="redo steps whose outputs are current")
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="no per-cell progress bar")
+    ap.add_argument("-j", "--jobs", type=int, default=2,
+                    help="notebooks executed at once, each on cpu_count/jobs threads (default 2: the toy models are "
+                         "too small for 2 threads to help one notebook much)")  # fmt: skip
     args = ap.parse_args(argv)
     if not logging.getLogger().handlers:  # the runner's "[run ] / [done] / [skip]" lines
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     steps = variant_params(args.variant)
-    print(f"==> blip2-workbook demo: {len(steps)} notebooks of the '{args.variant}' variant, in order:")
+    print(
+        f"==> blip2-workbook demo: {len(steps)} notebooks of the '{args.variant}' variant, {args.jobs} at a time "
+        "(a step starts once the runs it reads are done):"
+    )
     for p in steps:
         print(f"    {p.relative_to(REPO_ROOT)}")
     t0 = time.time()
     try:
-        jobs = run_all(args.variant, force=args.force, progress=args.progress)
+        jobs = run_all(args.variant, force=args.force, progress=args.progress, jobs=args.jobs)
     except RuntimeError as e:
         print(f"==> demo stopped: {e}", file=sys.stderr)
         return 1

@@ -5,7 +5,7 @@ The params file's path alone decides everything: ``params/<notebook>/<variant>.y
 ``reports/<variant>/<notebook>.html`` (input cells hidden). Usage::
 
     python -m blip2lib.workbook run params/10_stage1_pretrain/toy.yaml [--force]
-    python -m blip2lib.workbook run-all toy [--force]          # every notebook with a toy.yaml, in order
+    python -m blip2lib.workbook run-all toy [--force] [-j 2]   # every notebook with a toy.yaml, in order
     python -m blip2lib.workbook validate                       # check every params file against its schema
 
 A run folder holds ``executed.ipynb``, ``metrics.json``, ``config.resolved.yaml``, ``env.json``, ``job.json`` (where
@@ -20,8 +20,10 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,7 @@ from .schemas import schema_for
 from .summary import build_index
 
 log = logging.getLogger(__name__)
+_INDEX_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,7 @@ def _upstream_metrics(job: Job, root: Path) -> list[Path]:
         run = runs_root.joinpath(*parts[:2]) if len(parts) >= 2 else None  # runs/<notebook>/<variant>
         if run is not None and run != job.run_dir.resolve() and run / "metrics.json" not in found:
             found.append(run / "metrics.json")
-    if getattr(schema_for(job.notebook.stem), "collects_variant", False):
+    if _collects(job):
         found += [m for m in sorted(job.run_dir.parents[1].glob(f"*/{job.variant}/metrics.json"))
                   if m.parent != job.run_dir and m.resolve() not in found]  # fmt: skip
     return found
@@ -231,7 +234,8 @@ def run(params_path: str | Path, force: bool = False, root: Path = REPO_ROOT, ru
         failed = job.run_dir / "failed.html"
         if executed.exists():
             render_html(executed, failed, hide_input=False, context=ctx)
-        build_index(job.run_dir.parents[1], job.report.parents[1], job.variant)
+        with _INDEX_LOCK:
+            build_index(job.run_dir.parents[1], job.report.parents[1], job.variant)
         raise RunFailed(
             f"{job.run_id} failed after {ctx['wall_time_s']:.0f} s: {type(e).__name__}: "
             f"{str(e).strip()[-800:]}\nexecuted notebook: {executed}\nfailure page: {failed}"
@@ -241,7 +245,8 @@ def run(params_path: str | Path, force: bool = False, root: Path = REPO_ROOT, ru
                                               "finished": ctx["finished"]})  # fmt: skip
     render_html(executed, job.report, context=ctx)
     (job.run_dir / ".inputs.sha256").write_text(_inputs_digest(job, root))
-    build_index(job.run_dir.parents[1], job.report.parents[1], job.variant)  # the index always lists this run
+    with _INDEX_LOCK:  # parallel run-all: one index writer at a time
+        build_index(job.run_dir.parents[1], job.report.parents[1], job.variant)  # the index always lists this run
     log.info("[done] %s in %.0f s → %s", job.run_id, ctx["wall_time_s"], job.report)
     return job
 
@@ -252,18 +257,100 @@ def variant_params(variant: str, root: Path = REPO_ROOT) -> list[Path]:
     return sorted((root / "params").glob(f"*/{variant}.yaml"), key=lambda p: p.parent.name)
 
 
+def _collects(job: Job) -> bool:
+    return getattr(schema_for(job.notebook.stem), "collects_variant", False)
+
+
+def _dependencies(jobs: list[Job], root: Path) -> dict[Job, set[Job]]:
+    """The steps each job must wait for: the runs its params name, the ``0x`` data steps, all others (collectors)."""
+    by_dir = {j.run_dir.resolve(): j for j in jobs}
+    reads = {j: {by_dir[m.parent.resolve()] for m in _upstream_metrics(j, root) if m.parent.resolve() in by_dir}
+             for j in jobs}  # fmt: skip
+    # 0x steps that read no run build the toy world / prepare datasets: everything else reads their outputs.
+    data_steps = {j for j in jobs if j.notebook.stem.startswith("0") and not reads[j] and not _collects(j)}
+    deps = {}
+    for j in jobs:
+        d = set(reads[j])
+        if _collects(j):
+            d |= {k for k in jobs if not _collects(k)}
+        if j not in data_steps:
+            d |= data_steps
+        deps[j] = d - {j}
+    return deps
+
+
 def run_all(variant: str, force: bool = False, root: Path = REPO_ROOT, runs: Path | None = None,
-            reports: Path | None = None, progress: bool = False) -> list[Job]:  # fmt: skip
+            reports: Path | None = None, progress: bool = False, jobs: int = 1) -> list[Job]:  # fmt: skip
     """Run a whole variant in dependency order, skipping current steps; stops at the first failure.
 
     Every executed step rebuilds ``reports/<variant>/index.html`` (a failed step shows as such, without a link).
+
+    Args:
+        variant: params variant (``toy``, ``smoke`` …).
+        force: redo current steps too.
+        root: repository root.
+        runs: runs root.
+        reports: reports root.
+        progress: papermill's per-cell bar (sequential runs only).
+        jobs: steps executed at once. With ``jobs > 1`` a step starts as soon as the steps it reads are done
+            (:func:`_dependencies`), each kernel gets ``cpu_count // jobs`` threads (``OMP_NUM_THREADS``), and a
+            failure lets the running steps finish but starts no new one. Why: the toy models are too small for
+            two threads to help much, so two single-threaded notebooks at once use 2 cores better.
     """
     paths = variant_params(variant, root)
     if not paths:
         raise FileNotFoundError(f"no params/*/{variant}.yaml files under {root}")
     for p in paths:  # validate everything before executing anything
         load_params(p)
-    return [run(p, force=force, root=root, runs=runs, reports=reports, progress=progress) for p in paths]
+    if jobs <= 1:
+        return [run(p, force=force, root=root, runs=runs, reports=reports, progress=progress) for p in paths]
+    return _run_parallel([job_for(p, root, runs, reports) for p in paths], jobs, force, root, runs, reports)
+
+
+def _run_parallel(todo: list[Job], jobs: int, force: bool, root: Path, runs: Path | None,
+                  reports: Path | None) -> list[Job]:  # fmt: skip
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    deps = _dependencies(todo, root)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by every kernel papermill starts from now on
+    log.info("[plan] %d steps, %d at a time, %d thread(s) per kernel", len(todo), jobs, threads)
+    done: set[Job] = set()
+    failure: BaseException | None = None
+    started: dict = {}
+    try:
+        with ThreadPoolExecutor(jobs) as pool:
+            while len(done) < len(todo):
+                if failure is None:
+                    for j in todo:
+                        if j not in done and j not in started.values() and deps[j] <= done and len(started) < jobs:
+                            fut = pool.submit(run, j.params_path, force=force, root=root, runs=runs, reports=reports)
+                            started[fut] = j
+                if not started:
+                    if failure is None:
+                        waiting = [j.run_id for j in todo if j not in done]
+                        raise RuntimeError(f"steps that can never start (circular inputs): {waiting}")
+                    break  # a failure stopped the launches and nothing is running
+                finished, _ = wait(list(started), timeout=60, return_when=FIRST_COMPLETED)
+                if not finished:
+                    log.info("[....] running: %s", ", ".join(j.run_id for j in started.values()))
+                for fut in finished:
+                    j = started.pop(fut)
+                    try:
+                        fut.result()
+                        done.add(j)
+                    except BaseException as e:  # keep the first failure; let the running steps finish
+                        failure = failure or e
+                        done.add(j)
+    finally:
+        if old is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+    if failure is not None:
+        raise failure
+    return todo
 
 
 def validate_all(root: Path = REPO_ROOT) -> int:
@@ -290,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--reports", type=Path, default=None, help="reports root (default <root>/reports)")
     common.add_argument("--force", action="store_true", help="run even when the outputs are current")
     common.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    common.add_argument("-j", "--jobs", type=int, default=1, help="run-all: steps executed at once (default 1)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("run", help="execute one params file", parents=[common]).add_argument("params")
     sub.add_parser("run-all", help="execute every notebook of a variant in order", parents=[common]).add_argument(
@@ -318,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "run":
             run(args.params, **kw)
         else:
-            jobs = run_all(args.variant, **kw)
+            jobs = run_all(args.variant, jobs=args.jobs, **kw)
             print(json.dumps({"reports": [str(j.report) for j in jobs]}, indent=2))
     except (ParamsError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

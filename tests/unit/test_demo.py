@@ -9,14 +9,14 @@ from blip2lib.workbook import runner
 def test_demo_runs_the_variant_in_order_and_reports_the_index(monkeypatch, capsys):
     calls = []
 
-    def fake_run_all(variant, force=False, progress=False, **kw):
-        calls.append((variant, force, progress))
+    def fake_run_all(variant, force=False, progress=False, jobs=1, **kw):
+        calls.append((variant, force, progress, jobs))
         return [runner.Job(params_path=Path(f"p/{variant}.yaml"), notebook=Path("n.ipynb"), run_dir=Path("runs/x"),
                            report=Path("reports/smoke/x.html"))]  # fmt: skip
 
     monkeypatch.setattr(runner, "run_all", fake_run_all)
     assert demo.main(["--variant", "smoke", "--force"]) == 0
-    assert calls == [("smoke", True, True)]
+    assert calls == [("smoke", True, True, 2)]  # two notebooks at a time by default
     out = capsys.readouterr().out
     assert "params/10_stage1_pretrain/smoke.yaml" in out and "demo finished" in out
 

@@ -372,3 +372,72 @@ def test_ablation_passes_eval_settings_to_every_evaluation(tmp_path):
     params.eval_settings = {"kk": 3}
     with pytest.raises(ParamsError, match="unknown key 'kk'"):
         run_ablation(params, tmp_path / "bad")
+
+
+def test_parallel_dependencies_of_the_toy_variant():
+    from blip2lib.workbook.run import REPO_ROOT
+    from blip2lib.workbook.runner import _dependencies, variant_params
+
+    jobs = [job_for(p) for p in variant_params("toy")]
+    deps = {j.notebook.stem: {d.notebook.stem for d in ds} for j, ds in _dependencies(jobs, REPO_ROOT).items()}
+    names = set(deps)
+    data = {"01_toy_world", "02_prepare_data"}
+    assert deps["01_toy_world"] == deps["02_prepare_data"] == set()
+    assert deps["10_stage1_pretrain"] == data
+    assert deps["20_stage2_pretrain"] == data | {"10_stage1_pretrain"}  # init_from names the stage-1 run
+    assert {"10_stage1_pretrain", "20_stage2_pretrain"} <= deps["00_explore"]  # it loads the trained models
+    assert "20_stage2_pretrain" in deps["41_zeroshot_vqa"]
+    assert deps["90_summary"] == names - {"90_summary"}
+    left = dict(deps)
+    while left:  # no cycles: some step can always start once its inputs are done
+        ready = [n for n, ds in left.items() if not ds & set(left)]
+        assert ready, left
+        for n in ready:
+            del left[n]
+
+
+def test_parallel_run_all_respects_inputs_and_stops_launching_after_a_failure(root, monkeypatch):
+    import os
+    import threading
+    import time
+
+    from blip2lib.workbook import runner
+
+    for name, text in {"a": "seed: 1\n", "b": "stage1_run: runs/07_probe/a\n", "c": "seed: 3\n",
+                       "d": "stage1_run: runs/07_probe/b\n"}.items():  # fmt: skip
+        (root / "params" / PROBE / f"{name}.yaml").write_text(text)
+    jobs = [job_for(root / "params" / PROBE / f"{n}.yaml", root=root) for n in "abcd"]
+    events, lock, running, peak, threads = [], threading.Lock(), [0], [0], set()
+
+    def fake_run(params_path, **kw):
+        name = params_path.stem
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            events.append(("start", name))
+            threads.add(os.environ.get("OMP_NUM_THREADS"))
+        time.sleep(0.2)
+        with lock:
+            running[0] -= 1
+            events.append(("end", name))
+        if name == fail_name:
+            raise runner.RunFailed(f"{name} broke")
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    fail_name = ""
+    assert runner._run_parallel(jobs, 2, False, root, None, None) == jobs
+    order = [n for e, n in events if e == "start"]
+    assert sorted(order) == list("abcd") and peak[0] == 2
+    assert (
+        events.index(("end", "a"))
+        < events.index(("start", "b"))
+        < events.index(("end", "b"))
+        < events.index(("start", "d"))
+    )
+    assert threads == {str(max(1, (os.cpu_count() or 1) // 2))} and "OMP_NUM_THREADS" not in os.environ
+    events.clear()
+    fail_name = "a"
+    with pytest.raises(runner.RunFailed, match="a broke"):
+        runner._run_parallel(jobs, 2, False, root, None, None)
+    assert {n for e, n in events if e == "end"} == {"a", "c"}  # c ran alongside; b and d never start
