@@ -14,11 +14,13 @@ import fcntl
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,9 +40,10 @@ from . import world, writers
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = "5"  # 2: OPT embedding init, 4 questions per description, longer ViT; 3: VQA list types;
+BUILDER_VERSION = "6"  # 2: OPT embedding init, 4 questions per description, longer ViT; 3: VQA list types;
 # 4: BERT with a paraphrase-contrastive [CLS]; 5: objects on the patch grid, per-patch probe, LLM batch 16 +
-# short-scenes-first curriculum, stage-0 models trained in 2 parallel single-threaded workers
+# short-scenes-first curriculum, stage-0 models trained in 2 parallel single-threaded workers; 6: no two scenes of an
+# evaluation split share a canonical caption (models unchanged)
 # Sizes: "full" is the default world (≤ 3 min on 2 cores is the target); "tiny" is for fast tests of the machinery.
 SIZES: dict[str, dict[str, int]] = {
     "full": dict(train=3000, val=300, test=300, novel=200, vit_images=3000, vit_steps=250, text_scenes=8000,
@@ -172,65 +175,71 @@ def _remove_dead_partials(folder: Path, name: str) -> None:
             pass
 
 
-# Stage-0 jobs, longest first: two single-threaded worker processes use the 2 cores better than one process with two
-# threads (these tiny models' matrices are too small to split well) and keep each model's weights independent of
-# how the jobs happen to be scheduled.
-_JOBS = ("opt", "t5", "vit", "bert")
-_COUNTER = None  # per-worker handle on the shared progress counter
+# Stage-0 models, two worker processes of ≈ equal work (measured: OPT 203 + BERT 62 s, T5 229 + ViT 51 s). Two
+# single-threaded processes use the 2 cores better than one process with two threads (these tiny models' matrices
+# are too small to split well), and each model's weights do not depend on the machine's thread count. The workers
+# are fresh interpreters (``python -m blip2lib.toy.stage0``), not multiprocessing children: a spawned child
+# re-imports the caller's ``__main__``, which for a script without a ``__name__`` guard re-runs the script (found:
+# a training script calling ``train()`` hung, its workers waiting for the world their parent was building).
+_WORKERS = (("opt", "bert"), ("t5", "vit"))
 
 
-def _init_worker(counter) -> None:
-    global _COUNTER
-    _COUNTER = counter
-    torch.set_num_threads(1)
-
-
-def _tick() -> None:
-    with _COUNTER.get_lock():
-        _COUNTER.value += 1
-
-
-def _train_stage0(job: str, out: str, seed: int, size: str) -> float:
-    """Train one frozen stage-0 model in a worker process and save it under ``out/<job>``; returns seconds."""
-    t = time.perf_counter()
-    sz, out = SIZES[size], Path(out)
+def train_stage0(job: str, out: Path, seed: int, size: str, tick: Callable[[], None]) -> None:
+    """Train one frozen stage-0 model (``vit``, ``opt``, ``t5`` or ``bert``) and save it under ``out/<job>``."""
+    sz = SIZES[size]
     if job == "vit":
         imgs, patch_labels, slot_labels = VP.image_pool(sz["vit_images"], seed)
-        tower = VP.train_vit(imgs, patch_labels, slot_labels, sz["vit_steps"], seed, tick=_tick)
+        tower = VP.train_vit(imgs, patch_labels, slot_labels, sz["vit_steps"], seed, tick=tick)
         (out / "vit").mkdir()
         save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, str(out / "vit" / "model.safetensors"))
         (out / "vit" / "config.json").write_text(json.dumps(dataclasses.asdict(VP.vit_config()), indent=1) + "\n")
-        return time.perf_counter() - t
+        return
     pool = L.text_pool(sz["text_scenes"], seed)
     if job == "opt":
-        _save_hf(L.train_opt(pool, sz["opt_steps"], seed, tick=_tick), V.build_opt_tokenizer(), out / "opt")
+        _save_hf(L.train_opt(pool, sz["opt_steps"], seed, tick=tick), V.build_opt_tokenizer(), out / "opt")
     elif job == "t5":
-        _save_hf(L.train_t5(pool, sz["t5_steps"], seed, tick=_tick), V.build_t5_tokenizer(), out / "t5")
+        _save_hf(L.train_t5(pool, sz["t5_steps"], seed, tick=tick), V.build_t5_tokenizer(), out / "t5")
     else:
-        bert = L.train_bert([ex.captions for ex in pool], sz["bert_steps"], seed, batch=32, tick=_tick)
+        bert = L.train_bert([ex.captions for ex in pool], sz["bert_steps"], seed, batch=32, tick=tick)
         _save_hf(bert, V.build_bert_tokenizer(), out / "bert")
-    return time.perf_counter() - t
 
 
 def _run_jobs(out: Path, seed: int, size: str, bar) -> dict[str, float]:
-    """Run :data:`_JOBS` on 2 spawned workers, advancing ``bar`` by their steps; any failure stops them all."""
-    ctx = multiprocessing.get_context("spawn")  # no fork: the parent may hold threads (tqdm, torch, Jupyter)
-    counter = ctx.Value("q", 0)
-    pool = ctx.Pool(2, initializer=_init_worker, initargs=(counter,))
+    """Run :data:`_WORKERS` as two subprocesses, advancing ``bar`` by their steps; any failure stops both."""
+    package_root = str(Path(__file__).resolve().parents[2])  # importable even when blip2lib is not installed
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    with tempfile.TemporaryDirectory(prefix="blip2lib-stage0-") as tmp:
+        procs = []
+        try:
+            for i, jobs in enumerate(_WORKERS):
+                status, logf = Path(tmp) / f"{i}.json", open(Path(tmp) / f"{i}.log", "w")
+                cmd = [sys.executable, "-m", "blip2lib.toy.stage0", str(out), str(seed), size, str(status), *jobs]
+                procs.append((subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env), status, logf))
+            shown = 0
+            while not all(p.poll() == 0 for p, _, _ in procs):
+                time.sleep(0.5)
+                steps = sum(_status(st).get("steps", 0) for _, st, _ in procs)
+                bar.update(steps - shown)
+                shown = steps
+                for p, _, logf in procs:
+                    if p.poll() not in (None, 0):
+                        logf.flush()
+                        tail = Path(logf.name).read_text()[-3000:]
+                        raise RuntimeError(f"toy-world worker {p.args[-2:]} failed (exit {p.returncode}):\n{tail}")
+            return {job: sec for _, st, _ in procs for job, sec in _status(st)["seconds"].items()}
+        finally:
+            for p, _, logf in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+                logf.close()
+
+
+def _status(path: Path) -> dict:
     try:
-        pending = {job: pool.apply_async(_train_stage0, (job, str(out), seed, size)) for job in _JOBS}
-        seconds, shown = {}, 0
-        while pending:
-            time.sleep(0.5)
-            bar.update(counter.value - shown)
-            shown = counter.value
-            for job in [j for j, r in pending.items() if r.ready()]:
-                seconds[job] = pending.pop(job).get()  # re-raises a worker's exception here
-        pool.close()
-        return seconds
-    finally:
-        pool.terminate()
-        pool.join()
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # not written yet, or caught mid-write (the worker replaces it atomically)
+        return {}
 
 
 def _build(out: Path, seed: int, size: str, progress: bool) -> None:

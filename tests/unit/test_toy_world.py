@@ -35,6 +35,14 @@ def test_novel_pairs_never_in_training_captions(splits):
     assert not {m for caps in splits["test"].captions for m in _PAIR.findall(caps[0])} & held
 
 
+def test_evaluation_splits_have_distinct_scenes_and_train_keeps_repeats(splits):
+    for name in ("test", "novel"):
+        canonical = [c[0] for c in splits[name].captions]
+        assert len(set(canonical)) == len(canonical)
+    train = [c[0] for c in splits["train"].captions]
+    assert len(set(train)) < len(train)  # 300 train scenes: single-object ones repeat (only 24 kinds exist)
+
+
 def test_captions_list_objects_left_to_right(splits):
     for scene, caps in zip(splits["test"].scenes, splits["test"].captions):
         assert [o.slot for o in scene.objects] == sorted({o.slot for o in scene.objects})
@@ -262,6 +270,33 @@ def test_two_processes_building_one_world_build_it_once(tmp_path):
         first, second = pool.map(_build_tiny, [root, root])
     assert first == second  # the waiting process loaded the world the other one built (timings would differ)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]  # no partial folders left
+
+
+@pytest.mark.timeout(300)
+def test_a_script_without_a_main_guard_can_build_the_world(tmp_path):
+    """The build's workers are fresh interpreters: nothing re-runs the calling script (a spawned child would)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text(
+        "from blip2lib.toy.build import build_toy_world\n"
+        f"w = build_toy_world({str(tmp_path / 'w')!r}, seed=3, progress=False, size='tiny')\n"
+        "print('built', w.root.name)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("built w") == 1
+
+
+def test_a_failing_worker_stops_the_build_with_its_log(tmp_path):
+    from tqdm import tqdm
+
+    from blip2lib.toy import build as tb
+
+    (tmp_path / "vit").mkdir()  # the ViT worker cannot create its folder
+    with pytest.raises(RuntimeError, match=r"(?s)worker \['t5', 'vit'\] failed.*FileExistsError"):
+        tb._run_jobs(tmp_path, 3, "tiny", tqdm(disable=True))
 
 
 def test_files_have_documented_formats(tiny):
