@@ -39,6 +39,7 @@ def environment() -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
+        "torch_threads": torch.get_num_threads(),
     }
     for name in ("transformers", "timm", "blip2lib"):
         try:  # package metadata, not an import: importing transformers/timm costs seconds per notebook
@@ -90,6 +91,10 @@ def start_run(params: Any, notebook: str = "") -> Run:
     values["run_dir"] = str(run_dir)
     job_path = run_dir / "job.json"
     job = json.loads(job_path.read_text()) if job_path.exists() else {}
+    if job.get("threads"):  # run-all -j N: the runner's share of the cores for this step
+        import torch
+
+        torch.set_num_threads(int(job["threads"]))
     run = Run(dir=run_dir, params=values, env=environment(), job=job)
     (run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(values, sort_keys=True))
     (run_dir / "env.json").write_text(json.dumps(run.env, indent=2))

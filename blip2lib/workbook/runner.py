@@ -182,7 +182,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def run(params_path: str | Path, force: bool = False, root: Path = REPO_ROOT, runs: Path | None = None,
-        reports: Path | None = None, progress: bool = False) -> Job:  # fmt: skip
+        reports: Path | None = None, progress: bool = False, threads: int | None = None) -> Job:  # fmt: skip
     """Validate a params file, execute its notebook with papermill and render its report.
 
     Args:
@@ -192,6 +192,7 @@ def run(params_path: str | Path, force: bool = False, root: Path = REPO_ROOT, ru
         runs: runs root (default ``<root>/runs``; tests point it at a temporary folder).
         reports: reports root (default ``<root>/reports``).
         progress: papermill's progress bar.
+        threads: torch threads for the kernel (``start_run`` applies it); None keeps torch's default.
 
     Returns:
         The job (paths of the run folder and report).
@@ -218,7 +219,8 @@ def run(params_path: str | Path, force: bool = False, root: Path = REPO_ROOT, ru
     _write_json(job.run_dir / "job.json", {"run_id": job.run_id, "notebook": job.notebook.stem,
                                            "variant": job.variant, "params_file": str(job.params_path),
                                            "runs_root": str(job.run_dir.parents[1]), "report": str(job.report),
-                                           "reports_root": str(job.report.parents[1])})  # fmt: skip
+                                           "reports_root": str(job.report.parents[1]),
+                                           "threads": threads})  # fmt: skip
     executed = job.run_dir / "executed.ipynb"
     values["run_dir"] = str(job.run_dir)
     log.info("[run ] %s → %s", job.run_id, job.run_dir)
@@ -293,9 +295,10 @@ def run_all(variant: str, force: bool = False, root: Path = REPO_ROOT, runs: Pat
         reports: reports root.
         progress: papermill's per-cell bar (sequential runs only).
         jobs: steps executed at once. With ``jobs > 1`` a step starts as soon as the steps it reads are done
-            (:func:`_dependencies`), each kernel gets ``cpu_count // jobs`` threads (``OMP_NUM_THREADS``), and a
-            failure lets the running steps finish but starts no new one. Why: the toy models are too small for
-            two threads to help much, so two single-threaded notebooks at once use 2 cores better.
+            (:func:`_dependencies`); it gets ``cpu_count / k`` torch threads, ``k`` the number of steps running or
+            ready when it starts (all cores for a step that starts alone, e.g. stage 1); a failure lets the running
+            steps finish but starts no new one. Why: the toy models are too small for two threads to help one
+            notebook much, so two notebooks at once use 2 cores better.
     """
     paths = variant_params(variant, root)
     if not paths:
@@ -312,10 +315,10 @@ def _run_parallel(todo: list[Job], jobs: int, force: bool, root: Path, runs: Pat
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     deps = _dependencies(todo, root)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    cores = os.cpu_count() or 1
     old = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by every kernel papermill starts from now on
-    log.info("[plan] %d steps, %d at a time, %d thread(s) per kernel", len(todo), jobs, threads)
+    os.environ["OMP_NUM_THREADS"] = str(max(1, cores // jobs))  # BLAS etc. in every kernel started from now on
+    log.info("[plan] %d steps, up to %d at a time", len(todo), jobs)
     done: set[Job] = set()
     failure: BaseException | None = None
     started: dict = {}
@@ -323,10 +326,13 @@ def _run_parallel(todo: list[Job], jobs: int, force: bool, root: Path, runs: Pat
         with ThreadPoolExecutor(jobs) as pool:
             while len(done) < len(todo):
                 if failure is None:
-                    for j in todo:
-                        if j not in done and j not in started.values() and deps[j] <= done and len(started) < jobs:
-                            fut = pool.submit(run, j.params_path, force=force, root=root, runs=runs, reports=reports)
-                            started[fut] = j
+                    ready = [j for j in todo if j not in done and j not in started.values() and deps[j] <= done]
+                    for j in ready[: jobs - len(started)]:
+                        # a step that starts alone (stage 1 on the critical path) gets every core, else a share
+                        share = max(1, cores // min(jobs, len(started) + len(ready)))
+                        fut = pool.submit(run, j.params_path, force=force, root=root, runs=runs, reports=reports,
+                                          threads=share)  # fmt: skip
+                        started[fut] = j
                 if not started:
                     if failure is None:
                         waiting = [j.run_id for j in todo if j not in done]

@@ -208,6 +208,21 @@ def test_start_run_and_record_write_json_with_units(tmp_path, targets, monkeypat
     assert data["params"]["seed"] == 3 and data["wall_time_s"] >= 0
 
 
+def test_start_run_takes_the_runners_thread_share(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(run_mod, "_CURRENT", None)
+    before = torch.get_num_threads()
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "job.json").write_text('{"threads": 1}')
+    try:
+        run = start_run({"run_dir": str(run_dir)})
+        assert torch.get_num_threads() == 1 and run.env["torch_threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 # ---- report and index (no kernel) -----------------------------------------------------------------------------
 
 
@@ -407,16 +422,17 @@ def test_parallel_run_all_respects_inputs_and_stops_launching_after_a_failure(ro
                        "d": "stage1_run: runs/07_probe/b\n"}.items():  # fmt: skip
         (root / "params" / PROBE / f"{name}.yaml").write_text(text)
     jobs = [job_for(root / "params" / PROBE / f"{n}.yaml", root=root) for n in "abcd"]
-    events, lock, running, peak, threads = [], threading.Lock(), [0], [0], set()
+    events, lock, running, peak, given, omp = [], threading.Lock(), [0], [0], {}, set()
 
-    def fake_run(params_path, **kw):
+    def fake_run(params_path, threads=None, **kw):
         name = params_path.stem
         with lock:
             running[0] += 1
             peak[0] = max(peak[0], running[0])
             events.append(("start", name))
-            threads.add(os.environ.get("OMP_NUM_THREADS"))
-        time.sleep(0.2)
+            given[name] = threads
+            omp.add(os.environ.get("OMP_NUM_THREADS"))
+        time.sleep(0.05 if name == "c" else 0.2)
         with lock:
             running[0] -= 1
             events.append(("end", name))
@@ -435,7 +451,10 @@ def test_parallel_run_all_respects_inputs_and_stops_launching_after_a_failure(ro
         < events.index(("end", "b"))
         < events.index(("start", "d"))
     )
-    assert threads == {str(max(1, (os.cpu_count() or 1) // 2))} and "OMP_NUM_THREADS" not in os.environ
+    cores = os.cpu_count() or 1
+    half = max(1, cores // 2)  # a and c start together; b and d each start alone (c is done by then): all cores
+    assert given == {"a": half, "c": half, "b": cores, "d": cores}
+    assert omp == {str(half)} and "OMP_NUM_THREADS" not in os.environ
     events.clear()
     fail_name = "a"
     with pytest.raises(runner.RunFailed, match="a broke"):
