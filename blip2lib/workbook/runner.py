@@ -295,10 +295,9 @@ def run_all(variant: str, force: bool = False, root: Path = REPO_ROOT, runs: Pat
         reports: reports root.
         progress: papermill's per-cell bar (sequential runs only).
         jobs: steps executed at once. With ``jobs > 1`` a step starts as soon as the steps it reads are done
-            (:func:`_dependencies`); it gets ``cpu_count / k`` torch threads, ``k`` the number of steps running or
-            ready when it starts (all cores for a step that starts alone, e.g. stage 1); a failure lets the running
-            steps finish but starts no new one. Why: the toy models are too small for two threads to help one
-            notebook much, so two notebooks at once use 2 cores better.
+            (:func:`_dependencies`), longest remaining chain first, with the torch threads :func:`_plan` gives it;
+            a failure lets the running steps finish but starts no new one. Why: the toy models are too small for
+            two threads to help one notebook much, so two notebooks at once use 2 cores better.
     """
     paths = variant_params(variant, root)
     if not paths:
@@ -310,12 +309,48 @@ def run_all(variant: str, force: bool = False, root: Path = REPO_ROOT, runs: Pat
     return _run_parallel([job_for(p, root, runs, reports) for p in paths], jobs, force, root, runs, reports)
 
 
+def _plan(todo: list[Job], deps: dict[Job, set[Job]], jobs: int, cores: int) -> tuple[dict, dict]:
+    """Torch threads and launch priority of each step.
+
+    Threads: all cores for a step that can never run beside another one (every other step is upstream or
+    downstream of it: stage 1, the summary), else ``cores // jobs``. A structural rule, not "whatever is idle
+    now", so a step's thread count — and with it its floating-point results — does not depend on timing.
+    Priority: the longest chain of estimated wall times from the step to the end (the previous run's
+    ``status.json``, else 60 s), so long branches such as the ablations start early instead of last.
+    """
+    upstream: dict[Job, set[Job]] = {}
+
+    def ups(j: Job) -> set[Job]:
+        if j not in upstream:
+            upstream[j] = set(deps[j]).union(*(ups(d) for d in deps[j]))
+        return upstream[j]
+
+    everything = set(todo)
+    threads = {}
+    for j in todo:
+        downstream = {k for k in todo if j in ups(k)}
+        threads[j] = cores if ups(j) | downstream | {j} == everything else max(1, cores // jobs)
+    estimate = {j: _previous_wall(j) for j in todo}
+    chain: dict[Job, float] = {}
+    for j in sorted(todo, key=lambda j: len(ups(j)), reverse=True):  # downstream steps first
+        chain[j] = estimate[j] + max((chain[k] for k in todo if j in deps[k]), default=0.0)
+    return threads, chain
+
+
+def _previous_wall(job: Job) -> float:
+    try:
+        return float(json.loads((job.run_dir / "status.json").read_text())["wall_time_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 60.0
+
+
 def _run_parallel(todo: list[Job], jobs: int, force: bool, root: Path, runs: Path | None,
                   reports: Path | None) -> list[Job]:  # fmt: skip
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     deps = _dependencies(todo, root)
     cores = os.cpu_count() or 1
+    threads, priority = _plan(todo, deps, jobs, cores)
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(max(1, cores // jobs))  # BLAS etc. in every kernel started from now on
     log.info("[plan] %d steps, up to %d at a time", len(todo), jobs)
@@ -327,11 +362,9 @@ def _run_parallel(todo: list[Job], jobs: int, force: bool, root: Path, runs: Pat
             while len(done) < len(todo):
                 if failure is None:
                     ready = [j for j in todo if j not in done and j not in started.values() and deps[j] <= done]
-                    for j in ready[: jobs - len(started)]:
-                        # a step that starts alone (stage 1 on the critical path) gets every core, else a share
-                        share = max(1, cores // min(jobs, len(started) + len(ready)))
+                    for j in sorted(ready, key=priority.get, reverse=True)[: jobs - len(started)]:
                         fut = pool.submit(run, j.params_path, force=force, root=root, runs=runs, reports=reports,
-                                          threads=share)  # fmt: skip
+                                          threads=threads[j])  # fmt: skip
                         started[fut] = j
                 if not started:
                     if failure is None:

@@ -403,6 +403,11 @@ def test_parallel_dependencies_of_the_toy_variant():
     assert {"10_stage1_pretrain", "20_stage2_pretrain"} <= deps["00_explore"]  # it loads the trained models
     assert "20_stage2_pretrain" in deps["41_zeroshot_vqa"]
     assert deps["90_summary"] == names - {"90_summary"}
+    from blip2lib.workbook.runner import _plan
+
+    threads, _ = _plan(jobs, _dependencies(jobs, REPO_ROOT), jobs=2, cores=8)
+    assert {j.notebook.stem for j, t in threads.items() if t == 8} == {"10_stage1_pretrain", "90_summary"}
+    assert set(threads.values()) == {4, 8}  # the rest can run beside another step: half the cores each
     left = dict(deps)
     while left:  # no cycles: some step can always start once its inputs are done
         ready = [n for n, ds in left.items() if not ds & set(left)]
@@ -419,7 +424,7 @@ def test_parallel_run_all_respects_inputs_and_stops_launching_after_a_failure(ro
     from blip2lib.workbook import runner
 
     for name, text in {"a": "seed: 1\n", "b": "stage1_run: runs/07_probe/a\n", "c": "seed: 3\n",
-                       "d": "stage1_run: runs/07_probe/b\n"}.items():  # fmt: skip
+                       "d": "stage1_run: runs/07_probe/b, runs/07_probe/c\n"}.items():  # fmt: skip
         (root / "params" / PROBE / f"{name}.yaml").write_text(text)
     jobs = [job_for(root / "params" / PROBE / f"{n}.yaml", root=root) for n in "abcd"]
     events, lock, running, peak, given, omp = [], threading.Lock(), [0], [0], {}, set()
@@ -452,9 +457,17 @@ def test_parallel_run_all_respects_inputs_and_stops_launching_after_a_failure(ro
         < events.index(("start", "d"))
     )
     cores = os.cpu_count() or 1
-    half = max(1, cores // 2)  # a and c start together; b and d each start alone (c is done by then): all cores
+    # "07_probe" is a 0x name: a and c read no run, so they are data steps that every other step waits for; they
+    # may run side by side (a share of the cores), b and d can never run beside anything (all cores).
+    half = max(1, cores // 2)
     assert given == {"a": half, "c": half, "b": cores, "d": cores}
     assert omp == {str(half)} and "OMP_NUM_THREADS" not in os.environ
+    events.clear()
+    (jobs[2].run_dir).mkdir(parents=True, exist_ok=True)  # c took long last time: it starts before a
+    (jobs[2].run_dir / "status.json").write_text('{"status": "ok", "wall_time_s": 500}')
+    fail_name = "x"
+    runner._run_parallel(jobs, 1, False, root, None, None)
+    assert [n for e, n in events if e == "start"] == list("cabd")
     events.clear()
     fail_name = "a"
     with pytest.raises(runner.RunFailed, match="a broke"):
