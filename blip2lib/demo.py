@@ -22,8 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="redo steps whose outputs are current")
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="no per-cell progress bar")
     ap.add_argument("-j", "--jobs", type=int, default=2,
-                    help="notebooks executed at once, each on cpu_count/jobs threads (default 2: the toy models are "
-                         "too small for 2 threads to help one notebook much)")  # fmt: skip
+                    help="notebooks executed at once (default 2: the toy models are too small for 2 threads to "
+                         "help one notebook much; runner._plan gives each its threads)")  # fmt: skip
     args = ap.parse_args(argv)
     if not logging.getLogger().handlers:  # the runner's "[run ] / [done] / [skip]" lines
         logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -60,13 +60,14 @@ def make_split(name: str, num_images: int, seed: int, questions_per_image: int =
     for i in range(num_images):
         while True:
             scene = world.sample_scene(rng, _ID_BASE[name] + i + 1, name)
-            if name == "train" or world.captions(scene)[0] not in used:
+            described = world.captions(scene)
+            if name == "train" or described[0] not in used:
                 break
-        used.add(world.captions(scene)[0])
+        used.add(described[0])
         image, _ = world.render(scene, rng)
         scenes.append(scene)
         jpegs.append(world.jpeg_bytes(image))
-        caps.append(world.captions(scene))
+        caps.append(described)
         qas.append(world.questions(scene, rng, questions_per_image))
     return SplitData(name, scenes, jpegs, caps, qas)
 

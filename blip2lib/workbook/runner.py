@@ -375,13 +375,11 @@ def _run_parallel(todo: list[Job], jobs: int, force: bool, root: Path, runs: Pat
                 if not finished:
                     log.info("[....] running: %s", ", ".join(j.run_id for j in started.values()))
                 for fut in finished:
-                    j = started.pop(fut)
+                    done.add(started.pop(fut))
                     try:
                         fut.result()
-                        done.add(j)
                     except BaseException as e:  # keep the first failure; let the running steps finish
                         failure = failure or e
-                        done.add(j)
     finally:
         if old is None:
             os.environ.pop("OMP_NUM_THREADS", None)
