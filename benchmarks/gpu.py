@@ -36,6 +36,7 @@ import platform
 import shlex
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -400,23 +401,38 @@ def _goal_met(r: dict) -> bool | None:
     return None
 
 
-def run(bench: Bench, only: set[str]) -> list[dict]:
-    """Build each architecture once, run its selected rows, free it before the next one."""
+def run(bench: Bench, only: set[str], save=None) -> list[dict]:
+    """Build each architecture once, run its selected rows, free it before the next one.
+
+    A row that raises is recorded with its error and the others still run (one shot on a lent GPU must not lose the
+    rest); ``save(rows)`` is called after every row so that a run killed at its time limit keeps what it measured.
+    """
     rows: list[dict] = []
     want = only.__contains__
 
     def log(r):
         rows.append(r)
         print(f"  {r['row']:<24} done at {time.perf_counter() - t0:6.1f} s", flush=True)
+        if save is not None:
+            save(rows)
+
+    def attempt(name, fn, *args):
+        if not want(name):
+            return
+        try:
+            log(fn(*args))
+        except Exception as e:  # noqa: BLE001 — reported in the table and the exit status
+            traceback.print_exc()
+            log(dict(row=name, unit="—", ours=None, batch=None, error=f"{type(e).__name__}: {e}"[:500]))
+            if bench.cuda:
+                torch.cuda.empty_cache()
 
     t0 = time.perf_counter()
     if want("vit_forward") or want("stage1_train"):
         cfg = bench.config(None)
         model = build(bench, cfg)
-        if want("vit_forward"):
-            log(row_vit(bench, model, cfg))
-        if want("stage1_train"):
-            log(row_stage1(bench, model, cfg))
+        attempt("vit_forward", row_vit, bench, model, cfg)
+        attempt("stage1_train", row_stage1, bench, model, cfg)
         _free(model)
         del model
     opt_rows = {"stage2_train_opt2.7b", "caption_greedy", "caption_beam5", "vqa_opt2.7b"}
@@ -425,30 +441,29 @@ def run(bench: Bench, only: set[str]) -> list[dict]:
         model = build(bench, cfg)
         hf = hf_twin(model) if bench.hf and (only & (opt_rows - {"vqa_opt2.7b"})) else None
         # Generation first: both models still hold the initial (identical, shared) weights.
-        if want("caption_greedy"):
-            log(row_caption(bench, model, cfg, 1, hf))
-        if want("caption_beam5"):
-            log(row_caption(bench, model, cfg, 5, hf))
-        if want("vqa_opt2.7b"):
-            log(row_vqa(bench, model, cfg, "vqa_opt2.7b"))
-        if want("stage2_train_opt2.7b"):
-            log(row_stage2(bench, model, cfg, "stage2_train_opt2.7b", hf))
+        attempt("caption_greedy", row_caption, bench, model, cfg, 1, hf)
+        attempt("caption_beam5", row_caption, bench, model, cfg, 5, hf)
+        attempt("vqa_opt2.7b", row_vqa, bench, model, cfg, "vqa_opt2.7b")
+        attempt("stage2_train_opt2.7b", row_stage2, bench, model, cfg, "stage2_train_opt2.7b", hf)
         _free(hf, model)
         del hf, model
     if {"stage2_train_flant5xl", "vqa_flant5xl"} & only:
         cfg = bench.config("flant5xl")
         model = build(bench, cfg)
-        if want("vqa_flant5xl"):
-            log(row_vqa(bench, model, cfg, "vqa_flant5xl"))
-        if want("stage2_train_flant5xl"):
-            log(row_stage2(bench, model, cfg, "stage2_train_flant5xl"))
+        attempt("vqa_flant5xl", row_vqa, bench, model, cfg, "vqa_flant5xl")
+        attempt("stage2_train_flant5xl", row_stage2, bench, model, cfg, "stage2_train_flant5xl")
         _free(model)
         del model
+    return finish(bench, rows)
+
+
+def finish(bench: Bench, rows: list[dict]) -> list[dict]:
+    """Ratio, reference, goal and verdict of each row, in table order (rows that failed get no verdict)."""
     for r in rows:
-        if "hf" in r:
+        if r.get("hf") and r.get("ours"):
             r["ratio"] = r["ours"] / r["hf"]
         r["reference"], r["goal"] = REFERENCE.get(r["row"]), GOALS.get(r["row"])
-        r["goal_met"] = None if bench.tiny else _goal_met(r)
+        r["goal_met"] = None if bench.tiny or "error" in r else _goal_met(r)
     return sorted(rows, key=lambda r: ROWS.index(r["row"]))
 
 
@@ -480,7 +495,7 @@ def table(rows: list[dict]) -> str:
     lines = [cols] + [[r["row"], r["unit"], _fmt(r["batch"]), _fmt(r["ours"]), _fmt(r.get("hf")),
                        _fmt(r.get("ratio"), 2), _fmt(r.get("mem_ours"), 2), _fmt(r.get("mem_hf"), 2),
                        _fmt(r.get("token_agreement"), 3), _fmt(r.get("projected_vqav2_val_min")), r["goal"] or "",
-                       _fmt(r["goal_met"])] for r in rows]  # fmt: skip
+                       "ERROR" if "error" in r else _fmt(r["goal_met"])] for r in rows]  # fmt: skip
     w = [max(len(str(line[i])) for line in lines) for i in range(len(cols))]
     return "\n".join("  ".join(str(c).ljust(w[i]) for i, c in enumerate(line)).rstrip() for line in lines)
 
@@ -514,16 +529,24 @@ def main(argv: list[str] | None = None) -> dict:
     meta = header(bench, argv)
     print("\n".join(f"{k:>12}: {v}" for k, v in meta.items()), flush=True)
     t = time.perf_counter()
-    rows = run(bench, only)
-    meta["wall_s"] = time.perf_counter() - t
-    print("\n" + table(rows) + f"\n\ntotal {meta['wall_s']:.1f} s", flush=True)
-    result = {"meta": meta, "rows": rows}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
-    bad = [r["row"] for r in rows for k in ("ours", "hf") if k in r and not math.isfinite(r[k])]
-    if bad:
-        raise SystemExit(f"non-finite throughput in rows {bad}")
+
+    def save(rows: list[dict], complete: bool = False) -> dict:
+        result = {"meta": {**meta, "wall_s": time.perf_counter() - t, "complete": complete},
+                  "rows": finish(bench, [dict(r) for r in rows])}  # fmt: skip
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(args.out).with_suffix(".partial")
+            tmp.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+            tmp.replace(args.out)
+        return result
+
+    result = save(run(bench, only, save), complete=True)
+    rows = result["rows"]
+    print("\n" + table(rows) + f"\n\ntotal {result['meta']['wall_s']:.1f} s", flush=True)
+    failed = [f"{r['row']} ({r['error']})" for r in rows if "error" in r]
+    bad = [r["row"] for r in rows for k in ("ours", "hf") if r.get(k) is not None and not math.isfinite(r[k])]
+    if failed or bad:
+        raise SystemExit(f"failed rows: {failed}; non-finite throughput in rows {bad}")
     return result
 
 

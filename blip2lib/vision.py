@@ -19,6 +19,7 @@ fp32 (:func:`vision_dtype` encodes the rule; fp16 ViT weights cannot be fine-tun
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import re
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timm import __version__ as timm_version
 from timm.layers import LayerNorm, QuickGELU
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
@@ -99,12 +101,13 @@ def build_vision_tower(cfg: VisionConfig, device: torch.device | str | None = No
                 use_pre_transformer_norm=False,
                 use_post_transformer_norm=False,
                 use_fc_norm=False,
-                device=device,
+                **_device_kwarg(Eva, device),
             )
         elif cfg.arch == "clip":
             tower = VisionTransformer(
-                **common, pre_norm=True, final_norm=False, fc_norm=False, act_layer=QuickGELU, device=device
-            )
+                **common, pre_norm=True, final_norm=False, fc_norm=False, act_layer=QuickGELU,
+                **_device_kwarg(VisionTransformer, device),
+            )  # fmt: skip
         else:
             raise ValueError(f"unknown vision arch {cfg.arch!r} (expected 'eva' or 'clip')")
     # timm derives the hidden width as int(width * mlp_ratio); the ViT-g value 6144 must come out exactly.
@@ -112,6 +115,19 @@ def build_vision_tower(cfg: VisionConfig, device: torch.device | str | None = No
     if got != cfg.mlp_hidden:
         raise ValueError(f"MLP hidden {got} != cfg.mlp_hidden {cfg.mlp_hidden} (width {cfg.width})")
     return tower
+
+
+def _device_kwarg(cls: type, device: torch.device | str | None) -> dict:
+    """``{"device": device}`` where timm's model takes it (timm >= 1.0.21, our lower bound).
+
+    An older timm that a host has preinstalled (a GPU image, say) still builds on a real device under the
+    ``torch.device`` context alone; only meta-device builds need the keyword.
+    """
+    if "device" in inspect.signature(cls.__init__).parameters:
+        return {"device": device}
+    if device is not None and torch.device(device).type == "meta":  # old timm calls .item() on a meta linspace
+        raise RuntimeError(f"building a vision tower on the meta device needs timm >= 1.0.21 (found {timm_version})")
+    return {}
 
 
 def vision_features(tower: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:

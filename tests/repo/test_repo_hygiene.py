@@ -77,3 +77,11 @@ def test_ruff_lint_and_format_are_clean():
     for args in (["check", "."], ["format", "--check", "."]):
         proc = subprocess.run([str(ruff), *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, f"ruff {' '.join(args)}:\n{proc.stdout[-3000:]}{proc.stderr[-1000:]}"
+
+
+def test_gpu_check_script_names_every_file_with_gpu_tests():
+    """benchmarks/gpu_check.sh names the gpu test files (so collection skips papermill-only notebook tests)."""
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    with_gpu = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").rglob("test_*.py")
+                if re.search(r"^@pytest\.mark\.gpu", p.read_text(), re.M)}  # fmt: skip
+    assert with_gpu and all(f in script for f in with_gpu), sorted(with_gpu)

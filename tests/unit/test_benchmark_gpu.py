@@ -98,3 +98,35 @@ def test_goal_rules(bench):
     assert bench._goal_met(cap) is False  # any differing token fails the goal
     assert bench._goal_met({"row": "vqa_opt2.7b", "projected_vqav2_val_min": 15.0}) is True
     assert bench._goal_met({"row": "stage1_train", "ours": 599.9}) is False
+
+
+def test_a_failing_row_is_recorded_and_the_rest_still_run(bench, tmp_path, monkeypatch):
+    """One shot on a lent GPU: a row that raises must not lose the others, and the JSON is saved after each row."""
+    seen = []
+    real_save_rows = bench.finish
+
+    def boom(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    def spy_finish(b, rows):
+        seen.append([r["row"] for r in rows])
+        return real_save_rows(b, rows)
+
+    monkeypatch.setattr(bench, "row_vit", boom)
+    monkeypatch.setattr(bench, "finish", spy_finish)
+    out = tmp_path / "o.json"
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit, match=r"failed rows: \['vit_forward \(OutOfMemoryError: CUDA out of memory"):
+            bench.main(["--tiny", "--only", "vit,stage1", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads(out.read_text())
+    rows = {r["row"]: r for r in data["rows"]}
+    assert rows["vit_forward"]["error"].startswith("OutOfMemoryError") and rows["vit_forward"]["goal_met"] is None
+    assert rows["stage1_train"]["ours"] > 0 and "error" not in rows["stage1_train"]
+    assert data["meta"]["complete"] is True
+    # saved after the first row (the failure) and after the second, then once more when complete
+    assert seen[:2] == [["vit_forward"], ["vit_forward", "stage1_train"]]
+    assert not out.with_suffix(".partial").exists()
+    assert "ERROR" in bench.table(data["rows"]).splitlines()[1]

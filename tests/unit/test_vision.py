@@ -473,3 +473,19 @@ def test_matches_transformers_blip2_vision_model():
     assert len(out.hidden_states) == 3 and torch.equal(out.hidden_states[-1], pre_ln)
     assert (ours - pre_ln).abs().max() < 1e-5
     assert (hf.post_layernorm(ours) - out.last_hidden_state).abs().max() < 1e-5
+
+
+def test_device_kwarg_for_old_and_new_timm():
+    """timm >= 1.0.21 takes ``device=``; an older preinstalled timm builds under the context alone, never on meta."""
+    from timm.models.eva import Eva
+
+    from blip2lib.vision import _device_kwarg
+
+    class OldTimmModel:
+        def __init__(self, embed_dim: int = 8):
+            pass
+
+    assert _device_kwarg(Eva, "cpu") == {"device": "cpu"}
+    assert _device_kwarg(OldTimmModel, "cpu") == {} and _device_kwarg(OldTimmModel, None) == {}
+    with pytest.raises(RuntimeError, match="meta device needs timm >= 1.0.21"):
+        _device_kwarg(OldTimmModel, torch.device("meta"))
