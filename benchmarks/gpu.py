@@ -81,6 +81,8 @@ class Bench:
             if getattr(args, k) is not None:
                 self.sizes[k] = getattr(args, k)
         self.dtype, self.compile, self.hf = args.dtype, args.compile, not args.no_hf
+        self.profile = Path(args.profile) if args.profile else None
+        self.row, self.calls = "", 0  # the row being measured and its timed calls so far (names profile sections)
 
     def config(self, llm: str | None) -> Blip2Config:
         """Full-size preset (or the tiny config of the same classes); ``--dtype bf16`` overrides the towers."""
@@ -103,10 +105,37 @@ class Bench:
         return torch.amp.GradScaler(self.device.type, enabled=self.cuda and low == "fp16")
 
     def timed(self, fn, iters: int | None = None) -> float:
-        """Seconds per call of ``fn`` after warm-up (CUDA events on a GPU, perf_counter on a CPU)."""
+        """Seconds per call of ``fn`` after warm-up (CUDA events on a GPU, perf_counter on a CPU).
+
+        With ``--profile FILE`` two more calls run afterwards under ``torch.profiler`` (outside the timing) and their
+        top operators by device time are appended to FILE, one section per timed call.
+        """
         iters = iters or self.sizes["iters"]
         for _ in range(self.sizes["warmup"]):
             fn()
+        dt = self._time(fn, iters)
+        if self.profile is not None:
+            self._profile(fn, dt)
+        self.calls += 1
+        return dt
+
+    def _profile(self, fn, dt: float) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        with profile(activities=acts) as prof:
+            for _ in range(2):
+                fn()
+            if self.cuda:
+                torch.cuda.synchronize()
+        sort = "cuda_time_total" if self.cuda else "cpu_time_total"
+        who = "ours" if self.calls == 0 else "transformers"  # every row times ours first, then its HF baseline
+        section = f"=== {self.row}, {who} (timed call: {dt * 1e3:.2f} ms; profile of 2 calls, by {sort})\n"
+        self.profile.parent.mkdir(parents=True, exist_ok=True)
+        with self.profile.open("a") as f:
+            f.write(section + prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60) + "\n")
+
+    def _time(self, fn, iters: int) -> float:
         if not self.cuda:
             t = time.perf_counter()
             for _ in range(iters):
@@ -419,6 +448,7 @@ def run(bench: Bench, only: set[str], save=None) -> list[dict]:
     def attempt(name, fn, *args):
         if not want(name):
             return
+        bench.row, bench.calls = name, 0
         try:
             log(fn(*args))
         except Exception as e:  # noqa: BLE001 — reported in the table and the exit status
@@ -512,6 +542,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=None, help="timed iterations per training/forward row")
     p.add_argument("--gen-iters", type=int, default=None, help="timed iterations per generation row")
     p.add_argument("--threads", type=int, default=1, help="CPU threads in --tiny mode")
+    p.add_argument("--profile", default="", help="append a torch.profiler operator table per timed call to this file")
     return p.parse_args(argv)
 
 

@@ -13,6 +13,7 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from .config import Blip2Config
 from .decoding import beam_search
@@ -114,7 +115,7 @@ class Blip2Base(nn.Module):
     def encode_vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``ln_vision(ViT(image))`` in fp32: (B, 3, S, S) → (B, N, Dv). Frozen towers run without autograd."""
         frozen = not any(p.requires_grad for p in self.vision_model.parameters())
-        with torch.no_grad() if frozen else contextlib.nullcontext():
+        with torch.no_grad() if frozen else contextlib.nullcontext(), record_function("blip2/vision_tower"):
             x = vision_features(self.vision_model, pixel_values.to(self.vision_dtype()))  # (B, N, Dv)
         # LAVIS computes ln_vision in fp32 (spec §1.1); the Q-Former keeps fp32 master weights.
         return self.ln_vision(x.to(self.ln_vision.weight.dtype))

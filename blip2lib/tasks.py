@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from . import dist
 from .losses import itc_loss, itc_similarities, itg_inputs, itg_loss, itm_loss, sample_hard_negatives
@@ -61,8 +62,10 @@ class Stage1Task(nn.Module):
             image_ids = None
         rank = dist.get_rank()
 
-        enc = m.encode_image(images, use_cache=self.use_itg)  # image_feats (B, Q, E)
-        txt = m.encode_text(ids, mask)  # text_feat (B, E)
+        # record_function labels name the phases in a torch.profiler table (benchmarks/gpu.py --profile); ~µs each.
+        with record_function("stage1/encode"):
+            enc = m.encode_image(images, use_cache=self.use_itg)  # image_feats (B, Q, E)
+            txt = m.encode_text(ids, mask)  # text_feat (B, E)
 
         # ---- ITC: local rows vs gathered columns without grad (spec §2 ITC) ----
         img_all = dist.all_gather_no_grad(enc["image_feats"])  # (B*W, Q, E)
@@ -83,14 +86,16 @@ class Stage1Task(nn.Module):
         pair_mask = torch.cat([mask, mask, text_mask_all[neg_txt]])
         b = ids.shape[0]
         labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(images.device)
-        itm = m.itm_logits(pair_images, pair_ids, pair_mask)  # (3B, 2)
+        with record_function("stage1/itm_qformer"):
+            itm = m.itm_logits(pair_images, pair_ids, pair_mask)  # (3B, 2)
         out["itm_loss"] = itm_loss(itm, labels)
         out["itm_acc"] = (itm.argmax(-1) == labels).float().mean().detach()
 
         # ---- ITG: [DEC] replaces [CLS], causal text over the cached query states (spec §2 ITG) ----
         if self.use_itg:
             dec_ids, lm_labels = itg_inputs(ids, q.pad_token_id, q.dec_token_id)
-            logits = m.itg_logits(enc["past_key_values"], dec_ids, mask)
+            with record_function("stage1/itg_qformer"):
+                logits = m.itg_logits(enc["past_key_values"], dec_ids, mask)
             out["itg_loss"] = itg_loss(logits, lm_labels)
         out["loss"] = out["itc_loss"] + out["itm_loss"] + out.get("itg_loss", 0.0)  # equal weights (spec §2)
         out["temp"] = m.temp.detach()

@@ -130,3 +130,20 @@ def test_a_failing_row_is_recorded_and_the_rest_still_run(bench, tmp_path, monke
     assert seen[:2] == [["vit_forward"], ["vit_forward", "stage1_train"]]
     assert not out.with_suffix(".partial").exists()
     assert "ERROR" in bench.table(data["rows"]).splitlines()[1]
+
+
+def test_profile_writes_one_section_per_timed_call_with_phase_labels(bench, tmp_path):
+    prof = tmp_path / "profile.txt"
+    threads = torch.get_num_threads()
+    try:
+        bench.main(
+            ["--tiny", "--only", "stage1,caption_greedy", "--profile", str(prof), "--out", str(tmp_path / "o.json")]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    text = prof.read_text()
+    heads = [line.split(" (")[0] for line in text.splitlines() if line.startswith("=== ")]
+    assert heads == ["=== stage1_train, ours", "=== caption_greedy, ours", "=== caption_greedy, transformers"]
+    stage1 = text.split("=== caption_greedy")[0]
+    for label in ("blip2/vision_tower", "stage1/encode", "stage1/itm_qformer", "stage1/itg_qformer"):
+        assert label in stage1
