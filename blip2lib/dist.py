@@ -142,6 +142,15 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of ``x`` over ranks (returns a new tensor; identity at world size 1)."""
+    if not is_dist():
+        return x
+    y = x.detach().clone()
+    tdist.all_reduce(y, op=tdist.ReduceOp.MAX)
+    return y
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Average ``x`` over ranks (returns a new tensor; identity at world size 1)."""
     if not is_dist():

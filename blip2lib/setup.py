@@ -177,7 +177,8 @@ def build_model_and_task(params, device: torch.device):
         else:
             comps.update(best_key="val_lm_loss", higher_is_better=False)
     else:
-        task = Stage1Task(model, comps["qformer_tokenizer"], max_txt_len=params.max_txt_len, use_itg=params.use_itg)
+        task = Stage1Task(model, comps["qformer_tokenizer"], max_txt_len=params.max_txt_len, use_itg=params.use_itg,
+                          text_padding=params.text_padding)  # fmt: skip
         comps.update(best_key="val_r_mean_itc", higher_is_better=True)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("%s model: %.2fM trainable parameters", params.stage, n_train / 1e6)

@@ -10,12 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
 from . import dist
 from .losses import itc_loss, itc_similarities, itg_inputs, itg_loss, itm_loss, sample_hard_negatives
 from .model import Blip2QFormerModel
+
+TEXT_PADDINGS = ("max_length", "longest")
 
 
 class Stage1Task(nn.Module):
@@ -27,6 +30,11 @@ class Stage1Task(nn.Module):
         max_txt_len: Q-Former text length (32 in training, spec §1.3).
         use_itg: include the ITG term (the Table 6 ablation switches it off).
         negative_sampler: replaces :func:`sample_hard_negatives` (tests pass a fixed sampler).
+        text_padding: ``"max_length"`` pads every caption to ``max_txt_len`` (LAVIS, spec §2 step 3);
+            ``"longest"`` pads to the longest caption of the global batch. Pads are masked everywhere (attention
+            keys, ITG labels; ITC reads [CLS], ITM the queries), so both give the same losses up to float rounding
+            — only the cost differs (short toy captions: ~1.45× faster steps). Dropout draws differ in shape, so
+            training runs are not bit-identical between the two.
     """
 
     def __init__(
@@ -36,20 +44,33 @@ class Stage1Task(nn.Module):
         max_txt_len: int = 32,
         use_itg: bool = True,
         negative_sampler: Callable | None = None,
+        text_padding: str = "max_length",
     ):
         super().__init__()
+        if text_padding not in TEXT_PADDINGS:
+            raise ValueError(f"text_padding must be one of {TEXT_PADDINGS}, got {text_padding!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_txt_len = max_txt_len
+        self.text_padding = text_padding
         self.use_itg = use_itg
         self.negative_sampler = negative_sampler or sample_hard_negatives
 
     def tokenize(self, texts: list[str], device: torch.device, max_len: int | None = None):
-        """BERT ids padded to ``max_len`` (``padding="max_length"`` as LAVIS, spec §2 step 3)."""
-        tok = self.tokenizer(
-            texts, padding="max_length", truncation=True, max_length=max_len or self.max_txt_len, return_tensors="pt"
-        )
-        return tok.input_ids.to(device), tok.attention_mask.to(device)
+        """BERT ids (B, L): L = ``max_len`` for ``"max_length"`` (LAVIS), else the global batch's longest caption."""
+        max_len = max_len or self.max_txt_len
+        if self.text_padding == "max_length":
+            tok = self.tokenizer(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
+            return tok.input_ids.to(device), tok.attention_mask.to(device)
+        tok = self.tokenizer(texts, padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
+        ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)  # (B, L_local)
+        # ITM gathers every rank's ids for its negatives, so all ranks pad to the same (global) length.
+        length = int(dist.all_reduce_max(torch.tensor([ids.shape[1]], device=device)).item())
+        if length > ids.shape[1]:
+            extra = length - ids.shape[1]
+            ids = F.pad(ids, (0, extra), value=self.tokenizer.pad_token_id)
+            mask = F.pad(mask, (0, extra), value=0)
+        return ids, mask
 
     def forward(self, batch: dict) -> dict:
         """``batch``: ``image`` (B, 3, S, S), ``text_input`` list of B strings, optional integer ``image_id`` (B,)."""

@@ -82,6 +82,7 @@ class TrainParams(Params):
     amp: str = "bf16"  # bf16 | fp16 (GradScaler) | fp32; CPU runs use fp32 regardless
     clip_norm: float = 0.0  # gradient clipping norm; 0 turns it off (the paper does not clip)
     max_txt_len: int = 32  # Q-Former and LLM text length
+    text_padding: str = "max_length"  # Q-Former captions in stage 1 / retrieval FT: max_length (LAVIS) | longest
     prompt: str = ""  # "" pre-training; "a photo of" caption FT
     question_template: str = "Question: {} Answer:"  # VQA FT prompt (spec §4.2)
     use_itg: bool = True  # Table 6 ablation switch (retrieval FT)
@@ -99,6 +100,8 @@ class TrainParams(Params):
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.augment not in ("paper", "crop", "none"):
             raise ValueError(f"augment must be paper, crop or none, got {self.augment!r}")
+        if self.text_padding not in ("max_length", "longest"):
+            raise ValueError(f"text_padding must be max_length or longest, got {self.text_padding!r}")
         if self.amp not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"amp must be bf16, fp16 or fp32, got {self.amp!r}")
         return self

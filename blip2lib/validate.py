@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import dist
-from .evaluate.retrieval import recall_at_k, rerank_scores
+from .evaluate.retrieval import recall_at_k, rerank_scores, trim_padding
 from .evaluate.vqa import normalize_answer, vqa_accuracy
 
 log = logging.getLogger(__name__)
@@ -135,18 +135,18 @@ def retrieval_probe(model, tokenizer, val: dict, device, k: int = 16, max_len: i
     tok = tokenizer(val["texts"], padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
     ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
     text_feat = torch.cat(
-        [model.encode_text(ids[i : i + batch], mask[i : i + batch])["text_feat"] for i in range(0, len(ids), batch)]
+        [
+            model.encode_text(*trim_padding(ids[i : i + batch], mask[i : i + batch]))["text_feat"]
+            for i in range(0, len(ids), batch)
+        ]
     )
     sim = model.itc_similarity(image_feats, text_feat).float().cpu()  # (N_img, N_txt)
     out = {}
     itc = recall_at_k(sim, val["txt2img"], val["img2txt"])
 
     def itm_fn(img_idx, txt_idx):
-        return (
-            model.itm_logits(image_embeds[img_idx.to(device)], ids[txt_idx.to(device)], mask[txt_idx.to(device)])[:, 1]
-            .float()
-            .cpu()
-        )
+        pair_ids, pair_mask = trim_padding(ids[txt_idx.to(device)], mask[txt_idx.to(device)])  # exact, shorter
+        return model.itm_logits(image_embeds[img_idx.to(device)], pair_ids, pair_mask)[:, 1].float().cpu()
 
     s_i2t, s_t2i = rerank_scores(sim, itm_fn, k=min(k, sim.shape[1], sim.shape[0]), fusion="itm+itc")
     itm = recall_at_k(s_i2t, val["txt2img"], val["img2txt"], score_t2i=s_t2i)

@@ -36,7 +36,7 @@ from .drivers_common import (
     model_device,
     write_json,
 )
-from .retrieval import FUSIONS, recall_at_k, rerank_scores
+from .retrieval import FUSIONS, recall_at_k, rerank_scores, trim_padding
 from .vqa import VQADecoding, evaluate_gqa, evaluate_okvqa, evaluate_vqa, write_vqav2_submission
 
 __all__ = ["run_vqa", "run_caption", "run_retrieval", "OPT_VQA_MAX_PROMPT_LEN"]
@@ -360,7 +360,9 @@ def run_retrieval(
         ids, mask = tok.input_ids, tok.attention_mask  # (Nt, L) CPU
         text_feat = torch.cat(
             [
-                model.encode_text(ids[s : s + batch_size].to(device), mask[s : s + batch_size].to(device))["text_feat"]
+                model.encode_text(
+                    *(t.to(device) for t in trim_padding(ids[s : s + batch_size], mask[s : s + batch_size]))
+                )["text_feat"]
                 for s in range(0, len(texts), batch_size)
             ]
         )  # (Nt, E) fmt: skip
@@ -374,9 +376,10 @@ def run_retrieval(
 
         def itm_fn(img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
             img_idx, txt_idx = img_idx.cpu(), txt_idx.cpu()
+            pair_ids, pair_mask = trim_padding(ids[txt_idx], mask[txt_idx])  # (P, L') exact, shorter
             logits = model.itm_logits(
-                image_embeds[img_idx].to(device), ids[txt_idx].to(device), mask[txt_idx].to(device)
-            )  # (P, 2) fmt: skip
+                image_embeds[img_idx].to(device), pair_ids.to(device), pair_mask.to(device)
+            )  # (P, 2)
             return logits[:, 1].float()  # positive-class logit averaged over queries (spec §4.3 step 4)
 
         score_i2t, score_t2i = rerank_scores(sim, itm_fn if fusion != "itc" else None, k=k, fusion=fusion,

@@ -39,6 +39,17 @@ NEG_FILL = -100.0  # score of pairs outside the top-k (LAVIS)
 ItmFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def trim_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the trailing columns that are padding in every row: (P, L) → (P, L') with L' the batch's longest text.
+
+    Exact for the Q-Former: padded keys are masked out of attention and no output reads a padded position, so
+    ``padding="max_length"`` (LAVIS, spec §10.8) keeps its results while a batch of short captions runs shorter.
+    """
+    used = mask.any(0).nonzero()
+    length = int(used.max()) + 1 if used.numel() else 1
+    return ids[:, :length], mask[:, :length]
+
+
 def shard_rows(n_rows: int, rank: int, world_size: int) -> range:
     """Rows of ``rank``: LAVIS's ``step = n // W + 1``, ``[rank*step, min(n, rank*step + step))``."""
     step = n_rows // world_size + 1

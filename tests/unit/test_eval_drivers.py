@@ -443,3 +443,16 @@ def test_cli_loads_a_checkpoint_path_with_from_pretrained(tmp_path):
         from blip2lib.evaluate.__main__ import run
 
         run("retrieval", _params(tmp_path, checkpoint=str(tmp_path / "ck"), split="flickr30k_test"))
+
+
+def test_trim_padding_keeps_every_real_token():
+    from blip2lib.evaluate.retrieval import trim_padding
+
+    ids = torch.tensor([[101, 5, 6, 102, 0, 0], [101, 7, 102, 0, 0, 0]])
+    mask = (ids != 0).long()
+    t_ids, t_mask = trim_padding(ids, mask)
+    assert t_ids.tolist() == [[101, 5, 6, 102], [101, 7, 102, 0]] and t_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    left = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]])  # left padding: the last column is real, nothing to trim
+    assert trim_padding(left, left)[1].shape == (2, 4)
+    empty = torch.zeros(2, 5, dtype=torch.long)
+    assert trim_padding(empty, empty)[0].shape == (2, 1)

@@ -186,3 +186,37 @@ def test_itc_and_itm_scoring_api():
     p = model.itm_probability(b["image"], t.input_ids, t.attention_mask)
     logits = model.itm_logits(enc["image_embeds"], t.input_ids, t.attention_mask)
     assert torch.allclose(p, logits.softmax(-1)[:, 1], atol=1e-6) and ((p > 0) & (p < 1)).all()
+
+
+def test_stage1_longest_padding_gives_the_max_length_losses_and_gradients():
+    """Pads are masked everywhere, so padding to the batch's longest caption changes cost, not results (eval mode)."""
+    from blip2lib.tasks import TEXT_PADDINGS
+
+    texts = ["a red circle", "a dog", "the small blue cat", "two"]
+    images = torch.randn(4, 3, 28, 28, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def sampler(sim_i2t, sim_t2i, rank, image_ids=None, image_ids_all=None):
+        g = torch.arange(sim_i2t.shape[0])
+        return (g + 1) % 4, (g + 2) % 4
+
+    runs = {}
+    for padding in TEXT_PADDINGS:
+        torch.manual_seed(0)
+        model = Blip2QFormerModel(tiny_config()).double()
+        task = Stage1Task(model, tiny_bert_tokenizer(), max_txt_len=12, negative_sampler=sampler,
+                          text_padding=padding).eval()  # fmt: skip
+        ids, _ = task.tokenize(texts, torch.device("cpu"))
+        out = task({"image": images, "text_input": texts})
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        runs[padding] = (ids.shape[1], {k: float(v.detach()) for k, v in out.items() if k.endswith("loss")}, grads)
+    (long_len, long_loss, long_grads), (short_len, short_loss, short_grads) = runs["max_length"], runs["longest"]
+    assert long_len == 12 and short_len < 12  # the longest caption is 4 words + [CLS]/[SEP]
+    assert set(long_loss) == {"itc_loss", "itm_loss", "itg_loss", "loss"}
+    for term, v in long_loss.items():
+        assert short_loss[term] == pytest.approx(v, abs=1e-12), term
+    assert set(long_grads) == set(short_grads)
+    for name, g in long_grads.items():
+        assert torch.allclose(short_grads[name], g, atol=1e-12), name
+    with pytest.raises(ValueError, match="text_padding must be one of"):
+        Stage1Task(model, tiny_bert_tokenizer(), text_padding="right")

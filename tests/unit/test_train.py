@@ -93,6 +93,15 @@ def test_killed_run_resumes_exactly(tmp_path, monkeypatch):
 def test_unknown_stage_is_rejected():
     with pytest.raises(ValueError, match="stage must be one of"):
         train(_params("stage3"))
+    with pytest.raises(ValueError, match="text_padding must be max_length or longest"):
+        train(_params("stage1", text_padding="right"))
+
+
+def test_text_padding_reaches_the_stage1_task(tmp_path):
+    from blip2lib.setup import build_model_and_task
+
+    _, task, _ = build_model_and_task(_params("stage1", steps=1, text_padding="longest"), torch.device("cpu"))
+    assert task.text_padding == "longest"
 
 
 def test_vqa_finetune_takes_query_path_from_stage2_and_text_path_from_stage1(tmp_path):
