@@ -62,7 +62,9 @@ def _toy_components(params) -> dict:
     """Toy-world frozen models: the ViT, the BERT that initialises the Q-Former, the OPT / T5 LLMs.
 
     Toy choices (not the paper's sizes): the Q-Former takes the toy BERT's width and depth, 8 queries and
-    cross-attention in every layer (a 2-layer Q-Former with frequency 2 would cross-attend once).
+    cross-attention in every layer (a 2-layer Q-Former with frequency 2 would cross-attend once). Like LAVIS's
+    Q-Former, whose config is bert-base's (dropout 0.1), it takes its dropout from the BERT it starts from: the toy
+    BERT has none (on a CPU, dropout masks and the slow attention-dropout SDPA path cost ~30 % of a toy step).
     """
     import json as _json
 
@@ -77,6 +79,8 @@ def _toy_components(params) -> dict:
         vocab_size=len(qtok), hidden_size=bert["hidden_size"], num_hidden_layers=bert["num_hidden_layers"],
         num_attention_heads=bert["num_attention_heads"], intermediate_size=bert["intermediate_size"],
         max_position_embeddings=bert["max_position_embeddings"], layer_norm_eps=bert.get("layer_norm_eps", 1e-12),
+        hidden_dropout_prob=bert.get("hidden_dropout_prob", 0.1),
+        attention_probs_dropout_prob=bert.get("attention_probs_dropout_prob", 0.1),
         cross_attention_frequency=1, encoder_hidden_size=vision.width, num_query_tokens=8,
         use_text_input=params.stage not in GENERATIVE,  # stage 2 keeps only the query path (spec §1.5)
         pad_token_id=qtok.pad_token_id, cls_token_id=qtok.cls_token_id, sep_token_id=qtok.sep_token_id,

@@ -213,7 +213,7 @@ def train_opt(
     _sinusoidal_init(model.model.decoder.embed_positions.weight)
     with torch.no_grad():  # word vectors as large as the position vectors (see _sinusoidal_init's scale)
         model.model.decoder.embed_tokens.weight.normal_(0.0, emb_std)
-    optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98), fused=True)
     model.train()
     for step in range(steps):
         ids, ws = zip(*(opt_example(ex, rng, num_qa) for ex in draw(step, batch)))
@@ -249,7 +249,7 @@ def train_t5(
     rng = np.random.default_rng([seed, 22])
     draw = _curriculum(pool, rng, steps, easy_frac, easy_max_objects)
     model = T5ForConditionalGeneration(t5_config(**cfg))
-    optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98), fused=True)
     model.train()
     for step in range(steps):
         enc, dec, ws = zip(*(t5_example(ex, rng) for ex in draw(step, batch)))
@@ -306,7 +306,7 @@ def train_bert(
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 23])
     model = BertForMaskedLM(bert_config(**cfg))
-    optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, fused=True)
     encoded = [[[2] + V.encode(c, BERT_V) + [3] for c in g] for g in groups]  # [CLS] ... [SEP]
     first = len(V.BERT_SPECIALS)
     model.train()

@@ -106,7 +106,7 @@ def train_vit(
     tower = build_vision_tower(vcfg)
     heads = _Heads(vcfg.width)
     params = list(tower.parameters()) + list(heads.parameters())
-    optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
+    optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.05, betas=(0.9, 0.98), fused=True)
     ptarget, starget = torch.from_numpy(patch_labels).flatten(1), torch.from_numpy(slot_labels)  # (N, 64), (N, 4)
     tower.train()
     for step in range(steps):

@@ -137,7 +137,8 @@ def test_build_optimizer_keeps_group_keys():
     opt = build_optimizer(groups, lr=1e-4)
     assert isinstance(opt, torch.optim.AdamW)
     g = opt.param_groups[0]
-    assert g["betas"] == (0.9, 0.98) and g["eps"] == 1e-8 and not g["fused"]
+    assert g["betas"] == (0.9, 0.98) and g["eps"] == 1e-8 and g["fused"]  # fused kernel on CPU tensors too
+    assert not build_optimizer(param_groups(Tiny(), 0.05), lr=1e-4, fused=False).param_groups[0]["fused"]
     assert [g["lr_scale"] for g in opt.param_groups] == [g["lr_scale"] for g in groups]
 
 
