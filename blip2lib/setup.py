@@ -64,7 +64,8 @@ def _toy_components(params) -> dict:
     Toy choices (not the paper's sizes): the Q-Former takes the toy BERT's width and depth, 8 queries and
     cross-attention in every layer (a 2-layer Q-Former with frequency 2 would cross-attend once). Like LAVIS's
     Q-Former, whose config is bert-base's (dropout 0.1), it takes its dropout from the BERT it starts from: the toy
-    BERT has none (on a CPU, dropout masks and the slow attention-dropout SDPA path cost ~30 % of a toy step).
+    BERT has none (on a CPU, dropout masks and the slow attention-dropout SDPA path cost 22 % of a toy stage-1
+    step: 326 → 254 ms on one thread).
     """
     import json as _json
 

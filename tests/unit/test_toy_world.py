@@ -471,3 +471,19 @@ def test_toy_bert_contrastive_cls_pulls_paraphrases_together():
     mlm = paraphrase_nn(L.train_bert([ex.captions for ex in pool], 150, 0, batch=32, cl_weight=0.0))
     both = paraphrase_nn(L.train_bert([ex.captions for ex in pool], 150, 0, batch=32, cl_weight=1.0))
     assert mlm < 0.25 and both > 0.4, (mlm, both)  # measured 0.15 and 0.51; chance 1/119
+
+
+def test_toy_qformer_takes_its_dropout_from_its_bert(tiny):
+    """As LAVIS's Q-Former takes bert-base's config (dropout 0.1), the toy Q-Former takes the toy BERT's (none)."""
+    import json
+
+    from blip2lib.setup import _toy_components
+    from blip2lib.train import TrainParams
+
+    bert = json.loads((tiny.bert_dir / "config.json").read_text())
+    assert bert["hidden_dropout_prob"] == 0.0 and bert["attention_probs_dropout_prob"] == 0.0
+    params = TrainParams(stage="stage1", model="toy", train_data="toy", data_root=str(tiny.root), image_size=64,
+                         progress=False)  # fmt: skip
+    q = _toy_components(params)["config"].qformer
+    assert q.hidden_dropout_prob == 0.0 and q.attention_probs_dropout_prob == 0.0
+    assert q.hidden_size == bert["hidden_size"] and q.num_hidden_layers == bert["num_hidden_layers"]
