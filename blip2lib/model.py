@@ -17,6 +17,7 @@ from torch.profiler import record_function
 
 from .config import Blip2Config
 from .decoding import beam_search
+from .featcache import VisionFeatureCache
 from .qformer import (
     Blip2QFormer,
     Blip2QFormerLMHead,
@@ -70,6 +71,7 @@ class Blip2Base(nn.Module):
             self.qformer = Blip2QFormer(q)
             # Word/position embeddings only where text enters the Q-Former (stage 1, retrieval, VQA FT; spec §1.5).
             self.embeddings = Blip2TextEmbeddings(q) if q.use_text_input else None
+        self.vision_cache: VisionFeatureCache | None = None  # opt-in frozen-ViT feature cache (featcache.py)
         if cfg.vision.freeze:
             freeze_vision_(self.vision_model)  # no grads, pinned to eval (spec §1.2)
         elif cfg.vision.grad_checkpointing:
@@ -115,8 +117,17 @@ class Blip2Base(nn.Module):
     def encode_vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``ln_vision(ViT(image))`` in fp32: (B, 3, S, S) → (B, N, Dv). Frozen towers run without autograd."""
         frozen = not any(p.requires_grad for p in self.vision_model.parameters())
-        with torch.no_grad() if frozen else contextlib.nullcontext(), record_function("blip2/vision_tower"):
-            x = vision_features(self.vision_model, pixel_values.to(self.vision_dtype()))  # (B, N, Dv)
+
+        def tower(px: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad() if frozen else contextlib.nullcontext(), record_function("blip2/vision_tower"):
+                return vision_features(self.vision_model, px.to(self.vision_dtype()))  # (B, N, Dv)
+
+        if self.vision_cache is not None and self.vision_cache.active:
+            if not frozen:
+                raise RuntimeError("the vision feature cache needs a frozen vision tower (freeze_vit: true)")
+            x = self.vision_cache.features(pixel_values, tower)  # only unseen images run the tower
+        else:
+            x = tower(pixel_values)
         # LAVIS computes ln_vision in fp32 (spec §1.1); the Q-Former keeps fp32 master weights.
         return self.ln_vision(x.to(self.ln_vision.weight.dtype))
 

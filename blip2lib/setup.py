@@ -30,6 +30,7 @@ from .data import (
     image_eval_transform,
     image_train_transform,
 )
+from .featcache import VisionFeatureCache
 from .model import Blip2, Blip2QFormerModel
 from .tasks import Stage1Task, Stage2Task
 
@@ -185,6 +186,8 @@ def build_model_and_task(params, device: torch.device):
         task = Stage1Task(model, comps["qformer_tokenizer"], max_txt_len=params.max_txt_len, use_itg=params.use_itg,
                           text_padding=params.text_padding)  # fmt: skip
         comps.update(best_key="val_r_mean_itc", higher_is_better=True)
+    if params.cache_vision_features:  # validated: frozen ViT, fixed images (featcache.py)
+        model.vision_cache = VisionFeatureCache()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("%s model: %.2fM trainable parameters", params.stage, n_train / 1e6)
     return model, task, comps

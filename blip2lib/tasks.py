@@ -7,6 +7,7 @@ the generative fine-tunings use the frozen LLM's LM loss (spec §3, §4.1, §4.2
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -19,6 +20,20 @@ from .losses import itc_loss, itc_similarities, itg_inputs, itg_loss, itm_loss, 
 from .model import Blip2QFormerModel
 
 TEXT_PADDINGS = ("max_length", "longest")
+
+
+def vision_keys(model, batch: dict):
+    """Context naming the batch's images for the model's vision feature cache.
+
+    A no-op without a cache, and for id-less batches in eval mode (validation passes run the tower); an id-less
+    training batch is an error rather than a silently uncached run.
+    """
+    cache = getattr(model, "vision_cache", None)
+    if cache is None or (batch.get("image_id") is None and not model.training):
+        return contextlib.nullcontext()
+    if batch.get("image_id") is None:
+        raise ValueError("cache_vision_features needs an image_id per sample: this dataset yields none")
+    return cache.batch(batch["image_id"])
 
 
 class Stage1Task(nn.Module):
@@ -84,7 +99,7 @@ class Stage1Task(nn.Module):
         rank = dist.get_rank()
 
         # record_function labels name the phases in a torch.profiler table (benchmarks/gpu.py --profile); ~µs each.
-        with record_function("stage1/encode"):
+        with record_function("stage1/encode"), vision_keys(m, batch):
             enc = m.encode_image(images, use_cache=self.use_itg)  # image_feats (B, Q, E)
             txt = m.encode_text(ids, mask)  # text_feat (B, E)
 
@@ -205,5 +220,6 @@ class Stage2Task(nn.Module):
                 return_tensors="pt",
             )
             qids, qmask = tok.input_ids.to(images.device), tok.attention_mask.to(images.device)
-        loss = self.model.lm_loss(images, self.llm_inputs(batch), qids, qmask)
+        with vision_keys(self.model, batch):
+            loss = self.model.lm_loss(images, self.llm_inputs(batch), qids, qmask)
         return {"lm_loss": loss, "loss": loss}

@@ -83,6 +83,7 @@ class TrainParams(Params):
     clip_norm: float = 0.0  # gradient clipping norm; 0 turns it off (the paper does not clip)
     max_txt_len: int = 32  # Q-Former and LLM text length
     text_padding: str = "max_length"  # Q-Former captions in stage 1 / retrieval FT: max_length (LAVIS) | longest
+    cache_vision_features: bool = False  # keep each frozen-ViT output after its first pass (needs augment none)
     prompt: str = ""  # "" pre-training; "a photo of" caption FT
     question_template: str = "Question: {} Answer:"  # VQA FT prompt (spec §4.2)
     use_itg: bool = True  # Table 6 ablation switch (retrieval FT)
@@ -100,6 +101,9 @@ class TrainParams(Params):
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.augment not in ("paper", "crop", "none"):
             raise ValueError(f"augment must be paper, crop or none, got {self.augment!r}")
+        if self.cache_vision_features and (self.augment != "none" or not self.freeze_vit):
+            raise ValueError("cache_vision_features needs a frozen ViT and fixed images (freeze_vit: true, augment: "
+                             f"none); got freeze_vit={self.freeze_vit}, augment={self.augment!r}")  # fmt: skip
         if self.text_padding not in ("max_length", "longest"):
             raise ValueError(f"text_padding must be max_length or longest, got {self.text_padding!r}")
         if self.amp not in ("bf16", "fp16", "fp32"):

@@ -222,3 +222,20 @@ def test_missing_shards_are_named_not_retried_forever(tmp_path):
     _write_shards(tmp_path / "shards", n=5)  # only part-0000.tar exists
     with pytest.raises(FileNotFoundError, match=r"2 of 3 shards missing: .*part-0001.tar, .*part-0002.tar"):
         build_data(_shard_params(tmp_path), {}, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("stage,kw", [("stage1", {}), ("stage2", {"llm": "opt"})])
+def test_vision_feature_cache_trains_the_same_losses(tmp_path, stage, kw):
+    """Frozen ViT + fixed images: cached features give the uncached run's losses (the tower runs once per image)."""
+    runs = {}
+    for cache in (False, True):
+        run = tmp_path / str(cache)
+        params = _params(stage, steps=6, batch_size=64, augment="none", cache_vision_features=cache, **kw)
+        result = train(params, run)  # 384 samples of a 256-image synthetic set: the second epoch hits the cache
+        runs[cache] = [json.loads(x)["loss"] for x in (run / "log.jsonl").read_text().splitlines() if '"loss"' in x]
+        if cache:
+            stats = result.model.vision_cache.stats()
+    assert len(runs[True]) == 6 and runs[True] == pytest.approx(runs[False], abs=1e-5)
+    assert stats == {"images": 256, "hits": 6 * 64 - 256, "misses": 256}
+    with pytest.raises(ValueError, match="cache_vision_features needs a frozen ViT and fixed images"):
+        train(_params(stage, augment="paper", cache_vision_features=True, **kw), tmp_path / "bad")
