@@ -312,6 +312,8 @@ def _transforms(params) -> tuple:
 def _train_dataset(params, comps: dict, bad: BadSampleLog):
     transform, text = _transforms(params)
     spec = params.train_data
+    if params.cache_images and (spec == "synthetic" or str(spec).endswith((".jsonl", ".csv"))):
+        raise ValueError(f"cache_images works with annotation-file datasets (toy, COCO-style JSON), not {spec!r}")
     if spec == "synthetic":
         from .testing import SyntheticImageText
 
@@ -326,7 +328,10 @@ def _train_dataset(params, comps: dict, bad: BadSampleLog):
     if str(ann).endswith((".jsonl", ".csv")) and spec != "toy":
         return ManifestDataset(ann, root=images, transform=transform, text_processor=text, bad_log=bad)
     cls = {"retrieval_ft": RetrievalDataset, "vqa_ft": VQADataset}.get(params.stage, CaptionDataset)
-    return cls(images, [ann], transform=transform, text_processor=text, bad_log=bad)
+    ds = cls(images, [ann], transform=transform, text_processor=text, bad_log=bad)
+    if params.cache_images:  # validated: augment none, so each path always gives the same tensor
+        ds.image_cache = {}
+    return ds
 
 
 def _top_answer(batch: dict) -> dict:

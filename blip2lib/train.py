@@ -84,6 +84,7 @@ class TrainParams(Params):
     max_txt_len: int = 32  # Q-Former and LLM text length
     text_padding: str = "max_length"  # Q-Former captions in stage 1 / retrieval FT: max_length (LAVIS) | longest
     cache_vision_features: bool = False  # keep each frozen-ViT output after its first pass (needs augment none)
+    cache_images: bool = False  # keep each decoded, transformed training image in memory (needs augment none)
     prompt: str = ""  # "" pre-training; "a photo of" caption FT
     question_template: str = "Question: {} Answer:"  # VQA FT prompt (spec §4.2)
     use_itg: bool = True  # Table 6 ablation switch (retrieval FT)
@@ -104,6 +105,8 @@ class TrainParams(Params):
         if self.cache_vision_features and (self.augment != "none" or not self.freeze_vit):
             raise ValueError("cache_vision_features needs a frozen ViT and fixed images (freeze_vit: true, augment: "
                              f"none); got freeze_vit={self.freeze_vit}, augment={self.augment!r}")  # fmt: skip
+        if self.cache_images and self.augment != "none":
+            raise ValueError(f"cache_images needs fixed images (augment: none), got augment={self.augment!r}")
         if self.text_padding not in ("max_length", "longest"):
             raise ValueError(f"text_padding must be max_length or longest, got {self.text_padding!r}")
         if self.amp not in ("bf16", "fp16", "fp32"):

@@ -105,15 +105,21 @@ class _AnnotationDataset(Dataset):
         self.transform = transform
         self.text_processor = text_processor or _identity
         self.bad_log = bad_log if bad_log is not None else BadSampleLog()
+        # Opt-in (``cache_images``): transformed images kept per path — only valid for a deterministic transform.
+        self.image_cache: dict[str, object] | None = None
 
     def __len__(self) -> int:
         return len(self.annotation)
 
     def _image(self, rel: str):
+        if self.image_cache is not None and rel in self.image_cache:
+            return self.image_cache[rel]
         image = load_image(self.root / rel, self.bad_log)  # absolute `rel` overrides root (pathlib semantics)
-        if image is None or self.transform is None:
-            return image
-        return self.transform(image)
+        if image is not None and self.transform is not None:
+            image = self.transform(image)
+        if image is not None and self.image_cache is not None:
+            self.image_cache[rel] = image
+        return image
 
 
 class CaptionDataset(_AnnotationDataset):

@@ -306,3 +306,33 @@ def test_prepare_link_images(tmp_path):
     result = prepare("coco_karpathy", tmp_path / "src", tmp_path / "data", link_images=True)
     assert result["linked"] == [str(tmp_path / "data/coco/images/val2014")]
     assert (tmp_path / "data/coco/images/val2014/COCO_val2014_000000000003.jpg").is_file()
+
+
+def test_image_cache_decodes_each_path_once(coco_root, monkeypatch):
+    import blip2lib.data.readers as readers_mod
+
+    out, _ = coco_root
+    loads: list[str] = []
+    real = readers_mod.load_image
+    monkeypatch.setattr(readers_mod, "load_image", lambda p, log=None: loads.append(str(p)) or real(p, log))
+    ds = CaptionDataset(out / "coco/images", out / FORMATS["coco_karpathy_train"]["file"], transform=lambda im: im.size)
+    plain = [ds[i]["image"] for i in range(len(ds))]
+    n_plain = len(loads)
+    ds.image_cache = {}
+    first = [ds[i]["image"] for i in range(len(ds))]
+    again = [ds[i]["image"] for i in range(len(ds))]
+    paths = {a["image"] for a in ds.annotation}
+    assert first == plain == again and n_plain == len(ds)
+    assert len(loads) - n_plain == len(paths) < len(ds)  # one decode per distinct image, captions share it
+    assert set(ds.image_cache) == paths
+
+
+def test_cache_images_needs_fixed_images_and_annotation_files():
+    from blip2lib.setup import _train_dataset
+    from blip2lib.train import TrainParams
+
+    with pytest.raises(ValueError, match="cache_images needs fixed images"):
+        TrainParams(stage="stage1", cache_images=True, augment="paper").validate_values()
+    params = TrainParams(stage="stage1", cache_images=True, augment="none", train_data="synthetic")
+    with pytest.raises(ValueError, match="cache_images works with annotation-file datasets"):
+        _train_dataset(params, {}, None)
