@@ -435,6 +435,7 @@ def run(bench: Bench, only: set[str], save=None) -> list[dict]:
 
     A row that raises is recorded with its error and the others still run (one shot on a lent GPU must not lose the
     rest); ``save(rows)`` is called after every row so that a run killed at its time limit keeps what it measured.
+    Returns the raw rows: :func:`finish` adds ratios, goals and verdicts.
     """
     rows: list[dict] = []
     want = only.__contains__
@@ -484,7 +485,7 @@ def run(bench: Bench, only: set[str], save=None) -> list[dict]:
         attempt("stage2_train_flant5xl", row_stage2, bench, model, cfg, "stage2_train_flant5xl")
         _free(model)
         del model
-    return finish(bench, rows)
+    return rows
 
 
 def finish(bench: Bench, rows: list[dict]) -> list[dict]:

@@ -133,22 +133,22 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x)
 
 
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum ``x`` over ranks (returns a new tensor; identity at world size 1)."""
+def _all_reduce(x: torch.Tensor, op) -> torch.Tensor:
     if not is_dist():
         return x
     y = x.detach().clone()
-    tdist.all_reduce(y, op=tdist.ReduceOp.SUM)
+    tdist.all_reduce(y, op=op)
     return y
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum ``x`` over ranks (returns a new tensor; identity at world size 1)."""
+    return _all_reduce(x, tdist.ReduceOp.SUM)
 
 
 def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
     """Element-wise maximum of ``x`` over ranks (returns a new tensor; identity at world size 1)."""
-    if not is_dist():
-        return x
-    y = x.detach().clone()
-    tdist.all_reduce(y, op=tdist.ReduceOp.MAX)
-    return y
+    return _all_reduce(x, tdist.ReduceOp.MAX)
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:

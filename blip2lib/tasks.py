@@ -74,11 +74,10 @@ class Stage1Task(nn.Module):
     def tokenize(self, texts: list[str], device: torch.device, max_len: int | None = None):
         """BERT ids (B, L): L = ``max_len`` for ``"max_length"`` (LAVIS), else the global batch's longest caption."""
         max_len = max_len or self.max_txt_len
-        if self.text_padding == "max_length":
-            tok = self.tokenizer(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
-            return tok.input_ids.to(device), tok.attention_mask.to(device)
-        tok = self.tokenizer(texts, padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
+        tok = self.tokenizer(texts, padding=self.text_padding, truncation=True, max_length=max_len, return_tensors="pt")
         ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)  # (B, L_local)
+        if self.text_padding == "max_length" or not dist.is_dist():
+            return ids, mask
         # ITM gathers every rank's ids for its negatives, so all ranks pad to the same (global) length.
         length = int(dist.all_reduce_max(torch.tensor([ids.shape[1]], device=device)).item())
         if length > ids.shape[1]:

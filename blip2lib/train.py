@@ -36,6 +36,7 @@ from .config import Params, config_to_dict
 from .engine import run_loop
 from .optim import LRSchedule, build_optimizer, param_groups
 from .setup import build_data, build_model_and_task, load_init, materialize_frozen
+from .tasks import TEXT_PADDINGS
 from .validate import make_eval_fn
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ class TrainParams(Params):
                              f"none); got freeze_vit={self.freeze_vit}, augment={self.augment!r}")  # fmt: skip
         if self.cache_images and self.augment != "none":
             raise ValueError(f"cache_images needs fixed images (augment: none), got augment={self.augment!r}")
-        if self.text_padding not in ("max_length", "longest"):
+        if self.text_padding not in TEXT_PADDINGS:
             raise ValueError(f"text_padding must be max_length or longest, got {self.text_padding!r}")
         if self.amp not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"amp must be bf16, fp16 or fp32, got {self.amp!r}")
