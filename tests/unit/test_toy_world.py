@@ -295,7 +295,7 @@ def test_a_failing_worker_stops_the_build_with_its_log(tmp_path):
     from blip2lib.toy import build as tb
 
     (tmp_path / "vit").mkdir()  # the ViT worker cannot create its folder
-    with pytest.raises(RuntimeError, match=r"(?s)worker \['t5', 'vit'\] failed.*FileExistsError"):
+    with pytest.raises(RuntimeError, match=r"(?s)worker \['opt', 'bert', 'vit'\] failed.*FileExistsError"):
         tb._run_jobs(tmp_path, 3, "tiny", tqdm(disable=True))
 
 
@@ -375,22 +375,21 @@ def test_models_load_from_local_dirs(tiny):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the full world meets its bars (builds once, ~5.5 min on 2 cores)
+# the full world meets its bars (builds once from scratch, ~4.7 min on 2 cores; builder version 8 measured 98.92 /
+# 96.35 text oracle and 100 slot probe on the test split)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-@pytest.mark.skipif(
-    not os.environ.get("BLIP2LIB_TOY_FULL_BUILD"),
-    reason="full build takes ~5.5 min on 2 cores and the LLM oracle bars are not met yet; BLIP2LIB_TOY_FULL_BUILD=1",
-)
 def test_full_world_meets_bars(tmp_path, monkeypatch):
-    monkeypatch.setenv("BLIP2LIB_CACHE", str(tmp_path))
+    monkeypatch.setenv("BLIP2LIB_CACHE", str(tmp_path))  # a fresh build, never a cached world
     w = build_toy_world(seed=0, progress=False)
-    vqa = w.baselines["vqa"]["test"]
-    assert vqa["opt_oracle"]["overall"] >= 95.0, vqa
-    assert vqa["t5_oracle"]["overall"] >= 95.0, vqa
-    assert vqa["opt_blind"]["overall"] < vqa["opt_oracle"]["overall"] - 30
+    for split in ("test", "novel"):
+        vqa = w.baselines["vqa"][split]
+        assert vqa["opt_oracle"]["overall"] >= 95.0, vqa
+        assert vqa["t5_oracle"]["overall"] >= 95.0, vqa
+        for llm in ("opt", "t5"):  # the description carries the answers: blind is far below the oracle
+            assert vqa[f"{llm}_blind"]["overall"] < vqa[f"{llm}_oracle"]["overall"] - 30, vqa
     assert w.baselines["vision_probe"]["test"]["slot_accuracy"] >= 95.0
 
 

@@ -1,0 +1,172 @@
+"""The toy LLMs' auxiliary reading objectives (blip2lib/toy/reading.py), checked against the scene graphs and
+against the attention the transformers models really compute."""
+
+import numpy as np
+import pytest
+import torch
+
+from blip2lib.toy import llm_pretrain as L
+from blip2lib.toy import reading as R
+from blip2lib.toy import vocab as V
+from blip2lib.toy import world
+
+_ATTR = {"colour": 1, "shape": 2, "size": None}
+
+
+def _scenes(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        scene = world.sample_scene(rng, i, "any")
+        out.append((scene, world.questions(scene, rng, 4)))
+    return out
+
+
+def test_referent_names_the_object_the_answer_is_read_from():
+    """For every generated question: the answer is an attribute of the referent (or of its left neighbour, for a
+    causal LM's "left of"); "is there …?" has a referent exactly when the answer is yes; counting has none."""
+    checked = {"attribute": 0, "relation": 0, "exist": 0, "count": 0}
+    for scene, qas in _scenes(400):
+        objs = scene.objects
+        for family, q, answer in qas:
+            checked[family] += 1
+            for causal in (True, False):
+                k = R.referent(objs, q, causal)
+                if family == "count":
+                    assert k is None
+                    continue
+                if family == "exist":
+                    assert (k is not None) == (answer == "yes"), q
+                    if k is not None:
+                        assert f"{objs[k].colour} {objs[k].shape}" in q
+                    continue
+                attr = q.split()[1]  # colour / shape / size
+                read = objs[k - 1] if family == "relation" and "left of" in q and causal else objs[k]
+                assert getattr(read, attr) == answer, (q, objs, causal)
+                if family == "relation":  # the neighbour, on the asked side of the named object
+                    ref = next(i for i, o in enumerate(objs) if f"{o.colour} {o.shape}?" in q)
+                    assert k == (ref if causal else ref - 1) if "left of" in q else k == ref + 1
+    assert min(checked.values()) > 100, checked
+
+
+def test_bind_labels_on_a_hand_built_scene():
+    objs = (
+        world.Obj(0, "circle", "red", "small", 4, 4),
+        world.Obj(2, "square", "blue", "large", 40, 8),
+        world.Obj(3, "circle", "yellow", "small", 52, 4),
+    )
+    words = V.split_words(world.captions(world.Scene(0, "any", objs))[1])  # "… left of … left of …"
+    causal = R.bind_labels(words, objs, both_sides=False)
+    both = R.bind_labels(words, objs, both_sides=True)
+    pos = R.shape_positions(words)
+    assert [words[p] for p in pos] == ["circle", "square", "circle"]
+    # colour red=0 blue=2 yellow=3, size small=0 large=1, shapes circle=0 square=1, none = len(group)
+    assert causal[pos].tolist() == [[0, 0, 3, 4], [2, 1, 0, 0], [3, 0, 1, 2]]
+    assert both[pos, 4:].tolist() == [[1, 2], [0, 3], [3, 4]]
+    off = np.setdiff1d(np.arange(len(words)), pos)
+    assert (causal[off] == R.IGNORE).all() and (both[off] == R.IGNORE).all()
+    with pytest.raises(ValueError, match="does not list the objects"):
+        R.bind_labels(words, objs[1:] + objs[:1], both_sides=False)
+
+
+def test_parse_labels_cover_every_template():
+    seen = set()
+    for _, qas in _scenes(200):
+        for _, q, _ in qas:
+            kind, colour, shape = R.parse_labels(q)
+            seen.add(R.TEMPLATES[kind])
+            words = q.rstrip("?").split()
+            assert (colour < len(world.COLOURS)) == any(w in world.COLOURS for w in words)
+            assert (shape < len(world.SHAPES)) == any(w.rstrip("s") in world.SHAPES for w in words)
+    assert seen == set(R.TEMPLATES)
+    assert R.parse_labels("how many squares are there?") == [R.TEMPLATES.index("how many shape"), 4, 1]
+    with pytest.raises(ValueError, match="not a toy-world question"):
+        R.parse_labels("where is the square?")
+
+
+def test_opt_example_points_from_the_answer_position_to_the_referents_shape_word():
+    inv = {i: w for w, i in L.OPT_V.items()}
+    pool = L.text_pool(200, 0)
+    rng = np.random.default_rng(0)
+    n_point = 0
+    for ex in pool:
+        seq = L.opt_example(ex, rng, num_qa=4)
+        assert len(seq.bind) == len(seq.ids) == len(seq.weights)
+        for at, _ in seq.parse:
+            assert inv[seq.ids[at]] == ":" and inv[seq.ids[at - 1]] == "answer"
+            assert seq.weights[at + 1] == 1.0  # the next token is the answer
+        for at, key in seq.point:
+            n_point += 1
+            assert inv[seq.ids[key]] in world.SHAPES and key < at
+            assert (seq.bind[key] != R.IGNORE).all()
+    assert n_point > 300
+
+
+def _random_large(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.5)
+
+
+def test_opt_point_scores_are_the_layers_own_attention():
+    """softmax(opt_point_scores) equals the attention probabilities transformers' eager OPT returns (heads 0, 1)."""
+    from transformers import OPTForCausalLM
+
+    torch.manual_seed(0)
+    cfg = L.opt_config()
+    cfg._attn_implementation = "eager"
+    model = OPTForCausalLM(cfg).eval()
+    _random_large(model)
+    x = torch.randint(5, len(L.OPT_V), (3, 12))
+    x[1, 9:] = V.OPT_PAD  # a right-padded row
+    out = model(input_ids=x, attention_mask=(x != V.OPT_PAD).long(), output_hidden_states=True,
+                output_attentions=True)  # fmt: skip
+    rows = torch.tensor([[0, 11], [1, 8], [2, 5], [0, 0]])
+    with torch.no_grad():
+        scores = R.opt_point_scores(model.model.decoder.layers[-1], out.hidden_states[-2], x, V.OPT_PAD, rows)
+    want = out.attentions[-1][rows[:, 0], : R.POINT_HEADS, rows[:, 1]]  # (R, H, T)
+    torch.testing.assert_close(scores.softmax(-1), want, atol=1e-6, rtol=1e-5)
+    assert want[3, :, 1:].abs().max() == 0  # the first position sees only itself
+
+
+def test_t5_point_scores_are_the_decoders_own_cross_attention():
+    from transformers import T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = L.t5_config()
+    cfg._attn_implementation = "eager"
+    model = T5ForConditionalGeneration(cfg).eval()
+    _random_large(model)
+    x = torch.randint(3, len(L.T5_V), (2, 10))
+    x[0, 7:] = V.T5_PAD
+    mask = (x != V.T5_PAD).long()
+    cross = model.decoder.block[-1].layer[1]
+    seen = {}
+    hook = cross.layer_norm.register_forward_hook(lambda _m, _i, o: seen.setdefault("q", o))
+    out = model(input_ids=x, attention_mask=mask, decoder_input_ids=torch.zeros(2, 2, dtype=torch.long),
+                output_attentions=True)  # fmt: skip
+    hook.remove()
+    with torch.no_grad():
+        scores = R.t5_point_scores(cross.EncDecAttention, seen["q"][:, 0], out.encoder_last_hidden_state, mask)
+    want = out.cross_attentions[-1][:, : R.POINT_HEADS, 0]  # (B, H, S)
+    torch.testing.assert_close(scores.softmax(-1), want, atol=1e-6, rtol=1e-5)
+    assert want[0, :, 7:].abs().max() == 0
+
+
+def test_point_loss_is_minus_log_attention_on_the_target():
+    scores = torch.tensor([[[0.0, 1.0, float("-inf")], [2.0, 0.0, 1.0]]])  # (R=1, H=2, T=3)
+    p0 = torch.tensor([0.0, 1.0]).softmax(-1)[1]
+    p1 = torch.tensor([2.0, 0.0, 1.0]).softmax(-1)[1]
+    want = -(p0.log() + p1.log()) / 2
+    torch.testing.assert_close(R.point_loss(scores, torch.tensor([1])), want)
+
+
+def test_reading_objectives_can_be_switched_off_and_do_not_change_the_saved_model_class():
+    pool = L.text_pool(16, 0)
+    on = L.train_opt(pool, steps=3, seed=0)
+    off = L.train_opt(pool, steps=3, seed=0, reading=(0.0, 0.0, 0.0))
+    assert set(on.state_dict()) == set(off.state_dict())  # the heads are not part of the model
+    assert any(not torch.equal(on.state_dict()[k], off.state_dict()[k]) for k in on.state_dict())
+    t5 = L.train_t5(pool, steps=2, seed=0, batch=4)
+    assert not t5.decoder.block[-1].layer[1].layer_norm._forward_hooks  # the capture hook is removed
