@@ -45,11 +45,11 @@ BUILDER_VERSION = "8"  # 2: OPT embedding init, 4 questions per description, lon
 # short-scenes-first curriculum, stage-0 models trained in 2 parallel single-threaded workers; 6: no two scenes of an
 # evaluation split share a canonical caption (models unchanged); 7: fused AdamW in every stage-0 trainer (same
 # recipe, ~10 % faster steps; weights differ from 6 by float rounding); 8: the LLMs learn with the reading objectives
-# of toy/reading.py (text oracle OPT 82 → 99, T5 71 → 97), OPT 2400 steps, T5 alone in one worker
+# of toy/reading.py (text oracle OPT 82 → 99, T5 71 → 96), OPT 2000 steps, T5 alone in one worker
 # Sizes: "full" is the default world (≤ 3 min on 2 cores is the target); "tiny" is for fast tests of the machinery.
 SIZES: dict[str, dict[str, int]] = {
     "full": dict(train=3000, val=300, test=300, novel=200, vit_images=3000, vit_steps=250, text_scenes=8000,
-                 opt_steps=2400, t5_steps=1500, bert_steps=600, probe_images=500),
+                 opt_steps=2000, t5_steps=1500, bert_steps=600, probe_images=500),
     "tiny": dict(train=12, val=6, test=6, novel=6, vit_images=16, vit_steps=2, text_scenes=32, opt_steps=2,
                  t5_steps=2, bert_steps=2, probe_images=12),
 }  # fmt: skip
@@ -309,33 +309,41 @@ def _bert_ids() -> dict:
 
 
 def _baselines(splits, records, opt, t5, tower, seed: int, sz: dict, tick) -> dict:
+    """The LLMs' blind / text-oracle VQA, retrieval chance and the ViT probe (``baselines.json``)."""
     out: dict = {"vqa": {}, "retrieval_chance": {}, "vision_probe": {}}
+    desc = {s: {sc.image_id: c[0] for sc, c in zip(splits[s].scenes, splits[s].captions)} for s in ("test", "novel")}
+
+    def llm_vqa(name: str, llm, answer) -> dict:  # the canonical (first) caption is the oracle's description
+        return {(s, f"{name}_{kind}"): B.summarize(answer(llm, records[s], d), records[s])
+                for s in ("test", "novel") for kind, d in (("blind", None), ("oracle", desc[s]))}  # fmt: skip
+
+    def probe() -> dict:
+        train = splits["train"]
+        n = min(sz["probe_images"], len(train.scenes))
+        tr_imgs = np.stack([world.decode(b) for b in train.jpegs[:n]])
+        tr_patches = np.stack([world.patch_labels(s) for s in train.scenes[:n]])
+        heads = VP.fit_probe(VP.features(tower, tr_imgs), tr_patches, seed)  # one fit, read on both splits
+        res = {}
+        for split in ("test", "novel"):
+            sp = splits[split]
+            feats = VP.features(tower, np.stack([world.decode(b) for b in sp.jpegs]))
+            patches = np.stack([world.patch_labels(s) for s in sp.scenes])
+            res[split] = VP.probe_accuracy(heads, feats, patches, np.asarray([s.slot_labels() for s in sp.scenes]))
+        return res
+
+    answers = {**llm_vqa("opt", opt, B.opt_answers), **llm_vqa("t5", t5, B.t5_answers)}
+    tick()
+    out["vision_probe"] = probe()
+    tick()
     for split in ("test", "novel"):
         recs, sp = records[split], splits[split]
-        desc = {s.image_id: c[0] for s, c in zip(sp.scenes, sp.captions)}  # the canonical (first) caption
         out["vqa"][split] = {
-            "opt_blind": B.summarize(B.opt_answers(opt, recs, None), recs),
-            "opt_oracle": B.summarize(B.opt_answers(opt, recs, desc), recs),
-            "t5_blind": B.summarize(B.t5_answers(t5, recs, None), recs),
-            "t5_oracle": B.summarize(B.t5_answers(t5, recs, desc), recs),
+            **{name: answers[(split, name)] for name in ("opt_blind", "opt_oracle", "t5_blind", "t5_oracle")},
             "majority_per_family": B.summarize(_majority(records["train"], recs), recs),
             "num_questions": len(recs),
         }
         out["retrieval_chance"][split] = {**B.retrieval_chance(len(sp.scenes)),
                                           "caption_ceiling": B.caption_ceiling(sp.captions)}  # fmt: skip
-    tick()
-    train = splits["train"]
-    n = min(sz["probe_images"], len(train.scenes))
-    tr_imgs = np.stack([world.decode(b) for b in train.jpegs[:n]])
-    tr_patches = np.stack([world.patch_labels(s) for s in train.scenes[:n]])
-    tr_feats = VP.features(tower, tr_imgs)
-    tick()
-    for split in ("test", "novel"):
-        sp = splits[split]
-        feats = VP.features(tower, np.stack([world.decode(b) for b in sp.jpegs]))
-        patches = np.stack([world.patch_labels(s) for s in sp.scenes])
-        slots = np.asarray([s.slot_labels() for s in sp.scenes])
-        out["vision_probe"][split] = VP.linear_probe(tr_feats, tr_patches, feats, patches, slots, seed)
     tick()
     return out
 

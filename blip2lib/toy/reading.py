@@ -14,10 +14,11 @@ objective below teaches one look-up directly, as the toy ViT learns its patches 
 * **point** — in the last attention layer, heads 0 and 1 at that position attend to the shape word of the object
   the answer is read from (:func:`referent`); T5: the last decoder layer's cross-attention at the first step.
 
-Measured with both seeds of the toy pool: OPT 82.9 → 97.6% (bind + parse + point; without parse one seed stayed
-at 82.8%, "what colour is the square?" confused with "what colour is left of the red square?"); T5 1500 steps of
-batch 64: 70.5 → 96.2% (bind + point). The models stay plain OPT / T5: the heads are linear probes trained with
-them and dropped when the model is saved.
+Measured (OPT, 3000 steps, two seeds of pool and init): 82.9% → 99.5 / 99.8% with all three (2400 steps: 99.4 /
+99.1%); without parse one seed stayed at 82.8%, "what colour is the square?" confused with "what colour is left of
+the red square?". In the built world (toy README, builder version 8) the test-split text oracle went from 82.38
+to 98.92 (OPT) and from 70.54 to 96.35 (T5, bind + point). The models stay plain OPT / T5: the heads are linear
+probes trained with them and dropped when the model is saved.
 """
 
 from __future__ import annotations

@@ -159,20 +159,24 @@ def linear_probe(
     its 16 patches reads as an object, else the argmax of each attribute's logits summed over those that do.
     Why per patch: a small object fills one patch, so a probe over a slot's pooled or concatenated tokens has to
     learn each of the 16 positions separately (measured: 88% occupancy from a mean-pooled slot with patches 100%
-    right).
+    right). :func:`fit_probe` + :func:`probe_accuracy`, for several test sets of one fit.
 
     Returns:
         In % on the test images: ``patch_accuracy`` (all four factors right), ``slot_accuracy`` (emptiness and, if
         occupied, all three attributes right), ``shape/colour/size_accuracy`` over occupied slots.
     """
+    return probe_accuracy(fit_probe(train_feats, train_patches, seed, steps), test_feats, test_patches, test_slots)
+
+
+def _flat(f: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(f[:, 1:], f.shape[-1:]).flatten(0, 1)  # (N*64, D)
+
+
+def fit_probe(train_feats: torch.Tensor, train_patches: np.ndarray, seed: int, steps: int = 500) -> nn.ModuleList:
+    """The four linear heads of :func:`linear_probe`, fitted full-batch on the training patches."""
     torch.manual_seed(seed)
-
-    def flat(f: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(f[:, 1:], f.shape[-1:]).flatten(0, 1)  # (N*64, D)
-
-    xtr, xte = flat(train_feats), flat(test_feats)
+    xtr = _flat(train_feats)
     ytr = _factors(torch.from_numpy(train_patches).flatten())
-    yte = _factors(torch.from_numpy(test_patches).flatten())
     heads = nn.ModuleList(nn.Linear(xtr.shape[1], n) for n in (2, len(world.SHAPES), len(world.COLOURS), 2))
     optim = torch.optim.Adam(heads.parameters(), lr=2e-2)
     obj_tr = ytr[0] == 1
@@ -183,6 +187,14 @@ def linear_probe(
             optim.zero_grad()
             loss.backward()
             optim.step()
+    return heads
+
+
+def probe_accuracy(heads: nn.ModuleList, test_feats: torch.Tensor, test_patches: np.ndarray,
+                   test_slots: np.ndarray) -> dict:  # fmt: skip
+    """Accuracies of fitted probe ``heads`` on one test set (see :func:`linear_probe`)."""
+    xte = _flat(test_feats)
+    yte = _factors(torch.from_numpy(test_patches).flatten())
     with torch.no_grad():
         logits = [h(xte) for h in heads]  # (N*64, C) each
     pred = [z.argmax(-1) for z in logits]
