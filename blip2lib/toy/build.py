@@ -45,11 +45,11 @@ BUILDER_VERSION = "8"  # 2: OPT embedding init, 4 questions per description, lon
 # short-scenes-first curriculum, stage-0 models trained in 2 parallel single-threaded workers; 6: no two scenes of an
 # evaluation split share a canonical caption (models unchanged); 7: fused AdamW in every stage-0 trainer (same
 # recipe, ~10 % faster steps; weights differ from 6 by float rounding); 8: the LLMs learn with the reading objectives
-# of toy/reading.py (text oracle OPT 82 → 99, T5 71 → 96), OPT 2000 steps, T5 alone in one worker
+# of toy/reading.py (text oracle OPT 82 → 99, T5 71 → 96), OPT 2400 steps, T5 alone in one worker
 # Sizes: "full" is the default world (≤ 3 min on 2 cores is the target); "tiny" is for fast tests of the machinery.
 SIZES: dict[str, dict[str, int]] = {
     "full": dict(train=3000, val=300, test=300, novel=200, vit_images=3000, vit_steps=250, text_scenes=8000,
-                 opt_steps=2000, t5_steps=1500, bert_steps=600, probe_images=500),
+                 opt_steps=2400, t5_steps=1500, bert_steps=600, probe_images=500),
     "tiny": dict(train=12, val=6, test=6, novel=6, vit_images=16, vit_steps=2, text_scenes=32, opt_steps=2,
                  t5_steps=2, bert_steps=2, probe_images=12),
 }  # fmt: skip
