@@ -14,7 +14,7 @@ Why the format is so regular: the feasibility probe (toy_world_probe.md) found t
 *use* free-form descriptions in CPU minutes; a fixed left→right object order, short texts, single-token answers
 and a loss concentrated on answers help, but alone they left the text oracle at 82% (OPT) and 71% (T5): the answer
 loss teaches the look-ups ("what colour is the square?") slowly. The auxiliary reading objectives of
-:mod:`.reading` teach them directly (≥ 97% for both, see there); their heads are dropped, the models stay plain.
+:mod:`.reading` teach them directly (built world: 98.92% OPT, 96.35% T5); their heads are dropped afterwards.
 """
 
 from __future__ import annotations
