@@ -404,6 +404,8 @@ def from_pretrained(
         ``Blip2`` or ``Blip2QFormerModel`` in eval mode, fp32 (call ``model.place(device)`` for the GPU policy).
     """
     p = Path(path)
+    if not p.exists():  # say so plainly (torch.load's error would read like a refused pickle)
+        raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist (relative paths start at {Path.cwd()})")
     if p.is_dir() and (p / "manifest.json").exists():
         return _load_training(p, vision_weights, llm_path, bert_dir, attn_implementation, strict, return_report)
     if p.is_dir() and (p / "config.json").exists():

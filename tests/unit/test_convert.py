@@ -139,6 +139,12 @@ class _Evil:
         return (print, ("pwned",))
 
 
+def test_a_missing_checkpoint_path_is_named_plainly(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"checkpoint 'runs/x/opt' does not exist \(relative paths start at "):
+        from_pretrained("runs/x/opt", config=tiny_config())
+
+
 def test_pickled_code_is_refused(tmp_path):
     torch.save({"model": {"x": _Evil()}}, tmp_path / "evil.pth")
     with pytest.raises(LoadError, match="weights_only"):
