@@ -218,18 +218,17 @@ def _run_jobs(out: Path, seed: int, size: str, bar) -> dict[str, float]:
                 status, logf = Path(tmp) / f"{i}.json", open(Path(tmp) / f"{i}.log", "w")
                 cmd = [sys.executable, "-m", "blip2lib.toy.stage0", str(out), str(seed), size, str(status), *jobs]
                 procs.append((subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env), status, logf))
-            names = {id(p): list(jobs) for (p, _, _), jobs in zip(procs, _WORKERS)}
             shown = 0
             while not all(p.poll() == 0 for p, _, _ in procs):
                 time.sleep(0.5)
                 steps = sum(_status(st).get("steps", 0) for _, st, _ in procs)
                 bar.update(steps - shown)
                 shown = steps
-                for p, _, logf in procs:
+                for (p, _, logf), jobs in zip(procs, _WORKERS):
                     if p.poll() not in (None, 0):
                         logf.flush()
                         tail = Path(logf.name).read_text()[-3000:]
-                        raise RuntimeError(f"toy-world worker {names[id(p)]} failed (exit {p.returncode}):\n{tail}")
+                        raise RuntimeError(f"toy-world worker {list(jobs)} failed (exit {p.returncode}):\n{tail}")
             return {job: sec for _, st, _ in procs for job, sec in _status(st)["seconds"].items()}
         finally:
             for p, _, logf in procs:

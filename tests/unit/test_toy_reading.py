@@ -102,22 +102,23 @@ def test_opt_example_points_from_the_answer_position_to_the_referents_shape_word
     assert n_point > 300
 
 
-def _random_large(model):
+def _eager_random(model_cls, cfg):
+    """An eager-attention model (so it returns its attention probabilities) with large random matrices."""
+    torch.manual_seed(0)
+    cfg._attn_implementation = "eager"
+    model = model_cls(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.5)
+    return model
 
 
 def test_opt_point_scores_are_the_layers_own_attention():
     """softmax(opt_point_scores) equals the attention probabilities transformers' eager OPT returns (heads 0, 1)."""
     from transformers import OPTForCausalLM
 
-    torch.manual_seed(0)
-    cfg = L.opt_config()
-    cfg._attn_implementation = "eager"
-    model = OPTForCausalLM(cfg).eval()
-    _random_large(model)
+    model = _eager_random(OPTForCausalLM, L.opt_config())
     x = torch.randint(5, len(L.OPT_V), (3, 12))
     x[1, 9:] = V.OPT_PAD  # a right-padded row
     out = model(input_ids=x, attention_mask=(x != V.OPT_PAD).long(), output_hidden_states=True,
@@ -133,11 +134,7 @@ def test_opt_point_scores_are_the_layers_own_attention():
 def test_t5_point_scores_are_the_decoders_own_cross_attention():
     from transformers import T5ForConditionalGeneration
 
-    torch.manual_seed(0)
-    cfg = L.t5_config()
-    cfg._attn_implementation = "eager"
-    model = T5ForConditionalGeneration(cfg).eval()
-    _random_large(model)
+    model = _eager_random(T5ForConditionalGeneration, L.t5_config())
     x = torch.randint(3, len(L.T5_V), (2, 10))
     x[0, 7:] = V.T5_PAD
     mask = (x != V.T5_PAD).long()
