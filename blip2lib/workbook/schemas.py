@@ -45,7 +45,7 @@ class ToyWorldParams(Params):
     toy_world: str = "full"  # world size: full (make demo) | tiny (seconds, CI)
     gallery_size: int = 8  # scenes shown in the report gallery
     oracle_goal: float = 95.0  # toy bar: text-oracle VQA accuracy of each frozen LLM (percent)
-    probe_goal: float = 95.0  # toy bar: linear-probe slot accuracy of the frozen ViT (percent)
+    probe_goal: float = 95.0  # toy bar: linear-probe slot and column accuracy of the frozen ViT (percent)
     force_rebuild: bool = False  # rebuild even when the cache holds this world
 
     records: ClassVar[tuple[str, ...]] = ("build_seconds",)

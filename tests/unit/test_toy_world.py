@@ -112,7 +112,8 @@ def test_objects_sit_on_the_patch_grid():
 
 
 def test_probe_reads_slots_from_linearly_readable_patches():
-    """Tokens that encode each patch's label (plus noise) give a perfect probe; shuffled labels give chance."""
+    """Tokens that encode each patch's label and column (plus noise) give a perfect probe; shuffled labels give
+    chance slots; tokens without the column give a column read-out near chance (1 in 8)."""
     from blip2lib.toy import vit_pretrain as VP
 
     rng = np.random.default_rng(0)
@@ -120,15 +121,37 @@ def test_probe_reads_slots_from_linearly_readable_patches():
     patches = np.stack([world.patch_labels(s) for s in scenes])  # (N, 8, 8)
     slots = np.asarray([s.slot_labels() for s in scenes])
     gen = torch.Generator().manual_seed(0)
-    feats = torch.nn.functional.one_hot(torch.from_numpy(patches).flatten(1), world.NUM_CLASSES).float()
-    feats = torch.cat([torch.zeros(len(scenes), 1, world.NUM_CLASSES), feats], 1)  # CLS first: (N, 65, 25)
-    feats = feats + 0.05 * torch.randn(feats.shape, generator=gen)
+    what = torch.nn.functional.one_hot(torch.from_numpy(patches).flatten(1), world.NUM_CLASSES).float()  # (N, 64, 25)
+    where = torch.nn.functional.one_hot(torch.arange(64) % 8, 8).float().expand(len(scenes), -1, -1)  # (N, 64, 8)
+
+    def tokens(parts):  # CLS first: (N, 65, C)
+        f = torch.cat(parts, -1)
+        f = torch.cat([torch.zeros(len(scenes), 1, f.shape[-1]), f], 1)
+        return f + 0.05 * torch.randn(f.shape, generator=gen)
+
+    feats = tokens([what, where])
     res = VP.linear_probe(feats[:100], patches[:100], feats[100:], patches[100:], slots[100:], seed=0)
-    assert res == {"patch_accuracy": 100.0, "slot_accuracy": 100.0, "shape_accuracy": 100.0,
-                   "colour_accuracy": 100.0, "size_accuracy": 100.0}  # fmt: skip
+    assert res == {"patch_accuracy": 100.0, "slot_accuracy": 100.0, "column_accuracy": 100.0,
+                   "shape_accuracy": 100.0, "colour_accuracy": 100.0, "size_accuracy": 100.0}  # fmt: skip
     shuffled = patches[:100].reshape(100, -1)[:, rng.permutation(64)].reshape(100, 8, 8)
     bad = VP.linear_probe(feats[:100], shuffled, feats[100:], patches[100:], slots[100:], seed=0)
     assert bad["slot_accuracy"] < 50.0
+    blind = tokens([what])  # what without where: the version-8 tower's failure
+    res = VP.linear_probe(blind[:100], patches[:100], blind[100:], patches[100:], slots[100:], seed=0)
+    assert res["slot_accuracy"] == 100.0 and res["column_accuracy"] < 30.0
+
+
+def test_vit_pretraining_heads_see_where():
+    """The pretraining heads give per-patch column and row logits, targets in raster order."""
+    from blip2lib.toy import vit_pretrain as VP
+
+    col, row = VP.patch_positions()
+    assert col.tolist()[:10] == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1] and row.tolist()[:10] == [0] * 8 + [1] * 2
+    assert (row * 8 + col).tolist() == list(range(64))
+    heads = VP._Heads(16)
+    patch, slot, where = heads(torch.randn(2, 65, 16))
+    assert patch.shape == (2, 64, world.NUM_CLASSES) and slot.shape == (2, 4, world.NUM_CLASSES)
+    assert where.shape == (2, 64, 16)
 
 
 def test_llm_curriculum_draws_short_scenes_first():
@@ -390,7 +413,8 @@ def test_full_world_meets_bars(tmp_path, monkeypatch):
         assert vqa["t5_oracle"]["overall"] >= 95.0, vqa
         for llm in ("opt", "t5"):  # the description carries the answers: blind is far below the oracle
             assert vqa[f"{llm}_blind"]["overall"] < vqa[f"{llm}_oracle"]["overall"] - 30, vqa
-    assert w.baselines["vision_probe"]["test"]["slot_accuracy"] >= 95.0
+    probe = w.baselines["vision_probe"]["test"]
+    assert probe["slot_accuracy"] >= 95.0 and probe["column_accuracy"] >= 95.0, probe  # what and where
 
 
 def test_toy_opt_word_vectors_start_as_large_as_its_position_vectors():
