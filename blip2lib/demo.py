@@ -11,6 +11,17 @@ import logging
 import sys
 import time
 
+# Wall seconds of each toy step in a fresh-clone demo (measured at 823af24, 2 cores, toy world v9). Only
+# the launch order of a first run uses them (runner._plan; later runs time their own previous run): with every
+# step estimated at 60 s the two ablations started last and ran alone at the end (simulated 1076 → 1037 s).
+TOY_WALLS = {
+    "01_toy_world/toy": 334, "02_prepare_data/toy": 11, "10_stage1_pretrain/toy": 155, "20_stage2_pretrain/toy": 99,
+    "30_finetune_caption/toy": 70, "31_finetune_retrieval/toy": 96, "32_finetune_vqa/toy": 227,
+    "00_explore/toy": 16, "41_zeroshot_vqa/toy": 29, "42_captioning/toy": 25, "43_vqa_finetuned/toy": 23,
+    "44_retrieval/toy": 46, "45_ablation_itg/toy": 226, "46_ablation_stage1/toy": 184, "50_parity/toy": 16,
+    "90_summary/toy": 11,
+}  # fmt: skip
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo variant; exit status 0 on success, 1 with the failure page's path otherwise."""
@@ -36,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    {p.relative_to(REPO_ROOT)}")
     t0 = time.time()
     try:
-        jobs = run_all(args.variant, force=args.force, progress=args.progress, jobs=args.jobs)
+        estimates = TOY_WALLS if args.variant == "toy" else None
+        jobs = run_all(args.variant, force=args.force, progress=args.progress, jobs=args.jobs, estimates=estimates)
     except RuntimeError as e:
         print(f"==> demo stopped: {e}", file=sys.stderr)
         return 1

@@ -178,14 +178,14 @@ def _remove_dead_partials(folder: Path, name: str) -> None:
             pass
 
 
-# Stage-0 models in two worker processes of about equal work (measured, version 8: T5 200 s on one; OPT 139 + BERT
-# 58 + ViT 48 s on the other). Two single-threaded processes use the 2 cores better than one process with two
-# threads (these tiny models' matrices are too small to split well), and each model's weights do not depend on the
-# machine's thread count. The workers are fresh interpreters (``python -m blip2lib.toy.stage0``), not
-# multiprocessing children: a spawned child re-imports the caller's ``__main__``, which for a script without a
-# ``__name__`` guard re-runs the script (found: a training script calling ``train()`` hung, its workers waiting for
-# the world their parent was building).
-_WORKERS = (("t5",), ("opt", "bert", "vit"))
+# Stage-0 models in two worker processes of about equal work (measured, version 9 in a fresh-clone demo: T5 224 +
+# ViT 53 s on one, OPT 170 + BERT 66 s on the other; with the ViT beside the OPT that worker took 288 s). Two
+# single-threaded processes use the 2 cores better than one process with two threads (these tiny models' matrices
+# are too small to split well), and each model's weights do not depend on the machine's thread count. The workers
+# are fresh interpreters (``python -m blip2lib.toy.stage0``), not multiprocessing children: a spawned child
+# re-imports the caller's ``__main__``, which for a script without a ``__name__`` guard re-runs the script (found: a
+# training script calling ``train()`` hung, its workers waiting for the world their parent was building).
+_WORKERS = (("t5", "vit"), ("opt", "bert"))
 
 
 def train_stage0(job: str, out: Path, seed: int, size: str, tick: Callable[[], None]) -> None:

@@ -282,7 +282,8 @@ def _dependencies(jobs: list[Job], root: Path) -> dict[Job, set[Job]]:
 
 
 def run_all(variant: str, force: bool = False, root: Path = REPO_ROOT, runs: Path | None = None,
-            reports: Path | None = None, progress: bool = False, jobs: int = 1) -> list[Job]:  # fmt: skip
+            reports: Path | None = None, progress: bool = False, jobs: int = 1,
+            estimates: dict[str, float] | None = None) -> list[Job]:  # fmt: skip
     """Run a whole variant in dependency order, skipping current steps; stops at the first failure.
 
     Every executed step rebuilds ``reports/<variant>/index.html`` (a failed step shows as such, without a link).
@@ -298,6 +299,8 @@ def run_all(variant: str, force: bool = False, root: Path = REPO_ROOT, runs: Pat
             (:func:`_dependencies`), longest remaining chain first, with the torch threads :func:`_plan` gives it;
             a failure lets the running steps finish but starts no new one. Why: the toy models are too small for
             two threads to help one notebook much, so two notebooks at once use 2 cores better.
+        estimates: expected wall seconds per run id (``"45_ablation_itg/toy"``) for steps that have no previous
+            run to time, so that a fresh clone starts its long branches early too (only the launch order uses it).
     """
     paths = variant_params(variant, root)
     if not paths:
@@ -306,17 +309,20 @@ def run_all(variant: str, force: bool = False, root: Path = REPO_ROOT, runs: Pat
         load_params(p)
     if jobs <= 1:
         return [run(p, force=force, root=root, runs=runs, reports=reports, progress=progress) for p in paths]
-    return _run_parallel([job_for(p, root, runs, reports) for p in paths], jobs, force, root, runs, reports)
+    return _run_parallel([job_for(p, root, runs, reports) for p in paths], jobs, force, root, runs, reports,
+                         estimates or {})  # fmt: skip
 
 
-def _plan(todo: list[Job], deps: dict[Job, set[Job]], jobs: int, cores: int) -> tuple[dict, dict]:
+def _plan(todo: list[Job], deps: dict[Job, set[Job]], jobs: int, cores: int,
+          estimates: dict[str, float] | None = None) -> tuple[dict, dict]:  # fmt: skip
     """Torch threads and launch priority of each step.
 
     Threads: all cores for a step that can never run beside another one (every other step is upstream or
     downstream of it: stage 1, the summary), else ``cores // jobs``. A structural rule, not "whatever is idle
     now", so a step's thread count — and with it its floating-point results — does not depend on timing.
     Priority: the longest chain of estimated wall times from the step to the end (the previous run's
-    ``status.json``, else 60 s), so long branches such as the ablations start early instead of last.
+    ``status.json``, else ``estimates[run_id]``, else 60 s), so long branches such as the ablations start early
+    instead of last.
     """
     upstream: dict[Job, set[Job]] = {}
 
@@ -330,27 +336,27 @@ def _plan(todo: list[Job], deps: dict[Job, set[Job]], jobs: int, cores: int) -> 
     for j in todo:
         downstream = {k for k in todo if j in ups(k)}
         threads[j] = cores if ups(j) | downstream | {j} == everything else max(1, cores // jobs)
-    estimate = {j: _previous_wall(j) for j in todo}
+    estimate = {j: _previous_wall(j, estimates or {}) for j in todo}
     chain: dict[Job, float] = {}
     for j in sorted(todo, key=lambda j: len(ups(j)), reverse=True):  # downstream steps first
         chain[j] = estimate[j] + max((chain[k] for k in todo if j in deps[k]), default=0.0)
     return threads, chain
 
 
-def _previous_wall(job: Job) -> float:
+def _previous_wall(job: Job, estimates: dict[str, float]) -> float:
     try:
         return float(json.loads((job.run_dir / "status.json").read_text())["wall_time_s"])
     except (OSError, ValueError, KeyError, TypeError):
-        return 60.0
+        return float(estimates.get(job.run_id, 60.0))
 
 
 def _run_parallel(todo: list[Job], jobs: int, force: bool, root: Path, runs: Path | None,
-                  reports: Path | None) -> list[Job]:  # fmt: skip
+                  reports: Path | None, estimates: dict[str, float] | None = None) -> list[Job]:  # fmt: skip
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     deps = _dependencies(todo, root)
     cores = os.cpu_count() or 1
-    threads, priority = _plan(todo, deps, jobs, cores)
+    threads, priority = _plan(todo, deps, jobs, cores, estimates)
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(max(1, cores // jobs))  # BLAS etc. in every kernel started from now on
     log.info("[plan] %d steps, up to %d at a time", len(todo), jobs)

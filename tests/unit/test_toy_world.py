@@ -318,7 +318,7 @@ def test_a_failing_worker_stops_the_build_with_its_log(tmp_path):
     from blip2lib.toy import build as tb
 
     (tmp_path / "vit").mkdir()  # the ViT worker cannot create its folder
-    with pytest.raises(RuntimeError, match=r"(?s)worker \['opt', 'bert', 'vit'\] failed.*FileExistsError"):
+    with pytest.raises(RuntimeError, match=r"(?s)worker \['t5', 'vit'\] failed.*FileExistsError"):
         tb._run_jobs(tmp_path, 3, "tiny", tqdm(disable=True))
 
 

@@ -469,6 +469,13 @@ def test_parallel_run_all_respects_inputs_and_stops_launching_after_a_failure(ro
     runner._run_parallel(jobs, 1, False, root, None, None)
     assert [n for e, n in events if e == "start"] == list("cabd")
     events.clear()
+    (jobs[2].run_dir / "status.json").unlink()  # a fresh clone: no previous run, the caller's estimate orders
+    runner._run_parallel(jobs, 1, False, root, None, None)
+    assert [n for e, n in events if e == "start"] == list("acbd")
+    events.clear()
+    runner._run_parallel(jobs, 1, False, root, None, None, {f"{PROBE}/c": 500.0})
+    assert [n for e, n in events if e == "start"] == list("cabd")
+    events.clear()
     fail_name = "a"
     with pytest.raises(runner.RunFailed, match="a broke"):
         runner._run_parallel(jobs, 2, False, root, None, None)
