@@ -398,8 +398,8 @@ def test_models_load_from_local_dirs(tiny):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the full world meets its bars (builds once from scratch, ~4.7 min on 2 cores; builder version 8 measured 98.92 /
-# 96.35 text oracle and 100 slot probe on the test split)
+# the full world meets its bars (builds once from scratch, ~5 min on 2 cores; builder version 9 measured 98.92 /
+# 96.35 text oracle and 100 slot and column probe on the test split)
 
 
 @pytest.mark.slow
