@@ -310,7 +310,7 @@ def run_all(variant: str, force: bool = False, root: Path = REPO_ROOT, runs: Pat
     if jobs <= 1:
         return [run(p, force=force, root=root, runs=runs, reports=reports, progress=progress) for p in paths]
     return _run_parallel([job_for(p, root, runs, reports) for p in paths], jobs, force, root, runs, reports,
-                         estimates or {})  # fmt: skip
+                         estimates)  # fmt: skip
 
 
 def _plan(todo: list[Job], deps: dict[Job, set[Job]], jobs: int, cores: int,
@@ -336,18 +336,18 @@ def _plan(todo: list[Job], deps: dict[Job, set[Job]], jobs: int, cores: int,
     for j in todo:
         downstream = {k for k in todo if j in ups(k)}
         threads[j] = cores if ups(j) | downstream | {j} == everything else max(1, cores // jobs)
-    estimate = {j: _previous_wall(j, estimates or {}) for j in todo}
+    estimate = {j: _previous_wall(j, estimates) for j in todo}
     chain: dict[Job, float] = {}
     for j in sorted(todo, key=lambda j: len(ups(j)), reverse=True):  # downstream steps first
         chain[j] = estimate[j] + max((chain[k] for k in todo if j in deps[k]), default=0.0)
     return threads, chain
 
 
-def _previous_wall(job: Job, estimates: dict[str, float]) -> float:
+def _previous_wall(job: Job, estimates: dict[str, float] | None) -> float:
     try:
         return float(json.loads((job.run_dir / "status.json").read_text())["wall_time_s"])
     except (OSError, ValueError, KeyError, TypeError):
-        return float(estimates.get(job.run_id, 60.0))
+        return float((estimates or {}).get(job.run_id, 60.0))
 
 
 def _run_parallel(todo: list[Job], jobs: int, force: bool, root: Path, runs: Path | None,
