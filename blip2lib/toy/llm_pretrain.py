@@ -180,6 +180,11 @@ def _curriculum(
     return draw
 
 
+def _split_by(flags: torch.Tensor) -> list[torch.Tensor]:
+    """Row indices where ``flags`` (B,) is true, then where it is false; empty groups left out."""
+    return [rows for rows in (flags.nonzero()[:, 0], (~flags).nonzero()[:, 0]) if len(rows)]
+
+
 def _pad(seqs: list[list], value) -> torch.Tensor:
     n = max(len(s) for s in seqs)
     return torch.tensor([s + [value] * (n - len(s)) for s in seqs])
@@ -317,6 +322,45 @@ def train_opt(
     return model.eval()
 
 
+def t5_loss(
+    model: T5ForConditionalGeneration,
+    heads: R.ReadingHeads,
+    exs: list[T5Example],
+    reading: tuple[float, float],
+    cross: torch.nn.Module,
+    seen: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """The toy T5's training loss on ``exs``: weighted decoder NLL + bind + point (see :func:`train_t5`).
+
+    ``cross`` is the last decoder block's cross-attention layer; a forward hook on its layer norm stores its output
+    in ``seen["query"]``.
+    """
+    w_bind, w_point = reading
+    x = _pad([e.enc for e in exs], V.T5_PAD)  # (B, S)
+    mask = (x != V.T5_PAD).long()
+    enc = model.encoder(input_ids=x, attention_mask=mask, output_hidden_states=bool(w_bind))
+    keys = torch.tensor([e.point for e in exs])  # (B,)
+    w_sum, n_point = sum(e.weight * len(e.labels) for e in exs), int((keys >= 0).sum())
+    loss = torch.zeros(())
+    # Why two decoder passes: answers decode 2 tokens, captions up to ~30, and 80% of examples are answers; one
+    # padded batch left ~80% of the decoder's tokens as padding. Same loss and gradients, less work.
+    for rows in _split_by(torch.tensor([len(e.labels) <= 2 for e in exs])):
+        y = _pad([exs[i].labels for i in rows], -100)  # (b, T)
+        out = model(encoder_outputs=(enc.last_hidden_state[rows],), attention_mask=mask[rows], labels=y)
+        nll = F.cross_entropy(out.logits.flatten(0, 1), y.flatten(), reduction="none", ignore_index=-100)
+        w = torch.tensor([exs[i].weight for i in rows])[:, None] * (y != -100)  # (b, T)
+        loss = loss + (nll.view_as(y) * w).sum() / w_sum
+        has = keys[rows] >= 0
+        if w_point and has.any():  # seen["query"]: this pass's cross-attention input, (b, T, C)
+            scores = R.t5_point_scores(cross.EncDecAttention, seen["query"][has, 0],
+                                       enc.last_hidden_state[rows][has], mask[rows][has])  # fmt: skip
+            loss = loss + w_point * R.point_loss(scores, keys[rows][has]) * int(has.sum()) / n_point
+    if w_bind:  # enc.hidden_states[1]: the first encoder block's output
+        bind = torch.from_numpy(_pad_rows([e.bind for e in exs], x.shape[1]))  # (B, S, 6)
+        loss = loss + w_bind * heads.bind_loss(enc.hidden_states[1], bind)
+    return loss
+
+
 def train_t5(
     pool: list[TextExample],
     steps: int,
@@ -340,28 +384,13 @@ def train_t5(
     heads = R.ReadingHeads(model.config.d_model, both_sides=True)
     params = [*model.parameters(), *heads.parameters()]
     optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98), fused=True)
-    w_bind, w_point = reading
     cross = model.decoder.block[-1].layer[1]  # the last decoder block's cross-attention layer
     seen: dict[str, torch.Tensor] = {}
     hook = cross.layer_norm.register_forward_hook(lambda _m, _i, o: seen.__setitem__("query", o))
     model.train()
     for step in range(steps):
         exs = [t5_example(ex, rng) for ex in draw(step, batch)]
-        x, y = _pad([e.enc for e in exs], V.T5_PAD), _pad([e.labels for e in exs], -100)  # (B, S), (B, T)
-        mask = (x != V.T5_PAD).long()
-        out = model(input_ids=x, attention_mask=mask, labels=y, output_hidden_states=bool(w_bind))
-        nll = F.cross_entropy(out.logits.flatten(0, 1), y.flatten(), reduction="none", ignore_index=-100).view_as(y)
-        w = torch.tensor([e.weight for e in exs])[:, None] * (y != -100)  # (B, T)
-        loss = (nll * w).sum() / w.sum()
-        if w_bind:  # encoder_hidden_states[1]: the first encoder block's output
-            bind = torch.from_numpy(_pad_rows([e.bind for e in exs], x.shape[1]))  # (B, S, 6)
-            loss = loss + w_bind * heads.bind_loss(out.encoder_hidden_states[1], bind)
-        keys = torch.tensor([e.point for e in exs])  # (B,)
-        has = keys >= 0
-        if w_point and has.any():
-            scores = R.t5_point_scores(cross.EncDecAttention, seen["query"][has, 0],
-                                       out.encoder_last_hidden_state[has], mask[has])  # fmt: skip
-            loss = loss + w_point * R.point_loss(scores, keys[has])
+        loss = t5_loss(model, heads, exs, reading, cross, seen)
         _schedule(optim, step, steps, lr)
         optim.zero_grad(set_to_none=True)
         loss.backward()

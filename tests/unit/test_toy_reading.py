@@ -167,3 +167,47 @@ def test_reading_objectives_can_be_switched_off_and_do_not_change_the_saved_mode
     assert any(not torch.equal(on.state_dict()[k], off.state_dict()[k]) for k in on.state_dict())
     t5 = L.train_t5(pool, steps=2, seed=0, batch=4)
     assert not t5.decoder.block[-1].layer[1].layer_norm._forward_hooks  # the capture hook is removed
+
+
+def test_t5_loss_in_two_decoder_passes_equals_one_padded_pass():
+    """t5_loss runs the decoder once for 2-token answers and once for captions; loss and gradients must equal the
+    one padded pass it replaced (weighted NLL over every label token + bind + point over the pointed rows)."""
+    import torch.nn.functional as F
+    from transformers import T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(L.t5_config())
+    heads = R.ReadingHeads(model.config.d_model, both_sides=True)
+    pool, rng = L.text_pool(40, 0), np.random.default_rng(3)
+    exs = [L.t5_example(ex, rng) for ex in pool[:24]]
+    assert {len(e.labels) <= 2 for e in exs} == {True, False} and any(e.point >= 0 for e in exs)
+    cross = model.decoder.block[-1].layer[1]
+    seen = {}
+    hook = cross.layer_norm.register_forward_hook(lambda _m, _i, o: seen.__setitem__("query", o))
+    params = [*model.parameters(), *heads.parameters()]
+
+    got = L.t5_loss(model, heads, exs, (0.7, 1.3), cross, seen)
+    got_grads = torch.autograd.grad(got, params, allow_unused=True)  # the parse head is OPT's only
+
+    x, y = L._pad([e.enc for e in exs], V.T5_PAD), L._pad([e.labels for e in exs], -100)
+    mask = (x != V.T5_PAD).long()
+    out = model(input_ids=x, attention_mask=mask, labels=y, output_hidden_states=True)
+    nll = F.cross_entropy(out.logits.flatten(0, 1), y.flatten(), reduction="none", ignore_index=-100).view_as(y)
+    w = torch.tensor([e.weight for e in exs])[:, None] * (y != -100)
+    want = (nll * w).sum() / w.sum()
+    bind = torch.from_numpy(L._pad_rows([e.bind for e in exs], x.shape[1]))
+    want = want + 0.7 * heads.bind_loss(out.encoder_hidden_states[1], bind)
+    keys = torch.tensor([e.point for e in exs])
+    has = keys >= 0
+    scores = R.t5_point_scores(cross.EncDecAttention, seen["query"][has, 0], out.encoder_last_hidden_state[has],
+                               mask[has])  # fmt: skip
+    want = want + 1.3 * R.point_loss(scores, keys[has])
+    want_grads = torch.autograd.grad(want, params, allow_unused=True)
+    hook.remove()
+
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert sum(g is None for g in got_grads) == 2  # heads.parse weight and bias
+    for g, h in zip(got_grads, want_grads, strict=True):
+        assert (g is None) == (h is None)
+        if g is not None:
+            torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-4)
