@@ -11,15 +11,16 @@ import logging
 import sys
 import time
 
-# Wall seconds of each toy step in a fresh-clone demo (measured at 823af24, 2 cores, toy world v9). Only
-# the launch order of a first run uses them (runner._plan; later runs time their own previous run): with every
-# step estimated at 60 s the two ablations started last and ran alone at the end (simulated 1076 → 1037 s).
+# Wall seconds of each toy step in a fresh-clone demo (measured at c7518e6, 2 cores, toy world v10; 32_finetune_vqa's
+# 104 s scaled from its 1200 steps then to the 1800 it has now). Only the launch order of a first run uses them
+# (runner._plan; later runs time their own previous run): with every step estimated at 60 s the two ablations started
+# last and ran alone at the end (simulated 1076 → 1037 s).
 TOY_WALLS = {
-    "01_toy_world/toy": 334, "02_prepare_data/toy": 11, "10_stage1_pretrain/toy": 155, "20_stage2_pretrain/toy": 99,
-    "30_finetune_caption/toy": 70, "31_finetune_retrieval/toy": 96, "32_finetune_vqa/toy": 227,
-    "00_explore/toy": 16, "41_zeroshot_vqa/toy": 29, "42_captioning/toy": 25, "43_vqa_finetuned/toy": 23,
-    "44_retrieval/toy": 46, "45_ablation_itg/toy": 226, "46_ablation_stage1/toy": 184, "50_parity/toy": 16,
-    "90_summary/toy": 11,
+    "01_toy_world/toy": 178, "02_prepare_data/toy": 7, "10_stage1_pretrain/toy": 61, "20_stage2_pretrain/toy": 43,
+    "30_finetune_caption/toy": 34, "31_finetune_retrieval/toy": 47, "32_finetune_vqa/toy": 156,
+    "00_explore/toy": 8, "41_zeroshot_vqa/toy": 14, "42_captioning/toy": 12, "43_vqa_finetuned/toy": 11,
+    "44_retrieval/toy": 21, "45_ablation_itg/toy": 96, "46_ablation_stage1/toy": 75, "50_parity/toy": 7,
+    "90_summary/toy": 5,
 }  # fmt: skip
 
 

@@ -211,3 +211,36 @@ def test_t5_loss_in_two_decoder_passes_equals_one_padded_pass():
         assert (g is None) == (h is None)
         if g is not None:
             torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-4)
+
+
+def test_junk_descriptions_replace_only_the_descriptions_of_picked_question_sequences():
+    """train_opt's junk prefixes: picked question rows get noise on exactly their description tokens and lose the
+    description loss and the point / bind targets there; re-describe and blind rows, and every other token, stay."""
+    pool, rng = L.text_pool(200, 0), np.random.default_rng(5)
+    seqs = [L.opt_example(ex, rng, 4) for ex in pool[:60]]
+    kinds = ["blind" if s.ids[1] != V.OPT_BOS and L._W_DESC not in s.weights else
+             "recap" if L._W_RECAP in s.weights else "qa" for s in seqs]  # fmt: skip
+    assert {"qa", "recap", "blind"} <= set(kinds)
+    before = [(list(s.point), s.bind.copy()) for s in seqs]
+    x, w = L._pad([s.ids for s in seqs], V.OPT_PAD), L._pad([s.weights for s in seqs], 0.0)
+    emb = torch.randn(*x.shape, 8)
+    pick = torch.arange(len(seqs)) % 2 == 0
+    torch.manual_seed(0)
+    new_emb, new_w = L._junk_descriptions(seqs, emb, w, pick, 0.5)
+    for b, s in enumerate(seqs):
+        n = len(s.ids)
+        desc = torch.tensor([wt == L._W_DESC for wt in s.weights] + [False] * (x.shape[1] - n))
+        hit = bool(pick[b]) and kinds[b] == "qa"
+        assert desc.any() == (kinds[b] != "blind")
+        changed = (new_emb[b] != emb[b]).any(-1)
+        assert torch.equal(changed, desc if hit else torch.zeros_like(desc)), (b, kinds[b])
+        assert torch.equal(new_w[b], w[b].masked_fill(desc, 0.0) if hit else w[b])
+        if hit:
+            assert s.point == [] and (s.bind[desc[:n].numpy()] == R.IGNORE).all()
+            assert np.array_equal(s.bind[~desc[:n].numpy()], before[b][1][~desc[:n].numpy()])
+        else:
+            assert s.point == before[b][0] and np.array_equal(s.bind, before[b][1])
+    torch.manual_seed(0)
+    noise = torch.randn_like(emb) * 0.5  # the same draw: the junk vectors are N(0, std²)
+    b = next(i for i in range(len(seqs)) if pick[i] and kinds[i] == "qa")
+    torch.testing.assert_close(new_emb[b, 1], noise[b, 1])
