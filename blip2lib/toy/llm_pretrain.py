@@ -301,7 +301,8 @@ def train_opt(
     embeddings (:func:`_junk_descriptions`), so a prefix the LLM cannot read leaves it answering the question, from
     its prior. Without it a stage-2 soft prompt — trained only to be followed by captions — pushed this OPT into
     caption mode: zero-shot VQA answers "1", "left", "," and 11.9-32.9% accuracy over three stage-2 seeds, below its
-    blind 40.3. With 0.1: 67.8 and 63.7 (OPT seeds 0, 1; blind 41.1, 42.6); 0.25: 60.6 (text oracle 97.6).
+    blind 40.3. With 0.1: 67.8 and 63.7 (OPT seeds 0, 1; blind 41.1, 42.6), and 53.8 / 57.3 with stage-2 seeds 1 / 2;
+    0.25: 60.6 / 63.2 / 58.8 (text oracle 97.6); 0.5: 27.8-44.2 (toy README, Status).
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 21])
