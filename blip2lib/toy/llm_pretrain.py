@@ -376,15 +376,15 @@ def t5_loss(
     # padded batch left ~80% of the decoder's tokens as padding. Same loss and gradients, less work.
     for rows in _split_by(torch.tensor([len(e.labels) <= 2 for e in exs])):
         y = _pad([exs[i].labels for i in rows], -100)  # (b, T)
-        out = model(encoder_outputs=(enc.last_hidden_state[rows],), attention_mask=mask[rows], labels=y)
+        h, m, k = enc.last_hidden_state[rows], mask[rows], keys[rows]  # (b, S, C), (b, S), (b,)
+        out = model(encoder_outputs=(h,), attention_mask=m, labels=y)
         nll = F.cross_entropy(out.logits.flatten(0, 1), y.flatten(), reduction="none", ignore_index=-100)
         w = torch.tensor([exs[i].weight for i in rows])[:, None] * (y != -100)  # (b, T)
         loss = loss + (nll.view_as(y) * w).sum() / w_sum
-        has = keys[rows] >= 0
+        has = k >= 0
         if w_point and has.any():  # seen["query"]: this pass's cross-attention input, (b, T, C)
-            scores = R.t5_point_scores(cross.EncDecAttention, seen["query"][has, 0],
-                                       enc.last_hidden_state[rows][has], mask[rows][has])  # fmt: skip
-            loss = loss + w_point * R.point_loss(scores, keys[rows][has]) * int(has.sum()) / n_point
+            scores = R.t5_point_scores(cross.EncDecAttention, seen["query"][has, 0], h[has], m[has])
+            loss = loss + w_point * R.point_loss(scores, k[has]) * int(has.sum()) / n_point
     if w_bind:  # enc.hidden_states[1]: the first encoder block's output
         bind = torch.from_numpy(_pad_rows([e.bind for e in exs], x.shape[1]))  # (B, S, 6)
         loss = loss + w_bind * heads.bind_loss(enc.hidden_states[1], bind)
