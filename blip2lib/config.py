@@ -305,7 +305,10 @@ def _check_type(value: Any, tp: Any) -> bool:
         args = typing.get_args(tp)
         return isinstance(value, (list, tuple)) and (not args or all(_check_type(v, args[0]) for v in value))
     if origin is dict:
-        return isinstance(value, dict)
+        args = typing.get_args(tp)
+        return isinstance(value, dict) and (
+            not args or all(_check_type(k, args[0]) and _check_type(v, args[1]) for k, v in value.items())
+        )
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int:
@@ -335,7 +338,10 @@ class Params:
             if not _check_type(value, hints[key]):
                 raise ParamsError(f"{source}: key '{key}' must be {hints[key]}, got {type(value).__name__} {value!r}")
         values = {k: float(v) if hints[k] is float and isinstance(v, int) else v for k, v in values.items()}
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ParamsError as e:  # a schema's own cross-key check: name the file
+            raise ParamsError(f"{source}: {e}") from e
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Params:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ..config import Params
+from ..config import Params, ParamsError
 
 SCHEMAS: dict[str, type[Params]] = {}
 
@@ -99,8 +99,15 @@ class Stage2Params(_StageParams):
 
     stage: str = "stage2"
     llms: list[str] = field(default_factory=list)  # LLM families trained one after the other (empty: [llm])
+    llm_steps: dict[str, int] = field(default_factory=dict)  # per-family override of `steps`, e.g. {t5: 800}
     min_lr: float = 5e-5  # paper §3.4 stage 2
     val_data: str = "toy"
+
+    def __post_init__(self) -> None:
+        families = self.llms or [self.llm]
+        for fam, n in self.llm_steps.items():
+            if fam not in families or n < 1:
+                raise ParamsError(f"key 'llm_steps': '{fam}: {n}' must name a family of {families} with steps >= 1")
 
 
 @register("30_finetune_caption")

@@ -12,6 +12,8 @@ from ..launch import run_training
 def run_stage(params, run_dir: str | Path) -> dict[str, Path]:
     """Train ``params`` (a stage schema) into ``run_dir``; stage 2 trains each family of ``params.llms`` in turn.
 
+    ``params.llm_steps`` may give a family its own number of steps.
+
     Returns:
         family (or "model") → the folder holding that run's ``log.jsonl``, ``val.jsonl`` and ``checkpoints/``.
     """
@@ -22,7 +24,7 @@ def run_stage(params, run_dir: str | Path) -> dict[str, Path]:
         tp = params.train_params()
         sub = run_dir if len(families) == 1 else run_dir / fam
         if fam is not None:
-            tp = dataclasses.replace(tp, llm=fam)
+            tp = dataclasses.replace(tp, llm=fam, steps=params.llm_steps.get(fam, tp.steps))
         run_training(tp, sub)
         out[fam or "model"] = sub
     return out

@@ -171,7 +171,8 @@ def test_reading_objectives_can_be_switched_off_and_do_not_change_the_saved_mode
 
 def test_t5_loss_in_two_decoder_passes_equals_one_padded_pass():
     """t5_loss runs the decoder once for 2-token answers and once for captions; loss and gradients must equal the
-    one padded pass it replaced (weighted NLL over every label token + bind + point over the pointed rows)."""
+    one padded pass it replaced (weighted NLL over every label token + bind + point over the pointed rows), with
+    fused descriptions' vectors built position by position here."""
     import torch.nn.functional as F
     from transformers import T5ForConditionalGeneration
 
@@ -179,8 +180,9 @@ def test_t5_loss_in_two_decoder_passes_equals_one_padded_pass():
     model = T5ForConditionalGeneration(L.t5_config())
     heads = R.ReadingHeads(model.config.d_model, both_sides=True)
     pool, rng = L.text_pool(40, 0), np.random.default_rng(3)
-    exs = [L.t5_example(ex, rng) for ex in pool[:24]]
+    exs = [L.t5_example(ex, rng, fuse_frac=0.5) for ex in pool[:24]]
     assert {len(e.labels) <= 2 for e in exs} == {True, False} and any(e.point >= 0 for e in exs)
+    assert {e.words is None for e in exs} == {True, False}  # word and fused descriptions in one batch
     cross = model.decoder.block[-1].layer[1]
     seen = {}
     hook = cross.layer_norm.register_forward_hook(lambda _m, _i, o: seen.__setitem__("query", o))
@@ -191,7 +193,15 @@ def test_t5_loss_in_two_decoder_passes_equals_one_padded_pass():
 
     x, y = L._pad([e.enc for e in exs], V.T5_PAD), L._pad([e.labels for e in exs], -100)
     mask = (x != V.T5_PAD).long()
-    out = model(input_ids=x, attention_mask=mask, labels=y, output_hidden_states=True)
+    emb = model.shared(x)
+    rows = [emb[b] for b in range(len(exs))]
+    for b, e in enumerate(exs):  # a fused object vector: its words' vectors summed, / sqrt(how many)
+        for p in range(len(e.enc) if e.words is not None else 0):
+            ids = [int(i) for i in e.words[p] if i >= 0]
+            if ids:
+                rows[b] = torch.cat([rows[b][:p], model.shared.weight[ids].sum(0, keepdim=True) / len(ids) ** 0.5,
+                                     rows[b][p + 1 :]])  # fmt: skip
+    out = model(inputs_embeds=torch.stack(rows), attention_mask=mask, labels=y, output_hidden_states=True)
     nll = F.cross_entropy(out.logits.flatten(0, 1), y.flatten(), reduction="none", ignore_index=-100).view_as(y)
     w = torch.tensor([e.weight for e in exs])[:, None] * (y != -100)
     want = (nll * w).sum() / w.sum()
@@ -244,3 +254,91 @@ def test_junk_descriptions_replace_only_the_descriptions_of_picked_question_sequ
     noise = torch.randn_like(emb) * 0.5  # the same draw: the junk vectors are N(0, std²)
     b = next(i for i in range(len(seqs)) if pick[i] and kinds[i] == "qa")
     torch.testing.assert_close(new_emb[b, 1], noise[b, 1])
+
+
+def test_fused_descriptions_give_one_vector_per_object_in_order_and_point_at_the_referent():
+    """t5_example(fuse_frac=1): the description becomes fuse_len placeholders whose word triples name the objects
+    left→right (size, colour, shape; "," fillers between), each object's row carries its shape word's bind targets,
+    and a question's point key is its referent's row."""
+    pool, rng = L.text_pool(300, 0), np.random.default_rng(7)
+    comma, unk = L.T5_V[","], L.T5_V["<unk>"]
+    inv = {i: w for w, i in L.T5_V.items()}
+    seen = {"qa": 0, "caption": 0, "pointed": 0}
+    for ex in pool[:120]:
+        e = L.t5_example(ex, rng, fuse_frac=1.0, fuse_len=8)
+        if e.words is None:  # blind: no description to fuse
+            assert unk not in e.enc
+            continue
+        assert e.words.shape == (len(e.enc), 3) and e.enc[:8] == [unk] * 8 and (e.words[8:] == -1).all()
+        obj_rows = [p for p in range(8) if e.words[p, 0] != comma]
+        assert obj_rows == sorted(obj_rows) and len(obj_rows) == len(ex.objects)
+        for p, o in zip(obj_rows, ex.objects):
+            assert e.words[p].tolist() == [L.T5_V[o.size], L.T5_V[o.colour], L.T5_V[o.shape]]
+        for p in set(range(8)) - set(obj_rows):
+            assert e.words[p].tolist() == [comma, -1, -1]
+        words = V.split_words(ex.captions[0])
+        want = R.bind_labels(words, ex.objects, both_sides=True)[R.shape_positions(words)]
+        np.testing.assert_array_equal(e.bind[obj_rows], want)
+        assert (np.delete(e.bind[:8], obj_rows, axis=0) == R.IGNORE).all()
+        if len(e.labels) == 2:  # a question: the answer is read from the referent's fused vector
+            seen["qa"] += 1
+            text = " ".join(inv[i] for i in e.enc[8:-1])  # "question : what colour is the square ? short answer :"
+            question = text.removeprefix("question : ").removesuffix(" short answer :").replace(" ?", "?")
+            assert question in [qq for _, qq, _ in ex.qas]
+            k = R.referent(ex.objects, question, causal=False)
+            assert e.point == (obj_rows[k] if k is not None else -1), question
+            seen["pointed"] += e.point >= 0
+        else:  # prefix LM: fused description, then a caption prefix and </s>
+            seen["caption"] += 1
+            assert e.enc[-1] == V.T5_EOS and e.weight == L._W_RECAP
+    assert min(seen.values()) >= 10, seen
+
+
+def test_fuse_embeddings_replaces_only_fused_rows_by_their_scaled_word_sum():
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(20, 6)
+    emb = torch.randn(2, 4, 6)
+    words = torch.full((2, 4, 3), -1)
+    words[0, 1] = torch.tensor([3, 4, 5])
+    words[1, 2] = torch.tensor([7, -1, -1])
+    words[1, 3] = torch.tensor([8, 9, -1])
+    got = L.fuse_embeddings(table, emb, words)
+    want = emb.clone()
+    want[0, 1] = (table.weight[3] + table.weight[4] + table.weight[5]) / 3**0.5
+    want[1, 2] = table.weight[7]
+    want[1, 3] = (table.weight[8] + table.weight[9]) / 2**0.5
+    torch.testing.assert_close(got, want)
+
+
+def test_opt_fused_sequences_replace_bos_and_description_and_keep_the_questions():
+    """opt_example(fuse_frac=1): ``</s> {description}`` becomes 8 fused object vectors (no loss on them, the objects'
+    causal bind targets on their rows), the questions follow as before, and each point key is the referent's row;
+    junk descriptions leave these sequences alone (they have no description tokens)."""
+    inv = {i: w for w, i in L.OPT_V.items()}
+    comma, unk = L.OPT_V[","], L.OPT_V["<unk>"]
+    pool, rng = L.text_pool(200, 0), np.random.default_rng(11)
+    seqs, n_point = [], 0
+    for ex in pool[:100]:
+        seq = L.opt_example(ex, rng, num_qa=4, fuse_frac=1.0)
+        if seq.words is None:  # blind
+            assert unk not in seq.ids
+            continue
+        seqs.append(seq)
+        assert seq.ids[:8] == [unk] * 8 and seq.ids[8] == V.OPT_BOS and seq.weights[:9] == [0.0] * 9
+        assert len(seq.words) == len(seq.ids) == len(seq.bind) == len(seq.weights) and (seq.words[8:] == -1).all()
+        rows = [p for p in range(8) if seq.words[p, 0] != comma]
+        assert [seq.words[p].tolist() for p in rows] == [[L.OPT_V[o.size], L.OPT_V[o.colour], L.OPT_V[o.shape]]
+                                                          for o in ex.objects]  # fmt: skip
+        words = V.split_words(ex.captions[0])
+        np.testing.assert_array_equal(seq.bind[rows], R.bind_labels(words, ex.objects, False)[R.shape_positions(words)])
+        for at, key in seq.point:  # the question ends at `at`: find it and its causal referent
+            n_point += 1
+            start = max(i for i in range(at) if seq.ids[i] == V.OPT_BOS) + 1
+            text = " ".join(inv[i] for i in seq.ids[start : at + 1])  # "question : … ? answer :"
+            question = text.removeprefix("question : ").removesuffix(" answer :").replace(" ?", "?")
+            assert key == rows[R.referent(ex.objects, question, causal=True)], question
+    assert len(seqs) > 80 and n_point > 100
+    x, w = L._pad([s.ids for s in seqs], V.OPT_PAD), L._pad([s.weights for s in seqs], 0.0)
+    emb = torch.randn(*x.shape, 8)
+    new_emb, new_w = L._junk_descriptions(seqs, emb, w, torch.ones(len(seqs), dtype=torch.bool), 0.5)
+    assert torch.equal(new_emb, emb) and torch.equal(new_w, w)

@@ -480,3 +480,32 @@ def test_parallel_run_all_respects_inputs_and_stops_launching_after_a_failure(ro
     with pytest.raises(runner.RunFailed, match="a broke"):
         runner._run_parallel(jobs, 2, False, root, None, None)
     assert {n for e, n in events if e == "end"} == {"a", "c"}  # c ran alongside; b and d never start
+
+
+# ---- stage 2: per-family steps --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "what"), [("llms: [opt, t5]\nllm_steps: {flant5: 8}\n", "'flant5: 8'"),
+                                            ("llms: [opt, t5]\nllm_steps: {t5: 0}\n", "'t5: 0'"),
+                                            ("llm_steps: {t5: 8}\n", "'t5: 8'"),  # llms empty: the family is llm=opt
+                                            ("llms: [t5]\nllm_steps: {t5: '8'}\n", "must be")])  # fmt: skip
+def test_llm_steps_errors_name_file_key_and_entry(tmp_path, text, what):
+    from blip2lib.workbook.schemas import Stage2Params
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError) as err:
+        Stage2Params.from_yaml(path)
+    assert str(path) in str(err.value) and "'llm_steps'" in str(err.value) and what in str(err.value)
+
+
+def test_run_stage_trains_each_family_for_its_own_steps(tmp_path, monkeypatch):
+    from blip2lib.workbook import stages
+    from blip2lib.workbook.schemas import Stage2Params
+
+    seen = []
+    monkeypatch.setattr(stages, "run_training", lambda tp, sub: seen.append((tp.llm, tp.steps, tp.lr, sub)))
+    params = Stage2Params.from_dict({"llms": ["opt", "t5"], "steps": 5, "lr": 0.01, "llm_steps": {"t5": 9}})
+    out = stages.run_stage(params, tmp_path)
+    assert seen == [("opt", 5, 0.01, tmp_path / "opt"), ("t5", 9, 0.01, tmp_path / "t5")]
+    assert out == {"opt": tmp_path / "opt", "t5": tmp_path / "t5"}
