@@ -16,11 +16,11 @@ import time
 # (runner._plan; later runs time their own previous run): with every step estimated at 60 s the two ablations started
 # last and ran alone at the end (simulated 1076 → 1037 s).
 TOY_WALLS = {
-    "01_toy_world/toy": 178, "02_prepare_data/toy": 7, "10_stage1_pretrain/toy": 61, "20_stage2_pretrain/toy": 43,
-    "30_finetune_caption/toy": 34, "31_finetune_retrieval/toy": 47, "32_finetune_vqa/toy": 156,
-    "00_explore/toy": 8, "41_zeroshot_vqa/toy": 14, "42_captioning/toy": 12, "43_vqa_finetuned/toy": 11,
-    "44_retrieval/toy": 21, "45_ablation_itg/toy": 96, "46_ablation_stage1/toy": 75, "50_parity/toy": 7,
-    "90_summary/toy": 5,
+    "01_toy_world/toy": 153, "02_prepare_data/toy": 5, "10_stage1_pretrain/toy": 57, "20_stage2_pretrain/toy": 54,
+    "30_finetune_caption/toy": 31, "31_finetune_retrieval/toy": 42, "32_finetune_vqa/toy": 132,
+    "00_explore/toy": 7, "41_zeroshot_vqa/toy": 12, "42_captioning/toy": 11, "43_vqa_finetuned/toy": 10,
+    "44_retrieval/toy": 22, "45_ablation_itg/toy": 86, "46_ablation_stage1/toy": 70, "50_parity/toy": 6,
+    "90_summary/toy": 6,
 }  # fmt: skip
 
 

@@ -398,8 +398,8 @@ def test_models_load_from_local_dirs(tiny):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the full world meets its bars (builds once from scratch, ~3 min on 2 cores; builder version 10 measured 98.75 /
-# 99.17 text oracle and 100 slot and column probe on the test split; version 9's T5 fell to 94.62 on another CPU)
+# the full world meets its bars (builds once from scratch, ~2.5 min on 2 cores; builder version 11 measured 97.19 /
+# 98.25 text oracle and 100 slot and column probe on the test split; version 9's T5 fell to 94.62 on another CPU)
 
 
 @pytest.mark.slow
