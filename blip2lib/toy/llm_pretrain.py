@@ -106,7 +106,7 @@ def opt_example(
     if r < 0.05:  # blind: a question with no description (gives the LLM's language prior a meaning)
         ids, w, bind, shapes = [], [], [], []
     elif fuse_frac and ex.objects and rng.random() < fuse_frac:  # no loss on the fused vectors: nothing to predict
-        ids, fused_bind, words, shapes = _fused_description(ex, rng, _bind(text, ex), fuse_len, OPT_V)
+        ids, fused_bind, words, shapes = _fused_description(ex, rng, bind[1], fuse_len, OPT_V)
         w, bind = [0.0] * fuse_len, [fused_bind]
     if r < 0.85:
         for j in rng.permutation(len(ex.qas))[:num_qa]:
@@ -393,8 +393,8 @@ def train_opt(
     for step in range(steps):
         seqs = [opt_example(ex, rng, num_qa, fuse_frac, fuse_len) for ex in draw(step, batch)]
         x, w = _pad([s.ids for s in seqs], V.OPT_PAD), _pad([s.weights for s in seqs], 0.0)  # (B, T)
-        emb = model.get_input_embeddings()(x)  # (B, T, C)
-        emb = _fuse_batch(model.get_input_embeddings(), emb, [(s.words, len(s.ids)) for s in seqs], fuse_noise)
+        table = model.get_input_embeddings()
+        emb = _fuse_batch(table, table(x), [(s.words, len(s.ids)) for s in seqs], fuse_noise)  # (B, T, C)
         if junk_frac:
             emb, w = _junk_descriptions(seqs, emb, w, torch.from_numpy(rng.random(len(seqs)) < junk_frac), emb_std)
         out = model(inputs_embeds=emb, attention_mask=(x != V.OPT_PAD).long(), output_hidden_states=any(reading))
