@@ -19,7 +19,6 @@ __all__ = [
     "build_itm_pairs",
     "itm_loss",
     "itm_accuracy",
-    "itm_majority_baseline",
     "itg_inputs",
     "itg_loss",
 ]
@@ -242,16 +241,10 @@ def itm_loss(itm_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def itm_accuracy(itm_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Fraction of pairs whose argmax class (after the query average) equals the label; scalar tensor.
 
-    Health check: with the standard 1:2 positive:negative layout a constant "no match" predictor already scores
-    2/3 (:func:`itm_majority_baseline`), so ITM has learned something only above that.
+    Health check: with the standard 1:2 positive:negative layout of :func:`build_itm_pairs` a constant "no match"
+    predictor already scores 2/3, so ITM has learned something only above that.
     """
     return (_query_mean(itm_logits).argmax(dim=-1) == labels).float().mean()
-
-
-def itm_majority_baseline(labels: torch.Tensor) -> torch.Tensor:
-    """Accuracy of the best constant predictor on ``labels`` (2/3 for ``[1]*B + [0]*2B``); scalar tensor."""
-    p = labels.float().mean()
-    return torch.maximum(p, 1 - p)
 
 
 # ----------------------------------------------------------------------------------------------------------------

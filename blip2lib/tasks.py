@@ -16,7 +16,16 @@ from torch import nn
 from torch.profiler import record_function
 
 from . import dist
-from .losses import itc_loss, itc_similarities, itg_inputs, itg_loss, itm_loss, sample_hard_negatives
+from .losses import (
+    build_itm_pairs,
+    itc_loss,
+    itc_similarities,
+    itg_inputs,
+    itg_loss,
+    itm_accuracy,
+    itm_loss,
+    sample_hard_negatives,
+)
 from .model import Blip2QFormerModel
 
 TEXT_PADDINGS = ("max_length", "longest")
@@ -113,18 +122,18 @@ class Stage1Task(nn.Module):
         embeds_all = dist.all_gather_with_grad(enc["image_embeds"])  # (B*W, N, Dv), grads return to owners
         text_ids_all = dist.all_gather_no_grad(ids)
         text_mask_all = dist.all_gather_no_grad(mask)
+        # neg_img: one image per local text (from sim_t2i); neg_txt: one text per local image (from sim_i2t).
         neg_img, neg_txt = self.negative_sampler(
             sim_i2t.detach(), sim_t2i.detach(), rank, image_ids=image_ids, image_ids_all=ids_all
         )
-        pair_images = torch.cat([enc["image_embeds"], embeds_all[neg_img], enc["image_embeds"]])  # (3B, N, Dv)
-        pair_ids = torch.cat([ids, ids, text_ids_all[neg_txt]])  # (3B, L)
-        pair_mask = torch.cat([mask, mask, text_mask_all[neg_txt]])
-        b = ids.shape[0]
-        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(images.device)
+        # texts [pos; pos; neg], images [pos; neg; pos], labels [1]*B + [0]*2B
+        pair_ids, pair_mask, pair_images, labels = build_itm_pairs(
+            ids, mask, text_ids_all, text_mask_all, enc["image_embeds"], embeds_all, neg_img, neg_txt
+        )
         with record_function("stage1/itm_qformer"):
-            itm = m.itm_logits(pair_images, pair_ids, pair_mask)  # (3B, 2)
+            itm = m.itm_logits(pair_images, pair_ids, pair_mask)  # (3B, 2), averaged over the queries
         out["itm_loss"] = itm_loss(itm, labels)
-        out["itm_acc"] = (itm.argmax(-1) == labels).float().mean().detach()
+        out["itm_acc"] = itm_accuracy(itm, labels)  # a constant "no match" already scores 2/3
 
         # ---- ITG: [DEC] replaces [CLS], causal text over the cached query states (spec §2 ITG) ----
         if self.use_itg:
