@@ -1,4 +1,4 @@
-"""Periodic validation probes: the VQA fine-tuning probe's scoring and its constant-answer baseline."""
+"""Periodic validation probes: VQA and caption scoring with their baselines, the retrieval probe's ITM re-ranking."""
 
 import json
 
@@ -94,3 +94,55 @@ def test_caption_finetune_keeps_the_best_by_cider_plus_bleu4(tmp_path):
     assert all(v["val_cider_plus_bleu4"] == pytest.approx(v["val_cider"] + v["val_bleu4"]) for v in val)
     assert r.summary["best"]["key"] == "val_cider_plus_bleu4"
     assert r.summary["best"]["metric"] == max(v["val_cider_plus_bleu4"] for v in val if v["step"] > 0)
+
+
+class _FakeRetrievalModel:
+    """Image i and caption i match. ITC ranks every true pair LAST; ITM gives the true pair +10, any other 0.
+
+    Images carry their index in pixel (0, 0, 0); captions are one word each, decoded back to their index.
+    """
+
+    def __init__(self, tokenizer, words):
+        self.n = len(words)
+        self.index = {tokenizer.convert_tokens_to_ids(w): i for i, w in enumerate(words)}
+
+    def eval(self):
+        return self
+
+    def encode_image(self, images):
+        idx = images[:, 0, 0, 0].round().long()  # (B,)
+        return {"image_feats": idx, "image_embeds": idx}
+
+    def _text_index(self, ids):
+        return torch.tensor([self.index[int(t)] for t in ids[:, 1]])  # ids: [CLS] word [SEP] [PAD]...
+
+    def encode_text(self, ids, mask):
+        return {"text_feat": self._text_index(ids)}
+
+    def itc_similarity(self, image_idx, text_idx):
+        return ((text_idx[None, :] - image_idx[:, None]) % self.n).double() / self.n  # (N_img, N_txt), true = 0
+
+    def itm_logits(self, image_idx, ids, mask):
+        match = (image_idx == self._text_index(ids)).double()
+        return torch.stack([torch.zeros_like(match), 10 * match], dim=1)  # (P, 2)
+
+
+def test_retrieval_probe_itm_itc_recalls_come_from_the_itm_rescored_candidates():
+    from blip2lib.testing import tiny_bert_tokenizer
+    from blip2lib.validate import retrieval_probe
+
+    words = ["dog", "cat", "red", "blue", "green", "sky"]
+    n = len(words)
+    tok = tiny_bert_tokenizer()
+    images = torch.zeros(n, 3, 4, 4)
+    images[:, 0, 0, 0] = torch.arange(n, dtype=torch.float)
+    val = {"images": images, "texts": words, "txt2img": list(range(n)), "img2txt": [[i] for i in range(n)]}
+    out = retrieval_probe(_FakeRetrievalModel(tok, words), tok, val, torch.device("cpu"), batch=4)
+    # ITC alone: every true pair is ranked last of 6 (rank 5), so R@1 = R@5 = 0 and only R@10 = 100
+    for key in ("txt_r1", "txt_r5", "img_r1", "img_r5"):
+        assert out[f"val_{key}_itc"] == 0.0, key
+    assert out["val_r_mean_itc"] == pytest.approx(100 / 3)
+    # ITM + ITC over the top-k (k = 6: every candidate): 10 + 0 beats any other pair's <= 5/6 in both directions
+    for key in ("txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean"):
+        assert out[f"val_{key}_itm_itc"] == 100.0, key
+    assert out["val_itm_acc"] == 100.0 and out["val_itm_acc_constant"] == 50.0  # positives > 0, rolled pairs <= 0
