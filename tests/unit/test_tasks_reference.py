@@ -205,7 +205,6 @@ def test_stage1_task_equals_the_plain_torch_objectives(monkeypatch, drawn):
     _discriminates(ref)
     out, calls = _run_task(model, {"image": images, "text_input": TEXTS}, monkeypatch)
     _check(out, calls, ref, drawn)
-    assert torch.equal(ref["labels"], torch.tensor([1] * 6 + [0] * 12))
 
 
 def test_string_image_ids_keep_the_one_hot_objectives(monkeypatch, drawn):
