@@ -1,7 +1,17 @@
-"""Small batched greedy / beam-search decoder over a step function with a key/value cache.
+"""Batched greedy / beam-search decoder over a step function with a key/value cache.
 
-Used by the Q-Former-only captioner of the stage-1 model (spec §2, last paragraph: beam 3 from ``[DEC]``, EOS =
-``[SEP]``). The LLM side uses transformers' ``generate`` (see ``blip2lib.llm``).
+Used by the Q-Former-only captioner of the stage-1 model (beam 3 from ``[DEC]``, EOS = ``[SEP]``); the LLM side
+uses transformers' ``generate`` (see ``blip2lib.generation``). The search follows transformers' own beam search
+step for step (``GenerationMixin._beam_search`` of the installed 5.x, default ``early_stopping=False``), so the two
+agree token for token on the same log-probabilities (``tests/unit/test_decoding.py`` checks this):
+
+* every step ranks the ``2K`` best continuations of the ``K`` running beams by summed log-probability;
+* a continuation that ends (EOS, or the last allowed token) is a finished hypothesis only when it ranks among the
+  top ``K``; its score is ``sum log-prob / n ** length_penalty`` with ``n`` the generated tokens, EOS included;
+* the ``K`` best continuations that did not end become the running beams (pruned ones are kept at ``-1e9``);
+* a sample stops once ``K`` hypotheses finished and the best running beam, normalised by its current length, is
+  not above the worst of them (transformers' heuristic; with ``length_penalty > 0`` it can miss a longer winner);
+* the answer is the best finished hypothesis.
 """
 
 from __future__ import annotations
@@ -13,6 +23,12 @@ import torch
 # step(tokens (N, 1), cache, past_length) -> (logits (N, V), new_cache); reorder(cache, index (N,)) -> cache
 StepFn = Callable[[torch.Tensor, object, int], tuple[torch.Tensor, object]]
 ReorderFn = Callable[[object, torch.Tensor], object]
+_NEG = -1.0e9  # transformers' additive mask for pruned / not-finished entries (finite, unlike -inf)
+
+
+def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Pick entries along dim 1: x (B, M, ...) with idx (B, N) → (B, N, ...)."""
+    return x.gather(1, idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(*idx.shape, *x.shape[2:]))
 
 
 @torch.no_grad()
@@ -30,76 +46,70 @@ def beam_search(
     length_penalty: float = 1.0,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Beam search (``num_beams == 1`` is greedy) with transformers' length-normalised final scores.
+    """Beam search (``num_beams == 1`` is greedy) as transformers runs it (see the module docstring).
 
     Args:
         step: runs the model on the last token of each hypothesis and returns next-token logits.
-        reorder: re-indexes the cache along the hypothesis axis.
+        reorder: re-indexes the cache along the hypothesis axis (flat ``b * K + beam`` rows).
         cache: the initial cache, already expanded to ``batch * num_beams`` rows (row-major per sample).
         batch: number of samples B.
-        bos_id: start token.
-        eos_id: end token.
+        bos_id: start token (fed at step 0, not returned).
+        eos_id: end token (returned, then padding).
         pad_id: padding after a hypothesis finished.
         num_beams: beam width K.
-        max_new_tokens: most generated tokens.
-        min_new_tokens: EOS is suppressed before this many generated tokens.
-        length_penalty: final score = sum log-prob / length ** length_penalty.
+        max_new_tokens: most generated tokens, EOS included.
+        min_new_tokens: EOS is suppressed until this many tokens were generated.
+        length_penalty: final score = sum log-prob / (generated tokens) ** length_penalty.
         device: device of the token tensors.
 
     Returns:
-        (B, T) generated ids (without ``bos_id``), padded with ``pad_id`` after EOS.
+        (B, T) generated ids of the best hypothesis (without ``bos_id``), padded with ``pad_id`` after EOS;
+        T is the longest returned hypothesis.
     """
-    k = num_beams
-    tokens = torch.full((batch * k, 1), bos_id, dtype=torch.long, device=device)  # (B*K, 1)
-    scores = torch.zeros(batch, k, device=device)
-    scores[:, 1:] = float("-inf")  # all beams start identical: keep one alive at step 0
-    done = torch.zeros(batch * k, dtype=torch.bool, device=device)
-    finished: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(batch)]
-    for t in range(max_new_tokens):
-        logits, cache = step(tokens[:, -1:], cache, t)
+    k, keep, t_max = num_beams, 2 * num_beams, max_new_tokens
+    run_seq = torch.full((batch, k, t_max), pad_id, dtype=torch.long, device=device)  # running beams' tokens
+    run_score = torch.full((batch, k), _NEG, device=device)
+    run_score[:, 0] = 0.0  # all beams start identical: only the first one is alive at step 0
+    fin_seq = torch.full((batch, k, t_max), pad_id, dtype=torch.long, device=device)  # best K finished
+    fin_score = torch.full((batch, k), _NEG, device=device)
+    fin_len = torch.zeros((batch, k), dtype=torch.long, device=device)
+    fin_done = torch.zeros((batch, k), dtype=torch.bool, device=device)
+    improvable = torch.ones((batch, 1), dtype=torch.bool, device=device)  # early-stop heuristic not yet met
+    top_k_rank = torch.arange(keep, device=device) < k  # only the top-K ranked continuations may finish
+    offset = torch.arange(batch, device=device).view(-1, 1) * k
+    last = torch.full((batch * k, 1), bos_id, dtype=torch.long, device=device)
+    for t in range(t_max):
+        logits, cache = step(last, cache, t)
         logp = torch.log_softmax(logits.float(), dim=-1)  # (B*K, V)
         if t < min_new_tokens:
             logp[:, eos_id] = float("-inf")
-        logp[done] = float("-inf")
         vocab = logp.shape[-1]
-        cand = (scores.view(-1, 1) + logp).view(batch, k * vocab)  # (B, K*V)
-        top, idx = cand.topk(2 * k, dim=-1)  # (B, 2K): room for EOS hypotheses that leave the beam
-        beam_idx, tok = idx // vocab, idx % vocab
-        new_rows, new_tok, new_scores = [], [], []
-        for b in range(batch):
-            kept = 0
-            for j in range(2 * k):
-                if top[b, j].item() == float("-inf"):
-                    break
-                row = b * k + beam_idx[b, j].item()
-                if tok[b, j].item() == eos_id or t == max_new_tokens - 1:
-                    seq = torch.cat([tokens[row, 1:], tok[b, j].view(1)])
-                    finished[b].append((top[b, j].item() / (seq.numel() ** length_penalty), seq))
-                    if tok[b, j].item() == eos_id:
-                        continue
-                if kept < k:
-                    new_rows.append(row)
-                    new_tok.append(tok[b, j])
-                    new_scores.append(top[b, j])
-                    kept += 1
-            while kept < k:  # every candidate finished: park dead rows
-                new_rows.append(b * k)
-                new_tok.append(torch.tensor(pad_id, device=device))
-                new_scores.append(torch.tensor(float("-inf"), device=device))
-                kept += 1
-        rows = torch.tensor(new_rows, device=device)
-        tokens = torch.cat([tokens[rows], torch.stack(new_tok).view(-1, 1)], dim=1)
-        scores = torch.stack(new_scores).view(batch, k)
-        done = torch.isinf(scores.view(-1))
+        acc = (logp.view(batch, k, vocab) + run_score[:, :, None]).view(batch, k * vocab)  # (B, K*V)
+        top, idx = acc.topk(keep, dim=1)  # (B, 2K), sorted best first
+        src, tok = idx // vocab, idx % vocab  # source beam, new token
+        cand = _gather(run_seq, src).clone()  # (B, 2K, T)
+        cand[:, :, t] = tok
+        ends = (tok == eos_id) | (t == t_max - 1)  # (B, 2K)
+        # running beams: the K best continuations that did not end
+        live = top + ends.float() * _NEG
+        nxt = live.topk(k, dim=1).indices  # (B, K)
+        run_seq, run_score = _gather(cand, nxt), live.gather(1, nxt)
+        rows = (src.gather(1, nxt) + offset).view(-1)  # (B*K,) flat source row of each new running beam
+        # finished hypotheses: length-normalised, merged with the previous best K
+        norm = top / ((t + 1) ** length_penalty)
+        just_done = ends & top_k_rank
+        norm = norm + (~improvable).float() * _NEG + (~just_done).float() * _NEG
+        best = torch.cat([fin_score, norm], dim=1).topk(k, dim=1).indices  # (B, K) of 3K
+        fin_seq = _gather(torch.cat([fin_seq, cand], dim=1), best)
+        fin_score = torch.cat([fin_score, norm], dim=1).gather(1, best)
+        fin_len = torch.cat([fin_len, torch.full_like(norm, t + 1, dtype=torch.long)], dim=1).gather(1, best)
+        fin_done = torch.cat([fin_done, just_done], dim=1).gather(1, best)
         cache = reorder(cache, rows)
-        if all(
-            len(f) >= k and max(s for s, _ in f) >= scores[b].max().item() / ((t + 1) ** length_penalty)
-            for b, f in enumerate(finished)
-        ) or bool(done.all()):
+        last = run_seq[:, :, t].reshape(-1, 1)
+        # stop a sample once its best running beam (at its current length) cannot beat the worst finished one
+        worst = torch.where(fin_done, fin_score.min(dim=1, keepdim=True).values, _NEG)  # (B, K)
+        improvable = improvable & (run_score[:, :1] / ((t + 1) ** length_penalty) > worst).any(1, keepdim=True)
+        if not bool(improvable.any()) or bool(ends.all()):
             break
-    best = [max(f, key=lambda x: x[0])[1] if f else tokens[b * k, 1:] for b, f in enumerate(finished)]
-    width = max(s.numel() for s in best)
-    out = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
-    for b, s in enumerate(best):
-        out[b, : s.numel()] = s
-    return out
+    width = int(fin_len[:, 0].max())
+    return fin_seq[:, 0, :width]

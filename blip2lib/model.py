@@ -233,8 +233,24 @@ class Blip2QFormerModel(Blip2Base):
         max_new_tokens: int = 30,
         min_new_tokens: int = 10,
         length_penalty: float = 1.0,
+        length_rule: str = "new",
     ) -> torch.Tensor:
-        """Q-Former-only captioning from ``[DEC]`` until ``[SEP]`` (spec §2): returns (B, T) BERT ids."""
+        """Q-Former-only captioning from ``[DEC]`` until ``[SEP]``: returns (B, T) BERT ids (no ``[DEC]``).
+
+        Args:
+            pixel_values: (B, 3, S, S) images.
+            num_beams: beam width (LAVIS: 3).
+            max_new_tokens: most generated tokens, ``[SEP]`` included.
+            min_new_tokens: ``[SEP]`` is suppressed for this many generated tokens.
+            length_penalty: beam score = sum log-prob / generated tokens ** length_penalty (LAVIS: 1.0).
+            length_rule: ``"new"``: the two lengths count generated tokens; ``"lavis_head"`` /
+                ``"lavis_paper_time"``: they are LAVIS's ``max_length`` / ``min_length`` (30 / 10), which count
+                the ``[DEC]`` start token, so 30 / 10 become 29 / 9 generated tokens
+                (``blip2lib.generation.new_token_bounds``).
+        """
+        from .generation import new_token_bounds
+
+        max_new_tokens, min_new_tokens = new_token_bounds(length_rule, "qformer", max_new_tokens, min_new_tokens)
         q = self.config.qformer
         b = pixel_values.shape[0]
         with _eval_mode(self):

@@ -7,7 +7,7 @@ error naming the file and the key). Multi-GPU: ``torchrun --nproc_per_node N -m 
     checkpoint: /models/blip2-flan-t5-xl            # blip2lib.from_pretrained source, or "tiny" (smoke test)
     data_root: /data                                # layout of blip2lib/data/README.md
     split: vqa_val_eval                             # a blip2lib.data.FORMATS key
-    recipe: paper                                   # paper | lavis (spec §5.1); keys below override it
+    recipe: paper                                   # paper | lavis; keys below override it
     batch_size: 64
     out_dir: runs/eval/vqav2_val_flant5xl
 """
@@ -28,6 +28,7 @@ from blip2lib.config import Params, ParamsError, tiny_config
 from blip2lib.data import (
     FORMATS,
     CaptionEvalDataset,
+    CaptionProcessor,
     GQAEvalDataset,
     NoCapsDataset,
     QuestionProcessor,
@@ -39,6 +40,7 @@ from blip2lib.evaluate.caption import ALL_METRICS, CaptionDecoding
 from blip2lib.evaluate.drivers import run_caption, run_retrieval, run_vqa
 from blip2lib.evaluate.retrieval import FUSIONS
 from blip2lib.evaluate.vqa import VQADecoding
+from blip2lib.generation import LENGTH_RULES
 
 
 @dataclass
@@ -64,36 +66,38 @@ class EvalParams(Params):
 
 @dataclass
 class VQAParams(EvalParams):
-    """Zero-shot VQA (spec §5.1); decoding keys left at None take the recipe's value."""
+    """Zero-shot VQA; decoding keys left at None take the recipe's value."""
 
-    recipe: str = "paper"  # paper | lavis
+    recipe: str = "paper"  # paper (lengths = generated tokens) | lavis (lengths counted as LAVIS HEAD does)
     prompt: str = ""  # "" -> the recipe's prompt for the family
     num_beams: int | None = None
     length_penalty: float | None = None
     max_new_tokens: int | None = None
     min_new_tokens: int | None = None
+    length_rule: str | None = None  # new | lavis_head | lavis_paper_time (blip2lib.generation.new_token_bounds)
     annotations: str = ""  # official annotation file (relative to data_root); "" -> the split file's answers
-    lemmatize: bool | None = None  # None -> True for okvqa splits (spec §10.17)
+    lemmatize: bool | None = None  # None -> True for okvqa splits (OK-VQA answers are lemmatised)
 
 
 @dataclass
 class CaptionParams(EvalParams):
-    """Captioning (spec §5.2); decoding keys left at None take the recipe's value."""
+    """Captioning; decoding keys left at None take the recipe's value."""
 
-    recipe: str = "paper"  # paper | lavis
+    recipe: str = "paper"  # paper (lengths = generated tokens) | lavis (lengths counted as LAVIS HEAD does)
     prompt: str | None = None
     num_beams: int | None = None
     max_new_tokens: int | None = None
     min_new_tokens: int | None = None
     repetition_penalty: float | None = None
     length_penalty: float | None = None
+    length_rule: str | None = None  # new | lavis_head | lavis_paper_time (blip2lib.generation.new_token_bounds)
     gt_file: str = ""  # "" -> FORMATS[split + "_gt"] when it exists; "none" -> no scoring
     metrics: list[str] = field(default_factory=lambda: list(ALL_METRICS))
 
 
 @dataclass
 class RetrievalParams(EvalParams):
-    """Retrieval (spec §4.3, §5.3)."""
+    """Retrieval: captions go through ``blip_caption`` (``CaptionProcessor``, 50 words) as in LAVIS's eval."""
 
     k: int = 128
     fusion: str = "itm+itc"  # itm+itc | itm | itc
@@ -102,7 +106,8 @@ class RetrievalParams(EvalParams):
 
 
 SCHEMAS = {"vqa": VQAParams, "caption": CaptionParams, "retrieval": RetrievalParams}
-_CHOICES = {"family": ("opt", "t5"), "recipe": ("paper", "lavis"), "autocast": ("", "fp16", "bf16"), "fusion": FUSIONS}
+_CHOICES = {"family": ("opt", "t5"), "recipe": ("paper", "lavis"), "autocast": ("", "fp16", "bf16"), "fusion": FUSIONS,
+            "length_rule": (None, *LENGTH_RULES)}  # fmt: skip
 
 
 def _check(p: EvalParams, source: str) -> None:
@@ -178,7 +183,10 @@ def load_model(p: EvalParams, task: str, source: str = "<params>"):
 
 
 def build_dataset(p: EvalParams, task: str, image_size: int):
-    """The reader for ``p.split`` under ``p.data_root`` with the eval transform (spec §6)."""
+    """The reader for ``p.split`` under ``p.data_root`` with the eval transform.
+
+    Retrieval captions go through ``blip_caption`` (LAVIS ``ret_*_eval.yaml``: lower-case, punctuation, 50 words).
+    """
     root = Path(p.data_root)
     fmt = FORMATS.get(p.split, {})
     ann = root / (p.ann_file or fmt["file"])
@@ -190,7 +198,7 @@ def build_dataset(p: EvalParams, task: str, image_size: int):
     if task == "caption":
         cls = NoCapsDataset if p.split.startswith("nocaps") else CaptionEvalDataset
         return cls(images, ann, transform)
-    return RetrievalEvalDataset(images, ann, transform)
+    return RetrievalEvalDataset(images, ann, transform, CaptionProcessor())
 
 
 def _override(recipe, p: Params, keys: tuple[str, ...], source: str):
@@ -229,7 +237,7 @@ def run_params(task: str, p: EvalParams, params_path: str = "<params>") -> dict:
     autocast = p.autocast or None
     if task == "vqa":
         base = VQADecoding.paper(model.family) if p.recipe == "paper" else VQADecoding.lavis_head(model.family)
-        keys = ("prompt", "num_beams", "length_penalty", "max_new_tokens", "min_new_tokens")
+        keys = ("prompt", "num_beams", "length_penalty", "max_new_tokens", "min_new_tokens", "length_rule")
         decoding = _override(base, p, keys, str(params_path))
         annotations = Path(p.data_root) / p.annotations if p.annotations else None
         lemmatize = p.split.startswith("okvqa") if p.lemmatize is None else p.lemmatize
@@ -246,7 +254,8 @@ def run_params(task: str, p: EvalParams, params_path: str = "<params>") -> dict:
             **common,
         )
     base = CaptionDecoding.paper() if p.recipe == "paper" else CaptionDecoding.lavis_head()
-    keys = ("prompt", "num_beams", "max_new_tokens", "min_new_tokens", "repetition_penalty", "length_penalty")
+    keys = ("prompt", "num_beams", "max_new_tokens", "min_new_tokens", "repetition_penalty", "length_penalty",
+            "length_rule")  # fmt: skip
     decoding = _override(base, p, keys, str(params_path))
     gt_key = f"{p.split}_gt"
     if p.gt_file == "none":

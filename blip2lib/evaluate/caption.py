@@ -1,4 +1,4 @@
-"""Caption scoring (spec §5.2): decoding recipes, COCO caption metrics via pycocoevalcap, NoCaps breakdown.
+"""Caption scoring: decoding recipes, COCO caption metrics via pycocoevalcap, NoCaps breakdown.
 
 Metrics are pycocoevalcap's (PTB tokenizer, BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE), reported in **percent**
 with ``"unit": "percent"`` in every result (user need 31). The PTB tokenizer, METEOR and SPICE run Java
@@ -44,16 +44,21 @@ class JavaNotFoundError(RuntimeError):
 
 @dataclass(frozen=True)
 class CaptionDecoding:
-    """Caption decoding recipe (spec §5.2, §10.12); lengths count generated tokens only (spec §10.13).
+    """Caption decoding recipe (see ``docs/fidelity.md``).
 
     Attributes:
         prompt: text prefix fed to the LLM ("a photo of" for the COCO fine-tuned models); not part of the output.
         num_beams: beam width.
-        max_new_tokens: LAVIS ``max_len``.
-        min_new_tokens: LAVIS ``min_len``.
+        max_new_tokens: LAVIS ``max_len`` (30): the most generated tokens, EOS included, under every rule.
+        min_new_tokens: LAVIS ``min_len`` (8); what it counts depends on ``length_rule``.
         repetition_penalty: 1.0 = off.
         length_penalty: beam length-normalisation exponent.
         source: provenance, echoed into result JSONs (user need 8).
+        length_rule: ``"new"`` (paper recipe): both lengths count generated tokens (8 tokens before EOS at least).
+            ``"lavis_head"`` (LAVIS recipe): counted as LAVIS HEAD does: FlanT5 ``min_len=8`` includes the decoder
+            start token (7 tokens before EOS); OPT generates from ``inputs_embeds`` only (8). ``"lavis_paper_time"``:
+            the Feb-2023 OPT counted the prompt ids too (``"a photo of"`` = 4 ids: 4 tokens before EOS). See
+            ``blip2lib.generation.new_token_bounds``.
     """
 
     prompt: str = "a photo of"
@@ -63,20 +68,34 @@ class CaptionDecoding:
     repetition_penalty: float = 1.0
     length_penalty: float = 1.0
     source: str = "paper"
+    length_rule: str = "new"
 
     @classmethod
     def paper(cls) -> CaptionDecoding:
-        """Paper-time LAVIS task (Feb 2023): beam 5, 8-30 new tokens, repetition 1.0, length penalty 1.0."""
+        """Paper-time LAVIS task (Feb 2023): beam 5, 8-30 new tokens, repetition 1.0, length penalty 1.0.
+
+        Lengths count generated tokens (``length_rule="new"``); ``length_rule="lavis_paper_time"`` counts them as
+        the Feb-2023 code did.
+        """
         return cls(source="paper (Feb-2023 LAVIS CaptionTask)")
 
     @classmethod
     def lavis_head(cls) -> CaptionDecoding:
-        """LAVIS HEAD ``CaptionTask`` defaults: repetition penalty 1.15, length penalty 0 (not the paper's)."""
-        return cls(repetition_penalty=1.15, length_penalty=0.0, source="LAVIS HEAD CaptionTask")
+        """LAVIS HEAD ``CaptionTask`` defaults: repetition penalty 1.15, length penalty 0 (not the paper's).
+
+        Lengths as LAVIS HEAD counts them (``length_rule="lavis_head"``).
+        """
+        return cls(
+            repetition_penalty=1.15, length_penalty=0.0, source="LAVIS HEAD CaptionTask", length_rule="lavis_head"
+        )
 
     def generate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``generate`` (deterministic beam search); ``dataclasses.asdict`` for result JSONs."""
-        kwargs = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("prompt", "source")}
+        """Keyword arguments for ``generate`` (deterministic beam search); ``dataclasses.asdict`` for result JSONs.
+
+        ``length_rule`` is passed only when it is not ``generate``'s default ``"new"``.
+        """
+        skip = ("prompt", "source") + (("length_rule",) if self.length_rule == "new" else ())
+        kwargs = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         return {**kwargs, "do_sample": False}
 
 
@@ -86,7 +105,7 @@ def check_java() -> str:
     if java is None:
         raise JavaNotFoundError(
             "Java was not found on PATH. pycocoevalcap's PTB tokenizer, METEOR and SPICE run `java` subprocesses "
-            "(spec §5.2). Install a JRE >= 8, e.g. `apt-get install default-jre-headless` or "
+            "for caption scoring. Install a JRE >= 8, e.g. `apt-get install default-jre-headless` or "
             "`conda install -c conda-forge openjdk`, then re-run."
         )
     return java
@@ -192,7 +211,7 @@ def coco_caption_scores(
     metrics: Sequence[str] = ALL_METRICS,
     allow_subset: bool = False,
 ) -> dict[str, Any]:
-    """COCO caption metrics of one caption per image (spec §5.2; LAVIS ``coco_caption_eval``).
+    """COCO caption metrics of one caption per image (LAVIS ``coco_caption_eval``).
 
     Args:
         predictions: image_id -> generated caption (prompt not included).
@@ -220,7 +239,7 @@ def nocaps_breakdown(
     domains: dict[Any, str] | None = None,
     metrics: Sequence[str] = ("CIDEr", "SPICE"),
 ) -> dict[str, Any]:
-    """NoCaps validation scores per domain and overall (spec §5.2, paper Table 3).
+    """NoCaps validation scores per domain and overall (paper Table 3).
 
     Each domain is scored as its own corpus (CIDEr's document frequencies come from that domain's references), like
     the official NoCaps evaluation; tokenisation runs once.

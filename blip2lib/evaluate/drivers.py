@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from blip2lib import dist
-from blip2lib.data.processors import pre_question
+from blip2lib.data.processors import CaptionProcessor, pre_question
 
 from .caption import ALL_METRICS, CaptionDecoding, coco_caption_scores, nocaps_breakdown, write_nocaps_submission
 from .drivers_common import (
@@ -313,6 +314,7 @@ def run_retrieval(
     num_workers: int = 0,
     progress: bool = True,
     save_scores: bool = False,
+    text_processor: Callable[[str], str] | None = None,
 ) -> dict[str, Any]:
     """Image-text retrieval (spec §4.3, §5.3): ITC top-k candidates re-ranked by ITM, R@1/5/10 in percent.
 
@@ -336,6 +338,9 @@ def run_retrieval(
         num_workers: DataLoader workers.
         progress: progress bars on rank 0.
         save_scores: also write ``scores.pt`` (``itc``, ``score_i2t``, ``score_t2i``, ``txt2img``, ``img2txt``).
+        text_processor: applied to every caption before tokenising; None -> ``CaptionProcessor()`` (LAVIS
+            ``blip_caption`` with 50 words, what its ``ret_*_eval.yaml`` use at evaluation). It is idempotent, so a
+            dataset that already processed its captions gives the same texts; ``str`` keeps them as they are.
 
     Returns:
         The ``result.json`` dict: ``metrics`` (fused), ``metrics_itc_only``, ``config``, ``counts``.
@@ -344,6 +349,7 @@ def run_retrieval(
         raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
     out_dir = Path(out_dir)
     device = model_device(model)
+    text_processor = CaptionProcessor() if text_processor is None else text_processor
     was_training = model.training
     model.eval()
     try:
@@ -355,7 +361,7 @@ def run_retrieval(
             if img is not None:
                 img2txt[img].append(len(texts))
                 txt2img.append(img)
-                texts.append(text)
+                texts.append(text_processor(text))
         tok = tokenizer(texts, padding="max_length", truncation=True, max_length=text_max_len, return_tensors="pt")
         ids, mask = tok.input_ids, tok.attention_mask  # (Nt, L) CPU
         text_feat = torch.cat(
@@ -398,6 +404,7 @@ def run_retrieval(
             "metrics": recall_at_k(score_i2t.cpu(), txt2img, img2txt, score_t2i.cpu()),
             "metrics_itc_only": recall_at_k(sim.cpu(), txt2img, img2txt),
             "config": {"k": k, "fusion": fusion, "text_max_len": text_max_len, "text_padding": "max_length",
+                       "text_processor": repr(text_processor),
                        "itm_batch_size": itm_batch_size, "batch_size": batch_size, **environment_info(model)},
             "counts": {"n_images": len(dataset), "n_texts": len(dataset.text), "n_images_scored": len(kept),
                        "n_texts_scored": len(texts), "bad_samples": _bad_summary(bad), "complete": not bad},

@@ -98,14 +98,18 @@ class LemmatizerUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class VQADecoding:
-    """Zero-shot VQA decoding recipe (spec §5.1 table, §10.12); lengths count generated tokens only (§10.13).
+    """Zero-shot VQA decoding recipe (see ``docs/fidelity.md``).
 
     Attributes:
         prompt: format string with one ``{}`` for the pre-processed question.
         num_beams: beam width (5 in paper and LAVIS).
         length_penalty: exponent of the beam length normalisation; -1 favours short answers.
-        max_new_tokens: LAVIS ``max_len`` (10).
-        min_new_tokens: LAVIS ``min_len`` (1).
+        max_new_tokens: LAVIS ``max_len`` (10): the most generated tokens, EOS included, under every rule.
+        min_new_tokens: LAVIS ``min_len`` (1); what it counts depends on ``length_rule``.
+        length_rule: ``"new"`` (paper recipe): both lengths count generated tokens, so ``min_len=1`` forces one
+            real token before EOS. ``"lavis_head"`` (LAVIS recipe): counted as LAVIS does; for FlanT5 ``min_len``
+            includes the decoder start token, so ``min_len=1`` allows an empty answer; for OPT (generation from
+            ``inputs_embeds`` only) it counts generated tokens. See ``blip2lib.generation.new_token_bounds``.
         source: where the recipe comes from, echoed into result JSONs.
     """
 
@@ -115,20 +119,28 @@ class VQADecoding:
     max_new_tokens: int = 10
     min_new_tokens: int = 1
     source: str = "paper"
+    length_rule: str = "new"
 
     @classmethod
     def paper(cls, family: str = "flant5") -> VQADecoding:
-        """Paper §4.1: beam 5, length penalty -1 for both families; OPT prompt ``Question: {} Answer:``."""
+        """Paper §4.1: beam 5, length penalty -1 for both families; OPT prompt ``Question: {} Answer:``.
+
+        Lengths count generated tokens (``length_rule="new"``): 1 to 10 answer tokens before EOS.
+        """
         return cls(prompt=VQA_PROMPTS["paper"][_family(family)], source=f"paper §4.1 ({_family(family)})")
 
     @classmethod
     def lavis_head(cls, family: str = "flant5") -> VQADecoding:
-        """LAVIS HEAD: ``Short answer:`` prompt for both; OPT ``predict_answers`` default length penalty 0."""
+        """LAVIS HEAD: ``Short answer:`` prompt for both; OPT ``predict_answers`` default length penalty 0.
+
+        Lengths as LAVIS counts them (``length_rule="lavis_head"``): FlanT5 ``min_len=1`` allows an empty answer.
+        """
         fam = _family(family)
         return cls(
             prompt=VQA_PROMPTS["lavis"][fam],
             length_penalty=0.0 if fam == "opt" else -1.0,
             source=f"LAVIS HEAD yaml ({fam})",
+            length_rule="lavis_head",
         )
 
     def format_prompt(self, question: str) -> str:
@@ -136,8 +148,13 @@ class VQADecoding:
         return self.prompt.format(question)
 
     def generate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``generate`` (deterministic beam search); ``dataclasses.asdict`` for result JSONs."""
-        kwargs = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("prompt", "source")}
+        """Keyword arguments for ``generate`` (deterministic beam search); ``dataclasses.asdict`` for result JSONs.
+
+        ``length_rule`` is passed only when it is not ``generate``'s default ``"new"``, so a paper recipe passes
+        the same keywords as before the rule existed.
+        """
+        skip = ("prompt", "source") + (("length_rule",) if self.length_rule == "new" else ())
+        kwargs = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         return {**kwargs, "do_sample": False}
 
 

@@ -181,7 +181,9 @@ class ZeroShotVQAParams(_TableParams):
     """Table 2: zero-shot VQA (VQAv2 val / test-dev, OK-VQA test, GQA test-dev) of stage-2 models."""
 
     split: str = "vqa_val_eval"
-    recipe: str = "paper"  # paper (beam 5, length penalty -1, Question: {} Answer: for OPT) | lavis
+    # paper: beam 5, length penalty -1, "Question: {} Answer:" for OPT, 1–10 generated answer tokens |
+    # lavis: LAVIS HEAD's yaml and lengths (FlanT5 min_len 1 counts the decoder start: an empty answer is allowed)
+    recipe: str = "paper"
     blind_margin: float = 20.0  # toy goal: accuracy at least this many points above the blind (question-only) LLM
 
 
@@ -192,7 +194,9 @@ class CaptioningParams(_TableParams):
 
     split: str = "coco_karpathy_test"
     transfer_split: str = ""  # the NoCaps analogue evaluated zero-shot (empty: none)
-    recipe: str = "paper"  # paper (beam 5, 8–30 new tokens, no repetition penalty) | lavis
+    # paper: beam 5, 8–30 generated tokens, no repetition penalty, length penalty 1 |
+    # lavis: LAVIS HEAD (repetition 1.15, length penalty 0; FlanT5 min_len 8 counts the decoder start: 7 tokens)
+    recipe: str = "paper"
     metrics: list[str] = field(default_factory=lambda: ["BLEU", "CIDEr"])  # pycocoevalcap metric groups to compute
 
 
@@ -202,7 +206,7 @@ class FinetunedVQAParams(_TableParams):
     """Table 4: VQAv2 of VQA-fine-tuned models (test-dev: writes the submission file for the server)."""
 
     split: str = "vqa_val_eval"
-    recipe: str = "paper"  # the fine-tuning prompt "Question: {} Answer:" with the paper's decoding
+    recipe: str = "paper"  # the fine-tuning prompt "Question: {} Answer:", the paper's decoding (generated tokens)
 
 
 @register("44_retrieval")

@@ -185,5 +185,16 @@ def test_caption_decoding_recipes():
     assert (head.repetition_penalty, head.length_penalty) == (1.15, 0.0)
     assert head.num_beams == 5 and head.max_new_tokens == 30 and head.min_new_tokens == 8
     assert paper.generate_kwargs()["min_new_tokens"] == 8 and paper.generate_kwargs()["do_sample"] is False
+    # lengths: paper = generated tokens (generate's default rule, not passed); LAVIS = counted as LAVIS HEAD does
+    assert paper.length_rule == "new" and "length_rule" not in paper.generate_kwargs()
+    assert head.length_rule == "lavis_head" and head.generate_kwargs() == {
+        "num_beams": 5,
+        "max_new_tokens": 30,
+        "min_new_tokens": 8,
+        "repetition_penalty": 1.15,
+        "length_penalty": 0.0,
+        "length_rule": "lavis_head",
+        "do_sample": False,
+    }
     with pytest.raises(dataclasses.FrozenInstanceError):
         paper.num_beams = 1

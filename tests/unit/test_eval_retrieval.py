@@ -197,3 +197,100 @@ def test_sharded_rerank_equals_single_process(tmp_path):
     # the work really was split: image rows 0-2 on rank 0, 3-4 on rank 1 (step = 5 // 2 + 1 = 3);
     # text rows 0-4 / 5-8 (step 5); pairs per rank = rows * K
     assert outs[0]["n_pairs"] == 3 * K + 5 * K and outs[1]["n_pairs"] == 2 * K + 4 * K
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Captions go through LAVIS's blip_caption at evaluation (ret_*_eval.yaml), in the driver and the CLI / table path
+
+RAW_CAPTIONS = [
+    ["A Dog, running!  On the BEACH.", "Two (small) cats: sleeping; on a mat~"],
+    ["   The sky is #blue*   \n", " ".join(f"w{i}" for i in range(60))],
+]
+# worked out by hand from the definition: lower-case; each of . ! " ( ) * # : ; ~ becomes a space; runs of 2+
+# whitespace become one space; strip; keep the first 50 space-separated words (the comma is not in the list)
+PROCESSED = [
+    "a dog, running on the beach",
+    "two small cats sleeping on a mat",
+    "the sky is blue",
+    " ".join(f"w{i}" for i in range(50)),
+]
+
+
+def _retrieval_files(root):
+    import json
+
+    from PIL import Image
+
+    from blip2lib.data import FORMATS
+
+    entries = []
+    for i, caps in enumerate(RAW_CAPTIONS):
+        img = f"flickr30k-images/{i}.jpg"
+        path = root / FORMATS["flickr30k_test"]["images_root"] / img
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(i)
+        Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)).save(path)
+        entries.append({"image": img, "caption": caps})
+    ann = root / FORMATS["flickr30k_test"]["file"]
+    ann.parent.mkdir(parents=True, exist_ok=True)
+    ann.write_text(json.dumps(entries))
+    return root / FORMATS["flickr30k_test"]["images_root"], ann
+
+
+class _RecordingTokenizer:
+    """The tiny BERT tokenizer, recording the texts of every call."""
+
+    def __init__(self):
+        from blip2lib.testing import tiny_bert_tokenizer
+
+        self.tok, self.texts = tiny_bert_tokenizer(), []
+
+    def __call__(self, texts, **kw):
+        self.texts.append(list(texts))
+        return self.tok(texts, **kw)
+
+
+def _tiny_qformer():
+    from blip2lib.config import tiny_config
+    from blip2lib.model import Blip2QFormerModel
+
+    torch.manual_seed(0)
+    return Blip2QFormerModel(tiny_config()).eval()
+
+
+def test_driver_tokenises_blip_caption_texts(tmp_path):
+    from blip2lib.data import CaptionProcessor, RetrievalEvalDataset, image_eval_transform
+    from blip2lib.evaluate import run_retrieval
+
+    images, ann = _retrieval_files(tmp_path / "data")
+    raw = RetrievalEvalDataset(images, ann, image_eval_transform(28))  # no text processor: raw captions
+    assert raw.text == [c for caps in RAW_CAPTIONS for c in caps]
+    tok = _RecordingTokenizer()
+    res = run_retrieval(_tiny_qformer(), raw, tok, k=2, fusion="itc", out_dir=tmp_path / "o", progress=False)
+    assert tok.texts == [PROCESSED]
+    assert res["config"]["text_processor"] == "CaptionProcessor(prompt='', max_words=50)"
+    # a dataset that already processed its captions gives the same texts (blip_caption is idempotent)
+    done = RetrievalEvalDataset(images, ann, image_eval_transform(28), CaptionProcessor())
+    assert done.text == PROCESSED
+    tok = _RecordingTokenizer()
+    run_retrieval(_tiny_qformer(), done, tok, k=2, fusion="itc", out_dir=tmp_path / "o2", progress=False)
+    assert tok.texts == [PROCESSED]
+
+
+def test_cli_and_table_path_tokenise_blip_caption_texts(tmp_path, monkeypatch):
+    import yaml
+
+    import blip2lib.testing
+    from blip2lib.evaluate.__main__ import RetrievalParams, build_dataset, main
+
+    _retrieval_files(tmp_path / "data")
+    tok = _RecordingTokenizer()
+    monkeypatch.setattr(blip2lib.testing, "tiny_bert_tokenizer", lambda: tok)  # what load_model("tiny") calls
+    params = {"checkpoint": "tiny", "data_root": str(tmp_path / "data"), "split": "flickr30k_test", "k": 2,
+              "fusion": "itc", "out_dir": str(tmp_path / "cli"), "progress": False}  # fmt: skip
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    assert main(["retrieval", "--params", str(path)]) == 0
+    assert tok.texts == [PROCESSED]
+    # the dataset the CLI (and blip2lib.workbook.tables, through run_params) builds holds the processed texts
+    assert build_dataset(RetrievalParams.from_dict(params), "retrieval", 28).text == PROCESSED
