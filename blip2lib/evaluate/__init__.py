@@ -28,6 +28,7 @@ from blip2lib.evaluate.retrieval import (
 )
 from blip2lib.evaluate.vqa import (
     VQA_PROMPTS,
+    VQA_SCORERS,
     LemmatizerUnavailable,
     VQADecoding,
     evaluate_gqa,
@@ -50,6 +51,7 @@ __all__ = [
     "FUSIONS",
     "NEG_FILL",
     "VQA_PROMPTS",
+    "VQA_SCORERS",
     "CaptionDecoding",
     "JavaNotFoundError",
     "LemmatizerUnavailable",

@@ -38,13 +38,13 @@ from .drivers_common import (
     write_json,
 )
 from .retrieval import FUSIONS, recall_at_k, rerank_scores, trim_padding
-from .vqa import VQADecoding, evaluate_gqa, evaluate_okvqa, evaluate_vqa, write_vqav2_submission
+from .vqa import VQADecoding, evaluate_gqa, evaluate_vqa, lemmatize_answers, write_vqav2_submission
 
 __all__ = ["run_vqa", "run_caption", "run_retrieval", "OPT_VQA_MAX_PROMPT_LEN"]
 
 logger = logging.getLogger(__name__)
 
-OPT_VQA_MAX_PROMPT_LEN = 32  # LAVIS OPT predict_answers: left padding, truncation 32 (spec §5.1)
+OPT_VQA_MAX_PROMPT_LEN = 32  # LAVIS OPT predict_answers: left padding, truncation 32
 _MAX_LISTED_BAD = 50
 
 
@@ -74,14 +74,19 @@ def _vqa_ground_truth(dataset: Dataset, annotations: Any, gqa: bool) -> Any:
     if gqa:
         return {a["question_id"]: a["answer"] for a in anns}
     # answer_type / question_type are not in LAVIS lists, but kept when a list carries them (the toy world's do),
-    # so the per-type breakdown (spec §5.1) is not all "unknown".
+    # so the per-type breakdown is not all "unknown".
     types = ("answer_type", "question_type")
     return [{"question_id": a["question_id"], "answers": list(a["answer"]), **{k: a[k] for k in types if k in a}}
             for a in anns]  # fmt: skip
 
 
 def _score_vqa(preds: dict, gt: Any, gqa: bool, lemmatize: bool) -> dict | None:
-    """Score ``preds`` on the questions that have a prediction (bad samples excluded, see module docstring)."""
+    """Score ``preds`` on the questions that have a prediction (bad samples excluded, see module docstring).
+
+    VQAv2 / OK-VQA: the official evaluator's numbers are the headline (``overall``, per type, per question, with
+    ``"scorer": "official"``); LAVIS's evaluator's ``overall`` and ``per_answer_type`` sit beside them under
+    ``"lavis"``, for comparison with the numbers LAVIS printed. GQA: LAVIS's exact match (``"scorer": "lavis"``).
+    """
     if not preds:
         logger.warning("no question could be answered (all images unreadable): nothing to score")
         return None
@@ -89,9 +94,15 @@ def _score_vqa(preds: dict, gt: Any, gqa: bool, lemmatize: bool) -> dict | None:
         return evaluate_gqa(preds, {q: a for q, a in gt.items() if q in preds})
     entries = gt["annotations"] if isinstance(gt, dict) else gt
     entries = [e for e in entries if e["question_id"] in preds]
+    if lemmatize:  # OK-VQA: lemmatise once (spaCy is slow); both evaluators then score the same answers
+        qids = list(preds)
+        preds = dict(zip(qids, lemmatize_answers([preds[q] for q in qids])))
+    result = evaluate_vqa(preds, entries, scorer="official")
+    lavis = evaluate_vqa(preds, entries, scorer="lavis")
+    result["lavis"] = {k: lavis[k] for k in ("overall", "per_answer_type", "scorer")}
     if lemmatize:
-        return evaluate_okvqa(preds, entries, lemmatize=True)
-    return evaluate_vqa(preds, entries)
+        result["lemmatized"] = True
+    return result
 
 
 def run_vqa(
@@ -108,7 +119,7 @@ def run_vqa(
     progress: bool = True,
     autocast: str | None = None,
 ) -> dict[str, Any]:
-    """Zero-shot VQA evaluation (spec §5.1): generate answers, score, write results and the submission file.
+    """Zero-shot VQA evaluation: generate answers, score, write results and the submission file.
 
     Args:
         model: ``Blip2`` with ``family`` and ``tokenizer`` (placed on its device; ``eval`` is set here).
@@ -120,15 +131,16 @@ def run_vqa(
         split_name: recorded in the result (e.g. ``"vqa_val_eval"``).
         annotations: official annotation dict/list/path (VQAv2, OK-VQA) or qid -> answer (GQA); None -> the
             dataset's own ``answer`` fields, or no scoring (test-dev) when it has none.
-        gqa: GQA exact-match scoring instead of VQA accuracy.
-        lemmatize: OK-VQA spaCy lemmatisation of predictions (spec §10.17).
+        gqa: GQA exact-match scoring (LAVIS's) instead of VQA accuracy.
+        lemmatize: OK-VQA spaCy lemmatisation of predictions (NOUN/VERB lemmas, as LAVIS does).
         num_workers: DataLoader workers.
         progress: tqdm progress bar with ETA on rank 0.
         autocast: ``"fp16"`` / ``"bf16"`` autocast around generation, or None.
 
     Returns:
-        The ``result.json`` dict: ``metrics`` (percent; None without GT), ``config``, ``counts``, ``timing``,
-        ``files``.
+        The ``result.json`` dict: ``metrics`` (percent; None without GT; VQAv2 / OK-VQA: the official evaluator's
+        numbers with LAVIS's beside them under ``"lavis"``, each naming its ``scorer``), ``config``, ``counts``,
+        ``timing``, ``files``.
     """
     out_dir = Path(out_dir)
     decoding = decoding if decoding is not None else VQADecoding.paper(model.family)

@@ -1,19 +1,37 @@
-r"""VQA scoring (spec §5.1): official answer normalisation, VQA accuracy, GQA exact match, OK-VQA lemmas, prompts.
+r"""VQA scoring: answer normalisation, VQAv2 / OK-VQA accuracy under two evaluators, GQA exact match, prompts.
 
-The normalisation rules are re-implemented from the official VQA evaluator's behaviour as LAVIS runs it
-(``lavis/common/vqa_tools/vqa_eval.py``, spec §10.17), quirks included:
+Two evaluators are reproduced, quirks included (see ``docs/fidelity.md``); both share the normalisation helpers
+below and the accuracy formula, and differ only in *which* strings get normalised:
 
-* the prediction is always normalised (whitespace, punctuation, digits/articles/contractions);
-* ground-truth answers get *punctuation processing only*, and only when the annotators disagree (the official
-  annotation files are already normalised, so GT ``"two"`` never matches a prediction, which becomes ``"2"``);
-* the period regex is the official malformed ``(?!<=\d)(\.)(?!\d)``: the "lookbehind" is really a lookahead that
-  never fires, so every period *not followed by a digit* is removed, at most 32 per string (the official code
-  passes ``re.UNICODE`` (= 32) as ``re.sub``'s ``count`` argument);
-* the contraction table is applied after lower-casing, so its capitalised keys (``Im``, ``Ive``, ``Id've``) never
-  match, and it maps ``somebody'd`` to ``somebodyd`` (sic).
+* ``scorer="official"`` (the default): the benchmark's own evaluator (GT-Vision-Lab ``vqaEval.py``, Python 2,
+  the code the VQAv2 evaluation server runs). Tabs and newlines become spaces and the ends are stripped, in the
+  prediction and in every ground-truth answer. Then, only if the cleaned ground-truth answers are *not* all
+  identical, the prediction and every ground-truth answer go through punctuation processing and then
+  digit/article processing. When the annotators are unanimous nothing else is done to either side, so ``"Yes"``
+  scores 0 against ten ``"yes"``.
+* ``scorer="lavis"``: the modified copy LAVIS ships (``lavis/common/vqa_tools/vqa_eval.py``), which produced the
+  VQAv2 val / OK-VQA numbers LAVIS prints. The prediction is always cleaned and fully normalised; the
+  ground-truth answers are never whitespace-cleaned, the unanimity test looks at them raw, and when they disagree
+  they get punctuation processing only (no lower-casing, number words, articles or contractions).
 
-Accuracy per question is the leave-one-out mean over the annotators of ``min(1, #other annotators that gave the
-answer / 3)``; with m of 10 matching: m=1 -> 0.3, m=2 -> 0.6, m=3 -> 0.9, m>=4 -> 1.0.
+Shared quirks: a punctuation mark is deleted when it touches a space somewhere in the *original* string (or the
+string has a digit,digit pattern anywhere), otherwise it becomes a space; the period regex is the malformed
+``(?!<=\d)(\.)(?!\d)`` (the "lookbehind" is a lookahead that never fires), so any period not followed by a digit
+is removed, at most 32 of them (``re.UNICODE`` = 32 lands in ``re.sub``'s count slot); lower-casing happens before
+the contraction table, whose capitalised keys (``Im``, ``Ive``, ``Id've``) therefore never match, and which maps
+``somebody'd`` to ``somebodyd`` (sic).
+
+Accuracy of one question: for every annotation j, ``min(1, #other annotations equal to the prediction / 3)``,
+averaged over the annotations (with 10 distinct annotators and m matches: 0, 0.3, 0.6, 0.9, then 1.0 from m=4).
+"Other" means "not equal to annotation j": the official code compares whole annotation dicts, so dicts that are
+identical (same answer *and* same ``answer_id`` / confidence) drop each other; plain string answers count as
+distinct annotators, as in the real files where every ``answer_id`` differs. Overall and per-type accuracies are
+``100 * mean`` rounded to 2 decimals, from the unrounded per-question values; the official code rounds with Python
+2's ``round`` (ties away from zero), LAVIS's with Python 3's (ties to even), which differ only on exact ties such
+as 0.125.
+
+GQA (LAVIS's GQA task, the only reference): exact match after punctuation and digit/article processing of both the
+prediction and the single ground-truth answer, with no whitespace clean-up, as an unrounded percentage.
 """
 
 from __future__ import annotations
@@ -23,6 +41,7 @@ import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +51,7 @@ __all__ = [
     "ARTICLES",
     "PUNCTUATION",
     "VQA_PROMPTS",
+    "VQA_SCORERS",
     "LemmatizerUnavailable",
     "VQADecoding",
     "process_punctuation",
@@ -77,15 +97,17 @@ CONTRACTIONS = dict(pair.split("|") for pair in _CONTRACTION_PAIRS.split())
 _DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
 _OFFICIAL_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # malformed on purpose: see module docstring
 _OFFICIAL_PERIOD_COUNT = 32  # official code passes re.UNICODE (= 32) as re.sub's count
+# "official": GT-Vision-Lab vqaEval.py (the default, the evaluation server's); "lavis": LAVIS's modified vqa_eval.py.
+VQA_SCORERS = ("official", "lavis")
 
-# Prompts per LLM family (spec §5.1 table). "paper": paper §4.1; "lavis": the shipped zero-shot yamls.
+# Prompts per LLM family. "paper": paper §4.1; "lavis": the zero-shot yamls LAVIS ships.
 VQA_PROMPTS = {
     "paper": {"opt": "Question: {} Answer:", "flant5": "Question: {} Short answer:"},
     "lavis": {"opt": "Question: {} Short answer:", "flant5": "Question: {} Short answer:"},
 }
 _FAMILY_ALIASES = {"opt": "opt", "flant5": "flant5", "t5": "flant5"}
 _INSTALL_HINT = (
-    "OK-VQA answers are spaCy-lemmatised (spec §5.1, §10.17) but spaCy / en_core_web_sm is not available. "
+    "OK-VQA answers are spaCy-lemmatised (as LAVIS does) but spaCy / en_core_web_sm is not available. "
     "Install it with `pip install spacy && python -m spacy download en_core_web_sm` (the download needs a network "
     "connection; offline, pip-install a local en_core_web_sm wheel path instead), or pass lemmatize=False to "
     "score without lemmas (not comparable to the paper's OK-VQA numbers)."
@@ -193,30 +215,70 @@ def _clean_whitespace(text: str) -> str:
 
 
 def normalize_answer(text: str) -> str:
-    """Full prediction normalisation: whitespace, punctuation, then digits/articles/contractions."""
+    """Full normalisation: tabs/newlines to spaces and strip, then punctuation, then digits/articles/contractions.
+
+    This is what LAVIS's evaluator always does to a prediction, and what the official one does to both sides when
+    the annotators disagree (the official GT clean-up is the same whitespace step, so the result is identical).
+    """
     return process_digit_article(process_punctuation(_clean_whitespace(text)))
 
 
-def vqa_accuracy(prediction: str, gt_answers: list[str]) -> float:
-    """VQA accuracy of one prediction against its (usually 10) annotator answers, in [0, 1].
+def _check_scorer(scorer: str) -> None:
+    if scorer not in VQA_SCORERS:
+        raise ValueError(
+            f"unknown VQA scorer {scorer!r}; expected 'official' (GT-Vision-Lab vqaEval.py, the default) or "
+            "'lavis' (LAVIS's modified vqa_eval.py)"
+        )
+
+
+def _compared_strings(prediction: str, answers: list[str], scorer: str) -> tuple[str, list[str]]:
+    """The prediction and ground-truth answers exactly as the chosen evaluator compares them."""
+    if scorer == "official":
+        pred, gts = _clean_whitespace(prediction), [_clean_whitespace(a) for a in answers]
+        if len(set(gts)) > 1:  # decided on the cleaned strings; unanimous -> neither side is normalised
+            return normalize_answer(pred), [process_digit_article(process_punctuation(a)) for a in gts]
+        return pred, gts
+    pred, gts = normalize_answer(prediction), list(answers)
+    if len(set(gts)) > 1:  # decided on the raw strings; GT answers get punctuation processing only
+        gts = [process_punctuation(a) for a in gts]
+    return pred, gts
+
+
+def vqa_accuracy(prediction: str, gt_answers: list[str] | list[dict], scorer: str = "official") -> float:
+    """VQA accuracy of one prediction against its (usually 10) annotator answers, in [0, 1], unrounded.
 
     Args:
-        prediction: raw model answer (normalised here, as LAVIS always does).
-        gt_answers: annotator answers; punctuation-processed only when they are not all identical.
+        prediction: raw model answer.
+        gt_answers: annotator answers, as strings (each a distinct annotator) or as annotation dicts with an
+            ``answer`` key (compared as whole dicts in the leave-one-out, as the official code does).
+        scorer: ``"official"`` (GT-Vision-Lab, default) or ``"lavis"`` (LAVIS's variant); see the module docstring.
 
     Returns:
-        mean over annotators j of ``min(1, #{i != j : gt_i == prediction} / 3)``.
+        mean over annotations j of ``min(1, #{i : annotation_i != annotation_j, answer_i == prediction} / 3)``.
     """
+    _check_scorer(scorer)
     if not gt_answers:
         raise ValueError("a question needs at least one ground-truth answer")
-    pred = normalize_answer(prediction)
-    gts = [_clean_whitespace(a) for a in gt_answers]
-    if len(set(gts)) > 1:
-        gts = [process_punctuation(a) for a in gts]
-    hits = [g == pred for g in gts]
-    total = sum(hits)
-    # leave annotator j out (by position; the official code drops equal answer dicts, which differ by answer_id)
-    return sum(min(1.0, (total - h) / 3) for h in hits) / len(hits)
+    as_dicts = isinstance(gt_answers[0], dict)
+    pred, gts = _compared_strings(prediction, [a["answer"] if as_dicts else a for a in gt_answers], scorer)
+    # What "another annotation" means: a whole dict (processed answer included) that differs from annotation j, as
+    # in the reference code; plain strings are told apart by their position (distinct annotators).
+    items = [{**a, "answer": g} for a, g in zip(gt_answers, gts)] if as_dicts else list(enumerate(gts))
+    accs = []
+    for item_j in items:
+        matches = sum(1 for item, g in zip(items, gts) if item != item_j and g == pred)
+        accs.append(min(1.0, matches / 3))
+    return sum(accs) / len(accs)  # summed in annotation order, like the reference code
+
+
+def _round_py2(x: float, ndigits: int = 2) -> float:
+    """Python 2's ``round``: the exact binary value rounded to ``ndigits`` decimals, ties away from zero."""
+    return float(Decimal(x).quantize(Decimal(1).scaleb(-ndigits), rounding=ROUND_HALF_UP))
+
+
+def _round(x: float, scorer: str) -> float:
+    # the official evaluator is Python 2 code (ties away from zero); LAVIS's runs on Python 3 (ties to even)
+    return _round_py2(x) if scorer == "official" else round(x, 2)
 
 
 def _load(obj: Any) -> Any:
@@ -225,30 +287,38 @@ def _load(obj: Any) -> Any:
     return obj
 
 
-def _percent(values: list[float]) -> float:
-    return round(100 * float(sum(values)) / len(values), 2)
+def _percent(values: list[float], scorer: str) -> float:
+    return _round(100 * float(sum(values)) / len(values), scorer)  # same operation order as the reference code
 
 
 def evaluate_vqa(
-    predictions: dict[Any, str], annotations: Any, lemmatize: bool = False, nlp: Any = None
+    predictions: dict[Any, str],
+    annotations: Any,
+    lemmatize: bool = False,
+    nlp: Any = None,
+    scorer: str = "official",
 ) -> dict[str, Any]:
-    """Score VQAv2 / OK-VQA predictions like the official evaluator (spec §5.1).
+    """Score VQAv2 / OK-VQA predictions with the official evaluator (default) or LAVIS's variant.
 
     Args:
         predictions: question_id -> raw answer; must cover exactly the annotated questions.
         annotations: official annotation dict (``{"annotations": [...]}``), its list, or a path to the JSON. Each
             entry has ``question_id``, ``answers`` (dicts with ``answer``, or strings), optional ``answer_type`` and
-            ``question_type``.
+            ``question_type``. Entries are scored in file order, as the reference code does; nothing is mutated.
         lemmatize: spaCy NOUN/VERB-lemmatise the predictions first (OK-VQA; raises if spaCy is missing).
         nlp: an already loaded spaCy pipeline (or compatible callable) for ``lemmatize``.
+        scorer: ``"official"`` or ``"lavis"``.
 
     Returns:
-        ``{"overall", "per_answer_type", "per_question_type", "per_question", "n_questions", "unit": "percent"}``;
-        all scores in percent rounded to 2 decimals as in the official evaluator.
+        ``{"overall", "per_answer_type", "per_question_type", "per_question", "n_questions", "unit": "percent",
+        "scorer"}``; scores in percent rounded to 2 decimals the way the chosen evaluator rounds them.
     """
+    _check_scorer(scorer)
     data = _load(annotations)
     entries = data["annotations"] if isinstance(data, dict) else data
     gold = {e["question_id"]: e for e in entries}
+    if len(gold) != len(entries):
+        raise ValueError(f"annotations repeat {len(entries) - len(gold)} question_id(s); each must appear once")
     missing, extra = set(gold) - set(predictions), set(predictions) - set(gold)
     if missing or extra:
         raise ValueError(f"predictions must cover the annotated questions: {len(missing)} missing, {len(extra)} extra")
@@ -259,42 +329,47 @@ def evaluate_vqa(
     per_q: dict[Any, float] = {}
     by_ans, by_ques = defaultdict(list), defaultdict(list)
     for qid, entry in gold.items():
-        answers = [a["answer"] if isinstance(a, dict) else a for a in entry["answers"]]
-        acc = vqa_accuracy(preds[qid], answers)
+        acc = vqa_accuracy(preds[qid], entry["answers"], scorer=scorer)
         per_q[qid] = acc
         by_ans[entry.get("answer_type", "unknown")].append(acc)
         by_ques[entry.get("question_type", "unknown")].append(acc)
     return {
-        "overall": _percent(list(per_q.values())),
-        "per_answer_type": {k: _percent(v) for k, v in by_ans.items()},
-        "per_question_type": {k: _percent(v) for k, v in by_ques.items()},
-        "per_question": {q: round(100 * a, 2) for q, a in per_q.items()},
+        "overall": _percent(list(per_q.values()), scorer),
+        "per_answer_type": {k: _percent(v, scorer) for k, v in by_ans.items()},
+        "per_question_type": {k: _percent(v, scorer) for k, v in by_ques.items()},
+        "per_question": {q: _round(100 * a, scorer) for q, a in per_q.items()},
         "n_questions": len(per_q),
         "unit": "percent",
+        "scorer": scorer,
     }
 
 
 def evaluate_okvqa(
-    predictions: dict[Any, str], annotations: Any, lemmatize: bool = True, nlp: Any = None
+    predictions: dict[Any, str], annotations: Any, lemmatize: bool = True, nlp: Any = None, scorer: str = "official"
 ) -> dict[str, Any]:
-    """OK-VQA = VQA accuracy on spaCy-lemmatised predictions (spec §5.1); ``lemmatize=False`` is explicit opt-out."""
-    result = evaluate_vqa(predictions, annotations, lemmatize=lemmatize, nlp=nlp)
+    """OK-VQA = VQA accuracy on spaCy-lemmatised predictions (LAVIS); ``lemmatize=False`` is an explicit opt-out."""
+    result = evaluate_vqa(predictions, annotations, lemmatize=lemmatize, nlp=nlp, scorer=scorer)
     result["lemmatized"] = lemmatize
     return result
 
 
 def gqa_accuracy(prediction: str, gt_answer: str) -> float:
-    """GQA: 1.0 on exact match after punctuation + digit/article processing of both strings, else 0.0."""
-    return float(normalize_answer(prediction) == normalize_answer(gt_answer))
+    """GQA: 1.0 on exact match after punctuation then digit/article processing of both strings, else 0.0.
+
+    As LAVIS's GQA task does it: no tab/newline clean-up first (it can decide whether a mark is deleted or spaced).
+    """
+    pred = process_digit_article(process_punctuation(prediction))
+    return float(pred == process_digit_article(process_punctuation(gt_answer)))
 
 
 def evaluate_gqa(predictions: dict[Any, str], answers: dict[Any, str]) -> dict[str, Any]:
-    """GQA accuracy in percent over ``answers`` (question_id -> single GT answer); predictions must cover them."""
+    """GQA accuracy in percent (unrounded, as LAVIS reports it) over ``answers`` (question_id -> GT answer)."""
     missing = set(answers) - set(predictions)
     if missing:
         raise ValueError(f"{len(missing)} GQA questions have no prediction")
-    accs = [gqa_accuracy(predictions[q], a) for q, a in answers.items()]
-    return {"overall": _percent(accs), "n_questions": len(accs), "unit": "percent"}
+    hits = [int(gqa_accuracy(predictions[q], a)) for q, a in answers.items()]
+    # LAVIS: sum(acc) / len(acc) * 100 over 0/1 ints, in that operation order
+    return {"overall": sum(hits) / len(hits) * 100, "n_questions": len(hits), "unit": "percent", "scorer": "lavis"}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,14 @@ from pathlib import Path
 
 from ..evaluate.__main__ import SCHEMAS as EVAL_SCHEMAS
 from ..evaluate.__main__ import run_params
+from .run import TARGETS, Run, compare_to_paper
+
+# The evaluator behind each VQA figure, by (result task, the result's "scorer"); named in the paper comparison.
+SCORER_LABELS = {
+    ("vqa", "official"): "official VQA evaluator (GT-Vision-Lab)",
+    ("vqa", "lavis"): "LAVIS's VQA evaluator",
+    ("gqa", "lavis"): "LAVIS's GQA exact match",
+}
 
 
 def resolve_data_root(data_root: str, toy_world: str = "full") -> str:
@@ -36,15 +44,21 @@ def evaluate_checkpoints(task: str, checkpoints: dict[str, str], out_dir: str | 
     return results
 
 
+def _pick(metrics: dict, key: str):
+    for part in key.split("."):  # "lavis.overall": a value nested one level down
+        metrics = metrics.get(part) if isinstance(metrics, dict) else None
+    return metrics
+
+
 def metric_table(results: dict[str, dict], keys: list[str] | None = None):
-    """One row per model with the chosen metrics (percent) — what the notebook displays and records."""
+    """One row per model with the chosen metrics (percent; ``"a.b"`` picks a nested one) — what the notebook shows."""
     import pandas as pd
 
     rows = []
     for name, res in results.items():
-        m = res["metrics"]
+        m = res["metrics"] or {}
         pick = keys or [k for k, v in m.items() if isinstance(v, (int, float))]
-        rows.append({"model": name, **{k: m.get(k) for k in pick}})
+        rows.append({"model": name, **{k: _pick(m, k) for k in pick}})
     return pd.DataFrame(rows)
 
 
@@ -72,15 +86,63 @@ def transfer_settings(transfer: str) -> dict:
 
 
 def flat_metrics(result: dict, prefix: str) -> dict[str, float]:
-    """``{prefix}_{metric}`` for every numeric metric of a result (nested per-type dicts flattened one level)."""
+    """``{prefix}_{metric}`` for every numeric metric of a result (nested per-type dicts flattened one level).
+
+    A VQA result's ``overall`` becomes ``{prefix}_vqa_acc`` (the official evaluator's); LAVIS's figures kept beside
+    it under ``"lavis"`` become ``{prefix}_lavis_vqa_acc`` and ``{prefix}_lavis_per_answer_type_*``.
+    """
+    return _flat(result.get("metrics") or {}, prefix)
+
+
+def _flat(metrics: dict, prefix: str) -> dict[str, float]:
     out = {}
-    for k, v in (result.get("metrics") or {}).items():
+    for k, v in metrics.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "n_questions":
             out[f"{prefix}_{'vqa_acc' if k == 'overall' else k}"] = float(v)
+        elif k == "lavis" and isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}_lavis"))
         elif isinstance(v, dict):
             out.update({f"{prefix}_{k}_{kk}".replace(" ", "_").replace("/", "_"): float(vv)
                         for kk, vv in v.items() if isinstance(vv, (int, float))})  # fmt: skip
     return out
+
+
+def vqa_scorers(results: dict[str, dict]) -> dict[str, str]:
+    """Metric name (as ``flat_metrics`` records it) -> the evaluator that produced that VQA / GQA accuracy."""
+    out = {}
+    for name, res in results.items():
+        m, task = res.get("metrics") or {}, res.get("task", "vqa")
+        if "scorer" in m:
+            out[f"{name}_vqa_acc"] = SCORER_LABELS[(task, m["scorer"])]
+        if "scorer" in (m.get("lavis") or {}):
+            out[f"{name}_lavis_vqa_acc"] = SCORER_LABELS[(task, m["lavis"]["scorer"])]
+    return out
+
+
+def compare_vqa_to_paper(run: Run, targets: dict, results: dict[str, dict], path: Path = TARGETS, show: bool = True):
+    """``compare_to_paper`` whose rows also name the evaluator behind each reproduced VQA / GQA accuracy.
+
+    The name goes into the row's ``scorer`` field and after its target label, so the displayed table,
+    ``metrics.json`` and the README results block all say which evaluator the comparison used.
+    """
+    import pandas as pd
+
+    compare_to_paper(run.metrics, targets, path=path, run=run, show=False)
+    scorers = vqa_scorers(results)
+    for row in run.comparison:
+        scorer = scorers.get(row["metric"].split("@")[0])
+        if scorer:
+            row["scorer"], row["target"] = scorer, f"{row['target']} (ours: {scorer})"
+    run.save()
+    table = pd.DataFrame(run.comparison)
+    if show:
+        try:
+            from IPython.display import display
+
+            display(table, metadata={"blip2": {"role": "paper-table"}})  # same role as compare_to_paper's table
+        except ImportError:
+            pass
+    return table
 
 
 def toy_vqa_goals(results: dict, margin: float, toy_world: str = "full") -> dict:

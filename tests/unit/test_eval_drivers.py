@@ -124,9 +124,12 @@ def test_vqa_scores_hand_worked_and_records_configuration(tmp_path):
     model.train()
     res = run_vqa(model, ds, VQADecoding.paper("opt"), batch_size=2, out_dir=out, split_name="vqa_val_eval",
                   annotations=annotations, progress=False)  # fmt: skip
-    # q100: 10/10 match -> 100; q101: "two" -> "2", 2 of 10 match -> (2*(1/3) + 8*(2/3)) / 10 = 0.6; q102: 0
-    assert res["metrics"]["overall"] == round((100 + 60 + 0) / 3, 2) == 53.33
-    assert res["metrics"]["per_answer_type"] == {"other": 50.0, "number": 60.0}
+    # official (headline): q100 "Red" vs ten identical "red" -> raw strings compared -> 0; q101: annotators differ,
+    # "two" -> "2", 2 of 10 match -> (2*(1/3) + 8*(2/3)) / 10 = 0.6; q102: 0. LAVIS: q100 "Red" -> "red" -> 100.
+    assert res["metrics"]["overall"] == round((0 + 60 + 0) / 3, 2) == 20.0 and res["metrics"]["scorer"] == "official"
+    assert res["metrics"]["per_answer_type"] == {"other": 0.0, "number": 60.0}
+    assert res["metrics"]["lavis"] == {"overall": round((100 + 60 + 0) / 3, 2), "scorer": "lavis",
+                                       "per_answer_type": {"other": 50.0, "number": 60.0}}  # fmt: skip
     assert res["metrics"]["unit"] == "percent"
     assert model.modes == [(False, False)] * 2 and model.training  # no autograd, eval mode, train mode restored
     assert [c[0] for c in model.calls] == [prompts[:2], prompts[2:]]  # blip_question + paper OPT prompt, batches 2+1
@@ -145,7 +148,28 @@ def test_vqa_scores_hand_worked_and_records_configuration(tmp_path):
     assert json.loads((out / "predictions.json").read_text()) == [
         {"question_id": 100, "answer": "Red"}, {"question_id": 101, "answer": "two"},
         {"question_id": 102, "answer": "blue"}]  # fmt: skip
-    assert json.loads((out / "per_question.json").read_text()) == {"100": 100.0, "101": 60.0, "102": 0.0}
+    assert json.loads((out / "per_question.json").read_text()) == {"100": 0.0, "101": 60.0, "102": 0.0}
+
+
+def test_okvqa_lemmatises_once_and_records_both_scorers(tmp_path, monkeypatch):
+    from blip2lib.evaluate import drivers
+
+    calls = []
+
+    def fake_lemmas(answers):  # stands in for spaCy: "reds" -> "red"
+        calls.append(list(answers))
+        return [a[:-1] if a.endswith("s") else a for a in answers]
+
+    monkeypatch.setattr(drivers, "lemmatize_answers", fake_lemmas)
+    ds = vqa_data(tmp_path / "data", n=2)  # GT: ten identical "red" per question
+    prompts = [f"Question: {q} Answer:" for q in ("what colour is the dog?", "how many cats?")]
+    model = StubVQA(dict(zip(prompts, ["reds", "Reds"])))
+    res = run_vqa(model, ds, VQADecoding.paper("opt"), 2, tmp_path / "o", "okvqa_test", lemmatize=True, progress=False)
+    assert calls == [["reds", "Reds"]]  # one lemmatiser pass, shared by both evaluators
+    m = res["metrics"]
+    # lemmas "red" / "Red" vs unanimous "red": official compares raw -> 100, 0; LAVIS lower-cases the pred -> 100, 100
+    assert (m["overall"], m["scorer"], m["lemmatized"]) == (50.0, "official", True)
+    assert m["lavis"] == {"overall": 100.0, "per_answer_type": {"unknown": 100.0}, "scorer": "lavis"}
 
 
 def test_vqa_test_dev_writes_submission_without_scores(tmp_path):
@@ -184,7 +208,8 @@ def test_gqa_exact_match(tmp_path):
     model = StubVQA({"Question: is it red? Short answer:": "Yes", "Question: what is it? Short answer:": "the dog",
                      "Question: where? Short answer:": "right"})  # fmt: skip
     res = run_vqa(model, ds, VQADecoding.paper("t5"), 8, tmp_path / "o", "gqa_testdev", gqa=True, progress=False)
-    assert res["metrics"] == {"overall": round(200 / 3, 2), "n_questions": 3, "unit": "percent"}  # "the dog"=="a dog"
+    # "the dog" == "a dog" after processing both sides; LAVIS's unrounded sum(acc) / len(acc) * 100
+    assert res["metrics"] == {"overall": 2 / 3 * 100, "n_questions": 3, "unit": "percent", "scorer": "lavis"}
 
 
 def test_vqa_kill_and_resume_generates_only_missing_questions(tmp_path):

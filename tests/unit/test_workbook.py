@@ -186,6 +186,50 @@ def test_compare_to_paper_rounds_to_paper_precision(targets, monkeypatch):
     assert row["reproduced"] == 65.2 and row["delta"] == 0.2
 
 
+def _vqa_results():
+    vqa = {
+        "overall": 60.5,
+        "per_answer_type": {"yes/no": 80.0},
+        "n_questions": 4,
+        "unit": "percent",
+        "scorer": "official",
+        "lavis": {"overall": 62.25, "per_answer_type": {"yes/no": 81.0}, "scorer": "lavis"},
+    }
+    gqa = {"overall": 40.0, "n_questions": 3, "unit": "percent", "scorer": "lavis"}
+    return {"m": {"task": "vqa", "metrics": vqa}, "g": {"task": "gqa", "metrics": gqa}}  # fmt: skip
+
+
+def test_vqa_flat_metrics_and_table_keep_both_scorers():
+    from blip2lib.workbook.tables import flat_metrics, metric_table
+
+    assert flat_metrics(_vqa_results()["m"], "m") == {
+        "m_vqa_acc": 60.5, "m_per_answer_type_yes_no": 80.0,
+        "m_lavis_vqa_acc": 62.25, "m_lavis_per_answer_type_yes_no": 81.0,
+    }  # fmt: skip
+    table = metric_table(_vqa_results(), ["overall", "scorer", "lavis.overall"])
+    m, g = table.to_dict("records")
+    assert m == {"model": "m", "overall": 60.5, "scorer": "official", "lavis.overall": 62.25}
+    assert (g["overall"], g["scorer"]) == (40.0, "lavis") and math.isnan(g["lavis.overall"])  # GQA: no LAVIS block
+
+
+def test_compare_vqa_to_paper_names_the_scorer(tmp_path, targets, monkeypatch):
+    from blip2lib.workbook.run import Run
+    from blip2lib.workbook.tables import compare_vqa_to_paper
+
+    monkeypatch.setattr(run_mod, "_CURRENT", None)
+    run = Run(dir=tmp_path, params={}, env={})
+    run.metrics = {"m_vqa_acc": 65.2, "m_lavis_vqa_acc": 66.0, "g_vqa_acc": 40.0, "other": 1.0}
+    refs = {"m_vqa_acc": "t_vqa", "m_lavis_vqa_acc@lavis": "t_vqa", "g_vqa_acc": "t_vqa", "other": "t_r1"}
+    table = compare_vqa_to_paper(run, refs, _vqa_results(), path=targets, show=False)
+    rows = {r["metric"]: r for r in json.loads((tmp_path / "metrics.json").read_text())["comparison"]}
+    assert rows["m_vqa_acc"]["scorer"] == "official VQA evaluator (GT-Vision-Lab)"
+    assert rows["m_vqa_acc"]["target"] == "Table 2 · BLIP-2 · VQAv2 (ours: official VQA evaluator (GT-Vision-Lab))"
+    assert rows["m_lavis_vqa_acc@lavis"]["scorer"] == "LAVIS's VQA evaluator"
+    assert rows["g_vqa_acc"]["scorer"] == "LAVIS's GQA exact match"
+    assert "scorer" not in rows["other"] and rows["other"]["target"] == "Table 5 · BLIP-2 · TR@1"
+    assert list(table["verdict"]) == ["match", "differs", "differs", "differs"]  # 65.2 / 66.0 / 40 vs 65.0 ± 0.5
+
+
 def test_start_run_and_record_write_json_with_units(tmp_path, targets, monkeypatch):
     monkeypatch.setattr(run_mod, "_CURRENT", None)
     with pytest.raises(RuntimeError, match="start_run"):
