@@ -162,7 +162,8 @@ def build_model_and_task(params, device: torch.device):
     )
     comps["config"] = cfg
     if params.stage in GENERATIVE:
-        model = Blip2(cfg, tokenizer=comps["llm_tokenizer"], qformer_tokenizer=comps["qformer_tokenizer"])
+        model = Blip2(cfg, tokenizer=comps["llm_tokenizer"], qformer_tokenizer=comps["qformer_tokenizer"],
+                      llm_dropout=params.llm_dropout)  # fmt: skip
     else:
         model = Blip2QFormerModel(cfg)
     _load_frozen_and_init(model, comps, params)
