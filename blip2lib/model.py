@@ -167,13 +167,15 @@ class Blip2QFormerModel(Blip2Base):
         h, e = cfg.qformer.hidden_size, cfg.embed_dim
         with torch.device(device) if device is not None else contextlib.nullcontext():
             self.cls = Blip2QFormerLMHead(cfg.qformer, self.embeddings.word_embeddings.weight)  # tied decoder
+            # The projections and the ITM head are plain nn.Linear built outside BERT's init in LAVIS, so they keep
+            # PyTorch's default: weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)) — not BERT's N(0, 0.02) and zero
+            # bias. The BERT MLM head (`cls`) is part of the BERT model and gets BERT's init (or BERT's weights).
             self.vision_projection = nn.Linear(h, e)
             self.text_projection = nn.Linear(h, e)
             self.itm_head = nn.Linear(h, 2)
             self.temp = nn.Parameter(torch.full((), 0.07))  # learnable, never clamped (spec §1.4)
         if str(device) != "meta":
-            for m in (self.cls, self.vision_projection, self.text_projection, self.itm_head):
-                init_weights(m, cfg.qformer.initializer_range)
+            init_weights(self.cls, cfg.qformer.initializer_range)
 
     # ---- features (spec §2 shared passes) ----
     def encode_image(self, pixel_values: torch.Tensor, use_cache: bool = False) -> dict:
