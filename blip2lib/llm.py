@@ -143,15 +143,28 @@ def _stay_eval(model: nn.Module, mode: bool = True) -> nn.Module:
     return nn.Module.train(model, False)
 
 
-def freeze_llm_(model: PreTrainedModel, dtype: torch.dtype | str | None = None) -> PreTrainedModel:
-    """Freeze the LLM in place (spec §1.5, §3.3): no gradients, eval mode pinned, low precision on GPU.
+def freeze_llm_(
+    model: PreTrainedModel, dtype: torch.dtype | str | None = None, train_dropout: bool = False
+) -> PreTrainedModel:
+    """Freeze the LLM in place: no gradients, low precision on GPU, and a train/eval mode policy (docs/fidelity.md).
 
-    ``model.train`` is overridden on the instance, so ``parent.train()`` cannot switch dropout back on.
+    Mode policy (``train_dropout``):
+
+    * ``False``: eval mode pinned. ``model.train`` is overridden on the instance, so ``parent.train()`` cannot
+      switch dropout on; the LLM computes the same function in training and in evaluation.
+    * ``True`` (what LAVIS does): only ``requires_grad`` is switched off. The LLM follows its parent's
+      ``train()`` / ``eval()``, so while training its dropout (OPT ``dropout``, T5 ``dropout_rate``, 0.1 in the
+      released checkpoints) is active in the forward pass whose gradients reach the soft prompt. LAVIS' runner
+      calls ``model.train()`` every epoch and pins only the vision tower (``disabled_train``), never the LLM.
+
+    The model is left in eval mode here either way (as ``from_pretrained`` leaves it); with ``train_dropout`` the
+    next ``parent.train()`` switches it on. Re-freezing a pinned model with ``train_dropout=True`` unpins it.
 
     Args:
         model: the transformers model from :func:`build_llm`.
         dtype: None → fp16 (decoder-only) / bf16 (encoder–decoder) when the model is on a GPU, fp32 otherwise;
             or an explicit torch dtype / "fp16" / "bf16" / "fp32". fp16 for T5 raises ``ValueError``.
+        train_dropout: let the parent's mode reach the LLM (dropout in training) instead of pinning eval.
 
     Returns:
         The same model.
@@ -162,8 +175,11 @@ def freeze_llm_(model: PreTrainedModel, dtype: torch.dtype | str | None = None) 
     if device.type != "meta" and next(model.parameters()).dtype != target:
         model.to(target)
     model.requires_grad_(False)
-    model.train = functools.partial(_stay_eval, model)  # instance attribute shadows nn.Module.train
-    model.train(False)
+    if train_dropout:
+        model.__dict__.pop("train", None)  # drop an earlier pin: the class's train() propagates again
+    else:
+        model.train = functools.partial(_stay_eval, model)  # instance attribute shadows nn.Module.train
+    nn.Module.train(model, False)
     return model
 
 

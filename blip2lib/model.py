@@ -167,13 +167,15 @@ class Blip2QFormerModel(Blip2Base):
         h, e = cfg.qformer.hidden_size, cfg.embed_dim
         with torch.device(device) if device is not None else contextlib.nullcontext():
             self.cls = Blip2QFormerLMHead(cfg.qformer, self.embeddings.word_embeddings.weight)  # tied decoder
+            # The projections and the ITM head are plain nn.Linear built outside BERT's init in LAVIS, so they keep
+            # PyTorch's default: weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)) — not BERT's N(0, 0.02) and zero
+            # bias. The BERT MLM head (`cls`) is part of the BERT model and gets BERT's init (or BERT's weights).
             self.vision_projection = nn.Linear(h, e)
             self.text_projection = nn.Linear(h, e)
             self.itm_head = nn.Linear(h, 2)
             self.temp = nn.Parameter(torch.full((), 0.07))  # learnable, never clamped (spec §1.4)
         if str(device) != "meta":
-            for m in (self.cls, self.vision_projection, self.text_projection, self.itm_head):
-                init_weights(m, cfg.qformer.initializer_range)
+            init_weights(self.cls, cfg.qformer.initializer_range)
 
     # ---- features (spec §2 shared passes) ----
     def encode_image(self, pixel_values: torch.Tensor, use_cache: bool = False) -> dict:
@@ -297,6 +299,9 @@ class Blip2(Blip2Base):
 
     The Q-Former keeps only its query path (``qformer.use_text_input=False``) unless the VQA fine-tuning variant
     feeds the question through it (spec §4.2), which keeps the text embeddings and text FFN.
+
+    ``llm_dropout=True`` (default, as LAVIS trains) lets the frozen LLM follow ``train()`` / ``eval()``: its dropout
+    is active in training steps while its weights stay frozen. ``False`` pins it in eval mode (no dropout ever).
     """
 
     def __init__(
@@ -306,6 +311,7 @@ class Blip2(Blip2Base):
         language_model: nn.Module | None = None,
         tokenizer=None,
         qformer_tokenizer=None,
+        llm_dropout: bool = True,
     ):
         if cfg.llm is None:
             raise ValueError("the stage-2 model needs cfg.llm (use Blip2QFormerModel for stage 1)")
@@ -313,9 +319,14 @@ class Blip2(Blip2Base):
         from .llm import build_llm, freeze_llm_
 
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            self.language_projection = nn.Linear(cfg.qformer.hidden_size, cfg.llm.hidden_size)  # fresh (spec §1.5)
+            self.language_projection = nn.Linear(cfg.qformer.hidden_size, cfg.llm.hidden_size)  # PyTorch default init
         self.language_model = language_model if language_model is not None else build_llm(cfg.llm, device=device)
-        freeze_llm_(self.language_model)  # frozen, pinned to eval, never in the optimizer (spec §1.5)
+        # Frozen weights, never in the optimizer. llm_dropout (LAVIS): the LLM follows this model's train()/eval(),
+        # so its dropout is on in training; False pins it in eval. The frozen ViT stays pinned either way.
+        self.llm_dropout = llm_dropout
+        freeze_llm_(self.language_model, train_dropout=llm_dropout)
+        if llm_dropout:
+            self.language_model.train(self.training)  # start in this model's mode, as a later train()/eval() would
         self.tokenizer = tokenizer  # LLM tokenizer (None: ids only)
         self.qformer_tokenizer = qformer_tokenizer  # BERT tokenizer for question input (VQA FT)
 

@@ -406,9 +406,11 @@ def load_bert_weights(
     ``bert.embeddings.{word,position}_embeddings``; ``…attention.attention.*`` ← ``…attention.self.*``; text FFN
     ``intermediate``/``output`` ← the same; query FFN ``intermediate_query``/``output_query`` ← a COPY of the same
     layer's text FFN; ``cls.predictions.{transform.*, bias}`` ← BERT's MLM head. Token-type embeddings, pooler,
-    NSP head and the tied decoder weight are ignored. Word-embedding rows beyond BERT's vocabulary (``[DEC]``)
-    get the mean of BERT's rows (transformers' ``resize_token_embeddings`` default also centres new rows on that
-    mean); the matching LM-head bias entries get 0. Cross-attention keeps its current (random) initialisation.
+    NSP head and the tied decoder weight are ignored. Word-embedding rows beyond BERT's vocabulary (``[DEC]``) are
+    drawn from N(0, ``initializer_range``) as LAVIS got them: its ``resize_token_embeddings`` ran under transformers
+    4.25–4.26, which built the new table with the model's ``_init_weights`` (normal, std 0.02) and copied the old
+    rows over it (transformers ≥ 4.46 centres new rows on the mean of the old ones instead). The matching LM-head
+    bias entries get 0 (the resized bias was zero-padded). Cross-attention keeps its current (random) initialisation.
 
     Args:
         qformer: the Q-Former to fill.
@@ -451,9 +453,12 @@ def load_bert_weights(
         w = sd[src]
         used.add(src)
         if name in ("embeddings.word_embeddings.weight", "cls.predictions.bias") and w.shape[0] < param.shape[0]:
-            n = w.shape[0]  # extra vocabulary rows ([DEC]): mean embedding row / zero bias
+            n = w.shape[0]  # extra vocabulary rows ([DEC]): N(0, initializer_range) rows / zero bias entries
             param[:n] = w.to(param.dtype)
-            param[n:] = w.to(param.dtype).mean(0) if w.dim() == 2 else 0.0
+            if w.dim() == 2:
+                param[n:].normal_(0.0, qformer.config.initializer_range)
+            else:
+                param[n:] = 0.0
             initialised.append(f"{name}[{n}:]")
         elif w.shape != param.shape:
             raise ValueError(f"{src} has shape {tuple(w.shape)}, {name} expects {tuple(param.shape)}")

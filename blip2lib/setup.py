@@ -162,7 +162,8 @@ def build_model_and_task(params, device: torch.device):
     )
     comps["config"] = cfg
     if params.stage in GENERATIVE:
-        model = Blip2(cfg, tokenizer=comps["llm_tokenizer"], qformer_tokenizer=comps["qformer_tokenizer"])
+        model = Blip2(cfg, tokenizer=comps["llm_tokenizer"], qformer_tokenizer=comps["qformer_tokenizer"],
+                      llm_dropout=params.llm_dropout)  # fmt: skip
     else:
         model = Blip2QFormerModel(cfg)
     _load_frozen_and_init(model, comps, params)
@@ -201,7 +202,9 @@ def _load_frozen_and_init(model, comps: dict, params) -> None:
         missing, _ = load_vision_weights(model.vision_model, comps["vision_weights"], model.config.vision)
         if missing:
             raise ValueError(f"vision weights {comps['vision_weights']} lack keys: {missing[:8]}")
-    if comps.get("bert_dir") and not params.init_from and model.embeddings is not None:
+    # Without a parent checkpoint the Q-Former starts from BERT in every stage, as LAVIS' init_Qformer does; a
+    # query-only (stage-2) Q-Former takes BERT's self-attention, embedding LayerNorm and (copied) FFN.
+    if comps.get("bert_dir") and not params.init_from:
         from .qformer import load_bert_weights
 
         load_bert_weights(model.qformer, model.embeddings, getattr(model, "cls", None), comps["bert_dir"])

@@ -154,8 +154,10 @@ class Stage2Task(nn.Module):
 
     Args:
         model: the stage-2 model (its ``tokenizer`` is the LLM tokenizer).
-        prompt: caption prompt ("" in pre-training, "a photo of" in caption FT) — masked from the OPT loss and the
-            T5 encoder prefix in caption FT (spec §4.1, LAVIS#364).
+        prompt: caption prompt ("" in pre-training, "a photo of" in caption FT). Captions arrive with it prepended
+            (caption processor). OPT: the text stays "a photo of <caption>" and the prompt tokens are masked from
+            the loss. T5: the prompt alone is the encoder input and the caption without it the decoder target
+            (LAVIS#364), so the model never learns to emit the prompt.
         max_txt_len: LLM-side truncation (32, spec §3.1).
         prefix_lm: FlanT5 pre-training splits each caption at a random word into prefix → suffix (spec §3.2.4).
         question_template: VQA prompt, e.g. "Question: {} Answer:" (spec §4.2).
@@ -185,6 +187,15 @@ class Stage2Task(nn.Module):
         self.qformer_question = qformer_question
         self.rng = random.Random(seed)
 
+    def strip_prompt(self, text: str) -> str:
+        """``text`` without the caption prompt the caption processor prepends: ``"a photo of dog"`` → ``"dog"``.
+
+        Only a whole-word prompt is removed once; a text that does not start with it is already a bare caption.
+        """
+        if text == self.prompt or text.startswith(self.prompt + " "):
+            return text[len(self.prompt) :].lstrip(" ")
+        return text
+
     def llm_inputs(self, batch: dict) -> dict:
         """Tokenised LLM inputs with the right positions masked from the loss."""
         from .llm import opt_training_inputs, prompt_length, split_prefix_lm, t5_training_inputs
@@ -208,8 +219,9 @@ class Stage2Task(nn.Module):
             )
         if "text_output" in batch:
             return t5_training_inputs(tok, texts, list(batch["text_output"]), self.max_txt_len)
-        if self.prompt:  # caption FT: prefix "a photo of" → caption (LAVIS#364)
-            return t5_training_inputs(tok, [self.prompt] * len(texts), texts, self.max_txt_len)
+        if self.prompt:  # caption FT (LAVIS#364): the prompt is the encoder input, the bare caption the target
+            captions = [self.strip_prompt(t) for t in texts]
+            return t5_training_inputs(tok, [self.prompt] * len(texts), captions, self.max_txt_len)
         if self.prefix_lm:
             pairs = [split_prefix_lm(t, self.rng) for t in texts]
             return t5_training_inputs(tok, [a for a, _ in pairs], [b for _, b in pairs], self.max_txt_len)

@@ -60,6 +60,7 @@ class TrainParams(Params):
     augment: str = "paper"  # paper (random crop 0.5-1 + flip) | crop (no flip) | none (eval resize: toy world)
     freeze_vit: bool = True  # False in the fine-tunings (ViT fp32, spec §10.18)
     grad_checkpointing: bool = False  # ViT gradient checkpointing when it is trained
+    llm_dropout: bool = True  # frozen LLM's dropout on in training steps (LAVIS); false pins the LLM in eval mode
     train_data: str = "toy"  # "toy", "synthetic", an annotation file / manifest under data_root, or tar shards
     shard_epoch_samples: int = 0  # tar-shard train_data: samples per rank and epoch (shards are resampled)
     shuffle_buffer: int = 1000  # tar-shard train_data: sample shuffle buffer (0 keeps the shard order)

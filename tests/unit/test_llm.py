@@ -152,6 +152,21 @@ def test_freeze_pins_eval_and_no_grad(family):
     assert not any(p.requires_grad for p in m.parameters())
 
 
+@pytest.mark.parametrize("family", ["opt", "t5"])
+def test_freeze_with_train_dropout_follows_the_parent(family):
+    m = build_llm(tiny_config(family).llm)
+    freeze_llm_(m)  # pinned first: freezing again with train_dropout must lift the pin
+    parent = nn.ModuleDict({"head": nn.Linear(2, 2), "llm": freeze_llm_(m, train_dropout=True)})
+    assert not any(mod.training for mod in m.modules())  # eval until the parent says train, as from_pretrained
+    parent.train()
+    assert all(mod.training for mod in m.modules())
+    drops = [mod for mod in m.modules() if isinstance(mod, nn.Dropout)]
+    assert family == "opt" or drops and all(d.p == 0.1 for d in drops)  # T5 dropout_rate 0.1 (OPT: functional)
+    assert not any(p.requires_grad for p in m.parameters())
+    parent.eval()
+    assert not any(mod.training for mod in m.modules())
+
+
 def test_build_from_local_path(tmp_path):
     src = build_llm(tiny_config("t5").llm)
     src.save_pretrained(tmp_path)
