@@ -35,7 +35,9 @@ class VisionConfig:
     ln_vision_eps: float = 1e-5  # trainable ln_vision outside the tower (LAVIS 1e-5; HF post_layernorm 1e-6)
     drop_path_rate: float = 0.0  # 0 in every BLIP-2 config
     freeze: bool = True  # freeze_vit: True in pre-training; False in caption/retrieval/VQA fine-tuning
-    precision: str = "fp16"  # frozen tower dtype on GPU ("fp16" | "bf16" | "fp32"); always fp32 on CPU
+    # Frozen tower on a GPU (blip2lib.precision): "fp16_lavis" (LAVIS: Linear/Conv fp16, the rest fp32, own fp16
+    # autocast) | "fp16" / "bf16" (whole cast, run outside autocast: faster) | "fp32". Trained or on a CPU: fp32.
+    precision: str = "fp16_lavis"
     grad_checkpointing: bool = False  # use_grad_checkpoint (fine-tuning with an unfrozen ViT)
 
 
@@ -71,7 +73,9 @@ class LLMConfig:
     path: str = ""  # local transformers directory (never a hub id: no network at run time)
     hf_config: dict = field(default_factory=dict)  # transformers config kwargs (tests, meta-device counts)
     hidden_size: int = 2560  # d_LLM: projection output width
-    precision: str = "fp16"  # OPT fp16, FlanT5 bf16 on GPU (T5 never fp16, spec §3.3); fp32 on CPU
+    # Frozen LLM weights on a GPU: OPT fp16 (runs under the training autocast), FlanT5 bf16 (T5 overflows in fp16; runs
+    # in its own bf16 autocast region as LAVIS's T5 does); fp32 on a CPU.
+    precision: str = "fp16"
     exact_gelu: bool = True  # FlanT5: override dense_act_fn to exact "gelu" as LAVIS does (spec §1.5)
     prompt: str = ""  # "" for pretrain_*, "a photo of" for caption FT (spec §1.5)
     max_txt_len: int = 32  # LLM-side truncation (spec §3.1)

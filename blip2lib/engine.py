@@ -28,9 +28,31 @@ from .optim import apply_lr
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteLossError", "batch_size_of", "run_loop"]
+__all__ = ["NonFiniteLossError", "amp_setup", "batch_size_of", "run_loop"]
 
 _AMP = {None: None, "fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def amp_setup(amp_dtype: str | None, device_type: str) -> tuple[Callable[[], object], torch.amp.GradScaler]:
+    """Training autocast factory and loss scaler for ``amp_dtype`` (params ``amp``).
+
+    ``"fp16"`` is LAVIS's ``amp: True``: fp16 autocast around each micro-batch and a ``GradScaler`` with torch's
+    defaults (initial scale 2^16, growth 2 every 2000 finite steps, backoff 0.5 — LAVIS's ``torch.cuda.amp
+    .GradScaler()``), which skips overflowing steps. ``"bf16"``: bf16 autocast, no scaler (bf16 has fp32's range).
+    None / ``"fp32"``: no autocast, a disabled scaler (its ``scale``/``step`` pass through).
+
+    Args:
+        amp_dtype: None, ``"fp32"``, ``"fp16"`` or ``"bf16"``.
+        device_type: ``"cuda"`` or ``"cpu"`` (the trained model's device).
+
+    Returns:
+        ``(autocast, scaler)``: ``autocast()`` gives a fresh context manager per micro-batch.
+    """
+    if amp_dtype not in _AMP:
+        raise ValueError(f"amp_dtype must be one of {list(_AMP)}, got {amp_dtype!r}")
+    dtype = _AMP[amp_dtype]
+    autocast = (lambda: torch.autocast(device_type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
+    return autocast, torch.amp.GradScaler(device_type, enabled=amp_dtype == "fp16")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -197,7 +219,7 @@ def run_loop(
         schedule: ``step -> base lr`` (e.g. :class:`~blip2lib.optim.LRSchedule`).
         steps: Total optimizer steps of the run (the loop stops there, also when resumed).
         grad_accum: Micro-batches per optimizer step.
-        amp_dtype: None/"fp32", "fp16" or "bf16" autocast around the task call.
+        amp_dtype: None/"fp32", "fp16" (with a GradScaler) or "bf16" autocast around the task call (:func:`amp_setup`).
         clip_norm: Max global grad norm (None: no clipping, as LAVIS).
         log_path: JSONL log file (None: no log).
         ckpt_dir: Checkpoint directory (None: never save or resume).
@@ -212,7 +234,7 @@ def run_loop(
         model: Module whose trainable weights are checkpointed (default: ``task``).
         config: Resolved run config recorded in checkpoint manifests.
         keep_last: Checkpoints kept (plus the best one).
-        apply_layer_decay: Multiply by each group's ``lr_scale`` (paper) or not (LAVIS, spec §10.9).
+        apply_layer_decay: Multiply by each group's ``lr_scale`` (paper) or not (LAVIS never reads it).
         tensorboard_dir: Also write the step records' scalars there (main rank; None: no TensorBoard).
         eval_at_start: A fresh run also calls ``eval_fn(0)`` before its first step (logged as step 0), so every
             validation curve starts from the untrained model; not used for best tracking.
@@ -223,11 +245,8 @@ def run_loop(
     model = model if model is not None else task
     if not isinstance(model, nn.Module):
         raise TypeError("run_loop needs an nn.Module (pass model=...) to checkpoint")
-    if amp_dtype not in _AMP:
-        raise ValueError(f"amp_dtype must be one of {list(_AMP)}, got {amp_dtype!r}")
     device = next(model.parameters()).device
-    amp = (lambda: torch.autocast(device.type, dtype=_AMP[amp_dtype])) if _AMP[amp_dtype] else contextlib.nullcontext
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == "fp16")
+    amp, scaler = amp_setup(amp_dtype, device.type)
     config = dict(config or {})
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
     step, position, skipped, bad, best, resumed, rng = 0, 0, 0, 0, None, None, None

@@ -91,23 +91,28 @@ class Blip2Base(nn.Module):
         return self
 
     def place(self, device: torch.device | str) -> Blip2Base:
-        """Move to ``device`` and apply the per-module dtype policy (spec §3.3).
+        """Move to ``device`` and apply the per-module precision policy (:mod:`blip2lib.precision`).
 
-        On a GPU the frozen ViT runs in ``vision.precision`` (fp16/bf16) and the frozen LLM in ``llm.precision``
-        (OPT fp16, T5 bf16 — never fp16); the Q-Former, queries, ``ln_vision`` and projections keep fp32 master weights
-        (use autocast around them). On a CPU everything stays fp32.
+        On a GPU a frozen ViT takes ``vision.precision`` (``fp16_lavis``: LAVIS's Linear/Conv-only fp16 under its
+        own fp16 autocast; ``fp16``/``bf16``: cast whole, run outside autocast) and the frozen LLM ``llm.precision``
+        (OPT fp16, T5 bf16 — never fp16); a bf16 LLM also runs every call in its own bf16 autocast, as LAVIS's T5
+        does inside the fp16 training autocast. The Q-Former, queries, ``ln_vision`` and projections keep fp32
+        master weights (the training autocast covers them). On a CPU everything stays fp32.
         """
-        from .vision import vision_dtype
+        from .precision import autocast_region_, set_vision_precision_
 
         self.to(device)
         if torch.device(device).type == "cuda":
             if getattr(self.vision_model, "is_frozen", False):
-                self.vision_model.to(vision_dtype(self.config.vision, device))
+                set_vision_precision_(self.vision_model, self.config.vision.precision, device)
             lm = getattr(self, "language_model", None)
             if lm is not None:
                 from .llm import resolve_dtype
 
-                lm.to(resolve_dtype(self.family, self.config.llm.precision, device))
+                dtype = resolve_dtype(self.family, self.config.llm.precision, device)
+                lm.to(dtype)
+                if dtype == torch.bfloat16:
+                    autocast_region_(lm, dtype, torch.device(device).type)
         return self
 
     def vision_dtype(self) -> torch.dtype:

@@ -1,8 +1,10 @@
-"""AdamW parameter groups, layer-wise LR decay for a trainable ViT, and the warmup + cosine LR schedule (spec §7).
+"""AdamW parameter groups, layer-wise LR decay for a trainable ViT, and the two warmup + cosine LR schedules.
 
-Two weight-decay rules exist in LAVIS (spec §7) and both are here; layer-wise LR decay (paper Tables 7–9, spec §4)
-is APPLIED by default, which LAVIS does not do (its schedulers overwrite every group's ``lr``, spec §10.9) — pass
-``apply_layer_decay=False`` to :func:`apply_lr` to reproduce LAVIS.
+Two weight-decay rules exist in LAVIS and both are here. Two recipes exist for the learning rate (see
+``docs/fidelity.md``): the paper's (per-step cosine, layer-wise LR decay of Tables 7–9 applied) and LAVIS's code
+(``linear_warmup_cosine_lr``: warmup inside epoch 0, then one cosine value per epoch; it overwrites every group's
+``lr`` and so never reads ``lr_scale``). ``LRSchedule(mode="lavis_epoch")`` plus ``apply_lr(...,
+apply_layer_decay=False)`` reproduce LAVIS; the defaults are the paper's.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NO_DECAY_RULES", "vit_layer_id", "param_groups", "build_optimizer", "LRSchedule", "apply_lr"]
+__all__ = [
+    "NO_DECAY_RULES",
+    "LR_SCHEDULES",
+    "vit_layer_id",
+    "param_groups",
+    "build_optimizer",
+    "LRSchedule",
+    "apply_lr",
+]
 
 NO_DECAY_RULES = ("paper", "lavis_head")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -149,29 +159,34 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
+LR_SCHEDULES = ("step", "lavis_epoch")
+
+
 @dataclass(frozen=True)
 class LRSchedule:
-    """Linear warmup then cosine decay; stateless, ``schedule(step) -> lr`` (spec §7).
+    """Linear warmup then cosine decay; stateless, ``schedule(step) -> lr`` for the 0-based optimizer step.
 
-    ``mode="step"`` (the paper's description, §3.4): ``step`` counts optimizer steps from 0; linear from
-    ``warmup_lr`` (step 0) to ``peak_lr`` (step ``warmup_steps``), then cosine from ``peak_lr`` to ``min_lr``
-    (reached at ``total_steps`` and held after).
+    ``mode="step"`` (the paper's description, §3.4): linear from ``warmup_lr`` (step 0) to ``peak_lr`` (step
+    ``warmup_steps``), then cosine from ``peak_lr`` to ``min_lr`` (reached at ``total_steps`` and held after).
 
-    ``mode="lavis_epoch"`` reproduces LAVIS ``linear_warmup_cosine_lr``: with ``e = step // steps_per_epoch`` and
-    ``i = step % steps_per_epoch``, epoch 0 gives ``min(peak, warmup_lr + (peak - warmup_lr) * i / max(warmup, 1))``
-    (the warmup never completes if it is longer than an epoch) and epoch ``e >= 1`` gives the constant
-    ``min_lr + (peak - min_lr) * (1 + cos(pi * e / max_epoch)) / 2`` with ``max_epoch = total_steps //
-    steps_per_epoch`` — the last epoch never reaches ``min_lr``. LAVIS steps it every micro-batch; pass the
-    micro-batch index for an exact match when gradients are accumulated.
+    ``mode="lavis_epoch"`` is LAVIS's ``linear_warmup_cosine_lr``. LAVIS calls it before EVERY micro-batch ``i`` of
+    epoch ``e`` (``i`` restarts at 0 each epoch) and AdamW reads the rate at ``optimizer.step()``, so an optimizer
+    step uses the value of its LAST micro-batch ``m = step * grad_accum + grad_accum - 1``, with ``e, i =
+    divmod(m, steps_per_epoch)``. Epoch 0: ``min(peak, warmup_lr + (peak - warmup_lr) * i / max(warmup_steps, 1))``
+    (a warmup longer than the epoch never completes); epoch ``e >= 1``: the constant ``min_lr + (peak - min_lr) *
+    (1 + cos(pi * e / max_epoch)) / 2`` — the last epoch never reaches ``min_lr``. In this mode ``steps_per_epoch``
+    and ``warmup_steps`` count micro-batches (LAVIS iterations) and the run must be whole epochs whose length is a
+    multiple of ``grad_accum`` (LAVIS carries a partial accumulation over the epoch end; we refuse it instead).
 
     Attributes:
         peak_lr: Peak (LAVIS ``init_lr``) learning rate.
         total_steps: Optimizer steps of the run.
-        warmup_steps: Warmup length in steps.
+        warmup_steps: Warmup length (optimizer steps; micro-batches in ``lavis_epoch``).
         warmup_lr: Learning rate at step 0.
         min_lr: Final learning rate of the cosine.
         mode: ``"step"`` or ``"lavis_epoch"``.
-        steps_per_epoch: Required for ``"lavis_epoch"``.
+        steps_per_epoch: Micro-batches per epoch and rank (LAVIS ``iters_per_epoch``); required for ``lavis_epoch``.
+        grad_accum: Micro-batches per optimizer step (``lavis_epoch`` only; the ``step`` mode ignores it).
     """
 
     peak_lr: float
@@ -181,21 +196,36 @@ class LRSchedule:
     min_lr: float = 0.0
     mode: str = "step"
     steps_per_epoch: int | None = None
+    grad_accum: int = 1
 
     def __post_init__(self):
-        if self.mode not in ("step", "lavis_epoch"):
-            raise ValueError(f"mode must be 'step' or 'lavis_epoch', got {self.mode!r}")
-        if self.mode == "lavis_epoch" and not (self.steps_per_epoch and self.total_steps >= self.steps_per_epoch):
-            raise ValueError("lavis_epoch mode needs steps_per_epoch >= 1 and total_steps >= steps_per_epoch")
+        if self.mode not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.mode!r}")
+        if self.mode != "lavis_epoch":
+            return
+        spe, acc = self.steps_per_epoch, self.grad_accum
+        if not spe or spe < 1 or acc < 1:
+            raise ValueError(
+                f"lr_schedule lavis_epoch needs steps_per_epoch >= 1 and grad_accum >= 1, got {spe}, {acc}"
+            )
+        if spe % acc:
+            raise ValueError(f"lr_schedule lavis_epoch: steps_per_epoch {spe} is not a multiple of grad_accum {acc}")
+        micro = self.total_steps * acc  # micro-batches of the whole run
+        if micro < spe or micro % spe:
+            raise ValueError(
+                f"lr_schedule lavis_epoch: steps × grad_accum = {micro} micro-batches is not a whole number (>= 1) "
+                f"of epochs of steps_per_epoch = {spe}; set steps to max_epoch × {spe // acc}"
+            )
 
     def __call__(self, step: int) -> float:
-        """Learning rate for (0-based) step ``step``."""
+        """Learning rate for (0-based) optimizer step ``step``."""
         peak, lo = self.peak_lr, self.min_lr
         if self.mode == "lavis_epoch":
-            epoch, i = divmod(step, self.steps_per_epoch)
+            micro = step * self.grad_accum + self.grad_accum - 1  # LAVIS: the last micro-batch's rate is used
+            epoch, i = divmod(micro, self.steps_per_epoch)
             if epoch == 0:
                 return min(peak, self.warmup_lr + (peak - self.warmup_lr) * i / max(self.warmup_steps, 1))
-            max_epoch = self.total_steps // self.steps_per_epoch
+            max_epoch = self.total_steps * self.grad_accum // self.steps_per_epoch
             return lo + (peak - lo) * 0.5 * (1.0 + math.cos(math.pi * epoch / max_epoch))
         if step < self.warmup_steps:
             return self.warmup_lr + (peak - self.warmup_lr) * step / self.warmup_steps
@@ -209,12 +239,13 @@ class LRSchedule:
 
 
 def apply_lr(optimizer: torch.optim.Optimizer, lr: float, apply_layer_decay: bool = True) -> None:
-    """Set every group's ``lr``: ``lr * lr_scale`` (paper, default) or ``lr`` for all groups (LAVIS, spec §10.9).
+    """Set every group's ``lr``: ``lr * lr_scale`` (paper, default) or ``lr`` for all groups (LAVIS).
 
     Args:
         optimizer: Optimizer whose groups may carry ``lr_scale`` (missing → 1).
         lr: Scheduled base learning rate.
-        apply_layer_decay: False reproduces LAVIS, whose schedulers ignore ``lr_scale``.
+        apply_layer_decay: False reproduces LAVIS, whose schedulers set every group's ``lr`` to the same value and
+            never read ``lr_scale`` (its ``lr_layer_decay`` yaml key builds the groups and then has no effect).
     """
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0) if apply_layer_decay else lr

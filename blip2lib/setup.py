@@ -145,7 +145,7 @@ def build_model_and_task(params, device: torch.device):
         image_size=params.image_size,
         freeze=params.freeze_vit,
         grad_checkpointing=params.grad_checkpointing,
-        precision=cfg.vision.precision if params.freeze_vit else "fp32",
+        precision=(params.vit_precision or cfg.vision.precision) if params.freeze_vit else "fp32",  # trained: fp32
     )
     qformer = cfg.qformer
     if params.stage == "vqa_ft":  # the question goes through the Q-Former too (spec §4.2): keep the text path
@@ -438,7 +438,9 @@ def build_data(params, comps: dict, device: torch.device) -> dict:
             raise ValueError(f"stage {params.stage} needs annotation files (question/image ids), not tar shards")
         transform, text = _transforms(params)
         factory = _shard_factory(params, bad, text, transform, to_device)
+        per_worker = params.shard_epoch_samples // max(1, params.num_workers) // params.batch_size
         return {"loader_factory": factory, "bad_log": bad, "dataset": None,
+                "batches_per_epoch": per_worker * max(1, params.num_workers),  # lavis_epoch's epoch length
                 "eval_transform": image_eval_transform(params.image_size)}  # fmt: skip
     ds = _train_dataset(params, comps, bad)
     per_rank = len(ds) // dist.get_world_size()  # drop_last sampler: samples per rank and epoch
@@ -469,6 +471,7 @@ def build_data(params, comps: dict, device: torch.device) -> dict:
         "loader_factory": factory,
         "bad_log": bad,
         "dataset": ds,
+        "batches_per_epoch": usable // params.batch_size,  # per rank: LAVIS's iters_per_epoch (lavis_epoch)
         "eval_transform": image_eval_transform(params.image_size),
     }
 

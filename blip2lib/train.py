@@ -34,7 +34,8 @@ import torch
 from . import dist
 from .config import Params, config_to_dict
 from .engine import run_loop
-from .optim import LRSchedule, build_optimizer, param_groups
+from .optim import LR_SCHEDULES, LRSchedule, build_optimizer, param_groups
+from .precision import VIT_PRECISIONS
 from .setup import build_data, build_model_and_task, load_init, materialize_frozen
 from .tasks import TEXT_PADDINGS
 from .validate import make_eval_fn
@@ -78,10 +79,17 @@ class TrainParams(Params):
     weight_decay: float = 0.05  # AdamW weight decay (paper and LAVIS), none on 1-D params and biases
     beta2: float = 0.98  # paper 0.98 (LAVIS yamls 0.999)
     lr_layer_decay: float = 1.0  # ViT layer-wise LR decay (Tables 7–9)
-    apply_layer_decay: bool = True  # paper: applied; LAVIS computes and ignores it (spec §10.9)
-    schedule: str = "step"  # "step" (paper) | "lavis_epoch"
-    steps_per_epoch: int = 0  # iterations per epoch, for the lavis_epoch schedule
-    amp: str = "bf16"  # bf16 | fp16 (GradScaler) | fp32; CPU runs use fp32 regardless
+    apply_layer_decay: bool = True  # multiply the ViT groups' LR by lr_layer_decay powers (paper); LAVIS never does
+    lr_schedule: str = (
+        "step"  # step (paper: cosine per step) | lavis_epoch (LAVIS: warmup in epoch 0, cosine per epoch)
+    )
+    steps_per_epoch: int = 0  # lavis_epoch: micro-batches per epoch and rank (0 → the training set's full batches)
+    amp: str = (
+        "bf16"  # training autocast: bf16 | fp16 (GradScaler; LAVIS amp: True) | fp32; CPU runs use fp32 regardless
+    )
+    vit_precision: str = (
+        ""  # frozen ViT on a GPU: fp16_lavis | fp16 | bf16 | fp32 ("" → the model's; presets fp16_lavis)
+    )
     clip_norm: float = 0.0  # gradient clipping norm; 0 turns it off (the paper does not clip)
     max_txt_len: int = 32  # Q-Former and LLM text length
     text_padding: str = "max_length"  # Q-Former captions in stage 1 / retrieval FT: max_length (LAVIS) | longest
@@ -113,6 +121,12 @@ class TrainParams(Params):
             raise ValueError(f"text_padding must be max_length or longest, got {self.text_padding!r}")
         if self.amp not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"amp must be bf16, fp16 or fp32, got {self.amp!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.vit_precision not in ("", *VIT_PRECISIONS):
+            raise ValueError(f"vit_precision must be '' or one of {VIT_PRECISIONS}, got {self.vit_precision!r}")
+        if self.steps_per_epoch < 0:
+            raise ValueError(f"steps_per_epoch must be >= 0, got {self.steps_per_epoch}")
         return self
 
 
@@ -137,6 +151,34 @@ def _seed_all(seed: int) -> None:
         pass
 
 
+def _lr_schedule(params: TrainParams, data: dict, groups: list[dict]) -> LRSchedule:
+    """The run's :class:`LRSchedule`; ``lavis_epoch`` takes its epoch length from the data unless given."""
+    spe = None
+    if params.lr_schedule == "lavis_epoch":
+        found = data.get("batches_per_epoch")
+        spe = params.steps_per_epoch or found
+        if not spe:
+            raise ValueError("lr_schedule lavis_epoch: set steps_per_epoch (this training data has no epoch length)")
+        if found and spe != found:
+            log.warning("steps_per_epoch %d differs from the data's %d full batches per epoch and rank: LR epochs "
+                        "and data epochs will drift apart (LAVIS's coincide)", spe, found)  # fmt: skip
+        if params.apply_layer_decay and any(g["lr_scale"] != 1.0 for g in groups):
+            log.warning(
+                "lr_schedule lavis_epoch with apply_layer_decay true: the ViT's layer-wise LR decay is applied, "
+                "which LAVIS's scheduler never does (apply_layer_decay: false reproduces it)"
+            )
+    return LRSchedule(
+        params.lr,
+        params.steps,
+        warmup_steps=params.warmup_steps,
+        warmup_lr=params.warmup_lr,
+        min_lr=params.min_lr,
+        mode=params.lr_schedule,
+        steps_per_epoch=spe,
+        grad_accum=params.grad_accum,
+    )
+
+
 def train(params: TrainParams, run_dir: str | Path | None = None) -> RunResult:
     """Train one stage; returns the live task/model and the summary (also written to ``<run_dir>/train.json``)."""
     params.validate_values()
@@ -157,15 +199,7 @@ def train(params: TrainParams, run_dir: str | Path | None = None) -> RunResult:
     vit_depth = model.config.vision.depth
     groups = param_groups(model, params.weight_decay, lr_layer_decay=params.lr_layer_decay, vit_depth=vit_depth)
     optimizer = build_optimizer(groups, params.lr, betas=(0.9, params.beta2))
-    schedule = LRSchedule(
-        params.lr,
-        params.steps,
-        warmup_steps=params.warmup_steps,
-        warmup_lr=params.warmup_lr,
-        min_lr=params.min_lr,
-        mode=params.schedule,
-        steps_per_epoch=params.steps_per_epoch or None,
-    )
+    schedule = _lr_schedule(params, data, groups)
     eval_fn = make_eval_fn(params, model, task, components, data, device, run_dir)
     amp = params.amp if device.type == "cuda" else None
     config = {

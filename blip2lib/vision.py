@@ -10,10 +10,9 @@ What BLIP-2 uses is :func:`vision_features`: ALL tokens including CLS, taken fro
 last BUILT block (39 of EVA's 40, 23 of CLIP's 24; no final norm, no head). For an S×S image that is
 ``N = (S / 14)^2 + 1`` tokens: 257 at 224 px, 677 at 364 px, 1226 at 490 px (spec §1.1).
 
-Precision policy (spec §1.2, §10.18): a frozen tower is cast WHOLE (every parameter and buffer) to
-``cfg.precision`` on GPU — simpler than LAVIS, which halves only Conv/Linear weights and therefore needs autocast;
-LayerNorm still accumulates in fp32 inside the CUDA kernel. On CPU, and whenever the tower is trained, it stays
-fp32 (:func:`vision_dtype` encodes the rule; fp16 ViT weights cannot be fine-tuned stably, LAVIS#409).
+Precision (``VisionConfig.precision``, params key ``vit_precision``): a frozen tower on a GPU runs in LAVIS's
+partial fp16 (default), whole fp16 / bf16, or fp32 — see :mod:`blip2lib.precision`. On a CPU, and whenever the tower
+is trained, it stays fp32 under the caller's autocast. :func:`vision_features` enters the tower's autocast policy.
 """
 
 from __future__ import annotations
@@ -37,10 +36,12 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .config import VisionConfig
+from .precision import _VIT_DTYPES as _DTYPES
+from .precision import VIT_PRECISIONS, precision_context
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
 _K_BIAS_TOL = 1e-6  # EVA has no key bias; an HF qkv.bias k-slice above this cannot be represented (spec §1.2)
 
 
@@ -142,7 +143,8 @@ def vision_features(tower: nn.Module, pixel_values: torch.Tensor) -> torch.Tenso
     """
     # timm's forward_features = patch_embed → (+CLS, +pos) → norm_pre → blocks (checkpointed if enabled) → norm;
     # `norm` is nn.Identity here, so this is the raw residual stream of the last block.
-    return tower.forward_features(pixel_values)  # (B, N, Dv)
+    with precision_context(tower, pixel_values.device.type):
+        return tower.forward_features(pixel_values)  # (B, N, Dv)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -162,8 +164,8 @@ def freeze_vision_(tower: nn.Module, dtype: torch.dtype | None = None) -> nn.Mod
 
     Args:
         tower: Module from :func:`build_vision_tower`.
-        dtype: Cast the WHOLE tower (parameters and buffers) to this dtype; None keeps it. See the module docstring
-            for the policy (:func:`vision_dtype`: ``cfg.precision`` on GPU, fp32 on CPU).
+        dtype: Cast the WHOLE tower (parameters and buffers) to this dtype; None keeps it. The GPU policies
+            (LAVIS's partial cast among them) are applied later by :func:`set_vision_precision_`.
 
     Returns:
         The same module.
@@ -178,8 +180,10 @@ def freeze_vision_(tower: nn.Module, dtype: torch.dtype | None = None) -> nn.Mod
 
 
 def vision_dtype(cfg: VisionConfig, device: torch.device | str) -> torch.dtype:
-    """Dtype the tower should run in: ``cfg.precision`` only for a frozen tower on GPU, else fp32 (spec §10.18)."""
-    if torch.device(device).type == "cpu" or not cfg.freeze:
+    """Low-precision dtype of the tower's matmuls: ``cfg.precision``'s only for a frozen tower on a GPU, else fp32."""
+    if cfg.precision not in _DTYPES:
+        raise ValueError(f"vit_precision must be one of {VIT_PRECISIONS}, got {cfg.precision!r}")
+    if torch.device(device).type != "cuda" or not cfg.freeze:
         return torch.float32
     return _DTYPES[cfg.precision]
 

@@ -77,3 +77,69 @@ def test_presets_and_dict_roundtrip():
     assert PRESETS["vitl"].vision.depth == 23 and PRESETS["vitg_opt2.7b"].qformer.use_text_input is False
     for cfg in (PRESETS["vitg_flant5xl"], tiny_config("opt"), tiny_config()):
         assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+# ---- training params: the schedule / precision keys (blip2lib.train.TrainParams) ----
+
+
+def test_train_params_schedule_and_precision_keys_are_validated():
+    from blip2lib.train import TrainParams
+
+    with pytest.raises(ParamsError, match="unknown key 'schedule'"):  # renamed to lr_schedule
+        TrainParams.from_dict({"schedule": "step"}, "f.yaml")
+    for key, bad in [("lr_schedule", "cosine"), ("vit_precision", "half"), ("amp", "fp8")]:
+        with pytest.raises(ValueError, match=f"{key} must be"):
+            TrainParams(**{key: bad}).validate_values()
+    ok = TrainParams(lr_schedule="lavis_epoch", vit_precision="fp16_lavis", amp="fp16").validate_values()
+    assert (ok.lr_schedule, ok.vit_precision, ok.amp, ok.apply_layer_decay) == (
+        "lavis_epoch",
+        "fp16_lavis",
+        "fp16",
+        True,
+    )
+
+
+def _tiny(**kw):
+    from blip2lib.train import TrainParams
+
+    base = dict(stage="stage1", model="tiny", train_data="synthetic", val_data="", image_size=28, max_txt_len=12,
+                batch_size=32, progress=False, eval_at_start=False, lr=1e-3, min_lr=1e-4, warmup_lr=1e-6)  # fmt: skip
+    return TrainParams(**{**base, **kw})
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_lavis_epoch_run_takes_its_epoch_from_the_data_and_logs_lavis_rates(tmp_path, accum):
+    import json
+    import math
+
+    from blip2lib.train import train
+
+    # 256 synthetic samples / batch 32 = 8 micro-batches per epoch; 3 epochs; warmup 5 micro-batches.
+    train(_tiny(lr_schedule="lavis_epoch", steps=24 // accum, grad_accum=accum, warmup_steps=5), tmp_path)
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "lr" in r]
+    want = []
+    for e in range(3):  # LAVIS: the rate set before the last micro-batch of each accumulation group is used
+        for i in range(accum - 1, 8, accum):
+            cos = 1e-4 + (1e-3 - 1e-4) * 0.5 * (1 + math.cos(math.pi * e / 3))
+            want.append(min(1e-3, 1e-6 + (1e-3 - 1e-6) * i / 5) if e == 0 else cos)
+    assert lrs == pytest.approx(want, rel=1e-12, abs=0)
+
+
+def test_lavis_epoch_run_must_be_whole_epochs(tmp_path):
+    from blip2lib.train import train
+
+    with pytest.raises(ValueError, match="lr_schedule lavis_epoch: steps × grad_accum = 12 micro-batches"):
+        train(_tiny(lr_schedule="lavis_epoch", steps=12), tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("freeze", "key", "want"), [(True, "", "fp32"), (True, "fp16", "fp16"), (False, "bf16", "fp32")]
+)
+def test_vit_precision_reaches_the_model_config(freeze, key, want):
+    import torch
+
+    from blip2lib.setup import build_model_and_task
+
+    model, _, _ = build_model_and_task(_tiny(freeze_vit=freeze, vit_precision=key), torch.device("cpu"))
+    assert model.config.vision.precision == want  # tiny: fp32 by default; a trained tower is always fp32
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # CPU: no cast whatever the mode

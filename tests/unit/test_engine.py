@@ -279,3 +279,25 @@ def test_batch_size_of():
     assert eng.batch_size_of({"text": ["a", "b"]}) == 2
     with pytest.raises(TypeError):
         eng.batch_size_of(3)
+
+
+@pytest.mark.parametrize(
+    ("amp", "dtype", "scaled"), [("fp16", torch.float16, True), ("bf16", torch.bfloat16, False), ("fp32", None, False),
+                                 (None, None, False)],
+)  # fmt: skip
+def test_amp_setup_selects_autocast_and_scaler(amp, dtype, scaled):
+    autocast, scaler = eng.amp_setup(amp, "cpu")
+    with autocast():
+        assert torch.is_autocast_enabled("cpu") is (dtype is not None)
+        if dtype is not None:
+            assert torch.get_autocast_dtype("cpu") == dtype
+    assert scaler.is_enabled() is scaled
+    if scaled:  # LAVIS's torch.cuda.amp.GradScaler() defaults
+        assert scaler.get_scale() == 2.0**16
+        assert (scaler.get_growth_factor(), scaler.get_backoff_factor(), scaler.get_growth_interval()) == (
+            2.0,
+            0.5,
+            2000,
+        )
+    with pytest.raises(ValueError, match="amp_dtype must be one of"):
+        eng.amp_setup("fp8", "cpu")

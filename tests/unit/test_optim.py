@@ -182,3 +182,68 @@ def test_apply_lr_with_and_without_layer_decay():
     assert [g["lr"] for g in opt.param_groups] == [1e-4, 2e-4, 2e-4]
     apply_lr(opt, 2e-4, apply_layer_decay=False)  # LAVIS: lr_scale ignored (spec §10.9)
     assert [g["lr"] for g in opt.param_groups] == [2e-4, 2e-4, 2e-4]
+
+
+# ---- LAVIS's linear_warmup_cosine_lr over whole runs, against a re-implementation of its runner loop ----
+
+
+def lavis_run_lrs(init_lr, min_lr, warmup_lr, warmup_steps, max_epoch, iters_per_epoch, accum):
+    """The LR each optimizer step uses in LAVIS: ``lr_scheduler.step(cur_epoch, cur_step=i)`` before every
+    micro-batch ``i`` (``base_task._train_inner_loop``), ``optimizer.step()`` when ``(i + 1) % accum == 0``."""
+    used, lr = [], None
+    for epoch in range(max_epoch):
+        for i in range(iters_per_epoch):
+            if epoch == 0:  # optims.warmup_lr_schedule
+                lr = min(init_lr, warmup_lr + (init_lr - warmup_lr) * i / max(warmup_steps, 1))
+            else:  # optims.cosine_lr_schedule
+                lr = (init_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * epoch / max_epoch)) + min_lr
+            if (i + 1) % accum == 0:
+                used.append(lr)
+    return used
+
+
+@pytest.mark.parametrize(
+    ("warmup", "max_epoch", "iters", "accum"),
+    [
+        (5, 4, 12, 1),  # warmup inside epoch 0, then constant epochs
+        (30, 3, 12, 1),  # warmup longer than an epoch: never reaches init_lr
+        (5, 4, 12, 2),  # grad accumulation: the last micro-batch's LR is the one used
+        (7, 3, 12, 3),
+        (0, 2, 6, 1),  # warmup 0: LAVIS's max(warmup_steps, 1) gives warmup_lr at i = 0, init_lr after
+    ],
+)
+def test_lavis_epoch_equals_lavis_runner_over_a_whole_run(warmup, max_epoch, iters, accum):
+    want = lavis_run_lrs(1e-4, 1e-5, 1e-6, warmup, max_epoch, iters, accum)
+    s = LRSchedule(1e-4, max_epoch * iters // accum, warmup_steps=warmup, warmup_lr=1e-6, min_lr=1e-5,
+                   mode="lavis_epoch", steps_per_epoch=iters, grad_accum=accum)  # fmt: skip
+    got = [s(k) for k in range(s.total_steps)]
+    assert len(got) == len(want) and got == pytest.approx(want, rel=1e-12, abs=0)
+    per_epoch = iters // accum
+    for e in range(1, max_epoch):  # constant within every epoch after the first
+        assert len(set(got[e * per_epoch : (e + 1) * per_epoch])) == 1
+    assert min(got[per_epoch:]) > 1e-5  # the last epoch is cos(pi (E-1)/E): min_lr is never reached
+    if warmup >= iters:
+        assert max(got) < 1e-4  # a warmup longer than epoch 0 never completes
+
+
+def test_lavis_epoch_validation_names_the_key():
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        LRSchedule(1e-4, 100, mode="lavis")
+    with pytest.raises(ValueError, match="not a multiple of grad_accum"):
+        LRSchedule(1e-4, 100, mode="lavis_epoch", steps_per_epoch=10, grad_accum=3)
+    with pytest.raises(ValueError, match="whole number"):
+        LRSchedule(1e-4, 25, mode="lavis_epoch", steps_per_epoch=10)  # 2.5 epochs
+    with pytest.raises(ValueError, match="whole number"):
+        LRSchedule(1e-4, 5, mode="lavis_epoch", steps_per_epoch=10)  # less than one epoch
+
+
+def test_lavis_run_ignores_lr_scale_every_step():
+    model = nn.Module()
+    model.vision_model, model.head = FakeViT(depth=3), nn.Linear(4, 2)
+    groups = param_groups(model, 0.05, lr_layer_decay=0.9)
+    assert {round(g["lr_scale"], 6) for g in groups} == {1.0, 0.9, 0.81, 0.729, 0.6561}  # 0.9 ** (4 - id)
+    opt = build_optimizer(groups, lr=1.0)
+    s = LRSchedule(1e-5, 10, warmup_steps=3, warmup_lr=1e-8, mode="lavis_epoch", steps_per_epoch=5)
+    for k, want in enumerate(lavis_run_lrs(1e-5, 0.0, 1e-8, 3, 2, 5, 1)):
+        apply_lr(opt, s(k), apply_layer_decay=False)
+        assert [g["lr"] for g in opt.param_groups] == [want] * len(groups)  # LAVIS: one value for every group
