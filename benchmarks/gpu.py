@@ -102,7 +102,8 @@ class Bench:
 
     def scaler(self, cfg: Blip2Config) -> torch.amp.GradScaler:
         low = cfg.llm.precision if cfg.llm is not None else cfg.vision.precision
-        return torch.amp.GradScaler(self.device.type, enabled=self.cuda and low == "fp16")
+        # "fp16_lavis" (the ViT's default: Linear/Conv halves under fp16 autocast) trains with a scaler like "fp16".
+        return torch.amp.GradScaler(self.device.type, enabled=self.cuda and low in ("fp16", "fp16_lavis"))
 
     def timed(self, fn, iters: int | None = None) -> float:
         """Seconds per call of ``fn`` after warm-up (CUDA events on a GPU, perf_counter on a CPU).
