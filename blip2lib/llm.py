@@ -292,10 +292,18 @@ def prepend_prefix(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[prefix ; embed(ids)]`` and ``[ones(Q) ; mask]`` (spec §1.5): the soft visual prompt goes first.
 
-    The prefix is cast to the LLM's embedding dtype (gradients still flow back through the cast).
+    The prefix is cast to the LLM's embedding dtype (gradients still flow back through the cast), except for an LLM
+    that runs inside its own autocast region (FlanT5 in bf16 on a GPU, see :func:`blip2lib.precision.autocast_region_`):
+    there LAVIS concatenates the fp16/fp32 prefix with the bf16 token embeddings and type promotion makes the
+    encoder's input, and so its residual stream, fp32 — reproduced here by promoting both to their common type.
     """
     tok_embeds = model.get_input_embeddings()(input_ids.to(prefix_embeds.device))  # (B, T, D)
-    prefix = prefix_embeds.to(tok_embeds.dtype)  # (B, Q, D)
+    if getattr(model, "_autocast_region", None) is not None:  # Linear layers run in the region's dtype anyway
+        dtype = torch.promote_types(prefix_embeds.dtype, tok_embeds.dtype)
+        tok_embeds = tok_embeds.to(dtype)
+    else:
+        dtype = tok_embeds.dtype
+    prefix = prefix_embeds.to(dtype)  # (B, Q, D)
     ones = torch.ones(prefix.shape[:2], dtype=attention_mask.dtype, device=prefix.device)  # (B, Q)
     return torch.cat([prefix, tok_embeds], 1), torch.cat([ones, attention_mask.to(prefix.device)], 1)
 

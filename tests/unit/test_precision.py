@@ -262,3 +262,30 @@ def test_place_on_cpu_keeps_fp32_and_no_policies():
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert not hasattr(model.vision_model, "precision_policy")
     assert getattr(model.language_model, "_autocast_region", None) is None
+
+
+def test_t5_in_its_region_gets_an_fp32_encoder_input_like_lavis_cat_promotion():
+    """LAVIS: cat([fp16/fp32 prefix, bf16 token embeddings]) promotes to fp32; outside a region we cast to the LLM's."""
+    from blip2lib.llm import llm_loss, prepend_prefix
+
+    lm = _tiny_t5()
+    d = lm.config.d_model
+    prefix = torch.randn(2, 3, d, dtype=torch.float32, requires_grad=True)  # the Q-Former side: fp32 master weights
+    ids, mask = torch.tensor([[5, 6, 1], [7, 1, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
+    embeds, full = prepend_prefix(lm, prefix, ids, mask)
+    assert embeds.dtype == LOW  # no region: everything in the LLM's dtype (a bare bf16 model needs bf16 inputs)
+    expected_tok = lm.get_input_embeddings()(ids)  # (B, T, D) bf16
+    torch.testing.assert_close(embeds[:, 3:], expected_tok, rtol=0, atol=0)
+    assert full.tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]]
+
+    autocast_region_(lm, LOW, "cpu")
+    embeds, _ = prepend_prefix(lm, prefix, ids, mask)
+    assert embeds.dtype == torch.float32
+    torch.testing.assert_close(embeds[:, :3], prefix, rtol=0, atol=0)  # the prefix keeps its fp32 values
+    torch.testing.assert_close(embeds[:, 3:], expected_tok.float(), rtol=0, atol=0)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([[5, 1]]).repeat(2, 1),
+             "decoder_attention_mask": torch.ones(2, 2, dtype=torch.long)}  # fmt: skip
+    loss = llm_loss(lm, "t5", prefix, batch)  # the region runs the bf16 model on the fp32 input
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert prefix.grad is not None and prefix.grad.abs().sum() > 0
