@@ -81,8 +81,23 @@ def test_vqa_accuracy_hand_cases(pred, gts, expected, why):
     assert vqa_accuracy(pred, gts) == pytest.approx(expected, abs=1e-12), why
 
 
-def test_case_count_meets_brief():
-    assert len(CASES) >= 30
+# The official evaluator's mark list (vqaEval.py ``punct``), typed here from the VQA repository, not imported.
+OFFICIAL_MARKS = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
+                  "?", "!"]  # fmt: skip
+
+
+@pytest.mark.parametrize("mark", OFFICIAL_MARKS)
+def test_every_official_mark_is_spaced_out_or_deleted(mark):
+    """Between letters a listed mark becomes a space; next to a space it is deleted; as the answer it scores."""
+    assert process_punctuation(f"x{mark}y") == "x y"
+    assert process_punctuation(f"x {mark}y") == "x y"  # next to a space: deleted, the space stays
+    assert vqa_accuracy(f"red{mark}car", ["red car"] * 10) == 1.0
+
+
+@pytest.mark.parametrize("char", [":", "'", "#", "%", "&", "*", "$", "|", "~"])
+def test_characters_outside_the_official_list_survive(char):
+    assert process_punctuation(f"x{char}y") == f"x{char}y"
+    assert vqa_accuracy(f"red{char}car", ["red car"] * 10) == 0.0
 
 
 def test_punctuation_quirks():
