@@ -3,6 +3,10 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 STAMP := .venv.stamp
 PYTEST_ARGS ?=
+# `make test` runs pytest-xdist workers (auto: one per core), each with its share of the threads (tests/conftest.py);
+# worksteal: an idle worker takes queued tests from a busy one, so a few minute-long tests do not decide the wall time.
+PYTEST_WORKERS ?= auto
+XDIST := -n $(PYTEST_WORKERS) --dist worksteal
 
 .DEFAULT_GOAL := help
 
@@ -19,12 +23,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## create .venv and install -e .[all] (only if missing or pyproject.toml changed)
 
-test: $(STAMP) ## run every CPU test tier (unit, dist, notebooks smoke, repo; gpu tests are skipped)
-	@echo "==> running tests (all CPU tiers; gpu-marked tests are skipped without CUDA)"
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: $(STAMP) ## run every CPU test tier (unit, dist, notebooks smoke, browser, repo; gpu tests are skipped)
+	@echo "==> running tests (all CPU tiers, $(PYTEST_WORKERS) workers; gpu-marked tests are skipped without CUDA)"
+	$(PY) -m pytest $(XDIST) --durations=25 $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## unit tests only (no slow/dist/notebook tiers)
-	$(PY) -m pytest -m "not slow and not dist and not notebook and not browser and not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not slow and not dist and not notebook and not browser and not gpu" $(PYTEST_ARGS)
+
+test-world: $(STAMP) ## build the full toy world from scratch and assert its bars (what `make demo` measures; ~4 min)
+	$(PY) -m pytest -m world $(PYTEST_ARGS)
 
 gpu-check: $(STAMP) ## on a GPU host: the gpu-marked tests
 	$(PY) -m pytest -m gpu -o addopts="--strict-markers -ra" $(PYTEST_ARGS)
@@ -45,4 +52,4 @@ clean: ## remove caches, runs and build artefacts (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help venv test test-fast gpu-check lint format demo clean
+.PHONY: help venv test test-fast test-world gpu-check lint format demo clean

@@ -97,7 +97,7 @@ def _check(page: Path, profile: Path) -> list[Path]:
 
 @pytest.mark.browser
 @pytest.mark.notebook
-@pytest.mark.timeout(1800)  # only the page loads when test_smoke.py has filled the tree (it runs first)
+@pytest.mark.timeout(1800)  # only the page loads when the smoke tests have filled the tree (they run first)
 def test_index_and_every_linked_report_open_cleanly(smoke_tree, tmp_path):
     assert shutil.which("chromium")
     jobs = [smoke_tree(p) for p in variant_params("smoke")]

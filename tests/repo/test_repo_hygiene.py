@@ -33,7 +33,7 @@ def test_required_extras_exist():
         "eval": {"pycocoevalcap"},
         "data": {"webdataset"},
         "notebooks": {"papermill", "nbconvert", "nbformat", "ipykernel", "jupyterlab"},
-        "dev": {"pytest", "pytest-timeout", "ruff", "nbstripout"},
+        "dev": {"pytest", "pytest-timeout", "pytest-xdist", "ruff", "nbstripout"},
     }
     for extra, names in want.items():
         got = {re.split(r"[=<>\[ ]", r)[0] for r in extras[extra]}

@@ -117,11 +117,6 @@ def test_vqa_accuracy_hand_cases(pred, gts, official, lavis, why):
     assert vqa_accuracy(pred, gts, scorer="lavis") == pytest.approx(lavis, abs=1e-12), why
 
 
-def test_case_count_meets_brief():
-    assert len(CASES) >= 30 and len(DIFF_CASES) >= 10
-    assert sum(o != v for _, _, o, v, _ in DIFF_CASES) == len(DIFF_CASES)  # every difference case differs
-
-
 def test_unknown_scorer_is_a_clear_error():
     assert VQA_SCORERS == ("official", "lavis")
     for call in (
@@ -147,6 +142,32 @@ def test_leave_one_out_compares_whole_annotation_dicts():
     assert vqa_accuracy("cat", ["Cat", "cat", "dog"]) == pytest.approx((1 / 3 + 1 / 3 + 2 / 3) / 3)
     with pytest.raises(ValueError, match="at least one ground-truth answer"):
         vqa_accuracy("yes", [])
+
+
+# The official evaluator's mark list (vqaEval.py ``punct``), typed here from the VQA repository, not imported.
+OFFICIAL_MARKS = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
+                  "?", "!"]  # fmt: skip
+
+
+@pytest.mark.parametrize("mark", OFFICIAL_MARKS)
+def test_every_official_mark_is_spaced_out_or_deleted(mark):
+    """Between letters a listed mark becomes a space; next to a space it is deleted; as the answer it scores.
+
+    The annotators disagree (one says "blue car"), so both scorers process the prediction.
+    """
+    assert process_punctuation(f"x{mark}y") == "x y"
+    assert process_punctuation(f"x {mark}y") == "x y"  # next to a space: deleted, the space stays
+    gts = ["red car"] * 9 + ["blue car"]
+    for scorer in VQA_SCORERS:
+        assert vqa_accuracy(f"red{mark}car", gts, scorer=scorer) == 1.0, scorer
+
+
+@pytest.mark.parametrize("char", [":", "'", "#", "%", "&", "*", "$", "|", "~"])
+def test_characters_outside_the_official_list_survive(char):
+    assert process_punctuation(f"x{char}y") == f"x{char}y"
+    gts = ["red car"] * 9 + ["blue car"]
+    for scorer in VQA_SCORERS:
+        assert vqa_accuracy(f"red{char}car", gts, scorer=scorer) == 0.0, scorer
 
 
 def test_punctuation_quirks():

@@ -261,19 +261,39 @@ def test_hard_negatives_deterministic_with_generator_and_guards():
         sample_hard_negatives(torch.zeros(2, 2), torch.zeros(2, 2), 0, image_ids=ids, image_ids_all=ids)
 
 
-def test_hard_negative_weights_equal_lavis_minus_10000_and_paper_variant_close():
-    """Our -inf fill equals LAVIS's -10000 fill in float32; the paper-time +1e-4 variant differs by < 1e-4*N."""
+def test_hard_negative_draws_equal_lavis_minus_10000_law_and_paper_variant_differs():
+    """The sampler draws exactly what ``multinomial`` draws from LAVIS's -10000-filled softmax with the same generator
+    state (identical weights give identical draws), over 2 x 64 x 20 draws; the paper-time ``softmax + 1e-4`` law,
+    a different distribution by up to 1e-4 per column, changes some of those draws (so the comparison can fail)."""
+    b, rank, trials = 64, 1, 20
     g = torch.Generator().manual_seed(7)
-    s = torch.randn(4, 8, generator=g) * 10  # (B=4, BW=8), rank 1 -> positives at columns 4..7
-    pos = torch.zeros(4, 8, dtype=torch.bool)
-    pos[torch.arange(4), 4 + torch.arange(4)] = True
-    ours = s.masked_fill(pos, float("-inf")).softmax(1)
-    lavis = s.masked_fill(pos, -10000.0).softmax(1)
-    assert torch.equal(ours, lavis)
-    paper = (s.softmax(1) + 1e-4).masked_fill(pos, 0)
-    paper = paper / paper.sum(1, keepdim=True)  # multinomial renormalises
-    assert float((paper - ours).abs().max()) < 1e-4 * 8
-    # and the sampler's empirical law is this softmax: checked in the frequency tests above
+    i2t = torch.randn(b, 2 * b, generator=g) * 10  # float32 as in training; (B=64, BW=128), rank 1
+    t2i = torch.randn(b, 2 * b, generator=g) * 10
+    pos = torch.zeros(b, 2 * b, dtype=torch.bool)
+    pos[torch.arange(b), rank * b + torch.arange(b)] = True  # rank 1: positives at columns 64..127
+
+    def lavis(s):
+        return s.masked_fill(pos, -10000.0).softmax(1)
+
+    def paper(s):
+        w = (s.softmax(1) + 1e-4).masked_fill(pos, 0)
+        return w / w.sum(1, keepdim=True)
+
+    def draws(law, seed):  # negative images from s_t2i first, then negative texts from s_i2t (the sampler's order)
+        gen = torch.Generator().manual_seed(seed)
+        return (torch.multinomial(law(t2i), 1, generator=gen).squeeze(1),
+                torch.multinomial(law(i2t), 1, generator=gen).squeeze(1))  # fmt: skip
+
+    paper_differs = 0
+    for seed in range(trials):
+        ours = sample_hard_negatives(i2t, t2i, rank, generator=torch.Generator().manual_seed(seed))
+        want = draws(lavis, seed)
+        assert torch.equal(ours[0], want[0]) and torch.equal(ours[1], want[1]), seed
+        alt = draws(paper, seed)
+        paper_differs += int((alt[0] != want[0]).sum() + (alt[1] != want[1]).sum())
+    assert paper_differs > 0
+    # the paper-time law is still close: < 1e-4 * N in every weight before the draw
+    assert float((paper(i2t) - lavis(i2t)).abs().max()) < 1e-4 * 2 * b
 
 
 # ------------------------------------------------------------------------------------------------------- ITM
