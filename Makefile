@@ -45,4 +45,9 @@ clean: ## remove caches, runs and build artefacts (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help venv test test-fast gpu-check lint format demo clean
+.PHONY: help venv test test-fast gpu-check lint format demo clean mutate
+
+MODULES ?=
+ONLY ?=
+mutate: $(STAMP) ## mutation testing (mutmut) of the science modules; MODULES="losses qformer" ONLY='glob' (docs/mutation.md)
+	$(PY) tools/mutate.py --modules "$(MODULES)" --only "$(ONLY)"
