@@ -63,6 +63,13 @@ def test_git_state_reads_commit_and_tracked_changes_only(repo):
 
 
 @needs_git
+def test_git_state_dirty_is_unknown_when_git_status_fails(repo):
+    sha = _head_from_files(repo)
+    (repo / ".git" / "index").write_bytes(b"not an index")  # `git status` fails, `git rev-parse HEAD` still works
+    assert ck.git_state(repo) == {"commit": sha, "dirty": None}
+
+
+@needs_git
 def test_git_state_outside_a_repository_and_without_git(repo, tmp_path, monkeypatch):
     assert ck.git_state(tmp_path / "elsewhere") == {"commit": None, "dirty": None}
     monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))  # git cannot be found: OSError, never a failed run
@@ -112,7 +119,7 @@ class FakeCuda:
 
 
 def test_rng_state_has_an_empty_cuda_list_without_cuda(monkeypatch):
-    FakeCuda(False, 0).install(monkeypatch)
+    FakeCuda(False, 2).install(monkeypatch)  # devices listed but CUDA unusable (e.g. a driver mismatch)
     state = ck.get_rng_state()
     assert state["cuda"] == []
     assert state["numpy"][1].dtype == torch.int64
