@@ -52,4 +52,10 @@ clean: ## remove caches, runs and build artefacts (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help venv test test-fast test-world gpu-check lint format demo clean
+MODULES ?=
+ONLY ?=
+mutate: $(STAMP) ## mutation testing (mutmut) of the science modules; MODULES="losses qformer" ONLY='glob' (docs/mutation.md)
+	@$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -q -e '.[mutation]'
+	$(PY) tools/mutate.py --modules "$(MODULES)" --only "$(ONLY)"
+
+.PHONY: help venv test test-fast test-world gpu-check lint format demo clean mutate
