@@ -148,7 +148,7 @@ def test_vit_precision_reaches_the_model_config(freeze, key, want):
 def test_pretraining_defaults_are_the_papers_not_the_lavis_yamls():
     """Paper §3.4: AdamW (0.9, 0.98), wd 0.05, peak 1e-4, 2k warm-up, cosine per step; min LR 1e-5 / 5e-5 (stage 1 / 2).
 
-    LAVIS's shipped pre-training yamls use β2 0.999 and a 5k warm-up (stage 1); the ledger (docs/fidelity.md) lists both.
+    LAVIS's shipped pre-training yamls use β2 0.999 and a 5k warm-up (stage 1); docs/fidelity.md lists both.
     """
     from blip2lib.workbook.schemas import Stage1Params, Stage2Params
 
