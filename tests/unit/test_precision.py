@@ -163,6 +163,28 @@ def test_lavis_forward_equals_lavis_reference_on_hand_converted_weights(cfg, ref
     assert (out.float() - whole).abs().max() > 0
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize(("cfg", "ref", "lavis_half"), [
+    (EVA, lavis_eva, EVA_HALF),
+    (CLIP, lavis_clip, CLIP_LAVIS_HALF),
+])  # fmt: skip
+def test_lavis_fp16_forward_on_cuda_equals_the_lavis_reference(cfg, ref, lavis_half):
+    """The real thing on a GPU: fp16 storage and fp16 autocast (the CPU test above stands in with bf16)."""
+    tower = _tower(cfg).cuda()
+    x = _pixels(cfg).cuda()
+    sd = {k: v.detach().clone().to(torch.float16) if k in lavis_half else v.detach().clone()
+          for k, v in tower.state_dict().items()}  # fmt: skip
+    set_vision_precision_(tower, "fp16_lavis", "cuda")
+    assert {n for n, dt in _dtypes(tower).items() if dt == torch.float16} >= lavis_half
+    with torch.no_grad():
+        out = vision_features(tower, x)
+        with torch.autocast("cuda", dtype=torch.float16):
+            want = ref(sd, x, cfg)
+    assert out.dtype == want.dtype == (torch.float32 if cfg.arch == "eva" else torch.float16)
+    # same op order; fused GPU kernels may still round differently from one call to the other
+    torch.testing.assert_close(out.float(), want.float(), rtol=2e-3, atol=2e-3)
+
+
 def build_whole(cfg):
     return set_vision_precision_(_tower(cfg), "bf16", "cuda")  # device "cuda": the GPU policy, on CPU tensors
 
