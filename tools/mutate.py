@@ -80,7 +80,10 @@ MODULES: dict[str, Module] = {
         "blip2lib/checkpoint.py", ("tests/unit/test_checkpoint.py", "tests/unit/test_mutation_kills_checkpoint.py")
     ),
     # Second pass.
-    "decoding": Module("blip2lib/decoding.py", ("tests/unit/test_decoding.py", "tests/unit/test_model.py")),
+    "decoding": Module(
+        "blip2lib/decoding.py",
+        ("tests/unit/test_decoding.py", "tests/unit/test_model.py", "tests/unit/test_mutation_kills_decoding.py"),
+    ),
     "generation": Module(
         "blip2lib/generation.py",
         ("tests/unit/test_generation_lengths.py", "tests/unit/test_llm.py", "tests/unit/test_parity.py"),
