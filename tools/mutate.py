@@ -86,7 +86,12 @@ MODULES: dict[str, Module] = {
     ),
     "generation": Module(
         "blip2lib/generation.py",
-        ("tests/unit/test_generation_lengths.py", "tests/unit/test_llm.py", "tests/unit/test_parity.py"),
+        (
+            "tests/unit/test_generation_lengths.py",
+            "tests/unit/test_llm.py",
+            "tests/unit/test_parity.py",
+            "tests/unit/test_mutation_kills_generation.py",
+        ),
     ),
     "optim": Module(
         "blip2lib/optim.py",
@@ -95,6 +100,7 @@ MODULES: dict[str, Module] = {
             "tests/unit/test_engine.py",
             "tests/unit/test_checkpoint.py",
             "tests/unit/test_train_fidelity.py",
+            "tests/unit/test_mutation_kills_optim.py",
         ),
     ),
     "engine": Module("blip2lib/engine.py", ("tests/unit/test_engine.py", "tests/unit/test_train_fidelity.py")),
