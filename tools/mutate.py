@@ -103,7 +103,14 @@ MODULES: dict[str, Module] = {
             "tests/unit/test_mutation_kills_optim.py",
         ),
     ),
-    "engine": Module("blip2lib/engine.py", ("tests/unit/test_engine.py", "tests/unit/test_train_fidelity.py")),
+    "engine": Module(
+        "blip2lib/engine.py",
+        (
+            "tests/unit/test_engine.py",
+            "tests/unit/test_train_fidelity.py",
+            "tests/unit/test_mutation_kills_engine.py",
+        ),
+    ),
     # evaluate/ is the largest (about 2800 mutants): `ONLY='blip2lib.evaluate.vqa.*'` measures one file of it.
     "evaluate": Module(
         "blip2lib/evaluate/*.py",
