@@ -66,6 +66,7 @@ MODULES: dict[str, Module] = {
             "tests/unit/test_train_fidelity.py",
             "tests/unit/test_model.py",
             "tests/unit/test_mutation_kills_tasks.py",
+            "tests/unit/test_mutation_kills_tasks_stage2.py",
         ),
     ),
     "qformer": Module(
