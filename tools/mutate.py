@@ -121,6 +121,7 @@ MODULES: dict[str, Module] = {
             "tests/unit/test_eval_retrieval.py",
             "tests/unit/test_eval_drivers.py",
             "tests/unit/test_generation_lengths.py",
+            "tests/unit/test_mutation_kills_evaluate.py",
         ),
     ),
 }
