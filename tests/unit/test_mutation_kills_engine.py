@@ -18,6 +18,9 @@ import blip2lib.checkpoint as ck
 import blip2lib.engine as eng
 
 NAN = float("nan")
+# No tqdm monitor thread (it only re-tunes long bars): a thread alive in mutmut's parent process can hold tqdm's lock
+# when a mutant's child is forked, and that child then hangs on its first progress bar.
+eng.tqdm.monitor_interval = 0
 
 
 class Scripted(nn.Module):
