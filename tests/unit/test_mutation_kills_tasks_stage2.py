@@ -31,17 +31,24 @@ class Stub(nn.Module):
         return torch.tensor(1.5)
 
 
+class Calls(list):
+    """The recorded calls, plus the tokenizer each call received."""
+
+
 @pytest.fixture
 def spy(monkeypatch):
     """Replaces opt_/t5_training_inputs by recorders of (helper, texts, second argument, max_len)."""
-    calls = []
+    calls = Calls()
 
-    def record(*call):
+    def record(tok, *call):
         calls.append(call)
+        tokenizers.append(tok)
         return {"labels": torch.zeros(len(call[1]), 40, dtype=torch.long)}  # the OPT VQA path masks the prompt
 
-    monkeypatch.setattr(llm, "opt_training_inputs", lambda tok, texts, prompt, n: record("opt", texts, prompt, n))
-    monkeypatch.setattr(llm, "t5_training_inputs", lambda tok, a, b, n: record("t5", a, b, n))
+    tokenizers = []
+    monkeypatch.setattr(llm, "opt_training_inputs", lambda tok, texts, prompt, n: record(tok, "opt", texts, prompt, n))
+    monkeypatch.setattr(llm, "t5_training_inputs", lambda tok, a, b, n: record(tok, "t5", a, b, n))
+    calls.tokenizers = tokenizers
     return calls
 
 
@@ -49,7 +56,9 @@ def test_defaults(spy):
     opt = Stage2Task(Stub("opt"))
     opt.llm_inputs({"text_input": ["what is red ?"], "answer": ["blue"]})
     assert spy[-1] == ("opt", ["Question: what is red ? Answer: blue"], "", 32)  # template and length 32
-    caps = ["a red dog on the mat", "two blue circle"]
+    # ten 10-word captions: each split point is one of 5, so another seed matches all ten with chance 5^-10
+    words = "a red dog on the mat two blue circle is".split()
+    caps = [" ".join(words[i:] + words[:i]) for i in range(10)]
     Stage2Task(Stub("t5")).llm_inputs({"text_input": caps})  # prefix LM by default, seeded with 0
     rng = random.Random(0)
     pairs = [llm.split_prefix_lm(c, rng) for c in caps]
@@ -58,14 +67,17 @@ def test_defaults(spy):
 
 def test_every_branch_passes_the_length_limit(spy):
     opt, t5 = Stage2Task(Stub("opt"), max_txt_len=5), Stage2Task(Stub("t5"), max_txt_len=5, prefix_lm=False)
+    cap, pre = Stage2Task(Stub("t5"), prompt="a photo of", max_txt_len=5), Stage2Task(Stub("t5"), max_txt_len=5, seed=3)
     opt.llm_inputs({"text_input": ["q"], "answer": ["a"]})
     opt.llm_inputs({"text_input": ["dog"]})
     t5.llm_inputs({"text_input": ["q"], "answer": ["a"]})
     t5.llm_inputs({"text_input": ["in"], "text_output": ["out"]})
     t5.llm_inputs({"text_input": ["dog"]})
-    Stage2Task(Stub("t5"), prompt="a photo of", max_txt_len=5).llm_inputs({"text_input": ["a photo of dog"]})
-    Stage2Task(Stub("t5"), max_txt_len=5, seed=3).llm_inputs({"text_input": ["red dog"]})
+    cap.llm_inputs({"text_input": ["a photo of dog"]})
+    pre.llm_inputs({"text_input": ["red dog"]})
     assert [c[3] for c in spy] == [5] * 7
+    want = [opt, opt, t5, t5, t5, cap, pre]  # each call gets its own model's tokenizer
+    assert all(got is task.model.tokenizer for got, task in zip(spy.tokenizers, want, strict=True))
     assert spy[3] == ("t5", ["in"], ["out"], 5)  # an explicit split is used as given
     assert spy[4] == ("t5", [""], ["dog"], 5)  # no prefix LM: empty encoder text, the caption as the target
     assert spy[5] == ("t5", ["a photo of"], ["dog"], 5)
