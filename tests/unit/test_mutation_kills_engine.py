@@ -57,7 +57,7 @@ class Clock:
     """perf_counter that advances by exactly 1.0 per call (only engine's reference to ``time`` is replaced)."""
 
     def __init__(self):
-        self.t = -1.0
+        self.t = 99.0  # not 0: a sum t1 + t0 must not pass for a difference
 
     def perf_counter(self):
         self.t += 1.0
@@ -167,12 +167,13 @@ def test_resume_carries_counters_and_bar(tmp_path, capsys, caplog):
     assert manifest["extra"]["skipped"] == 2 and manifest["extra"]["bad"] == 2
     with caplog.at_level(logging.INFO, logger="blip2lib.engine"):
         with pytest.raises(eng.NonFiniteLossError, match="^3 consecutive"):
-            _run(Scripted([NAN]), tmp_path, steps=4, ckpt_dir=ckd, max_bad_steps=3, progress=True)
+            _run(Scripted([NAN]), tmp_path, steps=4, ckpt_dir=ckd, max_bad_steps=3)
     assert f"resumed from {ckd / 'ckpt-2'} at step 2 (sample position 4)" in caplog.messages
     assert "step 3: non-finite loss {'loss': nan, 'aux': 2.0}, step skipped (3 consecutive)" in caplog.messages
-    assert "3/4" in capsys.readouterr().err  # the bar starts at the resumed step
     # a finite step after the resume: the skipped count continues from the checkpoint
-    out = _run(Scripted([NAN]), tmp_path, steps=3, ckpt_dir=ckd, max_bad_steps=5)
+    capsys.readouterr()
+    out = _run(Scripted([NAN]), tmp_path, steps=3, ckpt_dir=ckd, max_bad_steps=5, progress=True)
+    assert "3/3" in capsys.readouterr().err  # the bar starts at the resumed step 2
     assert out["skipped_steps"] == 3 and out["resumed_from"] == str(ckd / "ckpt-2")
 
 
@@ -218,6 +219,11 @@ def test_bad_batch_dump(tmp_path):
     assert text == json.dumps(record, indent=2) and record["step"] == 1 and record["skipped"] is True
     st = ck.load_training_state(ck.latest_checkpoint(bad), Scripted(), None, None, restore_rng=False)
     assert json.dumps(st["extra"]) == json.dumps(record)  # (NaN != NaN: compared as text)
+    for n in (2, 3, 4):  # three more dumps into the same folder: every dump's checkpoint is kept
+        with pytest.raises(eng.NonFiniteLossError):
+            _run(Scripted([NAN] * n), tmp_path, steps=n, max_bad_steps=n, ckpt_dir=tmp_path / "x" / "y" / "ck",
+                 log_path=None)  # fmt: skip
+    assert sorted(p.name for p in bad.glob("ckpt-*")) == ["ckpt-1", "ckpt-2", "ckpt-3", "ckpt-4"]
     with pytest.raises(eng.NonFiniteLossError):  # no folder given at all: z/ is created for the dump
         _run(Scripted([NAN]), tmp_path, steps=1, max_bad_steps=1, ckpt_dir=tmp_path / "z" / "w" / "ck", log_path=None)
     assert (tmp_path / "z" / "w" / "bad_batch" / "info.json").exists()
