@@ -9,6 +9,7 @@ resume, the progress bar, the TensorBoard mirror and the bad-batch dump. Expecte
 import json
 import logging
 import sys
+import threading
 
 import pytest
 import torch
@@ -18,9 +19,11 @@ import blip2lib.checkpoint as ck
 import blip2lib.engine as eng
 
 NAN = float("nan")
-# No tqdm monitor thread (it only re-tunes long bars): a thread alive in mutmut's parent process can hold tqdm's lock
-# when a mutant's child is forked, and that child then hangs on its first progress bar.
+# Progress bars without tqdm's monitor thread and with a plain thread lock instead of its default process-shared
+# semaphore: mutmut forks one child per mutant from a parent that ran these tests, and a child killed while holding
+# a shared semaphore would hang every later child on its first progress bar.
 eng.tqdm.monitor_interval = 0
+eng.tqdm.set_lock(threading.RLock())
 
 
 class Scripted(nn.Module):
