@@ -1,9 +1,10 @@
 """Mutation testing of the science modules with mutmut: one isolated mutmut session per module.
 
 ``make mutate`` (or ``python tools/mutate.py [--modules losses,qformer] [--only GLOB]``) runs, for every selected
-module of :data:`MODULES`, ``mutmut run`` in a scratch directory ``runs/mutation/<module>/`` that holds symlinks to
-``blip2lib/`` and ``tests/``, a copy of ``pyproject.toml`` (pytest markers and ``addopts``) and a generated
-``setup.cfg`` with that module's ``[mutmut]`` section. Why a scratch directory per module: mutmut reads its
+module of :data:`MODULES`, ``mutmut run`` in a scratch directory ``runs/mutation/<module>/`` that holds a copy of
+``blip2lib/`` (decorated functions rewritten by :func:`undecorate`), a symlink to ``tests/``, a copy of
+``pyproject.toml`` (pytest markers and ``addopts``) and a generated ``setup.cfg`` with that module's ``[mutmut]``
+section. Why a scratch directory per module: mutmut reads its
 configuration from the working directory only, and a per-module configuration is what restricts each mutant to the
 module's own test files (a mutant of ``losses.py`` runs ``test_losses.py`` and ``test_tasks_reference.py``, never the
 whole suite); within those files mutmut further runs only the tests that called the mutated function. ``runs/`` is
