@@ -3,17 +3,20 @@
 Rows (one table, also written as JSON with ``--out``):
 
 * ``vit_forward``            frozen EVA ViT-g forward (+ ``ln_vision``), batch 128: images/s — stage 1's roofline.
-* ``stage1_train``           stage-1 step (ITC + ITM + ITG, spec §2), ViT-g frozen, batch 128: samples/s, peak memory.
-* ``stage2_train_opt2.7b``   stage-2 step (spec §3.1), ViT-g + OPT-2.7B, batch 32, ours AND transformers'
+* ``stage1_train``           stage-1 step (ITC + ITM + ITG, docs/paper_map.md §2), ViT-g frozen, batch 128: samples/s,
+peak memory.
+* ``stage2_train_opt2.7b``   stage-2 step (docs/paper_map.md §3.1), ViT-g + OPT-2.7B, batch 32, ours AND transformers'
                              ``Blip2ForConditionalGeneration`` on the same weights: samples/s, peak memory, ratio.
-* ``stage2_train_flant5xl``  the same step with FlanT5-XL (spec §3.2, prefix LM), ours only.
+* ``stage2_train_flant5xl``  the same step with FlanT5-XL (docs/paper_map.md §3.2, prefix LM), ours only.
 * ``caption_greedy`` / ``caption_beam5``  ViT-g + OPT-2.7B captioning, batch 64, exactly 30 new tokens (EOS
                              suppressed so every row does the same work): images/s ours and transformers', ratio and
                              the fraction of identical token ids.
-* ``vqa_opt2.7b`` / ``vqa_flant5xl``  zero-shot VQA generation (beam 5, ≤ 10 new tokens, length penalty -1, spec
+* ``vqa_opt2.7b`` / ``vqa_flant5xl``  zero-shot VQA generation (beam 5, ≤ 10 new tokens, length penalty -1,
+docs/paper_map.md
                              §5.1): questions/s and the projected time for VQAv2 val (214,354 questions).
 
-Precision policy (``--dtype policy``, spec §3.3 and ``Blip2Base.place``): frozen ViT and OPT fp16, FlanT5 bf16;
+Precision policy (``--dtype policy``, docs/paper_map.md §3.3 and ``Blip2Base.place``): frozen ViT and OPT fp16, FlanT5
+bf16;
 Q-Former, queries, ``ln_vision`` and projections fp32 master weights under autocast (fp16 + GradScaler for
 ViT/OPT rows, bf16 for FlanT5). The transformers twin gets exactly the same per-module dtypes and autocast; its
 trainable set is query_tokens + qformer + language_projection + post_layernorm (= our ``ln_vision``).
@@ -199,7 +202,7 @@ def hf_twin(model: Blip2):
     """transformers ``Blip2ForConditionalGeneration`` sharing ``model``'s tensors (no second copy in memory).
 
     Keys and config come from :mod:`blip2lib.convert` (``ours_to_hf``, ``hf_config_dict``); ``post_layernorm`` gets
-    our ``ln_vision`` eps (1e-5) so that both sides compute the same function (spec §8.3 eps difference).
+    our ``ln_vision`` eps (1e-5) so that both sides compute the same function (docs/paper_map.md §8.3 eps difference).
     """
     from transformers import Blip2Config as HFConfig
     from transformers import Blip2ForConditionalGeneration
@@ -395,7 +398,7 @@ def row_caption(bench: Bench, model, cfg, num_beams: int, hf=None) -> dict:
 
 
 def row_vqa(bench: Bench, model, cfg, name: str) -> dict:
-    """Zero-shot VQA (spec §5.1): beam 5, ≤ 10 new tokens, min 1, length penalty -1, the paper's prompt."""
+    """Zero-shot VQA (docs/paper_map.md §5.1): beam 5, ≤ 10 new tokens, min 1, length penalty -1, the paper's prompt."""
     n, fam = bench.sizes["vqa_batch"], cfg.llm.family
     px = images(bench, cfg, n)
     prompts = [format_prompt(VQA_PROMPTS[fam], q + "?") for q in texts(n, (4, 9), seed=2)]

@@ -1,4 +1,6 @@
-"""Our training checkpoints: trainable weights + optimizer/scaler/RNG/data position, atomic, verified (spec §7, §8).
+"""Our training checkpoints: trainable weights + optimizer/scaler/RNG/data position, atomic, verified.
+
+See docs/paper_map.md §7, §8.
 
 Layout of ``<ckpt_dir>/ckpt-<step>/``: ``model.safetensors`` (only ``requires_grad`` tensors, as LAVIS
 ``_save_checkpoint`` drops frozen ones; frozen towers are re-built from the config named in the manifest),

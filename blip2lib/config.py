@@ -1,6 +1,6 @@
-"""Model configurations, presets and the flat run-parameter schema (house style D3, D6).
+"""Model configurations, presets and the flat run-parameter schema.
 
-Numbers follow ``blip2_spec.md`` §1 (architecture) — each field says where it comes from. Run parameters are
+Numbers follow ``docs/paper_map.md`` §1 (architecture) — each field says where it comes from. Run parameters are
 flat dataclasses whose fields equal a notebook's ``parameters`` cell; YAML files are validated against them
 (unknown key or wrong type → error naming the file and key).
 """
@@ -22,13 +22,13 @@ import yaml
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """Frozen image encoder (spec §1.2)."""
+    """Frozen image encoder (docs/paper_map.md §1.2)."""
 
     arch: str = "eva"  # "eva" (EVA-CLIP ViT-g family, timm Eva) or "clip" (OpenAI CLIP ViT-L family, timm ViT)
-    image_size: int = 224  # 224 pre-training / zero-shot, 364 caption+retrieval FT, 490 VQA FT (spec §1.1)
+    image_size: int = 224  # 224 pre-training / zero-shot, 364 caption+retrieval FT, 490 VQA FT (docs/paper_map.md §1.1)
     patch_size: int = 14  # both towers use 14-px patches
     width: int = 1408  # Dv: 1408 ViT-g, 1024 ViT-L
-    depth: int = 39  # blocks BUILT: 39 of EVA's 40, 23 of CLIP's 24 (second-to-last layer output, spec §1.2)
+    depth: int = 39  # blocks BUILT: 39 of EVA's 40, 23 of CLIP's 24 (docs/paper_map.md §1.2)
     num_heads: int = 16  # 16 for both towers
     mlp_hidden: int = 6144  # int(1408 * 4.3637) = 6144 for ViT-g; 4096 for ViT-L
     ln_eps: float = 1e-6  # EVA LayerNorm eps 1e-6; CLIP 1e-5
@@ -43,7 +43,7 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class QFormerConfig:
-    """BERT-base-shaped Q-Former (spec §1.3). Field names follow transformers' ``Blip2QFormerConfig``."""
+    """BERT-base-shaped Q-Former (docs/paper_map.md §1.3). Field names follow transformers' ``Blip2QFormerConfig``."""
 
     vocab_size: int = 30523  # bert-base-uncased 30522 + [DEC]
     hidden_size: int = 768
@@ -62,12 +62,15 @@ class QFormerConfig:
     pad_token_id: int = 0  # [PAD]
     cls_token_id: int = 101  # [CLS]
     sep_token_id: int = 102  # [SEP]
-    dec_token_id: int = 30522  # [DEC], the bos token added by BLIP-2 (spec §1.3 tokenizer)
+    dec_token_id: int = 30522  # [DEC], the bos token added by BLIP-2 (docs/paper_map.md §1.3 tokenizer)
 
 
 @dataclass(frozen=True)
 class LLMConfig:
-    """Frozen language model (spec §1.5). Either a local ``path`` or an inline transformers ``hf_config``."""
+    """Frozen language model. Either a local ``path`` or an inline transformers ``hf_config``.
+
+    See docs/paper_map.md §1.5.
+    """
 
     family: str = "opt"  # "opt" (decoder-only, AutoModelForCausalLM) or "t5" (encoder-decoder, Seq2SeqLM)
     path: str = ""  # local transformers directory (never a hub id: no network at run time)
@@ -76,9 +79,9 @@ class LLMConfig:
     # Frozen LLM weights on a GPU: OPT fp16 (runs under the training autocast), FlanT5 bf16 (T5 overflows in fp16; runs
     # in its own bf16 autocast region as LAVIS's T5 does); fp32 on a CPU.
     precision: str = "fp16"
-    exact_gelu: bool = True  # FlanT5: override dense_act_fn to exact "gelu" as LAVIS does (spec §1.5)
-    prompt: str = ""  # "" for pretrain_*, "a photo of" for caption FT (spec §1.5)
-    max_txt_len: int = 32  # LLM-side truncation (spec §3.1)
+    exact_gelu: bool = True  # FlanT5: override dense_act_fn to exact "gelu" as LAVIS does (docs/paper_map.md §1.5)
+    prompt: str = ""  # "" for pretrain_*, "a photo of" for caption FT (docs/paper_map.md §1.5)
+    max_txt_len: int = 32  # LLM-side truncation (docs/paper_map.md §3.1)
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,7 @@ class Blip2Config:
         return dataclasses.replace(self, **kw)
 
 
-# Vision towers (spec §1.2).
+# Vision towers (docs/paper_map.md §1.2).
 VIT_G = VisionConfig()
 VIT_L = VisionConfig(arch="clip", width=1024, depth=23, num_heads=16, mlp_hidden=4096, ln_eps=1e-5)
 
@@ -141,7 +144,10 @@ LLMS: dict[str, LLMConfig] = {
 
 
 def preset(vision: str = "vitg", llm: str | None = None) -> Blip2Config:
-    """Full-size configuration from the paper (spec §1.6): ``vision`` in {vitg, vitl}, ``llm`` in LLMS or None."""
+    """Full-size configuration from the paper: ``vision`` in {vitg, vitl}, ``llm`` in LLMS or None.
+
+    See docs/paper_map.md §1.6.
+    """
     v = {"vitg": VIT_G, "vitl": VIT_L}[vision]
     q = QFormerConfig(encoder_hidden_size=v.width, use_text_input=llm is None)
     return Blip2Config(vision=v, qformer=q, llm=LLMS[llm] if llm else None)
@@ -322,7 +328,7 @@ def _check_type(value: Any, tp: Any) -> bool:
 
 @dataclass
 class Params:
-    """Base of every notebook's run parameters: the fields every notebook has (house style D5)."""
+    """Base of every notebook's run parameters: the fields every notebook has."""
 
     run_dir: str = ""  # output folder; "" → runs/<notebook>/<variant>/ chosen by the runner
     smoke_test: bool = False  # seconds-sized run for CI

@@ -1,6 +1,6 @@
 """Checkpoint conversion: key maps and configs between our BLIP-2, transformers and LAVIS, a numerical check, a CLI.
 
-Three namings of the same tensors (spec §8.1, §8.3; hf_transformers_blip2.md §3):
+Three namings of the same tensors (docs/paper_map.md §8.1, §8.3):
 
 * ours — transformers' names except ``vision_model`` (timm keys), ``ln_vision`` (outside the tower) and the stage-1
   extras ``cls`` (ITG head) and ``temp`` that transformers does not have;
@@ -55,7 +55,7 @@ def group_keys(keys) -> dict[str, list[str]]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# LAVIS <-> ours (spec §8.1, hf md §3.2)
+# LAVIS <-> ours (docs/paper_map.md §8.1, hf md §3.2)
 
 _LAVIS_PROJ = {"opt": "opt_proj", "t5": "t5_proj"}
 _LAVIS_LM = {"opt": "opt_model", "t5": "t5_model"}
@@ -142,7 +142,7 @@ def ours_to_lavis(sd: Mapping[str, torch.Tensor], family: str | None, arch: str 
 # transformers <-> ours (hf md §3.1)
 
 HF_ABSENT = {"cls": "ITG head (transformers has none; re-created tied to embeddings.word_embeddings, BERT init)",
-             "temp": "ITC temperature (transformers drops it; re-created at 0.07, spec §1.4)"}  # fmt: skip
+             "temp": "ITC temperature (transformers drops it; re-created at 0.07, docs/paper_map.md §1.4)"}  # fmt: skip
 
 
 def ours_to_hf(sd: Mapping[str, torch.Tensor], vision: VisionConfig) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -180,7 +180,7 @@ def config_from_hf(hf: Mapping) -> tuple[Blip2Config, str]:
     """Our :class:`Blip2Config` and the model kind ("stage2" | "retrieval") from a transformers ``config.json`` dict.
 
     ``ln_vision_eps`` takes the file's vision ``layer_norm_eps`` (HF ``post_layernorm``: 1e-6 on the updated Hub
-    configs; LAVIS used 1e-5 — spec §8.3, LAVIS#418), so a loaded model reproduces transformers exactly.
+    configs; LAVIS used 1e-5 — docs/paper_map.md §8.3, LAVIS#418), so a loaded model reproduces transformers exactly.
     """
     v, q = dict(hf.get("vision_config", {})), dict(hf.get("qformer_config", {}))
     arch = (hf.get("architectures") or ["Blip2ForConditionalGeneration"])[0]
@@ -221,7 +221,7 @@ def hf_config_dict(cfg: Blip2Config, text_config: dict | None, image_token_index
     if abs(v.ln_vision_eps - v.ln_eps) > 0:
         log.warning(
             "transformers has ONE vision eps: post_layernorm gets %.0e instead of our ln_vision %.0e "
-            "(the known LAVIS/HF 1e-5 vs 1e-6 difference, spec §8.3)",
+            "(the known LAVIS/HF 1e-5 vs 1e-6 difference, docs/paper_map.md §8.3)",
             v.ln_eps,
             v.ln_vision_eps,
         )
@@ -337,7 +337,7 @@ def compare_to_hf(model: nn.Module, hf: nn.Module, seed: int = 0, align_ln_eps: 
     """Max-abs difference of each intermediate between ``model`` (ours) and ``hf`` (both eval, fp32, eager).
 
     With ``align_ln_eps`` our ``ln_vision`` runs with transformers' single vision eps for the comparison (the one
-    representable difference, spec §8.3); its effect on the final output is reported as ``eps_effect``.
+    representable difference, docs/paper_map.md §8.3); its effect on the final output is reported as ``eps_effect``.
     """
     c = hf.config
     vocab = c.qformer_config.vocab_size if model.config.llm is None else c.text_config.vocab_size
@@ -368,7 +368,7 @@ def compare_to_hf(model: nn.Module, hf: nn.Module, seed: int = 0, align_ln_eps: 
 # ----------------------------------------------------------------------------------------------------------------
 # Export helpers (used by blip2lib.pretrained.save_pretrained_hf)
 
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # spec §6
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # docs/paper_map.md §6
 
 
 def _dedup_tied(sd: dict) -> dict:
@@ -409,7 +409,7 @@ def _write_processor(out: Path, model, tokenizer, image_token_id: int | None) ->
 
     s = model.config.vision.image_size
     ip = BlipImageProcessor(size={"height": s, "width": s}, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
-                            resample=3)  # bicubic squash = LAVIS blip_image_eval (spec §6)  # fmt: skip
+                            resample=3)  # bicubic squash = LAVIS blip_image_eval (docs/paper_map.md §6)  # fmt: skip
     nq = model.config.qformer.num_query_tokens
     if tokenizer is None:
         cfg = {"image_processor": ip.to_dict(), "num_query_tokens": nq, "processor_class": "Blip2Processor"}
@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("lavis-to-hf", help="LAVIS .pth (+ ViT file, LLM dir, BERT dir) or our ckpt → transformers dir")
     a.add_argument("checkpoint", help="LAVIS .pth (blip2_pretrained_opt2.7b.pth ...) or our ckpt-<step>/ dir")
-    a.add_argument("--vision-weights", default=None, help="eva_vit_g.pth (pre-training files hold no ViT, spec §8.1)")
+    a.add_argument("--vision-weights", default=None, help="eva_vit_g.pth (pre-training files hold no ViT)")
     a.add_argument("--llm-path", default=None, help="local LLM dir (facebook/opt-2.7b, google/flan-t5-xl ...)")
     a.add_argument("--bert-dir", default=None, help="local bert-base-uncased dir (Q-Former tokenizer)")
     a.add_argument("--image-size", type=int, default=None, help="input resolution (default: from the files)")

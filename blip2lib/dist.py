@@ -1,7 +1,8 @@
-"""Every torch.distributed call of blip2lib lives here (house style D1.4).
+"""Every torch.distributed call of blip2lib lives here.
 
 Each helper is an exact no-op at world size 1 (no process group needed, no collective issued), which fixes
-the LAVIS single-GPU crash (spec §10.16: unguarded ``dist.get_rank()``). Launch recipe: see ``blip2lib.train``.
+the LAVIS single-GPU crash (docs/paper_map.md §10.16: unguarded ``dist.get_rank()``). Launch recipe: see
+``blip2lib.train``.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from all ranks along dim 0 without gradient (LAVIS ``concat_all_gather``).
 
     At world size 1 the input is returned detached (same values, no collective), so one process on the whole
-    batch computes exactly what W processes compute together: gradients reach the local rows only (spec §2 ITC).
+    batch computes exactly what W processes compute together: gradients reach the local rows only (docs/paper_map.md §2
+    ITC).
     """
     if not is_dist():
         return x.detach()
@@ -125,7 +127,7 @@ class _GatherWithGrad(torch.autograd.Function):
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from all ranks along dim 0, keeping gradients for every slice.
 
-    Gradients of remote slices are summed back to their owner (LAVIS ``all_gather_with_grad``, spec §2 ITM:
+    Gradients of remote slices are summed back to their owner (LAVIS ``all_gather_with_grad``, docs/paper_map.md §2 ITM:
     negative images mined on other GPUs send gradient back to each rank's ``ln_vision``).
     """
     if not is_dist():

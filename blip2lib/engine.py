@@ -1,4 +1,6 @@
-"""Model-agnostic training loop: AMP, gradient accumulation, non-finite guard, JSONL log, exact resume (spec §7).
+"""Model-agnostic training loop: AMP, gradient accumulation, non-finite guard, JSONL log, exact resume.
+
+See docs/paper_map.md §7.
 
 Data-position protocol (exact resume): ``loader_factory(start_position) -> iterable of batches`` must yield the
 batches that follow the first ``start_position`` samples THIS rank has consumed since step 0, and its order and
@@ -206,7 +208,8 @@ def run_loop(
     """Train ``task`` for ``steps`` optimizer steps (resuming from the newest checkpoint in ``ckpt_dir``).
 
     Each optimizer step: ``lr = schedule(step)`` (0-based) via :func:`~blip2lib.optim.apply_lr`; ``grad_accum``
-    micro-batches with ``loss / grad_accum`` backpropagated (DDP ``no_sync`` on all but the last, spec §7); if the
+    micro-batches with ``loss / grad_accum`` backpropagated (DDP ``no_sync`` on all but the last, docs/paper_map.md §7);
+    if the
     averaged loss is non-finite the step is skipped (still counted: the LR schedule and data move on) and after
     ``max_bad_steps`` consecutive skips the batches + state go to ``<ckpt_dir>/../bad_batch/`` and
     :class:`NonFiniteLossError` is raised. fp16 uses ``torch.amp.GradScaler``; bf16 runs without one. One JSONL

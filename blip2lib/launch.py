@@ -1,6 +1,6 @@
 """Run training from a notebook: in-process on a CPU / one GPU, or torchrun as a subprocess for several GPUs.
 
-The only place that builds the torchrun command (house style D9). A notebook must not touch CUDA before a multi-GPU
+The only place that builds the torchrun command. A notebook must not touch CUDA before a multi-GPU
 launch; after it, read ``metrics``/``log.jsonl`` from the run folder.
 """
 

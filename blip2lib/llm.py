@@ -1,9 +1,11 @@
-"""The frozen LLM of BLIP-2 stage 2 (spec §1.5, §3): building, freezing, tokenizing and the language-modelling loss.
+"""The frozen LLM of BLIP-2 stage 2: building, freezing, tokenizing and the language-modelling loss.
+
+See docs/paper_map.md §1.5, §3.
 
 Any local transformers causal LM (decoder-only, OPT is the reference: ``family="opt"``) or seq2seq LM
 (encoder–decoder, FlanT5 is the reference: ``family="t5"``) works. The visual soft prompt ``prefix_embeds``
 (B, Q, D) produced by ``language_projection`` is *prepended* to the token embeddings with a ones mask, as LAVIS does
-(hf_transformers_blip2.md §4.3 "prepend adapter"); the LLM never sees placeholder tokens. Generation lives in
+(docs/paper_map.md §8.3, "prepend adapter"); the LLM never sees placeholder tokens. Generation lives in
 :mod:`blip2lib.generation`.
 
 Nothing here touches the network: weights come from a local directory (``local_files_only=True``) or from an
@@ -48,10 +50,13 @@ def _check_family(family: str) -> None:
 
 
 def resolve_dtype(family: str, dtype: torch.dtype | str | None, device: torch.device | str | None) -> torch.dtype:
-    """The frozen LLM's dtype (spec §3.3): fp16 OPT / bf16 T5 on GPU, fp32 on CPU, unless ``dtype`` says otherwise.
+    """The frozen LLM's dtype: fp16 OPT / bf16 T5 on GPU, fp32 on CPU, unless ``dtype`` says otherwise.
+
+    See docs/paper_map.md §3.3.
 
     Raises:
-        ValueError: fp16 requested for a T5 model (FlanT5 overflows in fp16 — LAVIS#206; spec §3.3 uses bf16).
+        ValueError: fp16 requested for a T5 model (FlanT5 overflows in fp16 — LAVIS#206; docs/paper_map.md §3.3 uses
+        bf16).
     """
     _check_family(family)
     if isinstance(dtype, str):
@@ -62,7 +67,7 @@ def resolve_dtype(family: str, dtype: torch.dtype | str | None, device: torch.de
         on_gpu = device is not None and torch.device(device).type == "cuda"
         dtype = (torch.float16 if family == "opt" else torch.bfloat16) if on_gpu else torch.float32
     if family == "t5" and dtype == torch.float16:
-        raise ValueError("fp16 is not supported for T5/FlanT5 LLMs (activations overflow; spec §3.3): use bf16 or fp32")
+        raise ValueError("fp16 is not supported for T5/FlanT5 LLMs (activations overflow): use bf16 or fp32")
     return dtype
 
 
@@ -74,8 +79,9 @@ def _hf_config(cfg: LLMConfig, attn_implementation: str) -> PretrainedConfig:
     else:
         raise ValueError("LLMConfig needs either `path` (local transformers directory) or `hf_config`")
     if cfg.family == "t5" and cfg.exact_gelu:
-        # LAVIS loads FlanT5's config and replaces the tanh-approximate gelu_new by exact GELU (spec §1.5, §10.11);
-        # the gated FFN stays gated. Must happen before the model is constructed (the activation is built from it).
+        # LAVIS loads FlanT5's config and replaces the tanh-approximate gelu_new by exact GELU (docs/paper_map.md §1.5,
+        # §10.11); the gated FFN stays gated. Must happen before the model is constructed (the activation is built from
+        # it).
         config.dense_act_fn = "gelu"
     config._attn_implementation = attn_implementation
     return config
@@ -85,7 +91,7 @@ def _untie_t5_head_(model: PreTrainedModel) -> None:
     """Give a config-built FlanT5 its own ``lm_head`` (real checkpoints have one: 2.85 B parameters for XL).
 
     transformers 5.x ``T5Config`` forces ``tie_word_embeddings=True`` and keeps the user's ``False`` only as
-    ``scale_decoder_outputs`` (hf_transformers_blip2.md §5 pitfall 4), so ``from_config`` ties ``lm_head`` to
+    ``scale_decoder_outputs`` (docs/paper_map.md §8.3), so ``from_config`` ties ``lm_head`` to
     ``shared``; path-loaded checkpoints with distinct tensors stay untied. Only the head is untied (setting the
     config flag before construction would also untie the encoder/decoder input embeddings from ``shared``).
     """
@@ -107,7 +113,7 @@ def build_llm(
 
     Args:
         cfg: LLM configuration; ``family`` "opt" → ``AutoModelForCausalLM`` (any decoder-only model),
-            "t5" → ``AutoModelForSeq2SeqLM``. FlanT5 gets exact GELU when ``cfg.exact_gelu`` (spec §1.5).
+            "t5" → ``AutoModelForSeq2SeqLM``. FlanT5 gets exact GELU when ``cfg.exact_gelu`` (docs/paper_map.md §1.5).
         device: where to build; ``"meta"`` builds shapes only (parameter counting without memory).
         dtype: weight dtype (torch dtype or "fp16"/"bf16"/"fp32"); None → fp32 on CPU/meta, ``cfg.precision`` on GPU.
         attn_implementation: "sdpa" (default) or "eager" (tightest numerical comparisons).
@@ -188,7 +194,8 @@ def build_tokenizer(cfg: LLMConfig):
 
     Tests and the toy world pass a tokenizer object built offline instead (e.g. a ``tokenizers`` WordLevel model
     wrapped in ``PreTrainedTokenizerFast``); every function here takes the tokenizer as an argument.
-    LAVIS used OPT's slow tokenizer (spec §1.5); transformers 5.x has one unified (fast) class with the same ids.
+    LAVIS used OPT's slow tokenizer (docs/paper_map.md §1.5); transformers 5.x has one unified (fast) class with the
+    same ids.
     """
     if not cfg.path:
         raise ValueError("build_tokenizer needs LLMConfig.path; for config-built LLMs pass a tokenizer object")
@@ -198,7 +205,7 @@ def build_tokenizer(cfg: LLMConfig):
 
 
 def check_tokenizer(tokenizer, family: str) -> None:
-    r"""Check the conventions the training/generation code relies on (spec §1.5).
+    r"""Check the conventions the training/generation code relies on (docs/paper_map.md §1.5).
 
     OPT-like: a pad token, BOS prepended to every text, ``"\n"`` a single token (the generation EOS).
     T5-like: a pad token and EOS appended to every text.
@@ -216,7 +223,10 @@ def check_tokenizer(tokenizer, family: str) -> None:
 
 
 def newline_id(tokenizer) -> int:
-    r"""Id of ``"\n"``, OPT's end-of-caption token in BLIP-2 (50118 for the real OPT tokenizer; spec §1.5)."""
+    r"""Id of ``"\n"``, OPT's end-of-caption token in BLIP-2 (50118 for the real OPT tokenizer).
+
+    See docs/paper_map.md §1.5.
+    """
     ids = tokenizer("\n", add_special_tokens=False).input_ids
     if len(ids) != 1:
         raise ValueError(f'"\\n" must be a single token for the OPT end-of-text, got {ids}')
@@ -224,7 +234,7 @@ def newline_id(tokenizer) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Training inputs and loss (spec §3.1, §3.2)
+# Training inputs and loss (docs/paper_map.md §3.1, §3.2)
 
 
 def prompt_length(tokenizer, prompt: str) -> int:
@@ -233,14 +243,15 @@ def prompt_length(tokenizer, prompt: str) -> int:
 
 
 def opt_training_inputs(tokenizer, captions: list[str], prompt: str, max_len: int) -> dict[str, torch.Tensor]:
-    r"""Decoder-only LM inputs for stage 2 / caption fine-tuning (spec §3.1 steps 2–3).
+    r"""Decoder-only LM inputs for stage 2 / caption fine-tuning (docs/paper_map.md §3.1 steps 2–3).
 
     ``captions`` are the full texts as the caption processor returns them, i.e. already starting with the prompt
     (LAVIS' ``blip_caption`` prepends ``"a photo of "``); ``prompt`` only decides how many leading tokens are
     excluded from the loss. Each text gets ``"\n"`` appended (the generation EOS), right padding, truncation to
     ``max_len`` tokens counting BOS and ``"\n"`` (long captions lose their terminator, as in LAVIS).
 
-    Quirk kept on purpose (spec §3.1.5): with the empty pre-training prompt only padding is masked, so the first
+    Quirk kept on purpose (docs/paper_map.md §3.1.5): with the empty pre-training prompt only padding is masked, so the
+    first
     label is BOS — the model is trained to emit BOS from the last query position.
 
     Returns:
@@ -266,7 +277,7 @@ def opt_training_inputs(tokenizer, captions: list[str], prompt: str, max_len: in
 def t5_training_inputs(
     tokenizer, text_input: list[str], text_output: list[str], max_len: int
 ) -> dict[str, torch.Tensor]:
-    """Encoder–decoder (prefix-LM) inputs (spec §3.2 step 2): prefix → encoder, suffix → decoder labels.
+    """Encoder–decoder (prefix-LM) inputs (docs/paper_map.md §3.2 step 2): prefix → encoder, suffix → decoder labels.
 
     Both sides: padding "longest" (right), truncation to ``max_len``, EOS appended by the tokenizer.
 
@@ -290,7 +301,7 @@ def t5_training_inputs(
 def prepend_prefix(
     model: PreTrainedModel, prefix_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[prefix ; embed(ids)]`` and ``[ones(Q) ; mask]`` (spec §1.5): the soft visual prompt goes first.
+    """``[prefix ; embed(ids)]`` and ``[ones(Q) ; mask]`` (docs/paper_map.md §1.5): the soft visual prompt goes first.
 
     The prefix is cast to the LLM's embedding dtype (gradients still flow back through the cast), except for an LLM
     that runs inside its own autocast region (FlanT5 in bf16 on a GPU, see :func:`blip2lib.precision.autocast_region_`):
@@ -311,7 +322,9 @@ def prepend_prefix(
 def llm_loss(
     model: PreTrainedModel, family: str, prefix_embeds: torch.Tensor, batch: dict[str, torch.Tensor]
 ) -> torch.Tensor:
-    """Language-modelling loss of the frozen LLM conditioned on the soft prompt (spec §3.1 step 4, §3.2 step 3).
+    """Language-modelling loss of the frozen LLM conditioned on the soft prompt.
+
+    See docs/paper_map.md §3.1 step 4, §3.2 step 3.
 
     Args:
         model: frozen transformers LLM.
@@ -341,7 +354,7 @@ def llm_loss(
 
 
 def split_prefix_lm(text: str, rng: random.Random | np.random.Generator) -> tuple[str, str]:
-    """Random prefix/suffix split of a caption for FlanT5 prefix-LM pre-training (spec §3.2.4).
+    """Random prefix/suffix split of a caption for FlanT5 prefix-LM pre-training (docs/paper_map.md §3.2.4).
 
     The split point k is uniform over {1, ..., max(1, n // 2)} where n is the number of WORDS (whitespace split):
     the maintainer said "between position 1 and the middle"; the unit is not stated, words are our assumption.

@@ -1,8 +1,8 @@
-"""Stage-1 objectives of BLIP-2 (paper §3.1; spec §2): ITC, ITM with hard negatives, ITG.
+"""Stage-1 objectives of BLIP-2 (paper §3.1; docs/paper_map.md §2): ITC, ITM with hard negatives, ITG.
 
-Pure functions, no process-group calls (house style D3): the task gathers with ``blip2lib.dist`` and passes in the
+Pure functions, no process-group calls: the task gathers with ``blip2lib.dist`` and passes in the
 local tensors, the gathered tensors and the rank. Every loss returns a plain scalar tensor; the task names them
-``itc_loss`` / ``itm_loss`` / ``itg_loss`` and sums them with equal weights (spec §2 "Total").
+``itc_loss`` / ``itm_loss`` / ``itg_loss`` and sums them with equal weights (docs/paper_map.md §2 "Total").
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ IGNORE_INDEX = -100  # label value skipped by F.cross_entropy (HF / LAVIS conven
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# ITC: image-text contrastive (spec §2 ITC, §10.5)
+# ITC: image-text contrastive (docs/paper_map.md §2 ITC, §10.5)
 
 
 def itc_similarities(
@@ -40,17 +40,18 @@ def itc_similarities(
     """Temperature-scaled ITC logits of the local rows against the gathered (global) columns.
 
     ``s_i2t[b, j] = max_q <image_feats[b, q], text_feat_all[j]> / temp`` and
-    ``s_t2i[b, j] = max_q <text_feat[b], image_feats_all[j, q]> / temp`` (spec §2 ITC). The max over the queries
+    ``s_t2i[b, j] = max_q <text_feat[b], image_feats_all[j, q]> / temp`` (docs/paper_map.md §2 ITC). The max over the
+    queries
     is taken on the cosine *before* dividing by ``temp`` (the same thing for ``temp > 0``; it keeps the raw max-cosine
-    that retrieval reuses, spec §10.20). Written with einsum so B == 1 works (LAVIS's
-    ``.squeeze()`` drops the batch axis there, spec §10.16).
+    that retrieval reuses, docs/paper_map.md §10.20). Written with einsum so B == 1 works (LAVIS's
+    ``.squeeze()`` drops the batch axis there, docs/paper_map.md §10.16).
 
     Args:
         image_feats: local L2-normalised query features, (B, Q, E).
         text_feat: local L2-normalised text [CLS] features, (B, E).
         image_feats_all: query features gathered over ranks (no grad in LAVIS), (B*W, Q, E).
         text_feat_all: text features gathered over ranks, (B*W, E).
-        temp: learnable temperature (scalar tensor or float; never clamped, spec §10.5).
+        temp: learnable temperature (scalar tensor or float; never clamped, docs/paper_map.md §10.5).
 
     Returns:
         ``(sim_i2t, sim_t2i)``, each (B, B*W): local images vs all texts, local texts vs all images.
@@ -61,7 +62,10 @@ def itc_similarities(
 
 
 def itc_targets(batch: int, rank: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Column of each local row's positive in the gathered axis: ``rank * B + arange(B)`` (spec §2 ITC), (B,)."""
+    """Column of each local row's positive in the gathered axis: ``rank * B + arange(B)``, (B,).
+
+    See docs/paper_map.md §2 ITC.
+    """
     return rank * batch + torch.arange(batch, device=device)
 
 
@@ -76,7 +80,7 @@ def positive_mask(
     """Boolean (B, B*W) mask of positive pairs between local rows and gathered columns.
 
     Without image ids: the diagonal of the local block ``[:, rank*B : rank*B + B]``. With image ids (retrieval
-    fine-tuning, spec §4.3): every column whose image id equals the row's id (this includes the diagonal).
+    fine-tuning, docs/paper_map.md §4.3): every column whose image id equals the row's id (this includes the diagonal).
     """
     if image_ids is not None:
         if image_ids_all is None:
@@ -104,13 +108,14 @@ def itc_loss(
     image_ids: torch.Tensor | None = None,
     image_ids_all: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Symmetric ITC loss with label smoothing, ``½ [CE(s_i2t) + CE(s_t2i)]`` (spec §2 ITC).
+    """Symmetric ITC loss with label smoothing, ``½ [CE(s_i2t) + CE(s_t2i)]`` (docs/paper_map.md §2 ITC).
 
     One-hot form (stage-1 pre-training): the target of local row b is column ``rank*B + b``; ``F.cross_entropy``
     with ``label_smoothing=ε`` puts ``1 - ε + ε/N`` on it and ``ε/N`` on every other of the N = B*W columns.
 
-    Image-id form (COCO retrieval fine-tuning, spec §2 variant and §4.3; only for *integer* image indices,
-    spec §10.15): every column with the row's image id is a positive; target = ``(1-ε)·pos/|pos| + ε/N`` and the loss
+    Image-id form (COCO retrieval fine-tuning, docs/paper_map.md §2 variant and §4.3; only for *integer* image indices,
+    docs/paper_map.md §10.15): every column with the row's image id is a positive; target = ``(1-ε)·pos/|pos| + ε/N``
+    and the loss
     is the mean over rows of ``-Σ target·log_softmax``, averaged over both directions. With all-distinct ids it
     equals the one-hot form.
 
@@ -137,7 +142,7 @@ def itc_loss(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# ITM: image-text matching with hard negatives from the global batch (spec §2 ITM, §10.7)
+# ITM: image-text matching with hard negatives from the global batch (docs/paper_map.md §2 ITM, §10.7)
 
 
 @torch.no_grad()
@@ -152,7 +157,8 @@ def sample_hard_negatives(
     """Draw one hard negative per local row from ``softmax`` of the ITC logits with positives excluded.
 
     For each local text b a negative *image* is drawn from ``softmax(s_t2i[b])``; for each local image b a negative
-    *text* from ``softmax(s_i2t[b])`` (spec §2 ITM). Positives (local diagonal, or every same-image-id pair) get
+    *text* from ``softmax(s_i2t[b])`` (docs/paper_map.md §2 ITM). Positives (local diagonal, or every same-image-id
+    pair) get
     weight exactly 0: LAVIS HEAD fills them with -10000 before the softmax; we fill with -inf, which is bitwise the
     same in float32 whenever the logits are ≪ 10^4 in size (``exp(-10^4)`` underflows to 0) and stays exact for any
     temperature. The paper-time code (``softmax + 1e-4``, then zero the positive) differs by < 1e-4·N in each weight
@@ -202,7 +208,7 @@ def build_itm_pairs(
         text_ids_all: token ids gathered over ranks (no grad), (B*W, L).
         text_mask_all: attention masks gathered over ranks, (B*W, L).
         image_embeds: local ``ln_vision`` outputs, (B, N, D).
-        image_embeds_all: image embeds gathered *with* grad (spec §2: gradients of negatives mined on other
+        image_embeds_all: image embeds gathered *with* grad (docs/paper_map.md §2: gradients of negatives mined on other
             ranks return to their owner), (B*W, N, D).
         neg_image_idx: one negative image per local text, (B,), from :func:`sample_hard_negatives`.
         neg_text_idx: one negative text per local image, (B,).
@@ -219,12 +225,15 @@ def build_itm_pairs(
 
 
 def _query_mean(logits: torch.Tensor) -> torch.Tensor:
-    """(3B, Q, 2) -> (3B, 2) by averaging the logits over queries (spec §10.7); 2-D input passes through."""
+    """(3B, Q, 2) -> (3B, 2) by averaging the logits over queries; 2-D input passes through.
+
+    See docs/paper_map.md §10.7.
+    """
     return logits.mean(dim=1) if logits.dim() == 3 else logits
 
 
 def itm_loss(itm_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """ITM cross-entropy, no label smoothing (spec §2 ITM).
+    """ITM cross-entropy, no label smoothing (docs/paper_map.md §2 ITM).
 
     Args:
         itm_logits: per-query 2-way logits (3B, Q, 2) — averaged over queries first, as LAVIS — or already
@@ -248,19 +257,19 @@ def itm_accuracy(itm_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# ITG: image-grounded text generation (spec §2 ITG, §10.6)
+# ITG: image-grounded text generation (docs/paper_map.md §2 ITG, §10.6)
 
 
 def itg_inputs(input_ids: torch.Tensor, pad_id: int, dec_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoder inputs and labels for ITG: ``[CLS]`` at position 0 becomes ``[DEC]``; pads become -100.
 
     Position 0 keeps the ``[DEC]`` id in ``labels`` (as LAVIS); it is never a target because :func:`itg_loss`
-    shifts by one. ``[SEP]`` stays a target (spec §2 ITG).
+    shifts by one. ``[SEP]`` stays a target (docs/paper_map.md §2 ITG).
 
     Args:
         input_ids: BERT ids ``[CLS] … [SEP] [PAD]…``, (B, L).
         pad_id: pad token id (0 for BERT).
-        dec_id: ``[DEC]`` token id (30522 in BLIP-2, spec §1.3).
+        dec_id: ``[DEC]`` token id (30522 in BLIP-2, docs/paper_map.md §1.3).
 
     Returns:
         ``(decoder_ids (B, L), labels (B, L))``; the input is not modified.
@@ -272,7 +281,9 @@ def itg_inputs(input_ids: torch.Tensor, pad_id: int, dec_id: int) -> tuple[torch
 
 
 def itg_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
-    """Next-token ITG loss: ``logits[:, :-1]`` against ``labels[:, 1:]``, label smoothing 0.1 (spec §2 ITG, §10.6).
+    """Next-token ITG loss: ``logits[:,:-1]`` against ``labels[:, 1:]``, label smoothing 0.1.
+
+    See docs/paper_map.md §2 ITG, §10.6.
 
     Args:
         logits: LM-head logits over the vocabulary, (B, L, V).

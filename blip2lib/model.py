@@ -1,7 +1,7 @@
-"""BLIP-2 models: the stage-1 Q-Former model and the stage-2 model with a frozen LLM (spec §1, Fig. 1–3).
+"""BLIP-2 models: the stage-1 Q-Former model and the stage-2 model with a frozen LLM (docs/paper_map.md §1, Fig. 1–3).
 
 Models return features and logits; the losses live in ``losses.py`` and the tasks in ``tasks.py`` sum them.
-Attribute names follow transformers' BLIP-2 state-dict keys (hf_transformers_blip2.md §3.1) except
+Attribute names follow transformers' BLIP-2 state-dict keys (docs/paper_map.md §8.3) except
 ``vision_model`` (timm key names) and the ITG head ``cls`` / ``temp`` that transformers does not have.
 """
 
@@ -56,7 +56,7 @@ def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
 
 
 class Blip2Base(nn.Module):
-    """Vision tower + ``ln_vision`` + learned queries + Q-Former, shared by both stages (spec §1.1)."""
+    """Vision tower + ``ln_vision`` + learned queries + Q-Former, shared by both stages (docs/paper_map.md §1.1)."""
 
     def __init__(self, cfg: Blip2Config, device: torch.device | str | None = None):
         super().__init__()
@@ -65,15 +65,16 @@ class Blip2Base(nn.Module):
         meta = str(device) == "meta"  # meta device: shapes only (full-size parameter counts without memory)
         with torch.device(device) if device is not None else contextlib.nullcontext():
             self.vision_model = build_vision_tower(cfg.vision)
-            # ln_vision sits OUTSIDE the tower and is trained in every stage (spec §1.1 step 2).
+            # ln_vision sits OUTSIDE the tower and is trained in every stage (docs/paper_map.md §1.1 step 2).
             self.ln_vision = nn.LayerNorm(cfg.vision.width, eps=cfg.vision.ln_vision_eps)
             self.query_tokens = nn.Parameter(torch.zeros(1, q.num_query_tokens, q.hidden_size))
             self.qformer = Blip2QFormer(q)
-            # Word/position embeddings only where text enters the Q-Former (stage 1, retrieval, VQA FT; spec §1.5).
+            # Word/position embeddings only where text enters the Q-Former (stage 1, retrieval, VQA FT;
+            # docs/paper_map.md §1.5).
             self.embeddings = Blip2TextEmbeddings(q) if q.use_text_input else None
         self.vision_cache: VisionFeatureCache | None = None  # opt-in frozen-ViT feature cache (featcache.py)
         if cfg.vision.freeze:
-            freeze_vision_(self.vision_model)  # no grads, pinned to eval (spec §1.2)
+            freeze_vision_(self.vision_model)  # no grads, pinned to eval (docs/paper_map.md §1.2)
         elif cfg.vision.grad_checkpointing:
             set_grad_checkpointing(self.vision_model, True)
         if not meta:
@@ -83,7 +84,10 @@ class Blip2Base(nn.Module):
             nn.init.normal_(self.query_tokens, std=q.initializer_range)  # LAVIS N(0, 0.02); HF zeros
 
     def train(self, mode: bool = True) -> Blip2Base:
-        """Switch trainable parts; frozen towers stay in eval whatever ``mode`` is (spec §1.2 ``disabled_train``)."""
+        """Switch trainable parts; frozen towers stay in eval whatever ``mode`` is.
+
+        See docs/paper_map.md §1.2 ``disabled_train``.
+        """
         super().train(mode)
         for m in self.modules():
             if getattr(m, "is_frozen", False):
@@ -133,7 +137,7 @@ class Blip2Base(nn.Module):
             x = self.vision_cache.features(pixel_values, tower)  # only unseen images run the tower
         else:
             x = tower(pixel_values)
-        # LAVIS computes ln_vision in fp32 (spec §1.1); the Q-Former keeps fp32 master weights.
+        # LAVIS computes ln_vision in fp32 (docs/paper_map.md §1.1); the Q-Former keeps fp32 master weights.
         return self.ln_vision(x.to(self.ln_vision.weight.dtype))
 
     def query_pass(
@@ -146,7 +150,8 @@ class Blip2Base(nn.Module):
         """Learned queries through the Q-Former with cross-attention to ``image_embeds`` (B, N, Dv).
 
         With ``text_ids`` the text is concatenated after the queries in one bi-directional pass (ITM, and the VQA
-        fine-tuning variant of spec §4.2). Returns the Q-Former output (``last_hidden_state`` (B, Q[+L], H)).
+        fine-tuning variant of docs/paper_map.md §4.2). Returns the Q-Former output (``last_hidden_state`` (B, Q[+L],
+        H)).
         """
         b = image_embeds.shape[0]
         queries = self.query_tokens.expand(b, -1, -1)  # (B, Q, H)
@@ -163,7 +168,10 @@ class Blip2Base(nn.Module):
 
 
 class Blip2QFormerModel(Blip2Base):
-    """Stage-1 model (spec §1.4): ITC/ITM/ITG heads on the Q-Former; also the retrieval fine-tuning model."""
+    """Stage-1 model: ITC/ITM/ITG heads on the Q-Former; also the retrieval fine-tuning model.
+
+    See docs/paper_map.md §1.4.
+    """
 
     def __init__(self, cfg: Blip2Config, device: torch.device | str | None = None):
         if not cfg.qformer.use_text_input:
@@ -178,13 +186,13 @@ class Blip2QFormerModel(Blip2Base):
             self.vision_projection = nn.Linear(h, e)
             self.text_projection = nn.Linear(h, e)
             self.itm_head = nn.Linear(h, 2)
-            self.temp = nn.Parameter(torch.full((), 0.07))  # learnable, never clamped (spec §1.4)
+            self.temp = nn.Parameter(torch.full((), 0.07))  # learnable, never clamped (docs/paper_map.md §1.4)
         if str(device) != "meta":
             init_weights(self.cls, cfg.qformer.initializer_range)
 
-    # ---- features (spec §2 shared passes) ----
+    # ---- features (docs/paper_map.md §2 shared passes) ----
     def encode_image(self, pixel_values: torch.Tensor, use_cache: bool = False) -> dict:
-        """Image side of the stage-1 passes (spec §2 steps 1–2).
+        """Image side of the stage-1 passes (docs/paper_map.md §2 steps 1–2).
 
         Returns ``image_embeds`` (B, N, Dv), ``query_output`` (B, Q, H), ``image_feats`` (B, Q, E) L2-normalised,
         and the query pass's self-attention cache (reused by ITG) when ``use_cache``.
@@ -207,17 +215,26 @@ class Blip2QFormerModel(Blip2Base):
 
     @staticmethod
     def itc_similarity(image_feats: torch.Tensor, text_feat: torch.Tensor) -> torch.Tensor:
-        """Raw ITC cosine, max over queries: (Bi, Q, E) × (Bt, E) → (Bi, Bt) (spec §10.20, no temperature)."""
+        """Raw ITC cosine, max over queries: (Bi, Q, E) × (Bt, E) → (Bi, Bt).
+
+        See docs/paper_map.md §10.20, no temperature.
+        """
         return torch.einsum("iqe,te->itq", image_feats, text_feat).amax(dim=-1)
 
     def itm_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """ITM 2-way logits of pairs (image_embeds[i], text[i]), averaged over the queries: (B, 2) (spec §2 ITM)."""
+        """ITM 2-way logits of pairs (image_embeds[i], text[i]), averaged over the queries: (B, 2).
+
+        See docs/paper_map.md §2 ITM.
+        """
         out = self.query_pass(image_embeds, text_ids=input_ids, text_mask=attention_mask)
         nq = self.query_tokens.shape[1]
         return self.itm_head(out.last_hidden_state[:, :nq]).mean(dim=1)  # (B, Q, 2) → (B, 2)
 
     def itg_logits(self, past_key_values, decoder_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """ITG logits (B, L, V): text-only causal pass reusing the query pass's K/V cache (spec §1.3 mask (a))."""
+        """ITG logits (B, L, V): text-only causal pass reusing the query pass's K/V cache).
+
+        See docs/paper_map.md §1.3 mask (a.
+        """
         nq = self.query_tokens.shape[1]
         mask = causal_text_mask_with_prefix(attention_mask, nq)  # (B, L, Q+L)
         out = self.qformer(
@@ -228,7 +245,7 @@ class Blip2QFormerModel(Blip2Base):
     # ---- user-facing scoring API ----
     @torch.no_grad()
     def itm_probability(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """P(match) per (image, text) pair: softmax of the averaged ITM logits, class 1 (spec §10.20)."""
+        """P(match) per (image, text) pair: softmax of the averaged ITM logits, class 1 (docs/paper_map.md §10.20)."""
         image_embeds = self.encode_vision(pixel_values)
         return self.itm_logits(image_embeds, input_ids, attention_mask).softmax(-1)[:, 1]
 
@@ -300,10 +317,10 @@ class Blip2QFormerModel(Blip2Base):
 
 
 class Blip2(Blip2Base):
-    """Stage-2 model (spec §1.5, Fig. 3): Q-Former query path → ``language_projection`` → frozen LLM.
+    """Stage-2 model (docs/paper_map.md §1.5, Fig. 3): Q-Former query path → ``language_projection`` → frozen LLM.
 
     The Q-Former keeps only its query path (``qformer.use_text_input=False``) unless the VQA fine-tuning variant
-    feeds the question through it (spec §4.2), which keeps the text embeddings and text FFN.
+    feeds the question through it (docs/paper_map.md §4.2), which keeps the text embeddings and text FFN.
 
     ``llm_dropout=True`` (default, as LAVIS trains) lets the frozen LLM follow ``train()`` / ``eval()``: its dropout
     is active in training steps while its weights stay frozen. ``False`` pins it in eval mode (no dropout ever).
@@ -346,7 +363,7 @@ class Blip2(Blip2Base):
         qformer_ids: torch.Tensor | None = None,
         qformer_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """32 soft visual tokens in LLM space: (B, 3, S, S) → (B, Q, D_llm) (spec §1.1 step 4, §3.3).
+        """32 soft visual tokens in LLM space: (B, 3, S, S) → (B, Q, D_llm) (docs/paper_map.md §1.1 step 4, §3.3).
 
         With ``qformer_ids`` the question is fed through the Q-Former together with the queries (VQA FT, §4.2);
         only the query outputs are projected.
@@ -363,7 +380,10 @@ class Blip2(Blip2Base):
         qformer_ids: torch.Tensor | None = None,
         qformer_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Frozen-LLM loss conditioned on the soft prompt (spec §3.1 / §3.2); ``llm_inputs`` from ``blip2lib.llm``."""
+        """Frozen-LLM loss conditioned on the soft prompt; ``llm_inputs`` from ``blip2lib.llm``.
+
+        See docs/paper_map.md §3.1 / §3.2.
+        """
         from .llm import llm_loss
 
         prefix = self.soft_prompt(pixel_values, qformer_ids, qformer_mask)
@@ -379,7 +399,7 @@ class Blip2(Blip2Base):
         questions: list[str] | None = None,
         **decoding,
     ) -> list[str]:
-        """Batched captioning / VQA (spec §5): soft prompt + text prompt → new text only.
+        """Batched captioning / VQA (docs/paper_map.md §5): soft prompt + text prompt → new text only.
 
         ``decoding``: ``num_beams``, ``max_new_tokens``, ``min_new_tokens`` (new tokens, never counting the query
         positions), ``length_penalty``, ``repetition_penalty`` … (see ``blip2lib.generation.generate``).
@@ -389,7 +409,8 @@ class Blip2(Blip2Base):
         if self.tokenizer is None:
             raise ValueError("Blip2.generate needs the LLM tokenizer (model.tokenizer)")
         if questions is not None and qformer_ids is None and self.embeddings is not None:
-            # VQA fine-tuned variant (spec §4.2): the question also goes through the Q-Former with the queries.
+            # VQA fine-tuned variant (docs/paper_map.md §4.2): the question also goes through the Q-Former with the
+            # queries.
             tok = self.qformer_tokenizer(
                 list(questions),
                 padding="longest",

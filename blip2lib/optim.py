@@ -31,14 +31,14 @@ __all__ = [
 
 NO_DECAY_RULES = ("paper", "lavis_head")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
-# Sub-module names (inside the timm tower) that sit before block 0: EVA and CLIP towers (spec §1.2). ``norm_pre`` is
-# CLIP's ``ln_pre``, which LAVIS' clip_vit ``get_num_layer`` also puts at layer 0.
+# Sub-module names (inside the timm tower) that sit before block 0: EVA and CLIP towers (docs/paper_map.md §1.2).
+# ``norm_pre`` is CLIP's ``ln_pre``, which LAVIS' clip_vit ``get_num_layer`` also puts at layer 0.
 _EMBED_NAMES = ("cls_token", "pos_embed", "mask_token", "reg_token")
 _EMBED_PREFIXES = ("patch_embed.", "norm_pre.")
 
 
 def vit_layer_id(sub_name: str, depth: int) -> int:
-    """Layer id of a ViT parameter for layer-wise LR decay (spec §7: LAVIS ``get_num_layer``).
+    """Layer id of a ViT parameter for layer-wise LR decay (docs/paper_map.md §7: LAVIS ``get_num_layer``).
 
     Args:
         sub_name: Parameter name inside the tower (``vision_model.`` prefix removed), timm key names.
@@ -57,7 +57,7 @@ def vit_layer_id(sub_name: str, depth: int) -> int:
 
 
 def _no_decay(name: str, p: torch.Tensor, rule: str) -> bool:
-    """Whether ``p`` is excluded from weight decay under ``rule`` (spec §7)."""
+    """Whether ``p`` is excluded from weight decay under ``rule`` (docs/paper_map.md §7)."""
     if rule == "paper":
         # Paper-time runner: ndim < 2 (so the 0-D ``temp`` too) or "bias"/"ln"/"bn" anywhere in the name.
         return p.ndim < 2 or "bias" in name or "ln" in name or "bn" in name
@@ -82,7 +82,7 @@ def param_groups(
     vit_depth: int | None = None,
     no_decay_rule: str = "paper",
 ) -> list[dict]:
-    """AdamW parameter groups: decay / no-decay split and per-layer ViT groups (spec §7).
+    """AdamW parameter groups: decay / no-decay split and per-layer ViT groups (docs/paper_map.md §7).
 
     Only parameters with ``requires_grad`` are included (frozen towers never reach the optimizer). Non-ViT
     parameters land in ``"decay"`` / ``"no_decay"`` with ``lr_scale`` 1; trainable ViT parameters land in
@@ -98,7 +98,7 @@ def param_groups(
     Args:
         model: Module whose ``named_parameters`` are grouped (tied parameters appear once).
         weight_decay: Decay for the decay groups (0.05 in every BLIP-2 recipe).
-        lr_layer_decay: Per-layer factor for the ViT (paper Tables 7–9: 1, 0.95 or 0.9; spec §4).
+        lr_layer_decay: Per-layer factor for the ViT (paper Tables 7–9: 1, 0.95 or 0.9; docs/paper_map.md §4).
         vit_prefix: Name prefix of the vision tower.
         vit_depth: Blocks in the tower; inferred from parameter names when None.
         no_decay_rule: ``"paper"`` or ``"lavis_head"``.
@@ -140,7 +140,9 @@ def build_optimizer(
     eps: float = 1e-8,
     fused: bool | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW over ``groups`` (spec §7; betas default to the paper's pre-training (0.9, 0.98), LAVIS yamls 0.999).
+    """AdamW over ``groups``, LAVIS yamls 0.999).
+
+    See docs/paper_map.md §7; betas default to the paper's pre-training (0.9, 0.98.
 
     Args:
         groups: Output of :func:`param_groups` (extra keys such as ``lr_scale`` are kept in the groups).

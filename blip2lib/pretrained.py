@@ -1,11 +1,14 @@
-"""Loading released / converted / our own BLIP-2 checkpoints, and exporting to transformers and LAVIS (spec §8).
+"""Loading released / converted / our own BLIP-2 checkpoints, and exporting to transformers and LAVIS.
+
+See docs/paper_map.md §8.
 
 :func:`from_pretrained` takes any of three sources and returns our :class:`~blip2lib.model.Blip2` (stage 2) or
 :class:`~blip2lib.model.Blip2QFormerModel` (stage 1 / retrieval):
 
 * a transformers directory (``config.json`` + safetensors/bin) of ``Blip2ForConditionalGeneration`` (OPT/T5) or
   ``Blip2ForImageTextRetrieval``;
-* a LAVIS ``.pth`` (``checkpoint["model"]``) assembled like LAVIS does (spec §8.1): the ViT from ``vision_weights``
+* a LAVIS ``.pth`` (``checkpoint["model"]``) assembled like LAVIS does (docs/paper_map.md §8.1): the ViT from
+``vision_weights``
   (``eva_vit_g.pth`` / ``clip_vit_L.pth``; a fine-tuned file's ``visual_encoder.*`` overrides it), the LLM from the
   local ``llm_path``, the Q-Former tokenizer from the local ``bert_dir``;
 * our training checkpoint (``ckpt-<step>/`` with ``manifest.json``): trainable tensors from the file (sha256 checked),
@@ -105,7 +108,7 @@ def _tokenizer(d: str | Path | None, bert: bool = False):
 
     tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True, **({"truncation_side": "right"} if bert else {}))
     if bert and tok.bos_token is None:
-        tok.add_special_tokens({"bos_token": "[DEC]"})  # id 30522 (spec §1.3), as blip2lib.setup does
+        tok.add_special_tokens({"bos_token": "[DEC]"})  # id 30522 (docs/paper_map.md §1.3), as blip2lib.setup does
     return tok
 
 
@@ -241,7 +244,7 @@ def _load_hf(d: Path, attn: str, strict: bool, return_report: bool, config=None)
 
 
 def _infer_lavis_config(sd: dict, vis: dict, llm_path: str | None, image_size: int | None):
-    """Architecture of a LAVIS checkpoint from tensor shapes + the paper presets (spec §1.2–1.5, §8.2)."""
+    """Architecture of a LAVIS checkpoint from tensor shapes + the paper presets (docs/paper_map.md §1.2–1.5, §8.2)."""
     import dataclasses
     import math
 
@@ -384,7 +387,7 @@ def from_pretrained(
     return_report: bool = False,
     **private,
 ):
-    """Load a BLIP-2 checkpoint of any supported source into our model (module docstring; spec §8).
+    """Load a BLIP-2 checkpoint of any supported source into our model (module docstring; docs/paper_map.md §8).
 
     Args:
         path: transformers directory, LAVIS ``.pth``/``.safetensors`` state dict, ``ckpt-<step>/`` directory, or a
@@ -426,7 +429,9 @@ def from_pretrained(
 
 
 def save_pretrained_hf(model, path, *, check: bool = True, tol: float = 1e-4, seed: int = 0) -> dict[str, float]:
-    """Write ``model`` as a directory stock transformers loads (spec §8.3), verified before it appears at ``path``.
+    """Write ``model`` as a directory stock transformers loads, verified before it appears at ``path``.
+
+    See docs/paper_map.md §8.3.
 
     Stage-2 models → ``Blip2ForConditionalGeneration``; stage-1 models → ``Blip2ForImageTextRetrieval`` (``cls`` and
     ``temp`` are not representable and are dropped). Written: ``config.json``, ``model.safetensors`` (tied LLM
@@ -500,7 +505,7 @@ def save_pretrained_hf(model, path, *, check: bool = True, tol: float = 1e-4, se
 
 def save_lavis(model, path, *, llm_out: str | None = None, check: bool = True, tol: float = 1e-4,
                reference=None) -> dict[str, float]:  # fmt: skip
-    """Write ``{"model": state_dict}`` in LAVIS names (spec §8.1).
+    """Write ``{"model": state_dict}`` in LAVIS names (docs/paper_map.md §8.1).
 
     The ViT is included as ``visual_encoder.*`` like a fine-tuned file; no LLM (LAVIS loads it from its own folder;
     ``llm_out`` saves it + tokenizer there).

@@ -1,10 +1,13 @@
-"""The Q-Former: a BERT-base-shaped transformer shared by learned queries and text (spec §1.3, paper Fig. 2).
+"""The Q-Former: a BERT-base-shaped transformer shared by learned queries and text.
+
+See docs/paper_map.md §1.3, paper Fig. 2.
 
 BLIP-2 (Li et al., 2023, arXiv:2301.12597). Parameter names follow transformers' ``Blip2QFormerModel`` (the
-``qformer.*`` keys of hf_transformers_blip2.md §3.1); the LAVIS names differ only by the prefix ``Qformer.bert`` and
-the segment ``.self.`` → ``.attention.`` (spec §8.3). Text word/position embeddings live outside the Q-Former
+``qformer.*`` keys, docs/paper_map.md §8.3); the LAVIS names differ only by the prefix ``Qformer.bert`` and
+the segment ``.self.`` → ``.attention.`` (docs/paper_map.md §8.3). Text word/position embeddings live outside the
+Q-Former
 (HF top-level ``embeddings.*``) and the embedding LayerNorm is ``Blip2QFormer.layernorm``, applied to
-``[queries ; text]`` together (spec §1.3 "Embeddings").
+``[queries ; text]`` together (docs/paper_map.md §1.3 "Embeddings").
 
 Masks: callers pass 0/1 masks (1 = may attend); inside they become LAVIS's additive ``(1 - m) * -10000`` (the
 convention every released checkpoint was trained with). It is finite in fp16/bf16/fp32, so a fully masked row never
@@ -28,7 +31,7 @@ from .config import QFormerConfig
 
 log = logging.getLogger(__name__)
 
-MASK_VALUE = -10000.0  # LAVIS additive mask value (spec §1.3 "Attention masks")
+MASK_VALUE = -10000.0  # LAVIS additive mask value (docs/paper_map.md §1.3 "Attention masks")
 KV = tuple[torch.Tensor, torch.Tensor]  # one layer's self-attention (key, value), each (B, nh, T_kv, hd)
 
 
@@ -44,7 +47,7 @@ class QFormerOutput(NamedTuple):
 
 
 def bidirectional_mask(text_mask: torch.Tensor, num_queries: int) -> torch.Tensor:
-    """Bi-directional mask for one ``[queries ; text]`` pass (ITM, VQA-FT conditioning; spec §1.3).
+    """Bi-directional mask for one ``[queries ; text]`` pass (ITM, VQA-FT conditioning; docs/paper_map.md §1.3).
 
     Every token sees every query and every non-pad text token. (ITC's uni-modal mask needs no builder: queries
     and text run in two separate passes, the text one with its plain padding mask.)
@@ -61,7 +64,9 @@ def bidirectional_mask(text_mask: torch.Tensor, num_queries: int) -> torch.Tenso
 
 
 def causal_prefix_mask(text_mask: torch.Tensor, num_queries: int) -> torch.Tensor:
-    """UniLM-style multimodal-causal mask for a full ``[queries ; text]`` pass (generation variant (b), spec §1.3).
+    """UniLM-style multimodal-causal mask for a full ``[queries ; text]`` pass (generation variant (b)).
+
+    See docs/paper_map.md §1.3.
 
     Query rows see all queries and no text; text row t sees all queries and the non-pad text tokens s <= t.
 
@@ -80,7 +85,9 @@ def causal_prefix_mask(text_mask: torch.Tensor, num_queries: int) -> torch.Tenso
 
 
 def causal_text_mask_with_prefix(text_mask: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """Mask for a text-only causal pass on top of P cached query keys/values (ITG training variant (a), spec §2).
+    """Mask for a text-only causal pass on top of P cached query keys/values (ITG training variant (a)).
+
+    See docs/paper_map.md §2.
 
     Args:
         text_mask: 0/1 text padding mask, (B, L).
@@ -139,7 +146,7 @@ class _MultiHeadAttention(nn.Module):
     ) -> tuple[torch.Tensor, KV]:
         q = self._heads(self.query(x))  # (B, nh, T, hd)
         k, v = self._heads(self.key(kv_states)), self._heads(self.value(kv_states))  # (B, nh, S, hd)
-        if past is not None:  # cached keys/values come first (queries, then earlier text; spec §2 ITG)
+        if past is not None:  # cached keys/values come first (queries, then earlier text; docs/paper_map.md §2 ITG)
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, nh, T_kv, hd)
         p = self.p_drop if self.training else 0.0
         if self.impl == "eager":
@@ -196,7 +203,10 @@ class _Intermediate(nn.Module):
 
 
 class Blip2QFormerLayer(nn.Module):
-    """Self-attention (all positions) → cross-attention (queries, every ``freq``-th layer) → two FFNs (spec §1.3)."""
+    """Self-attention (all positions) → cross-attention (queries, every ``freq``-th layer) → two FFNs.
+
+    See docs/paper_map.md §1.3.
+    """
 
     def __init__(self, cfg: QFormerConfig, index: int, impl: str = "sdpa"):
         super().__init__()
@@ -205,7 +215,7 @@ class Blip2QFormerLayer(nn.Module):
         if self.has_cross_attention:
             self.crossattention = _Attention(cfg, cfg.encoder_hidden_size, impl)
         self.has_text_ffn = cfg.use_text_input
-        if self.has_text_ffn:  # text FFN (absent in stage-2 checkpoints, spec §8.1); HF key order
+        if self.has_text_ffn:  # text FFN (absent in stage-2 checkpoints, docs/paper_map.md §8.1); HF key order
             self.intermediate = _Intermediate(cfg)
             self.output = _SelfOutput(cfg, cfg.intermediate_size)
         self.intermediate_query = _Intermediate(cfg)  # query FFN
@@ -229,7 +239,7 @@ class Blip2QFormerLayer(nn.Module):
         if query_length == 0:  # pure text pass: text FFN everywhere, no image
             return self._text_ffn(h), kv
         hq = h[:, :query_length]  # (B, Q, H)
-        if self.has_cross_attention:  # only queries see the image; image mask is all ones (spec §1.3 step 3)
+        if self.has_cross_attention:  # only queries see the image; image mask is all ones
             if encoder_hidden_states is None:
                 raise ValueError("encoder_hidden_states must be given for a pass with queries (cross-attention)")
             hq, _ = self.crossattention(hq, encoder_hidden_states)  # (B, Q, H)
@@ -288,7 +298,7 @@ class Blip2QFormer(nn.Module):
         if not 0 <= query_length <= t:
             raise ValueError(f"query_length {query_length} must lie in [0, {t}]")
         dtype = self.layernorm.weight.dtype  # the Q-Former stays in its own (fp32) dtype, as in HF
-        x = self.dropout(self.layernorm(embeds.to(dtype)))  # (B, T, H): LN over [queries ; text] (spec §1.3)
+        x = self.dropout(self.layernorm(embeds.to(dtype)))  # (B, T, H): LN over [queries ; text]
         if encoder_hidden_states is not None:
             encoder_hidden_states = encoder_hidden_states.to(dtype)  # (B, N, Dv)
         past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
@@ -307,7 +317,7 @@ class Blip2QFormer(nn.Module):
 
 
 class Blip2TextEmbeddings(nn.Module):
-    """Word + absolute position embeddings of the Q-Former text (HF top-level ``embeddings.*``; spec §1.3).
+    """Word + absolute position embeddings of the Q-Former text (HF top-level ``embeddings.*``; docs/paper_map.md §1.3).
 
     No token-type embeddings and no LayerNorm here: the LayerNorm is :attr:`Blip2QFormer.layernorm`, applied to
     ``[queries ; text]`` together.
@@ -325,7 +335,7 @@ class Blip2TextEmbeddings(nn.Module):
         Args:
             input_ids: token ids, (B, L).
             past_length: number of TEXT tokens already in the cache (queries consume no positions), so the first
-                text token has position 0 (spec §1.3, §10.2).
+                text token has position 0 (docs/paper_map.md §1.3, §10.2).
         """
         pos = self.position_ids[:, past_length : past_length + input_ids.shape[1]]  # (1, L)
         return self.word_embeddings(input_ids) + self.position_embeddings(pos)  # (B, L, H)
@@ -348,10 +358,10 @@ class Blip2QFormerLMHead(nn.Module):
         p.transform.LayerNorm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
         p.decoder = nn.Linear(h, v, bias=False)
         if embedding_weight is not None:
-            p.decoder.weight = embedding_weight  # tied to embeddings.word_embeddings (spec §1.3 LM head)
+            p.decoder.weight = embedding_weight  # tied to embeddings.word_embeddings (docs/paper_map.md §1.3 LM head)
             p.decoder._tied = True  # init_weights leaves it to the embedding
         p.bias = nn.Parameter(torch.zeros(v))
-        p.decoder.bias = p.bias  # BERT exposes it under both names (spec §8.1)
+        p.decoder.bias = p.bias  # BERT exposes it under both names (docs/paper_map.md §8.1)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Hidden states (B, L, H) → vocabulary logits (B, L, V)."""
@@ -400,7 +410,7 @@ def _bert_name(ours: str) -> str:
 def load_bert_weights(
     qformer: Blip2QFormer, embeddings: Blip2TextEmbeddings | None, lm_head: Blip2QFormerLMHead | None, bert_dir: str
 ) -> dict[str, list[str]]:
-    """Initialise the Q-Former from a LOCAL bert-base-uncased directory, as LAVIS does (spec §1.3).
+    """Initialise the Q-Former from a LOCAL bert-base-uncased directory, as LAVIS does (docs/paper_map.md §1.3).
 
     Mapping (our names ← BERT): ``qformer.layernorm`` ← ``bert.embeddings.LayerNorm``; ``embeddings.*`` ←
     ``bert.embeddings.{word,position}_embeddings``; ``…attention.attention.*`` ← ``…attention.self.*``; text FFN
@@ -424,7 +434,7 @@ def load_bert_weights(
     if lm_head is not None and (
         embeddings is None or lm_head.predictions.decoder.weight is not embeddings.word_embeddings.weight
     ):
-        raise ValueError("lm_head's decoder must be tied to embeddings.word_embeddings (spec §1.3 LM head)")
+        raise ValueError("lm_head's decoder must be tied to embeddings.word_embeddings (the BERT LM head)")
     sd, orig = {}, {}  # normalised BERT name → tensor / → name in the file
     path = Path(bert_dir)
     if (path / "model.safetensors").exists():

@@ -1,4 +1,4 @@
-"""Assemble what a training run needs from flat params: model, task, tokenizers, data (spec §2–4, §6).
+"""Assemble what a training run needs from flat params: model, task, tokenizers, data (docs/paper_map.md §2–4, §6).
 
 Model sources: ``tiny`` (random, seconds; smoke tests), ``toy`` (the embedded toy world's frozen models) or a
 ``PRESETS`` key with local weights (``vision_weights``, ``llm_path``, ``bert_dir``). Nothing here downloads.
@@ -84,7 +84,7 @@ def _toy_components(params) -> dict:
         hidden_dropout_prob=bert.get("hidden_dropout_prob", 0.1),
         attention_probs_dropout_prob=bert.get("attention_probs_dropout_prob", 0.1),
         cross_attention_frequency=1, encoder_hidden_size=vision.width, num_query_tokens=8,
-        use_text_input=params.stage not in GENERATIVE,  # stage 2 keeps only the query path (spec §1.5)
+        use_text_input=params.stage not in GENERATIVE,  # stage 2 keeps only the query path (docs/paper_map.md §1.5)
         pad_token_id=qtok.pad_token_id, cls_token_id=qtok.cls_token_id, sep_token_id=qtok.sep_token_id,
         dec_token_id=qtok.convert_tokens_to_ids("[DEC]"),
     )  # fmt: skip
@@ -120,7 +120,7 @@ def _preset_components(params) -> dict:
     if not params.bert_dir:
         raise ValueError("bert_dir (a local bert-base-uncased folder) is required for real presets")
     qtok = AutoTokenizer.from_pretrained(params.bert_dir, local_files_only=True, truncation_side="right")
-    qtok.add_special_tokens({"bos_token": "[DEC]"})  # id 30522 (spec §1.3)
+    qtok.add_special_tokens({"bos_token": "[DEC]"})  # id 30522 (docs/paper_map.md §1.3)
     out = {
         "config": cfg,
         "qformer_tokenizer": qtok,
@@ -148,7 +148,7 @@ def build_model_and_task(params, device: torch.device):
         precision=(params.vit_precision or cfg.vision.precision) if params.freeze_vit else "fp32",  # trained: fp32
     )
     qformer = cfg.qformer
-    if params.stage == "vqa_ft":  # the question goes through the Q-Former too (spec §4.2): keep the text path
+    if params.stage == "vqa_ft":  # the question goes through the Q-Former too: keep the text path
         qformer = _with(qformer, use_text_input=True)
     llm = cfg.llm
     if params.stage in GENERATIVE and llm is not None:
@@ -235,10 +235,10 @@ def materialize_frozen(model, comps: dict, run_dir: Path) -> None:
 
 
 def load_init(model: torch.nn.Module, path: str) -> dict:
-    """Initialise trainable weights from parent checkpoints: keys that exist in both are taken (spec §3.4).
+    """Initialise trainable weights from parent checkpoints: keys that exist in both are taken (docs/paper_map.md §3.4).
 
     ``path`` may list several comma-separated checkpoints; a later one only fills keys the earlier ones lacked
-    (VQA fine-tuning: the stage-2 run, then the stage-1 run for the Q-Former text path, spec §4.2 / §10.4).
+    (VQA fine-tuning: the stage-2 run, then the stage-1 run for the Q-Former text path, docs/paper_map.md §4.2 / §10.4).
 
     Returns the report ``{"loaded", "dropped", "fresh"}`` (stage 1 → stage 2 drops the text FFN, word embeddings,
     ITG/ITC/ITM heads; the projection to the LLM is fresh).
@@ -338,7 +338,8 @@ def _train_dataset(params, comps: dict, bad: BadSampleLog):
 
 
 def _top_answer(batch: dict) -> dict:
-    # VQA FT target: the most frequent annotator answer (spec §4.2 leaves the choice open; BLIP-1 weighted all).
+    # VQA FT target: the most frequent annotator answer (docs/paper_map.md §4.2 leaves the choice open; BLIP-1 weighted
+    # all).
     if "answers" in batch and "weights" in batch:
         batch["answer"] = [
             a[max(range(len(w)), key=lambda i: w[i])] for a, w in zip(batch["answers"], batch["weights"])
@@ -383,7 +384,7 @@ def _shard_urls(params) -> list[str]:
 
 
 def _shard_factory(params, bad: BadSampleLog, text, transform, to_device):
-    """Loader factory over resampled shards (spec §3.4 web data), exact to the sample position.
+    """Loader factory over resampled shards (docs/paper_map.md §3.4 web data), exact to the sample position.
 
     Epoch ``e`` is the deterministic stream ``make_shard_dataset(seed=seed + e, resampled=True)`` cut to
     ``shard_epoch_samples`` per rank (split evenly over the DataLoader workers, whole batches only). Resuming at a

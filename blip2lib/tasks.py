@@ -1,8 +1,9 @@
 """Tasks: a model plus its objectives; ``forward(batch)`` returns named loss terms summed into ``loss``.
 
 This is the only place that gathers features for losses (through ``blip2lib.dist``; no-ops at world size 1).
-Stage 1 = ITC + ITM + ITG (spec §2), the retrieval fine-tuning variant adds image ids (spec §4.3), stage 2 and
-the generative fine-tunings use the frozen LLM's LM loss (spec §3, §4.1, §4.2).
+Stage 1 = ITC + ITM + ITG (docs/paper_map.md §2), the retrieval fine-tuning variant adds image ids (docs/paper_map.md
+§4.3), stage 2 and
+the generative fine-tunings use the frozen LLM's LM loss (docs/paper_map.md §3, §4.1, §4.2).
 """
 
 from __future__ import annotations
@@ -50,11 +51,11 @@ class Stage1Task(nn.Module):
 
     Args:
         model: the stage-1 model.
-        tokenizer: BERT tokenizer with ``[DEC]`` (Q-Former side, spec §1.3).
-        max_txt_len: Q-Former text length (32 in training, spec §1.3).
+        tokenizer: BERT tokenizer with ``[DEC]`` (Q-Former side, docs/paper_map.md §1.3).
+        max_txt_len: Q-Former text length (32 in training, docs/paper_map.md §1.3).
         use_itg: include the ITG term (the Table 6 ablation switches it off).
         negative_sampler: replaces :func:`sample_hard_negatives` (tests pass a fixed sampler).
-        text_padding: ``"max_length"`` pads every caption to ``max_txt_len`` (LAVIS, spec §2 step 3);
+        text_padding: ``"max_length"`` pads every caption to ``max_txt_len`` (LAVIS, docs/paper_map.md §2 step 3);
             ``"longest"`` pads to the longest caption of the global batch. Pads are masked everywhere (attention
             keys, ITG labels; ITC reads [CLS], ITM the queries), so both give the same losses up to float rounding
             — only the cost differs (short toy captions: ~1.45× faster steps). Dropout draws differ in shape, so
@@ -101,7 +102,7 @@ class Stage1Task(nn.Module):
         images = batch["image"]
         ids, mask = self.tokenize(batch["text_input"], images.device)
         image_ids = batch.get("image_id")
-        # Only integer image ids switch on the multi-positive variant (spec §10.15: never raw string ids).
+        # Only integer image ids switch on the multi-positive variant (docs/paper_map.md §10.15: never raw string ids).
         if not (isinstance(image_ids, torch.Tensor) and not image_ids.is_floating_point()):
             image_ids = None
         rank = dist.get_rank()
@@ -111,14 +112,14 @@ class Stage1Task(nn.Module):
             enc = m.encode_image(images, use_cache=self.use_itg)  # image_feats (B, Q, E)
             txt = m.encode_text(ids, mask)  # text_feat (B, E)
 
-        # ---- ITC: local rows vs gathered columns without grad (spec §2 ITC) ----
+        # ---- ITC: local rows vs gathered columns without grad (docs/paper_map.md §2 ITC) ----
         img_all = dist.all_gather_no_grad(enc["image_feats"])  # (B*W, Q, E)
         txt_all = dist.all_gather_no_grad(txt["text_feat"])  # (B*W, E)
         ids_all = dist.all_gather_no_grad(image_ids) if image_ids is not None else None
         sim_i2t, sim_t2i = itc_similarities(enc["image_feats"], txt["text_feat"], img_all, txt_all, m.temp)
         out = {"itc_loss": itc_loss(sim_i2t, sim_t2i, rank, image_ids=image_ids, image_ids_all=ids_all)}
 
-        # ---- ITM with hard negatives from the global batch (spec §2 ITM) ----
+        # ---- ITM with hard negatives from the global batch (docs/paper_map.md §2 ITM) ----
         embeds_all = dist.all_gather_with_grad(enc["image_embeds"])  # (B*W, N, Dv), grads return to owners
         text_ids_all = dist.all_gather_no_grad(ids)
         text_mask_all = dist.all_gather_no_grad(mask)
@@ -135,19 +136,19 @@ class Stage1Task(nn.Module):
         out["itm_loss"] = itm_loss(itm, labels)
         out["itm_acc"] = itm_accuracy(itm, labels)  # a constant "no match" already scores 2/3
 
-        # ---- ITG: [DEC] replaces [CLS], causal text over the cached query states (spec §2 ITG) ----
+        # ---- ITG: [DEC] replaces [CLS], causal text over the cached query states (docs/paper_map.md §2 ITG) ----
         if self.use_itg:
             dec_ids, lm_labels = itg_inputs(ids, q.pad_token_id, q.dec_token_id)
             with record_function("stage1/itg_qformer"):
                 logits = m.itg_logits(enc["past_key_values"], dec_ids, mask)
             out["itg_loss"] = itg_loss(logits, lm_labels)
-        out["loss"] = out["itc_loss"] + out["itm_loss"] + out.get("itg_loss", 0.0)  # equal weights (spec §2)
+        out["loss"] = out["itc_loss"] + out["itm_loss"] + out.get("itg_loss", 0.0)  # equal weights
         out["temp"] = m.temp.detach()
         return out
 
 
 class Stage2Task(nn.Module):
-    """Generative learning from a frozen LLM (spec §3): stage 2, caption FT (§4.1) and VQA FT (§4.2).
+    """Generative learning from a frozen LLM (docs/paper_map.md §3): stage 2, caption FT (§4.1) and VQA FT (§4.2).
 
     Batches: ``image`` + ``text_input`` (captions) for stage 2 / caption FT; ``image`` + ``text_input`` (question)
     + ``answer`` (list of one target answer per row) for VQA fine-tuning, or ``text_output`` for an explicit T5 split.
@@ -158,10 +159,11 @@ class Stage2Task(nn.Module):
             (caption processor). OPT: the text stays "a photo of <caption>" and the prompt tokens are masked from
             the loss. T5: the prompt alone is the encoder input and the caption without it the decoder target
             (LAVIS#364), so the model never learns to emit the prompt.
-        max_txt_len: LLM-side truncation (32, spec §3.1).
-        prefix_lm: FlanT5 pre-training splits each caption at a random word into prefix → suffix (spec §3.2.4).
-        question_template: VQA prompt, e.g. "Question: {} Answer:" (spec §4.2).
-        qformer_question: feed the question through the Q-Former with the queries (spec §4.2; needs
+        max_txt_len: LLM-side truncation (32, docs/paper_map.md §3.1).
+        prefix_lm: FlanT5 pre-training splits each caption at a random word into prefix → suffix (docs/paper_map.md
+        §3.2.4).
+        question_template: VQA prompt, e.g. "Question: {} Answer:" (docs/paper_map.md §4.2).
+        qformer_question: feed the question through the Q-Former with the queries (docs/paper_map.md §4.2; needs
             ``model.qformer_tokenizer`` and ``qformer.use_text_input``).
         seed: seed of the prefix-LM split sampler.
     """

@@ -1,4 +1,4 @@
-"""One training entry point for stage 1, stage 2 and the three fine-tunings (spec §2–4, §7).
+"""One training entry point for stage 1, stage 2 and the three fine-tunings (docs/paper_map.md §2–4, §7).
 
 In-process (CPU, one GPU, a JupyterLab kernel that wants the live objects)::
 
@@ -11,7 +11,7 @@ Several GPUs on one node (``launch.run_training`` builds exactly this command fr
 
 Several nodes: the same module on every node with ``--nnodes=N --node_rank=i --rdzv_backend=c10d
 --rdzv_endpoint=HOST:PORT`` instead of ``--standalone``. ``batch_size`` is per GPU; the global batch is
-``batch_size × grad_accum × world size`` (paper stage 1: 1680 for ViT-g, spec §7).
+``batch_size × grad_accum × world size`` (paper stage 1: 1680 for ViT-g, docs/paper_map.md §7).
 
 Data (``train_data``): the toy world, an annotation file / manifest under ``data_root``, or WebDataset tar shards
 (``"laion/{000000..000999}.tar"``, with ``shard_epoch_samples`` per rank; see ``setup.build_data``). Logs:
@@ -57,9 +57,9 @@ class TrainParams(Params):
     bert_dir: str = ""  # local bert-base-uncased dir: Q-Former init + tokenizer (unused by the toy and tiny models)
     vision_weights: str = ""  # eva_vit_g.pth / clip_vit_L.pth (real presets)
     llm_path: str = ""  # local transformers LLM dir (real presets)
-    image_size: int = 224  # 224 pre-training; 364 caption/retrieval FT; 490 VQA FT (spec §4)
+    image_size: int = 224  # 224 pre-training; 364 caption/retrieval FT; 490 VQA FT (docs/paper_map.md §4)
     augment: str = "paper"  # paper (random crop 0.5-1 + flip) | crop (no flip) | none (eval resize: toy world)
-    freeze_vit: bool = True  # False in the fine-tunings (ViT fp32, spec §10.18)
+    freeze_vit: bool = True  # False in the fine-tunings (ViT fp32, docs/paper_map.md §10.18)
     grad_checkpointing: bool = False  # ViT gradient checkpointing when it is trained
     llm_dropout: bool = True  # frozen LLM's dropout on in training steps (LAVIS); false pins the LLM in eval mode
     train_data: str = "toy"  # "toy", "synthetic", an annotation file / manifest under data_root, or tar shards
@@ -96,7 +96,7 @@ class TrainParams(Params):
     cache_vision_features: bool = False  # keep each frozen-ViT output after its first pass (needs augment none)
     cache_images: bool = False  # keep each decoded, transformed training image in memory (needs augment none)
     prompt: str = ""  # "" pre-training; "a photo of" caption FT
-    question_template: str = "Question: {} Answer:"  # VQA FT prompt (spec §4.2)
+    question_template: str = "Question: {} Answer:"  # VQA FT prompt (docs/paper_map.md §4.2)
     use_itg: bool = True  # Table 6 ablation switch (retrieval FT)
     ckpt_every: int = 0  # steps between checkpoints (0 → only at the end)
     eval_every: int = 0  # steps between validations (0 → only at the end)

@@ -1,12 +1,13 @@
-"""Periodic validation and the health checks users ask for (user_needs rows 5–6): is this run learning?
+"""Periodic validation and the health checks users ask for: is this run learning?
 
 Stage 1 / retrieval FT: a zero-shot retrieval probe on a fixed validation subset (ITC and ITC+ITM re-ranking,
-R@1/5 both directions, spec §4.3) and ITM accuracy against the constant predictor. Stage 2 / caption FT:
+R@1/5 both directions, docs/paper_map.md §4.3) and ITM accuracy against the constant predictor. Stage 2 / caption FT:
 validation LM loss, the image-shuffle control (the loss must rise when images are shuffled: the soft prompt
 carries the image) and a few generated captions with their diversity (unique / N); caption FT also CIDEr and
 BLEU-4 of greedy captions for every validation image (LAVIS selects caption fine-tuning checkpoints by CIDEr +
 BLEU-4). VQA FT: greedy answers to a
-fixed subset of validation questions, scored with the official VQA accuracy (spec §5.1) against the constant
+fixed subset of validation questions, scored with the official VQA accuracy (docs/paper_map.md §5.1) against the
+constant
 predictor that always gives the most frequent validation answer.
 """
 
@@ -103,7 +104,10 @@ def _vqa_val_set(params, data: dict) -> dict | None:
 
 @torch.no_grad()
 def vqa_probe(model, val: dict, device, template: str, batch: int = 64) -> dict:
-    """Greedy answers (≤ 10 new tokens) with the question also in the Q-Former (spec §4.2), official accuracy."""
+    """Greedy answers (≤ 10 new tokens) with the question also in the Q-Former, official accuracy.
+
+    See docs/paper_map.md §4.2.
+    """
     preds = []
     for i in range(0, len(val["questions"]), batch):
         qs = val["questions"][i : i + batch]
@@ -188,7 +192,9 @@ def lm_health(model, task, val: dict, device, batch: int = 32, n_captions: int =
 
 @torch.no_grad()
 def caption_probe(model, val: dict, device, prompt: str = "", batch: int = 64) -> dict:
-    """Greedy captions (≤ 30 new tokens) of every validation image scored against its references (spec §5.2).
+    """Greedy captions (≤ 30 new tokens) of every validation image scored against its references.
+
+    See docs/paper_map.md §5.2.
 
     Greedy rather than the paper's beam 5 keeps validation cheap; the table notebooks use the paper's decoding.
     Needs Java for the PTB tokenizer, like the official scorer; without it the probe is skipped with a warning.

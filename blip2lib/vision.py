@@ -1,4 +1,6 @@
-"""Frozen image encoders (spec §1.2): EVA-CLIP ViT-g/14 and OpenAI CLIP ViT-L/14, both built from timm classes.
+"""Frozen image encoders: EVA-CLIP ViT-g/14 and OpenAI CLIP ViT-L/14, both built from timm classes.
+
+See docs/paper_map.md §1.2.
 
 The towers are plain timm modules (``timm.models.eva.Eva`` / ``timm.models.vision_transformer.VisionTransformer``)
 instantiated directly from a :class:`~blip2lib.config.VisionConfig` — never through ``timm.create_model`` with
@@ -8,7 +10,7 @@ foreign checkpoints (LAVIS ``eva_vit_g.pth`` / ``clip_vit_L.pth`` / fine-tuned B
 
 What BLIP-2 uses is :func:`vision_features`: ALL tokens including CLS, taken from the raw residual stream of the
 last BUILT block (39 of EVA's 40, 23 of CLIP's 24; no final norm, no head). For an S×S image that is
-``N = (S / 14)^2 + 1`` tokens: 257 at 224 px, 677 at 364 px, 1226 at 490 px (spec §1.1).
+``N = (S / 14)^2 + 1`` tokens: 257 at 224 px, 677 at 364 px, 1226 at 490 px (docs/paper_map.md §1.1).
 
 Precision (``VisionConfig.precision``, params key ``vit_precision``): a frozen tower on a GPU runs in LAVIS's
 partial fp16 (default), whole fp16 / bf16, or fp32 — see :mod:`blip2lib.precision`. On a CPU, and whenever the tower
@@ -42,7 +44,7 @@ from .precision import VIT_PRECISIONS, precision_context
 log = logging.getLogger(__name__)
 
 
-_K_BIAS_TOL = 1e-6  # EVA has no key bias; an HF qkv.bias k-slice above this cannot be represented (spec §1.2)
+_K_BIAS_TOL = 1e-6  # EVA has no key bias; an HF qkv.bias k-slice above this cannot be represented
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -52,7 +54,8 @@ _K_BIAS_TOL = 1e-6  # EVA has no key bias; an HF qkv.bias k-slice above this can
 def build_vision_tower(cfg: VisionConfig, device: torch.device | str | None = None) -> nn.Module:
     """Build the image encoder described by ``cfg`` with random weights (no download, no pretrained config).
 
-    ``cfg.arch == "eva"`` → timm ``Eva`` shaped as LAVIS' EVA-CLIP ViT-g (spec §1.2): patch conv with bias, CLS +
+    ``cfg.arch == "eva"`` → timm ``Eva`` shaped as LAVIS' EVA-CLIP ViT-g (docs/paper_map.md §1.2): patch conv with bias,
+    CLS +
     learned absolute pos-embed, pre-norm blocks with fused ``qkv.weight`` and separate ``q_bias`` / ``v_bias``
     (timm keeps a zero, non-persistent, non-trainable ``k_bias`` buffer), exact-erf GELU MLP, LayerNorm eps
     ``cfg.ln_eps``, no layer-scale, no RoPE, no relative position bias, no final norm, no pooling, no head.
@@ -132,7 +135,7 @@ def _device_kwarg(cls: type, device: torch.device | str | None) -> dict:
 
 
 def vision_features(tower: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """All tokens of the last built block, CLS first, with no final norm (spec §1.2, §10.1).
+    """All tokens of the last built block, CLS first, with no final norm (docs/paper_map.md §1.2, §10.1).
 
     Args:
         tower: A module from :func:`build_vision_tower`.
@@ -157,7 +160,9 @@ def _disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
 
 
 def freeze_vision_(tower: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Freeze ``tower`` in place: no grads, pinned to eval mode, optionally cast (spec §1.2 ``freeze_vit``).
+    """Freeze ``tower`` in place: no grads, pinned to eval mode, optionally cast.
+
+    See docs/paper_map.md §1.2 ``freeze_vit``.
 
     ``train`` is overridden on the instance, so a later ``parent.train()`` (which calls ``child.train(mode)``)
     cannot switch dropout / drop-path back on. The tower is marked ``is_frozen = True``.
@@ -201,7 +206,9 @@ def set_grad_checkpointing(tower: nn.Module, enable: bool = True) -> None:
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, new_grid: int, align_corners: bool) -> torch.Tensor:
-    """Bicubically resize a square (1, 1 + G*G, D) pos-embed to (1, 1 + new_grid^2, D), CLS entry kept (spec §1.2).
+    """Bicubically resize a square (1, 1 + G*G, D) pos-embed to (1, 1 + new_grid^2, D), CLS entry kept.
+
+    See docs/paper_map.md §1.2.
 
     LAVIS resizes EVA with ``align_corners=False`` and CLIP with ``align_corners=True``; used for 364 px (grid 26)
     and 490 px (grid 35) from the 224-px (grid 16) files. Computed in fp32, returned in the input dtype.
@@ -260,7 +267,7 @@ def _strip_visual_encoder(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     if any(k.startswith(("Qformer.", "query_tokens", "ln_vision.")) for k in sd):
         raise ValueError(
             "this BLIP-2 checkpoint holds no 'visual_encoder.*' keys: pre-training checkpoints do not "
-            "store the frozen ViT (spec §8.1, LAVIS#128); load eva_vit_g.pth / clip_vit_L.pth instead"
+            "store the frozen ViT (docs/paper_map.md §8.1, LAVIS#128); load eva_vit_g.pth / clip_vit_L.pth instead"
         )
     return dict(sd)
 
@@ -272,7 +279,7 @@ def _lavis_to_timm(sd: Mapping[str, torch.Tensor], cfg: VisionConfig) -> tuple[d
     for k, v in _strip_visual_encoder(sd).items():
         m = _BLOCK.match(k)
         if m and int(m.group(2)) >= cfg.depth:
-            dropped.append(k)  # e.g. EVA-CLIP-g's 40th block: BLIP-2 uses the 39th block's output (spec §1.2)
+            dropped.append(k)  # e.g. EVA-CLIP-g's 40th block: BLIP-2 uses the 39th block's output
             continue
         if cfg.arch == "eva":
             out[k] = v  # LAVIS' EVA module names equal timm Eva's
@@ -294,7 +301,7 @@ def _lavis_to_timm(sd: Mapping[str, torch.Tensor], cfg: VisionConfig) -> tuple[d
 
 
 def vision_state_dict_from_lavis(sd: Mapping[str, torch.Tensor], cfg: VisionConfig) -> dict[str, torch.Tensor]:
-    """LAVIS vision-tower keys → our timm keys (spec §8.1).
+    """LAVIS vision-tower keys → our timm keys (docs/paper_map.md §8.1).
 
     Accepts the bare ViT files (``eva_vit_g.pth``, ``clip_vit_L.pth``: no prefix) and whole fine-tuned BLIP-2
     checkpoints (``visual_encoder.*``; other keys ignored). Blocks with index ≥ ``cfg.depth`` are dropped (the EVA
@@ -338,7 +345,9 @@ _HF_TOP_RENAMES = {
 
 
 def vision_state_dict_to_hf(sd: Mapping[str, torch.Tensor], cfg: VisionConfig) -> dict[str, torch.Tensor]:
-    """Our timm EVA keys → transformers ``Blip2VisionModel`` keys WITHOUT the ``vision_model.`` prefix (spec §8.3).
+    """Our timm EVA keys → transformers ``Blip2VisionModel`` keys WITHOUT the ``vision_model.`` prefix.
+
+    See docs/paper_map.md §8.3.
 
     ``q_bias`` / ``v_bias`` become one ``self_attn.qkv.bias = cat[q_bias, zeros, v_bias]``. HF's
     ``post_layernorm`` is our ``ln_vision`` (outside the tower) and is not produced here.
@@ -434,7 +443,7 @@ def vision_state_dict_from_hf(sd: Mapping[str, torch.Tensor], cfg: VisionConfig)
 def load_vision_weights(
     tower: nn.Module, path_or_sd: str | Path | Mapping[str, torch.Tensor], cfg: VisionConfig
 ) -> tuple[list[str], list[str]]:
-    """Load LAVIS vision weights (file or state dict) into ``tower`` with ``strict=False`` (spec §8.1).
+    """Load LAVIS vision weights (file or state dict) into ``tower`` with ``strict=False`` (docs/paper_map.md §8.1).
 
     Files: ``.safetensors`` via safetensors, anything else via ``torch.load(weights_only=True, map_location="cpu")``.
     ``{"model": sd}`` (LAVIS checkpoints) and ``{"state_dict": sd}`` wrappers are unwrapped. Keys go through

@@ -1,4 +1,4 @@
-"""Data: readers of the paper's datasets, user manifests, WebDataset shards, pre-processing (spec §6).
+"""Data: readers of the paper's datasets, user manifests, WebDataset shards, pre-processing (docs/paper_map.md §6).
 
 See ``blip2lib/data/README.md`` for the on-disk layout under ``data_root`` and ``python -m blip2lib.data prepare``.
 """

@@ -80,7 +80,9 @@ def _official_to_list(data: Any, path: Path) -> list | None:
 
 
 def load_annotations(paths: str | Path | list, fields: dict[str, str] | None = None) -> list[dict]:
-    """Read one or more annotation files, validate every entry, add ``instance_id = str(index)`` (spec §6.1).
+    """Read one or more annotation files, validate every entry, add ``instance_id = str(index)``.
+
+    See docs/paper_map.md §6.1.
 
     Args:
         paths: a ``.json`` list file, a ``.jsonl`` file, an official-format file (VQA questions, GQA, NoCaps), or a

@@ -1,4 +1,4 @@
-"""Batch collation that drops unreadable samples (``None``) and reports how many it dropped (spec §6).
+"""Batch collation that drops unreadable samples (``None``) and reports how many it dropped (docs/paper_map.md §6).
 
 Output batch (a dict):
 

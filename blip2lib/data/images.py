@@ -1,4 +1,6 @@
-"""Image loading that never kills a run, and the bad-sample counter (spec §6: unreadable images → ``None``).
+"""Image loading that never kills a run, and the bad-sample counter.
+
+See docs/paper_map.md §6: unreadable images → ``None``.
 
 How the count reaches the training loop (works with ``num_workers`` 0 or N)::
 

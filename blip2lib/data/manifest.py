@@ -1,9 +1,9 @@
-"""User data without registry code (user_needs row 26): a JSONL or CSV manifest of images and texts.
+"""User data without registry code: a JSONL or CSV manifest of images and texts.
 
 Two kinds, decided by the columns of the first row and required on every row:
 
 * captions — ``image`` + ``text`` (optional ``image_id``) → samples ``{"image", "text_input", "image_id"}``
-  (``image_id`` stays a string: caption data must not switch on the retrieval-mode ITC, spec §10.15);
+  (``image_id`` stays a string: caption data must not switch on the retrieval-mode ITC, docs/paper_map.md §10.15);
 * VQA — ``image`` + ``question`` + ``answers`` (optional ``question_id``) → ``{"image", "text_input", "answers",
   "weights", "question_id"}``. In JSONL ``answers`` is a list of strings (or one string); in CSV it is a JSON list
   (``["red", "red", "dark red"]``) or ``|``-separated (``red|red|dark red``).

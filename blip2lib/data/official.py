@@ -32,7 +32,9 @@ _TRAILING_INT = re.compile(r"(\d+)$")
 
 
 def coco_id_from_path(path: str) -> int | None:
-    """Integer image id from a file name, LAVIS-style: the last ``_``-separated field of the stem (spec §6.1).
+    """Integer image id from a file name, LAVIS-style: the last ``_``-separated field of the stem.
+
+    See docs/paper_map.md §6.1.
 
     ``val2014/COCO_val2014_000000391895.jpg`` → 391895; ``1000092795.jpg`` → 1000092795; no digits → None.
     """

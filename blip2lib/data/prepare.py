@@ -1,4 +1,4 @@
-"""``python -m blip2lib.data prepare <dataset> --src <official download> --out <data_root>`` (user_needs row 30).
+"""``python -m blip2lib.data prepare <dataset> --src <official download> --out <data_root>``.
 
 Reads the official files (found by name in ``src`` up to two folders deep), writes the LAVIS-format files that the
 readers take under ``data_root`` (layout: ``readers.FORMATS`` and ``data/README.md``), and compares the counts with
@@ -144,7 +144,7 @@ def _vqa(src: Path, out: Path, dataset: str) -> dict[str, int]:
         entries = vqa_to_lavis(_load(qpath), None if apath is None else _load(apath), tag)
         _write(entries, out / folder / "annotations" / out_name)
         counts[f"{split} questions"] = len(entries)
-        if split == "val":  # the official pair is what the VQA scorer reads (spec §6.1)
+        if split == "val":  # the official pair is what the VQA scorer reads (docs/paper_map.md §6.1)
             for path in (qpath, apath):
                 shutil.copyfile(path, out / folder / "annotations" / path.name)
     if not found_any:

@@ -1,4 +1,4 @@
-"""Image and text pre-processing, exactly as spec §6.
+"""Image and text pre-processing, exactly as docs/paper_map.md §6.
 
 Image side: torchvision transforms only (no hand-written resizing), so the pixels match LAVIS'
 ``blip2_image_train`` / ``blip_image_eval`` processors up to the PIL version.
@@ -23,11 +23,11 @@ __all__ = [
     "QuestionProcessor",
 ]
 
-# OpenAI-CLIP normalisation, applied after ToTensor (÷255) by every BLIP-2 image processor (spec §6).
+# OpenAI-CLIP normalisation, applied after ToTensor (÷255) by every BLIP-2 image processor (docs/paper_map.md §6).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# The characters LAVIS' text processors treat as punctuation: . ! " ( ) * # : ; ~  (spec §6).
+# The characters LAVIS' text processors treat as punctuation: . ! " ( ) * # : ; ~  (docs/paper_map.md §6).
 # Commas, apostrophes, '?' and '-' are deliberately NOT in the set.
 _PUNCT = re.compile(r"[.!\"()*#:;~]")
 _MULTI_SPACE = re.compile(r"\s{2,}")
@@ -38,7 +38,8 @@ def image_train_transform(
 ) -> transforms.Compose:
     """``blip2_image_train``: RandomResizedCrop(size, scale 0.5–1, bicubic) → h-flip → ToTensor → CLIP normalise.
 
-    The aspect-ratio range is torchvision's default (3/4, 4/3), as in LAVIS. No RandAugment (spec §6: that belongs
+    The aspect-ratio range is torchvision's default (3/4, 4/3), as in LAVIS. No RandAugment (docs/paper_map.md §6: that
+    belongs
     to the older ``blip_image_train`` processor). Pre-training uses 224, caption/retrieval fine-tuning 364.
 
     Args:
@@ -88,7 +89,8 @@ def pre_caption(text: str, max_words: int = 50, prompt: str = "") -> str:
 
     Lower-case; each listed punctuation character becomes a space; runs of two or more whitespace characters
     collapse to one space; a trailing newline and surrounding spaces are stripped; the first ``max_words``
-    space-separated words are kept. The prompt (``"a photo of "`` for COCO caption fine-tuning, spec §4.1) is
+    space-separated words are kept. The prompt (``"a photo of "`` for COCO caption fine-tuning, docs/paper_map.md §4.1)
+    is
     prepended after normalisation and is not counted in ``max_words``.
 
     Args:

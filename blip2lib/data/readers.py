@@ -1,4 +1,4 @@
-"""Map-style datasets over LAVIS-format annotation files (spec §6.1), returning LAVIS sample keys.
+"""Map-style datasets over LAVIS-format annotation files (docs/paper_map.md §6.1), returning LAVIS sample keys.
 
 ``FORMATS`` below is the machine-readable description of every file the readers take (the toy world writes files
 to match it, and the readers validate against it at construction). Conventions:
@@ -126,7 +126,7 @@ class CaptionDataset(_AnnotationDataset):
     """Caption training (``coco_karpathy_train``, ``flickr30k_train``): ``{"image", "text_input", "image_id"}``.
 
     ``image_id`` is the raw annotation id (a string such as ``"coco_391895"``), never an integer: an integer id is
-    what switches the ITC/ITM losses into the retrieval multi-positive mode (spec §10.15).
+    what switches the ITC/ITM losses into the retrieval multi-positive mode (docs/paper_map.md §10.15).
     """
 
     fields = {"image": "str", "caption": "str", "image_id": "str|int?"}
@@ -152,7 +152,7 @@ class VGCaptionDataset(CaptionDataset):
 class CaptionEvalDataset(_AnnotationDataset):
     """Caption evaluation (Karpathy val/test): ``{"image", "image_id": int, "instance_id"}``.
 
-    The integer id is parsed from the file name (spec §6.1), matching ``coco_karpathy_*_gt.json``.
+    The integer id is parsed from the file name (docs/paper_map.md §6.1), matching ``coco_karpathy_*_gt.json``.
     """
 
     fields = {"image": "str", "caption": "list[str]?"}
@@ -185,7 +185,10 @@ class NoCapsDataset(_AnnotationDataset):
 
 
 class RetrievalDataset(_AnnotationDataset):
-    """Retrieval training: ``{"image", "text_input", "image_id": int (dense index), "instance_id"}`` (spec §4.3)."""
+    """Retrieval training: ``{"image", "text_input", "image_id": int (dense index), "instance_id"}``.
+
+    See docs/paper_map.md §4.3.
+    """
 
     fields = {"image": "str", "caption": "str", "image_id": "str|int"}
 
@@ -237,7 +240,7 @@ class RetrievalEvalDataset(_AnnotationDataset):
 
 
 def answer_weights(answers: list[str]) -> tuple[list[str], list[float]]:
-    """Unique answers (first-seen order) and weights = count / number of annotators (spec §6.1).
+    """Unique answers (first-seen order) and weights = count / number of annotators (docs/paper_map.md §6.1).
 
     Computed as an exact ratio (10 identical answers → 1.0), not LAVIS' running sum of 1/n (0.9999999999999999).
     """
@@ -299,7 +302,10 @@ class GQADataset(VQADataset):
 
 
 class GQAEvalDataset(_AnnotationDataset):
-    """GQA balanced test-dev: ``{"image", "text_input", "answer", "question_id", "instance_id"}`` (spec §6.1)."""
+    """GQA balanced test-dev: ``{"image", "text_input", "answer", "question_id", "instance_id"}``.
+
+    See docs/paper_map.md §6.1.
+    """
 
     fields = _GQA
 

@@ -1,4 +1,4 @@
-"""Pre-training at scale: WebDataset tar shards of image + caption(s) (paper §3.4; user_needs rows 2, 26).
+"""Pre-training at scale: WebDataset tar shards of image + caption(s) (paper §3.4).
 
 Shard format (what img2dataset writes; what ``write_shards`` writes): members grouped by key,
 ``<key>.jpg`` (or ``.jpeg``/``.png``/``.webp``) plus ``<key>.txt`` (one caption) and/or ``<key>.json`` with

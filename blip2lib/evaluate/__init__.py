@@ -1,4 +1,4 @@
-"""Scoring half of BLIP-2 evaluation (spec §4.3, §5): VQA accuracy, caption metrics, retrieval recalls.
+"""Scoring half of BLIP-2 evaluation (docs/paper_map.md §4.3, §5): VQA accuracy, caption metrics, retrieval recalls.
 
 Every function takes predictions / score matrices / callables from a driver (``blip2lib.tasks`` or a notebook) and
 returns plain dicts whose scores are in percent, with an explicit ``"unit": "percent"`` entry (user need 31).

@@ -1,4 +1,6 @@
-"""Model-driving half of evaluation (spec §4.3, §5): run a model over an eval set, then score with the scorers.
+"""Model-driving half of evaluation: run a model over an eval set, then score with the scorers.
+
+See docs/paper_map.md §4.3, §5.
 
 * :func:`run_vqa` / :func:`run_caption`: batched beam-search generation (``Blip2.generate``), sharded over ranks,
   resumable from ``<out_dir>/predictions.<rank>.jsonl`` (see ``drivers_common``), scored on rank 0.
@@ -203,7 +205,9 @@ def run_caption(
     progress: bool = True,
     autocast: str | None = None,
 ) -> dict[str, Any]:
-    """Caption evaluation (spec §5.2): generate one caption per image, COCO metrics, NoCaps domain breakdown.
+    """Caption evaluation: generate one caption per image, COCO metrics, NoCaps domain breakdown.
+
+    See docs/paper_map.md §5.2.
 
     Args:
         model: ``Blip2`` with a tokenizer.
@@ -285,7 +289,7 @@ def _caption_refs(gt: Any) -> dict[int, list[str]]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Retrieval (spec §4.3 "Inference / score fusion", §5.3, §10.8)
+# Retrieval (docs/paper_map.md §4.3 "Inference / score fusion", §5.3, §10.8)
 
 
 @torch.no_grad()
@@ -328,7 +332,7 @@ def run_retrieval(
     save_scores: bool = False,
     text_processor: Callable[[str], str] | None = None,
 ) -> dict[str, Any]:
-    """Image-text retrieval (spec §4.3, §5.3): ITC top-k candidates re-ranked by ITM, R@1/5/10 in percent.
+    """Image-text retrieval (docs/paper_map.md §4.3, §5.3): ITC top-k candidates re-ranked by ITM, R@1/5/10 in percent.
 
     Every rank encodes all images and texts (as LAVIS); the top-k ITM re-ranking, the expensive part, is split
     over ranks by ``rerank_scores``. Image embeddings stay on the CPU and move to the model device per ITM batch.
@@ -342,7 +346,7 @@ def run_retrieval(
         k: candidates per query (``k_test`` = 128).
         fusion: ``"itm+itc"`` (LAVIS code), ``"itm"`` (paper text) or ``"itc"``; the ITC-only recalls over all
             pairs are always reported too (user need 18).
-        text_max_len: 35 in evaluation (spec §10.8), ``padding="max_length"`` as LAVIS.
+        text_max_len: 35 in evaluation (docs/paper_map.md §10.8), ``padding="max_length"`` as LAVIS.
         batch_size: images / texts per encoder call.
         out_dir: results folder.
         split_name: recorded in the result.
@@ -398,7 +402,7 @@ def run_retrieval(
             logits = model.itm_logits(
                 image_embeds[img_idx].to(device), pair_ids.to(device), pair_mask.to(device)
             )  # (P, 2)
-            return logits[:, 1].float()  # positive-class logit averaged over queries (spec §4.3 step 4)
+            return logits[:, 1].float()  # positive-class logit averaged over queries (docs/paper_map.md §4.3 step 4)
 
         score_i2t, score_t2i = rerank_scores(sim, itm_fn if fusion != "itc" else None, k=k, fusion=fusion,
                                              batch_size=itm_batch_size)  # fmt: skip

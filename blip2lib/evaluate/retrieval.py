@@ -1,4 +1,4 @@
-"""Image-text retrieval scoring (spec §4.3 inference / score fusion, §5.3 metrics, §10.8).
+"""Image-text retrieval scoring (docs/paper_map.md §4.3 inference / score fusion, §5.3 metrics, §10.8).
 
 Two pieces a driver combines:
 
@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 FUSIONS = ("itm+itc", "itm", "itc")
 NEG_FILL = -100.0  # score of pairs outside the top-k (LAVIS)
-# itm_fn(image_idx (P,), text_idx (P,)) -> ITM positive-class logits (P,), mean over queries (spec §4.3 step 4)
+# itm_fn(image_idx (P,), text_idx (P,)) -> ITM positive-class logits (P,), mean over queries (docs/paper_map.md §4.3
+# step 4)
 ItmFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -43,7 +44,8 @@ def trim_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, t
     """Drop the trailing columns that are padding in every row: (P, L) → (P, L') with L' the batch's longest text.
 
     Exact for the Q-Former: padded keys are masked out of attention and no output reads a padded position, so
-    ``padding="max_length"`` (LAVIS, spec §10.8) keeps its results while a batch of short captions runs shorter.
+    ``padding="max_length"`` (LAVIS, docs/paper_map.md §10.8) keeps its results while a batch of short captions runs
+    shorter.
     """
     used = mask.any(0).nonzero()
     length = int(used.max()) + 1 if used.numel() else 1
@@ -96,7 +98,7 @@ def candidate_scores(
             part = pair_fn(row_idx[s : s + batch_size], col_idx[s : s + batch_size])
             logits.append(part.reshape(-1).to(device=sim.device, dtype=sim.dtype))
     itm = torch.cat(logits).view(-1, k)  # (r, k)
-    fused = itm + top_sim if fusion == "itm+itc" else itm  # spec §4.3 step 4 / paper text
+    fused = itm + top_sim if fusion == "itm+itc" else itm  # docs/paper_map.md §4.3 step 4 / paper text
     return out.scatter_(1, top_idx, fused)
 
 
@@ -110,7 +112,7 @@ def rerank_scores(
     rank: int | None = None,
     world_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two-stage retrieval scores (spec §4.3 "Inference / score fusion").
+    """Two-stage retrieval scores (docs/paper_map.md §4.3 "Inference / score fusion").
 
     Args:
         sim_itc: raw ITC cosine (max over queries, no temperature), (N_img, N_txt).
@@ -184,7 +186,7 @@ def recall_at_k(
     score_t2i: torch.Tensor | None = None,
     ties: str = "pessimistic",
 ) -> dict[str, float | str]:
-    """Retrieval recalls in percent (spec §5.3, LAVIS ``_report_metrics``).
+    """Retrieval recalls in percent (docs/paper_map.md §5.3, LAVIS ``_report_metrics``).
 
     Args:
         score_i2t: (N_img, N_txt) image->text scores.

@@ -3,8 +3,9 @@
 * blind: the frozen LLM sees only the zero-shot prompt (no image, no description) — its language prior.
 * text oracle: the LLM sees the TRUE scene description where BLIP-2 puts the soft visual prompt — an upper bound
   for zero-shot VQA through that LLM (a perfect Q-Former could at best tell the LLM what the caption says).
-* chance retrieval: expected R@k of a random ranking over the test split (spec §5.3 metrics).
-Accuracy is the official VQA accuracy (spec §5.1) with the number-word/article normalisation that matters here.
+* chance retrieval: expected R@k of a random ranking over the test split (docs/paper_map.md §5.3 metrics).
+Accuracy is the official VQA accuracy (docs/paper_map.md §5.1) with the number-word/article normalisation that matters
+here.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ _ARTICLES = {"a", "an", "the"}
 
 
 def normalize_answer(text: str) -> str:
-    """Lower-case, strip punctuation, number words → digits, drop articles (the parts of spec §5.1 toy answers hit)."""
+    """Lower-case, strip punctuation, number words → digits, drop articles.
+
+    These are the parts of the official answer normalisation (docs/paper_map.md §5.1) that toy answers hit.
+    """
     words = re.sub(r"[^\w\s]", " ", text.lower().replace("\n", " ")).split()
     return " ".join(_NUM.get(w, w) for w in words if w not in _ARTICLES)
 

@@ -4,13 +4,14 @@ The LLMs never see an image. They learn from scene descriptions (the caption par
 (a) a question in the exact zero-shot prompt of the workbook and its one-token answer, or (b) another paraphrase —
 the same token layout BLIP-2 feeds them later, with the description replaced by the 32 soft visual prompts:
 
-* OPT (spec §3.1, §5.1): ``</s> {description} </s> question : {q} answer : {a} \n`` — at zero-shot time the
+* OPT (docs/paper_map.md §3.1, §5.1): ``</s> {description} </s> question : {q} answer : {a} \n`` — at zero-shot time the
   soft prompt stands where ``</s> {description}`` is, then the tokenizer's own BOS and prompt follow; ``"\n"``
   ends answers and captions (LAVIS' OPT end-of-text).
-* T5 (spec §3.2): encoder ``{description} question : {q} short answer : </s>``, decoder ``{a} </s>``; captions as
+* T5 (docs/paper_map.md §3.2): encoder ``{description} question : {q} short answer : </s>``, decoder ``{a} </s>``;
+captions as
   prefix LM (encoder gets the description + a caption prefix, the decoder the rest), as BLIP-2's FlanT5 stage 2.
 
-Why the format is so regular: the feasibility probe (toy_world_probe.md) found that a tiny LM barely learns to
+Why the format is so regular: a feasibility probe of the toy world found that a tiny LM barely learns to
 *use* free-form descriptions in CPU minutes; a fixed left→right object order, short texts, single-token answers
 and a loss concentrated on answers help, but alone they left the text oracle at 82% (OPT) and 71% (T5): the answer
 loss teaches the look-ups ("what colour is the square?") slowly. The auxiliary reading objectives of
@@ -190,7 +191,7 @@ def t5_example(ex: TextExample, rng: np.random.Generator, fuse_frac: float = 0.0
         return T5Example(desc + prompt, [T5_V[a], V.T5_EOS], _W_ANSWER, bind, point, _words(words, len(prompt)))
     text2 = ex.captions[rng.integers(5)]
     cap = V.encode(text2, T5_V)
-    k = int(rng.integers(len(cap)))  # prefix-LM split point (BLIP-2 T5 stage 2, spec §3.2)
+    k = int(rng.integers(len(cap)))  # prefix-LM split point (BLIP-2 T5 stage 2, docs/paper_map.md §3.2)
     bind = np.concatenate([bind, _bind(text2, ex, both_sides=True)[:k], np.full((1, 6), R.IGNORE)])
     return T5Example(desc + cap[:k] + [V.T5_EOS], cap[k:] + [V.T5_EOS], _W_RECAP, bind, -1, _words(words, k + 1))
 
@@ -288,7 +289,10 @@ def t5_config(width: int = 64, layers: int = 2, heads: int = 4) -> T5Config:
 
 
 def bert_config(width: int = 64, layers: int = 2) -> BertConfig:
-    """The toy BERT whose weights initialise the Q-Former (spec §1.3: Q-Former = BERT-base + cross-attention)."""
+    """The toy BERT whose weights initialise the Q-Former.
+
+    See docs/paper_map.md §1.3: Q-Former = BERT-base + cross-attention.
+    """
     return BertConfig(
         vocab_size=len(BERT_V), hidden_size=width, num_hidden_layers=layers, num_attention_heads=4,
         intermediate_size=4 * width, max_position_embeddings=64, pad_token_id=0, hidden_dropout_prob=0.0,

@@ -5,7 +5,8 @@ EVA ``VisionConfig``: 64 px, 8-px patches → 64 patch tokens + CLS). Objective 
 every patch token is classified into the (shape, colour, size) of the object covering it (or background) and into
 its own column and row, and the mean of each slot's patch tokens into that slot's object class (or empty). The
 feasibility probe (toy_world_probe.md) found that a pooled/CLS-only objective leaves the patch tokens — which is all
-the Q-Former's cross-attention reads (spec §1.3) — much less informative (84% slot accuracy); per-patch targets keep
+the Q-Former's cross-attention reads (docs/paper_map.md §1.3) — much less informative (84% slot accuracy); per-patch
+targets keep
 them rich. Why the column/row targets (version 9): without them the tokens of object patches forgot where they are
 (a linear probe read an object patch's column 16% of the time, chance 12.5%), so the Q-Former could not tell left
 from right — stage-1 ITG and stage-2 OPT captions got 4 and 5 of 128 val scenes' object lists right, mostly in the
@@ -33,19 +34,25 @@ from . import world
 
 log = logging.getLogger(__name__)
 
-MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)  # spec §6 (OpenAI-CLIP values)
+MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)  # docs/paper_map.md §6 (OpenAI-CLIP values)
 STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
 GRID = world.IMAGE_SIZE // 8  # 8 × 8 patches
 
 
 def vit_config(width: int = 64, depth: int = 3) -> VisionConfig:
-    """The toy EVA tower (built blocks = ``depth``; BLIP-2 reads the last built block's output, spec §1.2)."""
+    """The toy EVA tower (built blocks = ``depth``; BLIP-2 reads the last built block's output).
+
+    See docs/paper_map.md §1.2.
+    """
     return VisionConfig(arch="eva", image_size=world.IMAGE_SIZE, patch_size=8, width=width, depth=depth,
                         num_heads=4, mlp_hidden=4 * width, ln_eps=1e-6, precision="fp32", freeze=True)  # fmt: skip
 
 
 def to_pixels(images: np.ndarray) -> torch.Tensor:
-    """(N, 64, 64, 3) uint8 → (N, 3, 64, 64) CLIP-normalised float, the eval transform at 64 px (spec §6)."""
+    """(N, 64, 64, 3) uint8 → (N, 3, 64, 64) CLIP-normalised float, the eval transform at 64 px.
+
+    See docs/paper_map.md §6.
+    """
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
     return (x - MEAN) / STD
 

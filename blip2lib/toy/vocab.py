@@ -4,10 +4,11 @@ Tokenizers are ``tokenizers`` WordLevel models wrapped in ``PreTrainedTokenizerF
 ``save_pretrained``, so ``AutoTokenizer.from_pretrained(local_dir)`` loads them like the real ones:
 
 * OPT: ``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3, ``"\n"``=4. ``</s>`` is prepended as BOS (as OPT does) and
-  ``"\n"`` is a single token, the end-of-caption / end-of-answer marker LAVIS uses for OPT (spec §3.1, §5.1).
+  ``"\n"`` is a single token, the end-of-caption / end-of-answer marker LAVIS uses for OPT (docs/paper_map.md §3.1,
+  §5.1).
 * T5: ``<pad>``=0 (also the decoder start), ``</s>``=1 (appended), ``<unk>``=2.
 * BERT: ``[PAD]``=0, ``[UNK]``=1, ``[CLS]``=2, ``[SEP]``=3, ``[MASK]``=4; ``[DEC]`` is added later by the Q-Former
-  (id = ``len(tokenizer)``), as BLIP-2 adds it to bert-base-uncased (spec §1.3).
+  (id = ``len(tokenizer)``), as BLIP-2 adds it to bert-base-uncased (docs/paper_map.md §1.3).
 
 All three lower-case their input and split off punctuation, so the workbook prompts ``"Question: {} Answer:"``
 (OPT) and ``"Question: {} Short answer:"`` (FlanT5) become ``question : ... ? answer :`` in toy tokens.
@@ -40,7 +41,7 @@ OPT_NEWLINE = 4
 T5_PAD = 0
 T5_EOS = 1
 
-# The prompt templates of the workbook's zero-shot VQA (spec §5.1), used verbatim in LLM pretraining.
+# The prompt templates of the workbook's zero-shot VQA (docs/paper_map.md §5.1), used verbatim in LLM pretraining.
 OPT_PROMPT = "Question: {} Answer:"
 T5_PROMPT = "Question: {} Short answer:"
 

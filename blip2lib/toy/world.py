@@ -4,8 +4,9 @@ A scene is 1–4 objects placed in 4 fixed left→right slots of a 64×64 image;
 size and a position (its slot, and a row of the tower's 8-px patch grid). Captions list the objects left→right (5
 paraphrase templates per scene, like COCO's 5 captions), questions need grounding (attribute, counting, existence,
 relation) and carry 10 annotator answers with realistic disagreement ("2" vs "two", the odd wrong answer), so the
-official VQA accuracy (spec §5.1) means something. The ``novel`` split holds scenes containing (colour, shape) pairs
-that never occur in the train/val/test scenes — the toy analogue of NoCaps' zero-shot transfer (spec §5.2).
+official VQA accuracy (docs/paper_map.md §5.1) means something. The ``novel`` split holds scenes containing (colour,
+shape) pairs
+that never occur in the train/val/test scenes — the toy analogue of NoCaps' zero-shot transfer (docs/paper_map.md §5.2).
 Everything is a pure function of a seed.
 """
 
@@ -303,7 +304,8 @@ _ALTERNATIVES = {"other": SHAPES + COLOURS + SIZES, "number": ("0", "1", "2", "3
 def annotator_answers(answer: str, family: str, rng: np.random.Generator) -> list[str]:
     """Ten human-like answers for a canonical ``answer``.
 
-    Numbers are sometimes written as words ("2"/"two", equal after the official normalisation, spec §5.1) and
+    Numbers are sometimes written as words ("2"/"two", equal after the official normalisation, docs/paper_map.md §5.1)
+    and
     20% of questions get one or two wrong answers of the same kind.
     """
     answers = [answer] * 10

@@ -1,4 +1,4 @@
-"""Generate the toy splits and write them in the real datasets' formats (spec §6.1, §12 last bullet).
+"""Generate the toy splits and write them in the real datasets' formats (docs/paper_map.md §6.1, §12 last bullet).
 
 Layout under ``data_root`` (the same relative paths as ``blip2lib.data.readers.FORMATS``)::
 
@@ -84,7 +84,7 @@ def _symlink(link: Path, target: str) -> None:
 
 
 def _caption_files(ann: Path, split: SplitData) -> None:
-    if split.name == "train":  # one entry per caption, image_id "coco_<int>" (spec §6.1)
+    if split.name == "train":  # one entry per caption, image_id "coco_<int>" (docs/paper_map.md §6.1)
         entries = [
             {"image": split.image_path(i), "caption": c, "image_id": f"coco_{s.image_id}"}
             for i, s in enumerate(split.scenes)
@@ -175,7 +175,7 @@ def _vqa_files(root: Path, split: SplitData, seed: int) -> list[dict]:
     ]
     _dump(ann / f"{_LAVIS_VQA_NAME[split.name]}.json", lavis)
     _official_vqa(ann, split, records)
-    if split.name in ("train", "test"):  # GQA-style: one answer, string question ids (spec §6.1)
+    if split.name in ("train", "test"):  # GQA-style: one answer, string question ids (docs/paper_map.md §6.1)
         gqa = [
             {
                 "image": r["image"],

@@ -1,4 +1,4 @@
-"""Inside the notebook kernel: start a run, record metrics, compare to the paper (house style D5, D8).
+"""Inside the notebook kernel: start a run, record metrics, compare to the paper.
 
 ``start_run`` writes the resolved config and an environment watermark next to the outputs; ``record`` appends a
 measured number to ``metrics.json``; ``compare_to_paper`` builds the "paper vs reproduced" table from

@@ -18,7 +18,7 @@ from .run import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
-VQA_PROMPT = "Question: {} Answer:"  # the paper's zero-shot OPT VQA prompt (spec §5.1)
+VQA_PROMPT = "Question: {} Answer:"  # the paper's zero-shot OPT VQA prompt (docs/paper_map.md §5.1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def sample_images(source: str, n: int = 4, seed: int = 0) -> dict:
 
 
 def to_pixels(images: list, model) -> torch.Tensor:
-    """PIL images → (B, 3, S, S) with the evaluation transform at the model's resolution (spec §6)."""
+    """PIL images → (B, 3, S, S) with the evaluation transform at the model's resolution (docs/paper_map.md §6)."""
     from ..data.processors import image_eval_transform
 
     tf = image_eval_transform(model.config.vision.image_size)
@@ -126,7 +126,7 @@ def to_pixels(images: list, model) -> torch.Tensor:
 
 @torch.no_grad()
 def ask(model, pixels: torch.Tensor, questions: list[str], template: str = VQA_PROMPT, **decoding) -> list[str]:
-    """Zero-shot VQA: each question in the prompt template, greedy by default (spec §5.1)."""
+    """Zero-shot VQA: each question in the prompt template, greedy by default (docs/paper_map.md §5.1)."""
     from ..generation import format_prompt
 
     decoding = {"num_beams": 1, "max_new_tokens": 10, "min_new_tokens": 1, **decoding}
@@ -135,7 +135,7 @@ def ask(model, pixels: torch.Tensor, questions: list[str], template: str = VQA_P
 
 @torch.no_grad()
 def match_scores(model, tokenizer, pixels: torch.Tensor, texts: list[str], max_len: int = 32) -> dict:
-    """ITC similarity and ITM match probability of every (image, text) pair (spec §4.3).
+    """ITC similarity and ITM match probability of every (image, text) pair (docs/paper_map.md §4.3).
 
     Returns:
         ``{"itc": (Bi, Bt) max-over-queries cosine, "itm": (Bi, Bt) P(match)}`` as tensors.
@@ -168,7 +168,7 @@ def cross_attention(model, pixels: torch.Tensor, layer: int = 0) -> torch.Tensor
     ``qformer.py`` does not return attention weights (SDPA never forms them), so a forward pre-hook on the layer's
     ``crossattention.attention`` captures its inputs (query hidden states, image embeddings) and the probabilities
     are recomputed exactly as the eager path does: ``softmax(q k^T / sqrt(d_head))`` with no mask (every image
-    token is visible, spec §1.3 step 3). A CLS token, if the tower has one, is dropped before reshaping.
+    token is visible, docs/paper_map.md §1.3 step 3). A CLS token, if the tower has one, is dropped before reshaping.
     """
     block = model.qformer.encoder.layer[layer]
     if not getattr(block, "has_cross_attention", False):
@@ -302,7 +302,7 @@ def rerandomise_(model, seed: int = 0):
         else:
             p.copy_(0.2 * torch.randn(p.shape, generator=g))
         if name.endswith("attn.qkv.bias"):
-            p[p.shape[0] // 3 : 2 * p.shape[0] // 3] = 0  # EVA has no key bias (spec §1.2)
+            p[p.shape[0] // 3 : 2 * p.shape[0] // 3] = 0  # EVA has no key bias (docs/paper_map.md §1.2)
     return model.eval()
 
 

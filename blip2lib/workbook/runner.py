@@ -1,4 +1,4 @@
-"""Outside the kernel: execute notebooks with papermill and render HTML reports (house style D6, D8).
+"""Outside the kernel: execute notebooks with papermill and render HTML reports.
 
 The params file's path alone decides everything: ``params/<notebook>/<variant>.yaml`` runs
 ``notebooks/<notebook>.ipynb`` into ``runs/<notebook>/<variant>/`` and renders

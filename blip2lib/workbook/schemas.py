@@ -215,7 +215,7 @@ class RetrievalTableParams(_TableParams):
     """Table 5: image-text retrieval (Flickr30K zero-shot, COCO fine-tuned): ITC top-k then ITM re-ranking."""
 
     split: str = "coco_karpathy_test"
-    k: int = 128  # ITC candidates re-ranked by ITM (spec §4.3)
+    k: int = 128  # ITC candidates re-ranked by ITM (docs/paper_map.md §4.3)
     fusion: str = "itm+itc"  # itm+itc (LAVIS) | itm (the paper's text) | itc
 
 

@@ -1,4 +1,4 @@
-"""The variant index: every run's ``metrics.json`` → ``reports/<variant>/index.html`` (house style D8).
+"""The variant index: every run's ``metrics.json`` → ``reports/<variant>/index.html``.
 
 One row per notebook run of a variant (status, wall time, verdict counts of its "paper vs reproduced" table, its
 headline metrics), each linking its report by a relative link, so the folder can be committed, copied or served

@@ -1,4 +1,4 @@
-"""Every notebook's smoke.yaml runs through the runner on CPU (house style D7), outputs in a temporary tree."""
+"""Every notebook's smoke.yaml runs through the runner on CPU, outputs in a temporary tree."""
 
 import json
 import math

@@ -1,4 +1,4 @@
-"""Notebook templates, their schemas and params files stay in sync (house style D5, D6, D7).
+"""Notebook templates, their schemas and params files stay in sync.
 
 Stripped outputs are checked in test_repo_hygiene.py; this file checks the parameters cell, the schema sync, the
 params files and the thinness rules.

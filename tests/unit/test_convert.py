@@ -1,4 +1,7 @@
-"""Key maps, config mapping, load reports/errors, our training checkpoints and the convert CLI (spec §8)."""
+"""Key maps, config mapping, load reports/errors, our training checkpoints and the convert CLI.
+
+See docs/paper_map.md §8.
+"""
 
 import json
 

@@ -1,4 +1,4 @@
-"""Pre-processing (spec §6) against hand-computed strings and manual PIL pipelines."""
+"""Pre-processing (docs/paper_map.md §6) against hand-computed strings and manual PIL pipelines."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Official-format fixtures → ``prepare`` → readers: counts, fields, sample keys (spec §6.1)."""
+"""Official-format fixtures → ``prepare`` → readers: counts, fields, sample keys (docs/paper_map.md §6.1)."""
 
 import json
 
@@ -117,7 +117,7 @@ def test_retrieval_datasets(coco_root):
     out, _ = coco_root
     train = RetrievalDataset(out / "coco/images", out / FORMATS["coco_karpathy_train"]["file"])
     ids = [train[i]["image_id"] for i in range(len(train))]
-    assert ids == [0] * 5 + [1] * 5 and all(type(i) is int for i in ids)  # dense integer index (spec §4.3)
+    assert ids == [0] * 5 + [1] * 5 and all(type(i) is int for i in ids)  # dense integer index (docs/paper_map.md §4.3)
     assert set(train[0]) == {"image", "text_input", "image_id", "instance_id"}
 
     ev = RetrievalEvalDataset(

@@ -1,4 +1,6 @@
-"""Caption scoring (spec §5.2): our numbers equal a direct pycocoevalcap run (COCO objects + PTB tokenizer).
+"""Caption scoring: our numbers equal a direct pycocoevalcap run (COCO objects + PTB tokenizer).
+
+See docs/paper_map.md §5.2.
 
 The tokenizer runs a Java subprocess (~1 s per call here); METEOR restarts Java and loads its paraphrase table
 (~30 s on the shared 2-core machine), so the METEOR comparison is marked slow.

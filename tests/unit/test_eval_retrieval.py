@@ -1,4 +1,7 @@
-"""Retrieval scoring (spec §4.3, §5.3): recalls on hand-built matrices, re-ranking vs brute force, 2-rank sharding."""
+"""Retrieval scoring: recalls on hand-built matrices, re-ranking vs brute force, 2-rank sharding.
+
+See docs/paper_map.md §4.3, §5.3.
+"""
 
 import datetime
 import math

@@ -193,7 +193,7 @@ def test_opt_training_inputs_hand_worked():
     assert out["input_ids"].tolist() == [[2, 5, 6, 7, 8, 4, 1, 1], [2, 5, 6, 7, 11, 10, 9, 12]]
     assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1, 0, 0], [1] * 8]
     assert out["labels"].tolist() == [[-100] * 4 + [8, 4, -100, -100], [-100] * 4 + [11, 10, 9, 12]]
-    # empty prompt: only padding is masked, BOS is a target (spec §3.1.5)
+    # empty prompt: only padding is masked, BOS is a target (docs/paper_map.md §3.1.5)
     out = opt_training_inputs(tok, ["dog", "red cat"], "", max_len=32)
     assert out["labels"].tolist() == [[2, 8, 4, -100], [2, 10, 9, 4]]
     with pytest.raises(ValueError, match="start with the prompt"):

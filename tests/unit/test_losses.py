@@ -1,4 +1,4 @@
-"""Stage-1 losses (spec §2) against independent brute-force loops and hand-worked limits.
+"""Stage-1 losses (docs/paper_map.md §2) against independent brute-force loops and hand-worked limits.
 
 Everything runs in float64 so that tolerances can be tight; the "gathered" tensors are faked by slicing a global
 batch (rank r of W holds rows r*B .. r*B+B-1), in the spirit of open_clip's monkeypatched loss tests.
@@ -68,7 +68,7 @@ def test_itc_similarities_match_triple_loop(b, w, rank):
     sl = slice(rank * b, rank * b + b)
     temp = torch.tensor(0.07, dtype=DT)
     i2t, t2i = itc_similarities(img_all[sl], txt_all[sl], img_all, txt_all, temp)
-    assert i2t.shape == t2i.shape == (b, b * w)  # B == 1 keeps its batch axis (spec §10.16)
+    assert i2t.shape == t2i.shape == (b, b * w)  # B == 1 keeps its batch axis (docs/paper_map.md §10.16)
     ref_i2t, ref_t2i = _loop_sims(img_all[sl], txt_all[sl], img_all, txt_all, 0.07)
     torch.testing.assert_close(i2t, ref_i2t, rtol=0, atol=1e-12)
     torch.testing.assert_close(t2i, ref_t2i, rtol=0, atol=1e-12)
@@ -147,7 +147,7 @@ def test_itc_loss_orthonormal_pairs_closed_form_and_smoothing_floor():
     assert entropy_floor == pytest.approx(0.0721144 + 0.2766660, abs=1e-6)  # by hand: .925 ln(1/.925) + .075 ln 40
     # with smoothing the loss does NOT go to 0 as temp -> 0: it grows like eps*(N-1)/N / temp
     assert float(itc_loss(*_orthonormal_sims(n, 1e-3), 0)) == pytest.approx(eps * (n - 1) / n * 1e3, rel=1e-2)
-    # without smoothing it does tend to 0 (house style D7's limit)
+    # without smoothing it does tend to 0 (the limit)
     assert float(itc_loss(*_orthonormal_sims(n, 1e-2), 0, label_smoothing=0.0)) < 1e-40
     assert float(itc_loss(*_orthonormal_sims(n, 1e-2), 0, label_smoothing=0.0)) >= 0
 

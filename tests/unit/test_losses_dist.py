@@ -1,4 +1,4 @@
-"""Distributed scaling of the stage-1 losses (spec §2): 2 gloo processes vs one process on the whole batch.
+"""Distributed scaling of the stage-1 losses (docs/paper_map.md §2): 2 gloo processes vs one process on the whole batch.
 
 Scaling worked out here and checked below (W ranks, B rows each, single process = one rank with B*W rows):
 
@@ -58,7 +58,7 @@ def _step(rank: int, b: int, detach_negatives: bool = False) -> dict:
     temp = torch.tensor(0.07, dtype=DT, requires_grad=True)
     theta_lm = torch.tensor(1.3, dtype=DT, requires_grad=True)
 
-    # ITC: local features with grad, gathered ones without (spec §2 ITC)
+    # ITC: local features with grad, gathered ones without (docs/paper_map.md §2 ITC)
     img = F.normalize(d["img"][sl] * theta_img, dim=-1)  # (b, Q, E)
     txt = F.normalize(d["txt"][sl] * theta_img, dim=-1)  # (b, E)
     img.retain_grad()

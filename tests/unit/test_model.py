@@ -12,7 +12,8 @@ torch.set_num_threads(1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Full-size parameter counts on the meta device (spec §1.6), against formulas written from the shapes in §1.3.
+# Full-size parameter counts on the meta device (docs/paper_map.md §1.6), against formulas written from the shapes in
+# §1.3.
 
 
 def _qformer_count(h=768, inter=3072, layers=12, vocab=30523, pos=512, dv=1408, nq=32, text=True, freq=2):
@@ -35,7 +36,7 @@ def test_stage1_full_size_trainable_count():
     m = Blip2QFormerModel(PRESETS["vitg"], device="meta")
     heads = 2 * (768 * 256 + 256) + 768 * 2 + 2 + 1 + 2 * 1408  # vision/text proj, itm head, temp, ln_vision
     assert count_parameters(m) == _qformer_count() + heads == 186_705_470
-    assert _qformer_count() == 186_307_387  # "186.3M" (spec §1.6); the paper rounds Q-Former + heads to 188M
+    assert _qformer_count() == 186_307_387  # "186.3M" (docs/paper_map.md §1.6); paper rounds Q-Former + heads to 188M
     assert heads == 398_083  # "+0.4M"
     assert count_parameters(m.vision_model, trainable_only=False) == 985_894_528  # EVA ViT-g 39 blocks ≈ 0.99B
 
@@ -102,7 +103,7 @@ def test_stage1_gradients_reach_exactly_the_trainable_set():
 @pytest.mark.parametrize("family,llm_dropout", [("opt", True), ("t5", False)])
 def test_stage2_gradients_reach_exactly_the_query_path(family, llm_dropout):
     model = Blip2(tiny_config(family), tokenizer=tiny_llm_tokenizer(family), llm_dropout=llm_dropout)
-    assert model.embeddings is None  # stage 2 keeps only the query path (spec §1.5)
+    assert model.embeddings is None  # stage 2 keeps only the query path (docs/paper_map.md §1.5)
     assert not any(
         "intermediate." in n or ".output." in n and "output_query" not in n and "attention" not in n
         for n, _ in model.qformer.named_parameters()

@@ -1,4 +1,7 @@
-"""Parameter groups, layer-wise LR decay and LR schedules (spec §7, §4, §10.9) against hand-worked values."""
+"""Parameter groups, layer-wise LR decay and LR schedules against hand-worked values.
+
+See docs/paper_map.md §7, §4, §10.9.
+"""
 
 import math
 
@@ -180,7 +183,7 @@ def test_apply_lr_with_and_without_layer_decay():
                              {"params": [ps[2]]}], lr=1.0)  # fmt: skip
     apply_lr(opt, 2e-4)
     assert [g["lr"] for g in opt.param_groups] == [1e-4, 2e-4, 2e-4]
-    apply_lr(opt, 2e-4, apply_layer_decay=False)  # LAVIS: lr_scale ignored (spec §10.9)
+    apply_lr(opt, 2e-4, apply_layer_decay=False)  # LAVIS: lr_scale ignored (docs/paper_map.md §10.9)
     assert [g["lr"] for g in opt.param_groups] == [2e-4, 2e-4, 2e-4]
 
 

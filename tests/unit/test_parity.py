@@ -30,7 +30,7 @@ def hf_config(llm, freq=2, layers=2):
     if llm is not None:
         text = dict(tiny_config(llm).llm.hf_config)
         if llm == "t5":
-            text["dense_act_fn"] = "gelu"  # exact GELU, as LAVIS forces on FlanT5 (spec §1.5)
+            text["dense_act_fn"] = "gelu"  # exact GELU, as LAVIS forces on FlanT5 (docs/paper_map.md §1.5)
     cfg = transformers.Blip2Config(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                            image_size=S, patch_size=7, layer_norm_eps=1e-6),
@@ -54,7 +54,7 @@ def rerandomise_(model, seed=0):
         else:
             p.copy_(0.2 * torch.randn(p.shape, generator=g))
         if name.endswith("self_attn.qkv.bias"):
-            p[p.shape[0] // 3 : 2 * p.shape[0] // 3] = 0  # EVA has no key bias (spec §1.2)
+            p[p.shape[0] // 3 : 2 * p.shape[0] // 3] = 0  # EVA has no key bias (docs/paper_map.md §1.2)
     return model.eval()
 
 
@@ -127,7 +127,7 @@ def test_generation_ids_match_hf(tmp_path, llm, beams):
     tok = tiny_llm_tokenizer(llm)
     pix = inputs()[0]
     prompt = "a photo of"
-    eos = 4 if llm == "opt" else 1  # "\n" for OPT (spec §1.5), </s> for T5
+    eos = 4 if llm == "opt" else 1  # "\n" for OPT (docs/paper_map.md §1.5), </s> for T5
     kw = dict(num_beams=beams, max_new_tokens=7, min_new_tokens=2, length_penalty=1.0)
     with torch.no_grad():
         mine = generate_ids(ours.language_model, llm, tok, ours.soft_prompt(pix), prompt, eos=eos, **kw)

@@ -1,4 +1,7 @@
-"""Q-Former (spec §1.3, §2): HF key names and parity, the three masks, the ITG K/V-cache trick, LM head, BERT init."""
+"""Q-Former: HF key names and parity, the three masks, the ITG K/V-cache trick, LM head, BERT init.
+
+See docs/paper_map.md §1.3, §2.
+"""
 
 import dataclasses
 
@@ -47,7 +50,7 @@ def hf_qformer(c: QFormerConfig):
 
 
 def rerandomise_(module: torch.nn.Module, seed: int = 1) -> None:
-    """HF random init is degenerate for parity (hf_transformers_blip2.md §5): normal 0.05, LN weights 1 + noise."""
+    """HF random init is degenerate for parity (docs/paper_map.md §8.3): normal 0.05, LN weights 1 + noise."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -240,7 +243,7 @@ def test_text_only_pass_needs_text_ffn_and_queries_need_image():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# KV cache (spec §2 ITG: the query pass's cache feeds a text-only causal pass)
+# KV cache (docs/paper_map.md §2 ITG: the query pass's cache feeds a text-only causal pass)
 
 
 @pytest.mark.parametrize("freq", [1, 2])
@@ -344,7 +347,7 @@ def test_init_weights():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# BERT initialisation (spec §1.3): tiny BERT written by transformers, no network
+# BERT initialisation (docs/paper_map.md §1.3): tiny BERT written by transformers, no network
 
 
 def tiny_bert(cls_name: str):
@@ -394,7 +397,7 @@ def test_load_bert_weights_safetensors(tmp_path):
     dec = emb.word_embeddings.weight[99]  # LAVIS (transformers 4.25-4.26 resize): N(0, 0.02), not the rows' mean
     assert dec.abs().max() < 0.1 and 0.012 < dec.std().item() < 0.03 and w.mean(0).min() > 0.5
     assert head.predictions.bias[99] == 0
-    for i in range(3):  # query FFN = copy of the text FFN (spec §1.3 step 4)
+    for i in range(3):  # query FFN = copy of the text FFN (docs/paper_map.md §1.3 step 4)
         layer = m.encoder.layer[i]
         text_ffn = sd[f"bert.encoder.layer.{i}.intermediate.dense.weight"]
         assert torch.equal(layer.intermediate_query.dense.weight, text_ffn)

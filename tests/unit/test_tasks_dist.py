@@ -1,4 +1,6 @@
-"""Model-level distributed check (spec §2): Stage1Task on 2 gloo processes == one process on the whole batch.
+"""Model-level distributed check: Stage1Task on 2 gloo processes == one process on the whole batch.
+
+See docs/paper_map.md §2.
 
 ITM uses a fixed negative sampler (global indices), texts have equal token counts per rank (so the ITG mean of
 per-rank means equals the global mean). DDP averages gradients, so the rank-average of the parameter gradients

@@ -194,7 +194,7 @@ def test_tokenizer_special_ids(tmp_path):
     bert = AutoTokenizer.from_pretrained(str(tmp_path / "bert"))
     assert [bert.pad_token_id, bert.cls_token_id, bert.sep_token_id, bert.mask_token_id] == [0, 2, 3, 4]
     n = len(bert)
-    bert.add_special_tokens({"bos_token": "[DEC]"})  # as BLIP-2 does for the Q-Former (spec §1.3)
+    bert.add_special_tokens({"bos_token": "[DEC]"})  # as BLIP-2 does for the Q-Former (docs/paper_map.md §1.3)
     assert bert.bos_token_id == n
 
 

@@ -37,7 +37,7 @@ def test_vqa_probe_scores_with_official_accuracy_and_a_constant_baseline():
     assert [c["n"] for c in model.calls] == [2, 1]  # batched
     first = model.calls[0]
     assert first["prompts"] == ["Question: what colour is it? Answer:", "Question: what colour is the square? Answer:"]
-    assert first["questions"] == val["questions"][:2]  # the question also goes through the Q-Former (spec §4.2)
+    assert first["questions"] == val["questions"][:2]  # the question also goes through the Q-Former
     assert first["num_beams"] == 1 and first["max_new_tokens"] == 10
 
 

@@ -1,4 +1,7 @@
-"""Vision towers (spec §1.2, §1.6, §8): shapes, exact forward against hand-written math, freezing, key mappings."""
+"""Vision towers: shapes, exact forward against hand-written math, freezing, key mappings.
+
+See docs/paper_map.md §1.2, §1.6, §8.
+"""
 
 import math
 
@@ -125,7 +128,7 @@ def attention(x, w_qkv, b_qkv, w_o, b_o, heads):
 
 def eva_block(p, b, x, heads, eps):
     zeros = torch.zeros_like(p[b + "attn.q_bias"])
-    b_qkv = torch.cat([p[b + "attn.q_bias"], zeros, p[b + "attn.v_bias"]])  # no k bias (spec §1.2)
+    b_qkv = torch.cat([p[b + "attn.q_bias"], zeros, p[b + "attn.v_bias"]])  # no k bias (docs/paper_map.md §1.2)
     h = ln(x, p[b + "norm1.weight"], p[b + "norm1.bias"], eps)
     x = x + attention(h, p[b + "attn.qkv.weight"], b_qkv, p[b + "attn.proj.weight"], p[b + "attn.proj.bias"], heads)
     h = ln(x, p[b + "norm2.weight"], p[b + "norm2.bias"], eps)
@@ -181,13 +184,13 @@ def pixels(cfg, bsz=2, seed=1):
 
 
 def test_full_size_parameter_counts_eva_and_clip():
-    # EVA ViT-g (spec §1.2): conv 3→D k14 with bias, CLS, pos (257 rows), per block 2 LNs, fused qkv weight without
-    # bias + q/v biases, proj with bias, fc1/fc2 with biases. No final norm, no head.
+    # EVA ViT-g (docs/paper_map.md §1.2): conv 3→D k14 with bias, CLS, pos (257 rows), per block 2 LNs, fused qkv weight
+    # without bias + q/v biases, proj with bias, fc1/fc2 with biases. No final norm, no head.
     d, h, n = 1408, 6144, 16 * 16 + 1
     per_block = 2 * d + (3 * d * d + 2 * d) + (d * d + d) + 2 * d + (h * d + h) + (d * h + d)
     expected_g = (3 * 14 * 14 * d + d) + d + n * d + 39 * per_block
     eva = build_vision_tower(VIT_G, device="meta")
-    assert n_params(eva) == expected_g == 985_894_528  # "0.99 B" (spec §1.6)
+    assert n_params(eva) == expected_g == 985_894_528  # "0.99 B" (docs/paper_map.md §1.6)
     assert all(p.is_meta for p in eva.parameters())
     # CLIP ViT-L: conv without bias, CLS, pos, ln_pre, per block 2 LNs, qkv with bias, proj, fc1/fc2. No ln_post/proj.
     d, h = 1024, 4096
@@ -229,7 +232,7 @@ def test_full_size_eva_structure():
     # timm models EVA's missing k bias as a non-persistent buffer (not trainable, not saved)
     assert "attn.k_bias" in dict(blk.named_buffers()) and "blocks.0.attn.k_bias" not in t.state_dict()
     assert not any("k_bias" in n or "rel_pos" in n or "relative" in n for n, _ in t.named_parameters())
-    # N = (S/14)^2 + 1 (spec §1.1), shapes only
+    # N = (S/14)^2 + 1 (docs/paper_map.md §1.1), shapes only
     for s, n in ((224, 257), (364, 677), (490, 1226)):
         tt = build_vision_tower(VisionConfig(image_size=s), device="meta") if s != 224 else t
         assert vision_features(tt, torch.empty(1, 3, s, s, device="meta")).shape == (1, n, 1408)
@@ -347,7 +350,7 @@ def test_vision_dtype_policy():
     assert vision_dtype(VIT_G, "cpu") == torch.float32
     assert vision_dtype(VIT_G, "cuda") == torch.float16
     assert vision_dtype(VisionConfig(precision="bf16"), "cuda:0") == torch.bfloat16
-    assert vision_dtype(VisionConfig(freeze=False), "cuda") == torch.float32  # trained ViT stays fp32 (spec §10.18)
+    assert vision_dtype(VisionConfig(freeze=False), "cuda") == torch.float32  # a trained ViT stays fp32
 
 
 @pytest.mark.parametrize("cfg", [TINY_EVA, TINY_CLIP], ids=["eva", "clip"])
