@@ -16,11 +16,10 @@ docs/paper_map.md
                              §5.1): questions/s and the projected time for VQAv2 val (214,354 questions).
 
 Precision policy (``--dtype policy``, docs/paper_map.md §3.3 and ``Blip2Base.place``): frozen ViT and OPT fp16, FlanT5
-bf16;
-Q-Former, queries, ``ln_vision`` and projections fp32 master weights under autocast (fp16 + GradScaler for
-ViT/OPT rows, bf16 for FlanT5). The transformers twin gets exactly the same per-module dtypes and autocast; its
-trainable set is query_tokens + qformer + language_projection + post_layernorm (= our ``ln_vision``).
-``--dtype bf16`` runs everything low-precision in bf16.
+bf16; Q-Former, queries, ``ln_vision`` and projections fp32 master weights under autocast (fp16 + GradScaler for ViT/OPT
+rows, bf16 for FlanT5). The transformers twin gets exactly the same per-module dtypes and autocast; its trainable set is
+query_tokens + qformer + language_projection + post_layernorm (= our ``ln_vision``). ``--dtype bf16`` runs everything
+low-precision in bf16.
 
 Usage:  python benchmarks/gpu.py --out benchmarks/results_h100.json     (GPU host, ≤ 8 min on one H100)
         python benchmarks/gpu.py --tiny --out /tmp/tiny.json            (same code, tiny configs, CPU, seconds)
@@ -52,7 +51,7 @@ from blip2lib.generation import VQA_PROMPTS, format_prompt, generate_ids, resolv
 from blip2lib.model import Blip2, Blip2QFormerModel, count_parameters  # noqa: E402
 from blip2lib.optim import build_optimizer, param_groups  # noqa: E402
 from blip2lib.tasks import Stage1Task, Stage2Task  # noqa: E402
-from blip2lib.testing import WORDS, tiny_bert_tokenizer, tiny_llm_tokenizer  # noqa: E402
+from blip2lib.toy.synthetic import WORDS, tiny_bert_tokenizer, tiny_llm_tokenizer  # noqa: E402
 
 VQAV2_VAL_QUESTIONS = 214_354
 GIB = 2**30

@@ -209,11 +209,10 @@ def run_loop(
 
     Each optimizer step: ``lr = schedule(step)`` (0-based) via :func:`~blip2lib.optim.apply_lr`; ``grad_accum``
     micro-batches with ``loss / grad_accum`` backpropagated (DDP ``no_sync`` on all but the last, docs/paper_map.md §7);
-    if the
-    averaged loss is non-finite the step is skipped (still counted: the LR schedule and data move on) and after
+    if the averaged loss is non-finite the step is skipped (still counted: the LR schedule and data move on) and after
     ``max_bad_steps`` consecutive skips the batches + state go to ``<ckpt_dir>/../bad_batch/`` and
-    :class:`NonFiniteLossError` is raised. fp16 uses ``torch.amp.GradScaler``; bf16 runs without one. One JSONL
-    record per step (loss terms averaged over micro-batches, lr, samples/s, data-wait fraction, peak CUDA memory).
+    :class:`NonFiniteLossError` is raised. fp16 uses ``torch.amp.GradScaler``; bf16 runs without one. One JSONL record
+    per step (loss terms averaged over micro-batches, lr, samples/s, data-wait fraction, peak CUDA memory).
 
     Args:
         task: ``task(batch) -> {"loss": scalar tensor, **other terms}``; an ``nn.Module`` is put in train mode.

@@ -1,10 +1,10 @@
 """Frozen-ViT feature cache: each image's vision-tower output kept after its first pass (user need 13).
 
 Stages 1 and 2 never train the image encoder (docs/paper_map.md §2, §3), so with a fixed image transform (no
-augmentation) every
-epoch recomputes the same features. With ``cache_vision_features: true`` the training tasks name each sample's image
-(``image_id``) and :meth:`Blip2Base.encode_vision` computes only the images it has not seen; ``ln_vision`` — trained
-in both stages — still runs on every step. Memory: N images × tokens × width (ViT-g at 224 px: 257 × 1408 fp16 ≈
+augmentation) every epoch recomputes the same features. With ``cache_vision_features: true`` the training tasks name
+each sample's image (``image_id``) and :meth:`Blip2Base.encode_vision` computes only the images it has not seen;
+``ln_vision`` — trained in both stages — still runs on every step. Memory: N images × tokens × width (ViT-g at 224 px:
+257 × 1408 fp16 ≈
 0.7 MB per image, so this is for small datasets and the toy world, not LAION).
 
 A key whose pixels change (augmentation on, or two images sharing one id) is an error, found by a per-image

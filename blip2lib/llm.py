@@ -251,8 +251,7 @@ def opt_training_inputs(tokenizer, captions: list[str], prompt: str, max_len: in
     ``max_len`` tokens counting BOS and ``"\n"`` (long captions lose their terminator, as in LAVIS).
 
     Quirk kept on purpose (docs/paper_map.md §3.1.5): with the empty pre-training prompt only padding is masked, so the
-    first
-    label is BOS — the model is trained to emit BOS from the last query position.
+    first label is BOS — the model is trained to emit BOS from the last query position.
 
     Returns:
         ``input_ids`` (B, T), ``attention_mask`` (B, T), ``labels`` (B, T) with pad and the first

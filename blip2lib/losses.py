@@ -39,12 +39,11 @@ def itc_similarities(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Temperature-scaled ITC logits of the local rows against the gathered (global) columns.
 
-    ``s_i2t[b, j] = max_q <image_feats[b, q], text_feat_all[j]> / temp`` and
-    ``s_t2i[b, j] = max_q <text_feat[b], image_feats_all[j, q]> / temp`` (docs/paper_map.md §2 ITC). The max over the
-    queries
-    is taken on the cosine *before* dividing by ``temp`` (the same thing for ``temp > 0``; it keeps the raw max-cosine
-    that retrieval reuses, docs/paper_map.md §10.20). Written with einsum so B == 1 works (LAVIS's
-    ``.squeeze()`` drops the batch axis there, docs/paper_map.md §10.16).
+    ``s_i2t[b, j] = max_q <image_feats[b, q], text_feat_all[j]> / temp`` and ``s_t2i[b, j] = max_q <text_feat[b],
+    image_feats_all[j, q]> / temp`` (docs/paper_map.md §2 ITC). The max over the queries is taken on the cosine *before*
+    dividing by ``temp`` (the same thing for ``temp > 0``; it keeps the raw max-cosine that retrieval reuses,
+    docs/paper_map.md §10.20). Written with einsum so B == 1 works (LAVIS's ``.squeeze()`` drops the batch axis there,
+    docs/paper_map.md §10.16).
 
     Args:
         image_feats: local L2-normalised query features, (B, Q, E).
@@ -115,9 +114,8 @@ def itc_loss(
 
     Image-id form (COCO retrieval fine-tuning, docs/paper_map.md §2 variant and §4.3; only for *integer* image indices,
     docs/paper_map.md §10.15): every column with the row's image id is a positive; target = ``(1-ε)·pos/|pos| + ε/N``
-    and the loss
-    is the mean over rows of ``-Σ target·log_softmax``, averaged over both directions. With all-distinct ids it
-    equals the one-hot form.
+    and the loss is the mean over rows of ``-Σ target·log_softmax``, averaged over both directions. With all-distinct
+    ids it equals the one-hot form.
 
     Args:
         sim_i2t: local images vs all texts, temperature-scaled, (B, B*W).
@@ -158,11 +156,10 @@ def sample_hard_negatives(
 
     For each local text b a negative *image* is drawn from ``softmax(s_t2i[b])``; for each local image b a negative
     *text* from ``softmax(s_i2t[b])`` (docs/paper_map.md §2 ITM). Positives (local diagonal, or every same-image-id
-    pair) get
-    weight exactly 0: LAVIS HEAD fills them with -10000 before the softmax; we fill with -inf, which is bitwise the
-    same in float32 whenever the logits are ≪ 10^4 in size (``exp(-10^4)`` underflows to 0) and stays exact for any
-    temperature. The paper-time code (``softmax + 1e-4``, then zero the positive) differs by < 1e-4·N in each weight
-    before renormalisation: practically equivalent. The inputs are not modified.
+    pair) get weight exactly 0: LAVIS HEAD fills them with -10000 before the softmax; we fill with -inf, which is
+    bitwise the same in float32 whenever the logits are ≪ 10^4 in size (``exp(-10^4)`` underflows to 0) and stays exact
+    for any temperature. The paper-time code (``softmax + 1e-4``, then zero the positive) differs by < 1e-4·N in each
+    weight before renormalisation: practically equivalent. The inputs are not modified.
 
     Args:
         sim_i2t: temperature-scaled ITC logits, local images vs all texts, (B, B*W).

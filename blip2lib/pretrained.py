@@ -108,7 +108,7 @@ def _tokenizer(d: str | Path | None, bert: bool = False):
 
     tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True, **({"truncation_side": "right"} if bert else {}))
     if bert and tok.bos_token is None:
-        tok.add_special_tokens({"bos_token": "[DEC]"})  # id 30522 (docs/paper_map.md §1.3), as blip2lib.setup does
+        tok.add_special_tokens({"bos_token": "[DEC]"})  # id 30522 (docs/paper_map.md §1.3), as blip2lib.assemble does
     return tok
 
 

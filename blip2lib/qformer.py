@@ -3,11 +3,10 @@
 See docs/paper_map.md §1.3, paper Fig. 2.
 
 BLIP-2 (Li et al., 2023, arXiv:2301.12597). Parameter names follow transformers' ``Blip2QFormerModel`` (the
-``qformer.*`` keys, docs/paper_map.md §8.3); the LAVIS names differ only by the prefix ``Qformer.bert`` and
-the segment ``.self.`` → ``.attention.`` (docs/paper_map.md §8.3). Text word/position embeddings live outside the
-Q-Former
-(HF top-level ``embeddings.*``) and the embedding LayerNorm is ``Blip2QFormer.layernorm``, applied to
-``[queries ; text]`` together (docs/paper_map.md §1.3 "Embeddings").
+``qformer.*`` keys, docs/paper_map.md §8.3); the LAVIS names differ only by the prefix ``Qformer.bert`` and the segment
+``.self.`` → ``.attention.`` (docs/paper_map.md §8.3). Text word/position embeddings live outside the Q-Former (HF
+top-level ``embeddings.*``) and the embedding LayerNorm is ``Blip2QFormer.layernorm``, applied to ``[queries ; text]``
+together (docs/paper_map.md §1.3 "Embeddings").
 
 Masks: callers pass 0/1 masks (1 = may attend); inside they become LAVIS's additive ``(1 - m) * -10000`` (the
 convention every released checkpoint was trained with). It is finite in fp16/bf16/fp32, so a fully masked row never

@@ -1,9 +1,8 @@
 """Tasks: a model plus its objectives; ``forward(batch)`` returns named loss terms summed into ``loss``.
 
-This is the only place that gathers features for losses (through ``blip2lib.dist``; no-ops at world size 1).
-Stage 1 = ITC + ITM + ITG (docs/paper_map.md §2), the retrieval fine-tuning variant adds image ids (docs/paper_map.md
-§4.3), stage 2 and
-the generative fine-tunings use the frozen LLM's LM loss (docs/paper_map.md §3, §4.1, §4.2).
+This is the only place that gathers features for losses (through ``blip2lib.dist``; no-ops at world size 1). Stage 1 =
+ITC + ITM + ITG (docs/paper_map.md §2), the retrieval fine-tuning variant adds image ids (docs/paper_map.md §4.3), stage
+2 and the generative fine-tunings use the frozen LLM's LM loss (docs/paper_map.md §3, §4.1, §4.2).
 """
 
 from __future__ import annotations

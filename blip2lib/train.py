@@ -14,7 +14,7 @@ Several nodes: the same module on every node with ``--nnodes=N --node_rank=i --r
 ``batch_size × grad_accum × world size`` (paper stage 1: 1680 for ViT-g, docs/paper_map.md §7).
 
 Data (``train_data``): the toy world, an annotation file / manifest under ``data_root``, or WebDataset tar shards
-(``"laion/{000000..000999}.tar"``, with ``shard_epoch_samples`` per rank; see ``setup.build_data``). Logs:
+(``"laion/{000000..000999}.tar"``, with ``shard_epoch_samples`` per rank; see ``assemble.build_data``). Logs:
 ``<run_dir>/log.jsonl`` every step, ``val.jsonl`` per validation, and with ``tensorboard: true`` the same scalars
 under ``<run_dir>/tensorboard``.
 """
@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 
 from . import dist
+from .assemble import build_data, build_model_and_task, load_init, materialize_frozen
 from .config import Params, config_to_dict
 from .engine import run_loop
 from .optim import LR_SCHEDULES, LRSchedule, build_optimizer, param_groups
 from .precision import VIT_PRECISIONS
-from .setup import build_data, build_model_and_task, load_init, materialize_frozen
 from .tasks import TEXT_PADDINGS
 from .validate import make_eval_fn
 

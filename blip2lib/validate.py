@@ -1,13 +1,11 @@
 """Periodic validation and the health checks users ask for: is this run learning?
 
-Stage 1 / retrieval FT: a zero-shot retrieval probe on a fixed validation subset (ITC and ITC+ITM re-ranking,
-R@1/5 both directions, docs/paper_map.md §4.3) and ITM accuracy against the constant predictor. Stage 2 / caption FT:
-validation LM loss, the image-shuffle control (the loss must rise when images are shuffled: the soft prompt
-carries the image) and a few generated captions with their diversity (unique / N); caption FT also CIDEr and
-BLEU-4 of greedy captions for every validation image (LAVIS selects caption fine-tuning checkpoints by CIDEr +
-BLEU-4). VQA FT: greedy answers to a
-fixed subset of validation questions, scored with the official VQA accuracy (docs/paper_map.md §5.1) against the
-constant
+Stage 1 / retrieval FT: a zero-shot retrieval probe on a fixed validation subset (ITC and ITC+ITM re-ranking, R@1/5 both
+directions, docs/paper_map.md §4.3) and ITM accuracy against the constant predictor. Stage 2 / caption FT: validation LM
+loss, the image-shuffle control (the loss must rise when images are shuffled: the soft prompt carries the image) and a
+few generated captions with their diversity (unique / N); caption FT also CIDEr and BLEU-4 of greedy captions for every
+validation image (LAVIS selects caption fine-tuning checkpoints by CIDEr + BLEU-4). VQA FT: greedy answers to a fixed
+subset of validation questions, scored with the official VQA accuracy (docs/paper_map.md §5.1) against the constant
 predictor that always gives the most frequent validation answer.
 """
 
@@ -31,7 +29,7 @@ log = logging.getLogger(__name__)
 def _val_files(params, toy_name: str) -> tuple[Path, Path]:
     """``(image root, annotation file)`` of ``val_data``: the toy world's ``toy_name`` split or a file."""
     if params.val_data == "toy":
-        from .setup import toy_world
+        from .assemble import toy_world
 
         world = toy_world(params)
         return world.images_dir, world.annotations[toy_name]
@@ -46,7 +44,7 @@ def _val_set(params, data: dict) -> dict | None:
         return None
     n = params.val_images
     if spec == "synthetic":
-        from .testing import SyntheticImageText
+        from .toy.synthetic import SyntheticImageText
 
         ds = SyntheticImageText(n, params.image_size, seed=params.seed + 1)
         items = [ds[i] for i in range(n)]
@@ -79,7 +77,7 @@ def _vqa_val_set(params, data: dict) -> dict | None:
     from .data import QuestionProcessor, VQAEvalDataset
 
     if spec == "synthetic":
-        from .testing import SyntheticImageText
+        from .toy.synthetic import SyntheticImageText
 
         ds = SyntheticImageText(n, params.image_size, seed=params.seed + 1, vqa=True)
         items = [ds[i] for i in range(n)]

@@ -55,8 +55,7 @@ def build_vision_tower(cfg: VisionConfig, device: torch.device | str | None = No
     """Build the image encoder described by ``cfg`` with random weights (no download, no pretrained config).
 
     ``cfg.arch == "eva"`` → timm ``Eva`` shaped as LAVIS' EVA-CLIP ViT-g (docs/paper_map.md §1.2): patch conv with bias,
-    CLS +
-    learned absolute pos-embed, pre-norm blocks with fused ``qkv.weight`` and separate ``q_bias`` / ``v_bias``
+    CLS + learned absolute pos-embed, pre-norm blocks with fused ``qkv.weight`` and separate ``q_bias`` / ``v_bias``
     (timm keeps a zero, non-persistent, non-trainable ``k_bias`` buffer), exact-erf GELU MLP, LayerNorm eps
     ``cfg.ln_eps``, no layer-scale, no RoPE, no relative position bias, no final norm, no pooling, no head.
 

@@ -39,8 +39,7 @@ def image_train_transform(
     """``blip2_image_train``: RandomResizedCrop(size, scale 0.5–1, bicubic) → h-flip → ToTensor → CLIP normalise.
 
     The aspect-ratio range is torchvision's default (3/4, 4/3), as in LAVIS. No RandAugment (docs/paper_map.md §6: that
-    belongs
-    to the older ``blip_image_train`` processor). Pre-training uses 224, caption/retrieval fine-tuning 364.
+    belongs to the older ``blip_image_train`` processor). Pre-training uses 224, caption/retrieval fine-tuning 364.
 
     Args:
         size: output side in pixels.
@@ -87,11 +86,10 @@ def _truncate_words(text: str, max_words: int) -> str:
 def pre_caption(text: str, max_words: int = 50, prompt: str = "") -> str:
     """LAVIS ``blip_caption``: ``prompt`` + normalised caption.
 
-    Lower-case; each listed punctuation character becomes a space; runs of two or more whitespace characters
-    collapse to one space; a trailing newline and surrounding spaces are stripped; the first ``max_words``
-    space-separated words are kept. The prompt (``"a photo of "`` for COCO caption fine-tuning, docs/paper_map.md §4.1)
-    is
-    prepended after normalisation and is not counted in ``max_words``.
+    Lower-case; each listed punctuation character becomes a space; runs of two or more whitespace characters collapse to
+    one space; a trailing newline and surrounding spaces are stripped; the first ``max_words`` space-separated words are
+    kept. The prompt (``"a photo of "`` for COCO caption fine-tuning, docs/paper_map.md §4.1) is prepended after
+    normalisation and is not counted in ``max_words``.
 
     Args:
         text: raw caption.

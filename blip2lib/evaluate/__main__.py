@@ -150,7 +150,7 @@ def load_model(p: EvalParams, task: str, source: str = "<params>"):
     from blip2lib.model import Blip2, Blip2QFormerModel
 
     if p.checkpoint == "tiny":
-        from blip2lib.testing import tiny_bert_tokenizer, tiny_llm_tokenizer
+        from blip2lib.toy.synthetic import tiny_bert_tokenizer, tiny_llm_tokenizer
 
         torch.manual_seed(p.seed)
         cfg = tiny_config(None if task == "retrieval" else p.family, image_size=p.image_size or 28)

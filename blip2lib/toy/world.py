@@ -1,11 +1,10 @@
 """The toy world's scenes: sampling, rendering, captions, questions and splits (the paper in miniature).
 
-A scene is 1–4 objects placed in 4 fixed left→right slots of a 64×64 image; each object has a shape, a colour, a
-size and a position (its slot, and a row of the tower's 8-px patch grid). Captions list the objects left→right (5
-paraphrase templates per scene, like COCO's 5 captions), questions need grounding (attribute, counting, existence,
-relation) and carry 10 annotator answers with realistic disagreement ("2" vs "two", the odd wrong answer), so the
-official VQA accuracy (docs/paper_map.md §5.1) means something. The ``novel`` split holds scenes containing (colour,
-shape) pairs
+A scene is 1–4 objects placed in 4 fixed left→right slots of a 64×64 image; each object has a shape, a colour, a size
+and a position (its slot, and a row of the tower's 8-px patch grid). Captions list the objects left→right (5 paraphrase
+templates per scene, like COCO's 5 captions), questions need grounding (attribute, counting, existence, relation) and
+carry 10 annotator answers with realistic disagreement ("2" vs "two", the odd wrong answer), so the official VQA
+accuracy (docs/paper_map.md §5.1) means something. The ``novel`` split holds scenes containing (colour, shape) pairs
 that never occur in the train/val/test scenes — the toy analogue of NoCaps' zero-shot transfer (docs/paper_map.md §5.2).
 Everything is a pure function of a seed.
 """
@@ -305,8 +304,7 @@ def annotator_answers(answer: str, family: str, rng: np.random.Generator) -> lis
     """Ten human-like answers for a canonical ``answer``.
 
     Numbers are sometimes written as words ("2"/"two", equal after the official normalisation, docs/paper_map.md §5.1)
-    and
-    20% of questions get one or two wrong answers of the same kind.
+    and 20% of questions get one or two wrong answers of the same kind.
     """
     answers = [answer] * 10
     kind = _ANSWER_TYPE[family]

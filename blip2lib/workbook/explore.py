@@ -38,7 +38,7 @@ def load_model(checkpoint: str, seed: int = 42, family: str = "opt", image_size:
 
     Args:
         checkpoint: a run folder, transformers dir or LAVIS file (``blip2lib.from_pretrained``), or ``"tiny"`` for a
-            random tiny model (``config.tiny_config`` + ``blip2lib.testing`` tokenizers), seeded with ``seed``.
+            random tiny model (``config.tiny_config`` + ``blip2lib.toy.synthetic`` tokenizers), seeded with ``seed``.
         seed: seed of the tiny model's initialisation.
         family: LLM family of the tiny model (``opt`` or ``t5``).
         image_size: input resolution of the tiny model.
@@ -56,7 +56,7 @@ def load_model(checkpoint: str, seed: int = 42, family: str = "opt", image_size:
             raise FileNotFoundError(f"checkpoint {checkpoint!r} not found (set missing_ok to fall back to tiny)")
         log.warning("checkpoint %s not found: using a random tiny model", checkpoint)
     from ..config import tiny_config
-    from ..testing import tiny_llm_tokenizer
+    from ..toy.synthetic import tiny_llm_tokenizer
 
     torch.manual_seed(seed)
     return Blip2(tiny_config(family, image_size=image_size), tokenizer=tiny_llm_tokenizer(family)).eval()
@@ -77,7 +77,7 @@ def load_stage1_model(checkpoint: str, seed: int = 42, image_size: int = 28, mis
             raise FileNotFoundError(f"stage-1 checkpoint {checkpoint!r} not found")
         log.warning("stage-1 checkpoint %s not found: using a random tiny model", checkpoint)
     from ..config import tiny_config
-    from ..testing import tiny_bert_tokenizer
+    from ..toy.synthetic import tiny_bert_tokenizer
 
     torch.manual_seed(seed)
     return Blip2QFormerModel(tiny_config(image_size=image_size)).eval(), tiny_bert_tokenizer()
@@ -87,7 +87,7 @@ def sample_images(source: str, n: int = 4, seed: int = 0) -> dict:
     """``n`` test images with a reference caption and a question each.
 
     Args:
-        source: ``"synthetic"`` (random pixels, captions from ``blip2lib.testing.WORDS``) or a toy-world size
+        source: ``"synthetic"`` (random pixels, captions from ``blip2lib.toy.synthetic.WORDS``) or a toy-world size
             (``"full"`` / ``"tiny"``): the toy world's Karpathy-style test split and VQA val questions.
         n: number of images.
         seed: seed of the synthetic images (the toy world is always the shared seed-0 world the stages read).
@@ -98,7 +98,7 @@ def sample_images(source: str, n: int = 4, seed: int = 0) -> dict:
     from PIL import Image
 
     if source == "synthetic":
-        from ..testing import SyntheticImageText
+        from ..toy.synthetic import SyntheticImageText
 
         ds = SyntheticImageText(n, 56, seed=seed, vqa=True)
         items = [ds[i] for i in range(n)]
@@ -309,7 +309,7 @@ def rerandomise_(model, seed: int = 0):
 def _tiny(name: str, seed: int):
     from ..config import tiny_config
     from ..model import Blip2, Blip2QFormerModel
-    from ..testing import tiny_bert_tokenizer, tiny_llm_tokenizer
+    from ..toy.synthetic import tiny_bert_tokenizer, tiny_llm_tokenizer
 
     fam = TINY[name]
     torch.manual_seed(seed)

@@ -138,7 +138,7 @@ def test_lavis_epoch_run_must_be_whole_epochs(tmp_path):
 def test_vit_precision_reaches_the_model_config(freeze, key, want):
     import torch
 
-    from blip2lib.setup import build_model_and_task
+    from blip2lib.assemble import build_model_and_task
 
     model, _, _ = build_model_and_task(_tiny(freeze_vit=freeze, vit_precision=key), torch.device("cpu"))
     assert model.config.vision.precision == want  # tiny: fp32 by default; a trained tower is always fp32

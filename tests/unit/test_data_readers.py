@@ -328,7 +328,7 @@ def test_image_cache_decodes_each_path_once(coco_root, monkeypatch):
 
 
 def test_cache_images_needs_fixed_images_and_annotation_files():
-    from blip2lib.setup import _train_dataset
+    from blip2lib.assemble import _train_dataset
     from blip2lib.train import TrainParams
 
     with pytest.raises(ValueError, match="cache_images needs fixed images"):

@@ -26,7 +26,7 @@ from blip2lib.data.readers import GQAEvalDataset
 from blip2lib.evaluate import CacheMismatchError, CaptionDecoding, VQADecoding, run_caption, run_retrieval, run_vqa
 from blip2lib.evaluate.__main__ import main
 from blip2lib.model import Blip2, Blip2QFormerModel
-from blip2lib.testing import tiny_bert_tokenizer, tiny_llm_tokenizer
+from blip2lib.toy.synthetic import tiny_bert_tokenizer, tiny_llm_tokenizer
 
 torch.set_num_threads(1)
 

@@ -18,7 +18,7 @@ from test_eval_drivers import TINY_VQA, _tiny_blip2, _tiny_qformer, retrieval_da
 
 from blip2lib.data import FORMATS, QuestionProcessor, RetrievalEvalDataset, VQAEvalDataset, image_eval_transform
 from blip2lib.evaluate import run_retrieval, run_vqa
-from blip2lib.testing import tiny_bert_tokenizer
+from blip2lib.toy.synthetic import tiny_bert_tokenizer
 
 W = 2
 

@@ -244,7 +244,7 @@ class _RecordingTokenizer:
     """The tiny BERT tokenizer, recording the texts of every call."""
 
     def __init__(self):
-        from blip2lib.testing import tiny_bert_tokenizer
+        from blip2lib.toy.synthetic import tiny_bert_tokenizer
 
         self.tok, self.texts = tiny_bert_tokenizer(), []
 
@@ -283,12 +283,12 @@ def test_driver_tokenises_blip_caption_texts(tmp_path):
 def test_cli_and_table_path_tokenise_blip_caption_texts(tmp_path, monkeypatch):
     import yaml
 
-    import blip2lib.testing
+    import blip2lib.toy.synthetic
     from blip2lib.evaluate.__main__ import RetrievalParams, build_dataset, main
 
     _retrieval_files(tmp_path / "data")
     tok = _RecordingTokenizer()
-    monkeypatch.setattr(blip2lib.testing, "tiny_bert_tokenizer", lambda: tok)  # what load_model("tiny") calls
+    monkeypatch.setattr(blip2lib.toy.synthetic, "tiny_bert_tokenizer", lambda: tok)  # what load_model("tiny") calls
     params = {"checkpoint": "tiny", "data_root": str(tmp_path / "data"), "split": "flickr30k_test", "k": 2,
               "fusion": "itc", "out_dir": str(tmp_path / "cli"), "progress": False}  # fmt: skip
     path = tmp_path / "params.yaml"

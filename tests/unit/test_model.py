@@ -6,7 +6,7 @@ import torch
 from blip2lib.config import PRESETS, tiny_config
 from blip2lib.model import Blip2, Blip2QFormerModel, count_parameters
 from blip2lib.tasks import Stage1Task, Stage2Task
-from blip2lib.testing import synthetic_batch, tiny_bert_tokenizer, tiny_llm_tokenizer
+from blip2lib.toy.synthetic import synthetic_batch, tiny_bert_tokenizer, tiny_llm_tokenizer
 
 torch.set_num_threads(1)
 

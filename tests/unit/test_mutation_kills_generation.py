@@ -15,7 +15,7 @@ import torch
 from blip2lib.config import tiny_config
 from blip2lib.generation import format_prompt, generate, generate_ids, new_token_bounds, resolve_eos
 from blip2lib.llm import build_llm, freeze_llm_
-from blip2lib.testing import tiny_llm_tokenizer
+from blip2lib.toy.synthetic import tiny_llm_tokenizer
 
 torch.set_num_threads(1)
 Q = 4  # soft-prompt length

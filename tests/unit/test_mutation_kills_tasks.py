@@ -14,7 +14,7 @@ import blip2lib.tasks as tasks_mod
 from blip2lib.config import tiny_config
 from blip2lib.model import Blip2QFormerModel
 from blip2lib.tasks import Stage1Task
-from blip2lib.testing import tiny_bert_tokenizer
+from blip2lib.toy.synthetic import tiny_bert_tokenizer
 
 TEXTS = ["a red circle on the mat", "a dog"]
 

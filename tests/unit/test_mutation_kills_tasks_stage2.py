@@ -15,7 +15,7 @@ from torch import nn
 
 import blip2lib.llm as llm
 from blip2lib.tasks import Stage2Task
-from blip2lib.testing import tiny_llm_tokenizer
+from blip2lib.toy.synthetic import tiny_llm_tokenizer
 
 
 class Stub(nn.Module):

@@ -18,7 +18,7 @@ from blip2lib.convert import ours_to_lavis  # noqa: E402
 from blip2lib.generation import generate_ids  # noqa: E402
 from blip2lib.llm import prepend_prefix  # noqa: E402
 from blip2lib.pretrained import from_pretrained, save_pretrained_hf  # noqa: E402
-from blip2lib.testing import tiny_llm_tokenizer  # noqa: E402
+from blip2lib.toy.synthetic import tiny_llm_tokenizer  # noqa: E402
 
 TOL = 1e-5
 NQ, S = 4, 28

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from blip2lib.config import tiny_config
 from blip2lib.model import Blip2QFormerModel
 from blip2lib.tasks import Stage1Task
-from blip2lib.testing import tiny_bert_tokenizer
+from blip2lib.toy.synthetic import tiny_bert_tokenizer
 
 W, B = 2, 2
 TEXTS = ["a red circle", "a blue square", "two green dog", "the small cat"]  # 3 words each → equal token counts

@@ -1,6 +1,6 @@
 """Stage2Task's LLM inputs: exact token ids, masks and loss targets, hand-worked with the tiny word-level tokenizers.
 
-Tiny OPT vocabulary (blip2lib.testing): <s> 0, <pad> 1, </s> 2 (BOS, prepended), <unk> 3, "\\n" 4, then the words
+Tiny OPT vocabulary (blip2lib.toy.synthetic): <s> 0, <pad> 1, </s> 2 (BOS, prepended), <unk> 3, "\\n" 4, then the words
 a 5, photo 6, of 7, dog 8, red 10, blue 11, the 13, question 16, answer 17, ":" 19, "?" 20, what 21, is 22,
 colour 23, sky 24, circle 27, two 31. Tiny T5: <pad> 0, </s> 1 (EOS, appended), <unk> 2, then a 3, photo 4, of 5,
 dog 6, red 8, blue 9, the 11, question 14, answer 15, ":" 17, "?" 18, what 19, is 20, colour 21, sky 22, circle 25,
@@ -18,7 +18,7 @@ import pytest
 from blip2lib.config import tiny_config
 from blip2lib.model import Blip2
 from blip2lib.tasks import Stage2Task
-from blip2lib.testing import tiny_llm_tokenizer
+from blip2lib.toy.synthetic import tiny_llm_tokenizer
 
 X = -100
 TEMPLATE = "question : {} answer :"  # the tiny vocabulary is lower case

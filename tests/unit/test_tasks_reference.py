@@ -21,7 +21,7 @@ import torch
 from blip2lib.config import tiny_config
 from blip2lib.model import Blip2QFormerModel
 from blip2lib.tasks import Stage1Task
-from blip2lib.testing import tiny_bert_tokenizer
+from blip2lib.toy.synthetic import tiny_bert_tokenizer
 
 torch.set_num_threads(1)
 

@@ -210,7 +210,7 @@ def test_toy_qformer_takes_its_dropout_from_its_bert(tiny):
     """As LAVIS's Q-Former takes bert-base's config (dropout 0.1), the toy Q-Former takes the toy BERT's (none)."""
     import json
 
-    from blip2lib.setup import _toy_components
+    from blip2lib.assemble import _toy_components
     from blip2lib.train import TrainParams
 
     bert = json.loads((tiny.bert_dir / "config.json").read_text())

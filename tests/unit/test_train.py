@@ -99,7 +99,7 @@ def test_unknown_stage_is_rejected():
 
 
 def test_text_padding_reaches_the_stage1_task(tmp_path):
-    from blip2lib.setup import build_model_and_task
+    from blip2lib.assemble import build_model_and_task
 
     _, task, _ = build_model_and_task(_params("stage1", steps=1, text_padding="longest"), torch.device("cpu"))
     assert task.text_padding == "longest"
@@ -128,7 +128,7 @@ def _write_shards(folder, n=14, bad=(5,)):
     import webdataset as wds
     from PIL import Image
 
-    from blip2lib.testing import WORDS
+    from blip2lib.toy.synthetic import WORDS
 
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -177,7 +177,7 @@ def test_shard_training_resumes_exactly_across_epochs(tmp_path, monkeypatch):
 
 
 def test_shard_epochs_differ_and_bad_params_are_named(tmp_path):
-    from blip2lib.setup import build_data, is_shard_spec
+    from blip2lib.assemble import build_data, is_shard_spec
 
     _write_shards(tmp_path / "shards", bad=())
     assert is_shard_spec("a/{000..009}.tar") and is_shard_spec("x.tar, y.tar") and not is_shard_spec("ann.json")
@@ -218,7 +218,7 @@ def test_tensorboard_mirrors_the_jsonl_log(tmp_path):
 
 
 def test_missing_shards_are_named_not_retried_forever(tmp_path):
-    from blip2lib.setup import build_data
+    from blip2lib.assemble import build_data
 
     _write_shards(tmp_path / "shards", n=5)  # only part-0000.tar exists
     with pytest.raises(FileNotFoundError, match=r"2 of 3 shards missing: .*part-0001.tar, .*part-0002.tar"):

@@ -12,13 +12,13 @@ import transformers
 from torch import nn
 
 from blip2lib import train as train_mod
+from blip2lib.assemble import _load_frozen_and_init, _transforms
 from blip2lib.config import tiny_config
 from blip2lib.llm import llm_loss
 from blip2lib.model import Blip2, Blip2QFormerModel
 from blip2lib.qformer import Blip2QFormer, Blip2QFormerLMHead, Blip2TextEmbeddings, init_weights, load_bert_weights
-from blip2lib.setup import _load_frozen_and_init, _transforms
 from blip2lib.tasks import Stage2Task
-from blip2lib.testing import tiny_llm_tokenizer
+from blip2lib.toy.synthetic import tiny_llm_tokenizer
 from blip2lib.train import TrainParams
 
 torch.set_num_threads(1)

@@ -129,7 +129,7 @@ class _FakeRetrievalModel:
 
 
 def test_retrieval_probe_itm_itc_recalls_come_from_the_itm_rescored_candidates():
-    from blip2lib.testing import tiny_bert_tokenizer
+    from blip2lib.toy.synthetic import tiny_bert_tokenizer
     from blip2lib.validate import retrieval_probe
 
     words = ["dog", "cat", "red", "blue", "green", "sky"]

@@ -44,7 +44,7 @@ def _with(cfg, **kw):
 
 
 def _tiny_components(params) -> dict:
-    from .testing import tiny_bert_tokenizer, tiny_llm_tokenizer
+    from .toy.synthetic import tiny_bert_tokenizer, tiny_llm_tokenizer
 
     cfg = tiny_config(params.llm if params.stage in GENERATIVE else None, image_size=params.image_size)
     return {"config": cfg, "qformer_tokenizer": tiny_bert_tokenizer(), "llm_tokenizer": tiny_llm_tokenizer(params.llm)}
@@ -318,7 +318,7 @@ def _train_dataset(params, comps: dict, bad: BadSampleLog):
     if params.cache_images and (spec == "synthetic" or str(spec).endswith((".jsonl", ".csv"))):
         raise ValueError(f"cache_images works with annotation-file datasets (toy, COCO-style JSON), not {spec!r}")
     if spec == "synthetic":
-        from .testing import SyntheticImageText
+        from .toy.synthetic import SyntheticImageText
 
         return SyntheticImageText(256, params.image_size, seed=params.seed, vqa=params.stage == "vqa_ft")
     if spec == "toy":

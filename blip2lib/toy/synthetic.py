@@ -2,8 +2,7 @@ r"""Offline tiny tokenizers and synthetic batches for tests and ``smoke`` runs (
 
 The tokenizers follow the real conventions the model code depends on: BERT ``[PAD]=0``, ``[CLS]``, ``[SEP]`` and an
 added ``[DEC]`` bos token (docs/paper_map.md §1.3); OPT prepends BOS ``</s>`` and has a ``"\n"`` token used as end of
-caption
-(docs/paper_map.md §1.5); T5 appends ``</s>`` (id 1) and pads with 0.
+caption (docs/paper_map.md §1.5); T5 appends ``</s>`` (id 1) and pads with 0.
 """
 
 from __future__ import annotations
