@@ -245,3 +245,31 @@ def test_convert_library_never_imports_the_loaders():
     assert not {m for m in imported if m.endswith("pretrained")}, imported
     cli = ast.parse((Path(blip2lib.convert.__file__).parent / "__main__.py").read_text())
     assert any(isinstance(n, ast.ImportFrom) and n.module == "pretrained" and n.level == 2 for n in ast.walk(cli))
+
+
+def test_save_pretrained_methods_write_what_the_functions_write(tmp_path, opt_model):
+    """``model.save_pretrained`` is the function under a method name: same bytes, and the export loads back."""
+    import safetensors.torch
+
+    from blip2lib.pretrained import save_lavis
+
+    opt_model.save_pretrained(tmp_path / "m_hf", check=False)
+    save_pretrained_hf(opt_model, tmp_path / "f_hf", check=False)
+    a = safetensors.torch.load_file(tmp_path / "m_hf" / "model.safetensors")
+    b = safetensors.torch.load_file(tmp_path / "f_hf" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    back = from_pretrained(tmp_path / "m_hf")
+    ours, theirs = opt_model.state_dict(), back.state_dict()
+    shared = ours.keys() & theirs.keys()
+    assert len(shared) >= len(ours) - 2  # at most the tied/derived buffers differ by name
+    assert all(torch.equal(theirs[k], ours[k]) for k in shared)
+
+    qf = Blip2QFormerModel(tiny_config()).eval()
+    qf.save_pretrained(tmp_path / "m.pth", format="lavis", check=False)
+    save_lavis(qf, tmp_path / "f.pth", check=False)
+    a, b = (torch.load(tmp_path / n, weights_only=True)["model"] for n in ("m.pth", "f.pth"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "Qformer.bert.encoder.layer.0.attention.self.query.weight" in a
+    with pytest.raises(ValueError, match="format must be 'transformers' or 'lavis'"):
+        qf.save_pretrained(tmp_path / "x", format="onnx")
+    assert not (tmp_path / "x").exists()
