@@ -1,11 +1,12 @@
 """Caption scoring: decoding recipes, COCO caption metrics via pycocoevalcap, NoCaps breakdown.
 
 Metrics are pycocoevalcap's (PTB tokenizer, BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE), reported in **percent**
-with ``"unit": "percent"`` in every result (user need 31). The PTB tokenizer, METEOR and SPICE run Java
-subprocesses: Java is checked up front with a clear error. METEOR loads its paraphrase table on every start (about
-half a minute on a busy 2-core machine); SPICE additionally needs Stanford CoreNLP 3.6.0 jars that pycocoevalcap
-downloads on first use, so when they are missing (offline) or SPICE fails, the result holds ``"SPICE": None`` and a
-``"SPICE_status"`` reason — never a fake 0.
+with ``"unit": "percent"`` in every result; they are asked for by pycocoevalcap's result names (``METRIC_NAMES``:
+``Bleu_4``, ``CIDEr`` ...) or by scorer group (``ALL_METRICS``: ``BLEU`` ...). The PTB tokenizer, METEOR and SPICE
+run Java subprocesses: Java is checked up front with a clear error. METEOR loads its paraphrase table on every start
+(about half a minute on a busy 2-core machine); SPICE additionally needs Stanford CoreNLP 3.6.0 jars that
+pycocoevalcap downloads on first use, so when they are missing (offline) or SPICE fails, the result holds
+``"SPICE": None`` and a ``"SPICE_status"`` reason — never a fake 0.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class CaptionDecoding:
         min_new_tokens: LAVIS ``min_len`` (8); what it counts depends on ``length_rule``.
         repetition_penalty: 1.0 = off.
         length_penalty: beam length-normalisation exponent.
-        source: provenance, echoed into result JSONs (user need 8).
+        source: provenance, echoed into result JSONs.
         length_rule: ``"new"`` (paper recipe): both lengths count generated tokens (8 tokens before EOS at least).
             ``"lavis_head"`` (LAVIS recipe): counted as LAVIS HEAD does: FlanT5 ``min_len=8`` includes the decoder
             start token (7 tokens before EOS); OPT generates from ``inputs_embeds`` only (8). ``"lavis_paper_time"``:

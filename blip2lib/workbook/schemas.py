@@ -307,7 +307,7 @@ class PrepareDataParams(Params):
 class ParityParams(Params):
     """Our model vs stock transformers on the same weights: max-abs differences per stage, greedy agreement."""
 
-    checkpoints: list[str] = field(default_factory=lambda: ["tiny-opt", "tiny-t5", "tiny-retrieval"])  # or paths
+    checkpoints: list[str] = field(default_factory=lambda: ["tiny-opt", "tiny-t5", "tiny-retrieval"])  # or local paths
     skip_missing: bool = False  # checkpoint paths that do not exist are skipped
     goals: dict = field(default_factory=dict)  # report goals: metric → {goal, direction, label}
 
