@@ -13,9 +13,11 @@ What is pinned here:
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from blip2lib.config import ParamsError
 from blip2lib.workbook.runner import load_params
@@ -130,3 +132,208 @@ def test_result_names_score_like_groups():
     assert ours["Bleu_1"] == pytest.approx(100 * bleu[0], abs=1e-9)  # the scorer reports all four orders
     assert ours["CIDEr"] == pytest.approx(100 * cider, abs=1e-9)
     assert "METEOR" not in ours and "SPICE" not in ours
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the paper_* files themselves
+
+PAPER_FILES = sorted((ROOT / "params").glob("*/paper_*.yaml"))
+TABLE_FILES = [p for p in PAPER_FILES if p.parent.name[:2] in ("41", "42", "43", "44")]
+# the released files, as LAVIS's model zoo and the Hub name them (written out here, not read from the library)
+LAVIS_FILES = {"blip2_pretrained.pth", "blip2_pretrained_vitL.pth", "blip2_pretrained_opt2.7b.pth",
+               "blip2_pretrained_opt6.7b.pth", "blip2_pretrained_flant5xl.pth", "blip2_pretrained_flant5xl_vitL.pth",
+               "blip2_pretrained_flant5xxl.pth", "blip2_caption_opt2.7b.pth", "blip2_caption_opt6.7b.pth",
+               "blip2_caption_flant5xl.pth", "blip2_finetune_coco.pth", "eva_vit_g.pth", "clip_vit_L.pth"}  # fmt: skip
+HUB = {  # Hub repository → (vision tower, LLM) of the model it holds
+    "blip2-opt-2.7b": ("g", "opt2.7b"), "blip2-opt-6.7b": ("g", "opt6.7b"), "blip2-flan-t5-xl": ("g", "flant5xl"),
+    "blip2-flan-t5-xxl": ("g", "flant5xxl"), "blip2-opt-2.7b-coco": ("g", "opt2.7b"),
+    "blip2-opt-6.7b-coco": ("g", "opt6.7b"), "blip2-flan-t5-xl-coco": ("g", "flant5xl"),
+    "blip2-itm-vit-g": ("g", None), "blip2-itm-vit-g-coco": ("g", None),
+}  # fmt: skip
+VISION = {"l": "weights/clip_vit_L.pth", "g": "weights/eva_vit_g.pth"}
+LLM_DIR = {"opt2.7b": "weights/opt-2.7b", "opt6.7b": "weights/opt-6.7b", "flant5xl": "weights/flan-t5-xl",
+           "flant5xxl": "weights/flan-t5-xxl"}  # fmt: skip
+
+
+def _model(row: str) -> tuple[str, str | None]:
+    """(vision tower, LLM) a row's name asks for: ``vitg_opt2.7b...`` → ("g", "opt2.7b"); Table 6 rows are ViT-g."""
+    if row.startswith("itc_itm"):
+        return "g", None
+    m = re.match(r"vit([lg])(?:_(opt2\.7b|opt6\.7b|flant5xxl|flant5xl))?(?:_|$)", row)
+    assert m, f"row name {row!r} names no model"
+    return m.group(1), m.group(2)
+
+
+def _yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.mark.parametrize("path", PAPER_FILES, ids=[f"{p.parent.name}/{p.name}" for p in PAPER_FILES])
+def test_paper_file_loads_with_its_notebook_schema(path):
+    assert load_params(path)
+
+
+@pytest.mark.parametrize("path", TABLE_FILES, ids=[f"{p.parent.name}/{p.name}" for p in TABLE_FILES])
+def test_every_row_names_the_files_its_model_needs(path):
+    data = _yaml(path)
+    retrieval = path.parent.name == "44_retrieval"
+    assert "vision_weights" not in data and "llm_path" not in data, "per-row files only, no file-level default"
+    for row, value in data["checkpoints"].items():
+        vit, llm = _model(row)
+        ckpt = value if isinstance(value, str) else value["checkpoint"]
+        name = Path(ckpt).name
+        if name in HUB:  # a Hub snapshot holds every tower and tokenizer: nothing else may be named
+            assert isinstance(value, str), f"{row}: a Hub directory row names only its directory"
+            assert HUB[name] == (vit, None if retrieval else llm), f"{row}: {name} holds another model"
+            continue
+        assert isinstance(value, dict), f"{row}: a LAVIS file or run folder row names its own tower and LLM"
+        assert value["vision_weights"] == VISION[vit], row
+        assert value.get("llm_path") == (None if retrieval else LLM_DIR[llm]), row
+        if ckpt.endswith(".pth"):
+            assert name in LAVIS_FILES, f"{row}: {name} is not a released LAVIS file"
+            assert ("vitL" in name) == (vit == "l"), f"{row}: {name} has another vision tower"
+            assert retrieval or llm in name, f"{row}: {name} has another LLM"
+        else:
+            assert ckpt.startswith("runs/"), f"{row}: {ckpt} is neither a released file nor one of our runs"
+        assert value.get("bert_dir", data.get("bert_dir")) == "weights/bert-base-uncased", row
+
+
+def test_every_released_name_in_the_params_is_a_real_release():
+    named = set()
+    for path in PAPER_FILES:
+        named |= set(re.findall(r"weights/([\w.-]+)", path.read_text()))
+    tokens = {"bert-base-uncased", *(Path(d).name for d in LLM_DIR.values())}
+    assert named - tokens <= LAVIS_FILES | set(HUB), sorted(named - tokens - LAVIS_FILES - set(HUB))
+    assert set(HUB) <= named, f"Hub checkpoints in no params file: {sorted(set(HUB) - named)}"
+
+
+def test_hub_files_reproduce_the_cells_of_their_lavis_twins():
+    for hf in (p for p in TABLE_FILES if p.stem.endswith("_hf")):
+        twin = _yaml(hf.with_name(hf.stem[:-3] + ".yaml"))
+        data = _yaml(hf)
+        assert set(data["checkpoints"]) <= set(twin["checkpoints"]), hf.name
+        rows = set(twin["checkpoints"])
+        owner = {
+            m: max((r for r in rows if m.split("@")[0].startswith(f"{r}_")), key=len) for m in twin["paper_targets"]
+        }
+        want = {m: t for m, t in twin["paper_targets"].items() if owner[m] in data["checkpoints"]}
+        assert data["paper_targets"] == want, hf.name
+        assert {k: v for k, v in data.items() if k not in ("checkpoints", "paper_targets", "bert_dir")} == {
+            k: v for k, v in twin.items() if k not in ("checkpoints", "paper_targets", "bert_dir")
+        }, f"{hf.name}: settings differ from its LAVIS twin"
+
+
+def test_no_params_file_carries_schema_gap_notes():
+    for path in sorted((ROOT / "params").rglob("*.yaml")):
+        text = path.read_text().lower()
+        assert "schema gap" not in text and "helper report" not in text, path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Figure 5: rows without a published number, curves from the ablation's kept checkpoints
+
+
+def test_figure5_rows_have_no_number_and_every_curve_is_reproduced():
+    targets = _yaml(ROOT / "params" / "paper_targets.yaml")["targets"]
+    fig5 = {t["id"]: t for t in targets if t["table"] == "Figure 5"}
+    curves = {f"f5_blip_2_vit_g_{m}_{w}_stage1" for m in ("opt6_7b", "flant5xl") for w in ("with", "without")}
+    assert set(fig5) == curves
+    assert all(t["value"] is None and t["tolerance"] is None for t in fig5.values())
+    for panel, tid in (("opt6.7b", "opt6_7b"), ("flant5xl", "flant5xl")):
+        data = _yaml(ROOT / "params" / "46_ablation_stage1" / f"paper_vitg_{panel}.yaml")
+        assert data["paper_targets"] == {f"{v}_vqa_acc_mean": f"f5_blip_2_vit_g_{tid}_{v}"
+                                         for v in ("without_stage1", "with_stage1")}  # fmt: skip
+        assert data["base"]["model"] == f"vitg_{panel}" and data["base"]["llm_path"] == LLM_DIR[panel]
+        assert data["variants"]["without_stage1"] == {"init_from": ""}
+        assert data["variants"]["with_stage1"]["init_from"] == "runs/10_stage1_pretrain/paper_vitg"
+
+
+def test_figure5_curve_points_are_checkpoints_the_ablation_keeps():
+    from blip2lib.train import TrainParams
+
+    curves = _yaml(ROOT / "params" / "41_zeroshot_vqa" / "paper_fig5_curves.yaml")
+    points = 0
+    for panel in ("opt6.7b", "flant5xl"):
+        data = _yaml(ROOT / "params" / "46_ablation_stage1" / f"paper_vitg_{panel}.yaml")
+        base = data["base"]
+        assert base["keep_last"] == 0, "every checkpoint is a point of a curve: none may be pruned"
+        steps = range(base["ckpt_every"], base["steps"] + 1, base["ckpt_every"])
+        for variant, overrides in data["variants"].items():
+            TrainParams.from_dict({**base, **overrides}, f"{panel} {variant}")  # the runs the ablation will start
+            for seed in data["seeds"]:
+                for step in steps:
+                    row = curves["checkpoints"][f"vitg_{panel}_{variant}_{step // 1000}k"]
+                    assert row["checkpoint"] == (f"runs/46_ablation_stage1/paper_vitg_{panel}/{variant}/seed{seed}"
+                                                 f"/checkpoints/ckpt-{step}")  # fmt: skip
+                    assert (row["vision_weights"], row["llm_path"]) == (VISION["g"], LLM_DIR[panel])
+                    assert curves["paper_targets"][f"vitg_{panel}_{variant}_{step // 1000}k_vqa_acc"] == (
+                        f"f5_blip_2_vit_g_{panel.replace('.', '_')}_{variant}"
+                    )
+                    points += 1
+    assert points == len(curves["checkpoints"]) == 20
+
+
+def test_compare_to_paper_lists_a_row_without_a_published_number(tmp_path):
+    from blip2lib.workbook.run import compare_to_paper
+
+    path = tmp_path / "targets.yaml"
+    rows = [{"id": "f5", "table": "Figure 5", "row": "with", "column": "acc", "value": None, "tolerance": None},
+            {"id": "t2", "table": "Table 2", "row": "r", "column": "c", "value": 53.5, "tolerance": 0.5}]  # fmt: skip
+    path.write_text(yaml.safe_dump({"targets": rows}))
+    table = compare_to_paper({"a": 51.2345, "b": 53.2}, {"a": "f5", "b": "t2", "c": "f5"}, path=path, show=False)
+    got = table.set_index("metric")
+    assert got.loc["a", "verdict"] == "no published number" and got.loc["a", "reproduced"] == 51.23
+    assert got.loc["a", "target"] == "Figure 5 · with · acc"
+    assert got.loc[["a", "c"], ["paper / goal", "delta", "tolerance"]].isna().all().all()  # None → NaN in pandas
+    assert got.loc["c", "verdict"] == "no published number" and got.loc[["c"], "reproduced"].isna().all()
+    assert got.loc["b", "verdict"] == "match" and got.loc["b", "delta"] == pytest.approx(-0.3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the README's paper-path table
+
+
+def _readme_table() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("<!-- paper-path table:")
+    body = text[text.index("\n", start) + 1 : text.index("<!-- end of paper-path table -->")]
+    return body
+
+
+def test_readme_paper_path_table_is_the_generated_one():
+    from blip2lib.workbook.tables import paper_path_markdown
+
+    assert _readme_table() == paper_path_markdown(), "regenerate the README table: see its paragraph"
+
+
+def test_readme_paper_path_table_covers_every_file_release_and_paper_row():
+    table = _readme_table()
+    names = {f"{p.parent.name}/{p.name}" for p in PAPER_FILES if p.parent.name[:2] in ("41", "42", "43", "44", "46",
+                                                                                        "50")}  # fmt: skip
+    assert {n for n in names if f"`{n}`" in table} == names
+    assert all(f"Hub Salesforce/{h} (`weights/{h}`)" in table for h in HUB)
+    for t in _yaml(ROOT / "params" / "paper_targets.yaml")["targets"]:
+        assert f"{t['table']} · {t['row']} · " in table, t["id"]
+
+
+def test_paper_path_rows_pair_columns_with_files_and_refuse_unknown_releases(tmp_path):
+    from blip2lib.workbook.tables import paper_path_rows, released_as
+
+    root = tmp_path / "params"
+    (root / "41_zeroshot_vqa").mkdir(parents=True)
+    targets = tmp_path / "targets.yaml"
+    rows = [{"id": i, "table": "Table 2", "row": "R", "column": c, "value": 1.0, "tolerance": 0.5}
+            for i, c in (("a", "val"), ("b", "gqa"))]  # fmt: skip
+    targets.write_text(yaml.safe_dump({"targets": rows}))
+    for stem, ref in (("paper_v", "a"), ("paper_g", "b")):
+        (root / "41_zeroshot_vqa" / f"{stem}.yaml").write_text(
+            f"checkpoints: {{m: {{checkpoint: weights/blip2_pretrained_opt2.7b.pth}}, m_x: runs/20_x/y/z}}\n"
+            f"paper_targets: {{m_vqa_acc: {ref}, m_x_vqa_acc: {ref}}}\n"
+        )
+    got = paper_path_rows(root, targets)
+    lavis = "LAVIS blip2_opt / pretrain_opt2.7b (`weights/blip2_pretrained_opt2.7b.pth`)"
+    files = "`41_zeroshot_vqa/paper_g.yaml`, `41_zeroshot_vqa/paper_v.yaml`"
+    assert got == [("Table 2 · R · gqa, val", lavis, files),
+                   ("Table 2 · R · gqa, val", "not released: our run `runs/20_x/y`", files)]  # fmt: skip
+    with pytest.raises(ValueError, match=r"'weights/blip2_new\.pth': 'blip2_new\.pth' is not a known released file"):
+        released_as("weights/blip2_new.pth")
