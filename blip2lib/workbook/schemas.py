@@ -13,7 +13,9 @@ Two class-level (non-field) attributes steer the runner and the tests:
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 from ..config import Params, ParamsError
@@ -307,11 +309,30 @@ class PrepareDataParams(Params):
 class ParityParams(Params):
     """Our model vs stock transformers on the same weights: max-abs differences per stage, greedy agreement."""
 
-    checkpoints: list[str] = field(default_factory=lambda: ["tiny-opt", "tiny-t5", "tiny-retrieval"])  # or local paths
+    # tiny-opt / tiny-t5 / tiny-retrieval (random), or local paths: a snapshot of a released Hub checkpoint (e.g.
+    # weights/blip2-opt-2.7b, compared as it is), a LAVIS file or a run folder (exported to transformers first)
+    checkpoints: list[str] = field(default_factory=lambda: ["tiny-opt", "tiny-t5", "tiny-retrieval"])
     skip_missing: bool = False  # checkpoint paths that do not exist are skipped
     goals: dict = field(default_factory=dict)  # report goals: metric → {goal, direction, label}
 
     records: ClassVar[tuple[str, ...]] = ("checkpoints_compared", "max_abs_diff", "min_agreement")
+
+    def __post_init__(self) -> None:
+        for c in self.checkpoints:  # nothing is downloaded: a Hub id must first become a local snapshot folder
+            if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", c) and not c.startswith(_LOCAL) and not _exists(c):
+                local = f"weights/{c.split('/')[-1]}"
+                hint = f"download it once (huggingface-cli download {c} --local-dir {local}), name {local!r}"
+                raise ParamsError(f"key 'checkpoints': {c!r} looks like a Hub id and is no local path; {hint}")
+
+
+_LOCAL = ("runs/", "weights/", "data/", "./", "../")  # folders a params file names locally (never Hub ids)
+
+
+def _exists(path: str) -> bool:
+    """``path`` exists as given or under the repository root (where the runner starts notebooks)."""
+    from .run import REPO_ROOT
+
+    return Path(path).exists() or (REPO_ROOT / path).exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -337,3 +337,27 @@ def test_paper_path_rows_pair_columns_with_files_and_refuse_unknown_releases(tmp
                    ("Table 2 · R · gqa, val", "not released: our run `runs/20_x/y`", files)]  # fmt: skip
     with pytest.raises(ValueError, match=r"'weights/blip2_new\.pth': 'blip2_new\.pth' is not a known released file"):
         released_as("weights/blip2_new.pth")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parity: local snapshot folders of the released Hub checkpoints
+
+
+def test_parity_paper_file_lists_every_released_hub_checkpoint_as_a_local_folder():
+    data = _yaml(ROOT / "params" / "50_parity" / "paper_hf.yaml")
+    assert data["checkpoints"] == [f"weights/{h}" for h in HUB]  # every one, nothing else, in a stable order
+    assert data["skip_missing"] is False
+
+
+def test_parity_refuses_a_bare_hub_id_with_the_download_hint():
+    from blip2lib.workbook.schemas import ParityParams
+
+    with pytest.raises(ParamsError) as err:
+        ParityParams.from_dict({"checkpoints": ["tiny-opt", "Salesforce/blip2-itm-vit-g"]}, "p.yaml")
+    assert str(err.value) == (
+        "p.yaml: key 'checkpoints': 'Salesforce/blip2-itm-vit-g' looks like a Hub id and is no local path; download "
+        "it once (huggingface-cli download Salesforce/blip2-itm-vit-g --local-dir weights/blip2-itm-vit-g), name "
+        "'weights/blip2-itm-vit-g'"
+    )
+    ok = ["tiny-t5", "weights/blip2-opt-2.7b", "runs/20_stage2_pretrain/toy/opt", "params"]  # local names pass
+    assert ParityParams.from_dict({"checkpoints": ok}, "p.yaml").checkpoints == ok
