@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps({k: str(v) for k, v in run_stage(params, run_dir).items()}))
     else:
-        run_training(params, run_dir)
+        result = run_training(params, run_dir)
+        print(json.dumps(result if isinstance(result, dict) else result.summary, default=str))
     return 0
 
 
