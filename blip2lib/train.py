@@ -10,7 +10,8 @@ Several GPUs on one node (``launch.run_training`` builds exactly this command fr
     torchrun --standalone --nproc_per_node=8 -m blip2lib.train --params FILE.yaml
 
 Several nodes: the same module on every node with ``--nnodes=N --node_rank=i --rdzv_backend=c10d
---rdzv_endpoint=HOST:PORT`` instead of ``--standalone``. ``batch_size`` is per GPU; the global batch is
+--rdzv_endpoint=HOST:PORT`` instead of ``--standalone`` (``launch`` builds it from ``num_nodes`` and the ``rdzv_*``
+keys; docs/multinode.md). ``batch_size`` is per GPU; the global batch is
 ``batch_size × grad_accum × world size`` (paper stage 1: 1680 for ViT-g, docs/paper_map.md §7).
 
 Data (``train_data``): the toy world, an annotation file / manifest under ``data_root``, or WebDataset tar shards
