@@ -8,6 +8,7 @@ repository does not contain.
 
 import ast
 import importlib
+import inspect
 import re
 import subprocess
 from pathlib import Path
@@ -124,6 +125,20 @@ def test_every_python_name_in_the_map_exists():
     assert not broken, "\n".join(broken)
 
 
+def test_members_listed_after_a_name_exist():
+    """``blip2lib.model.Blip2 (`soft_prompt`, `lm_loss`)``: each listed name is an attribute or a parameter."""
+    text = MAP.read_text()
+    checked, broken = 0, []
+    for m in re.finditer(r"`(blip2lib(?:\.\w+)+)`\s\(((?:`\w+`(?:,\s)?)+)\)", text):
+        obj = _resolve(m.group(1))
+        params = set(inspect.signature(obj).parameters) if callable(obj) else set()
+        for name in re.findall(r"`(\w+)`", m.group(2)):
+            checked += 1
+            if not hasattr(obj, name) and name not in params:
+                broken.append(f"{m.group(1)}: {name}")
+    assert checked > 10 and not broken, broken
+
+
 def test_every_path_and_test_in_the_map_exists():
     text = MAP.read_text()
     paths = set(re.findall(r"`((?:blip2lib|params|tests|docs|notebooks|benchmarks)/[\w./-]+)`", text))
@@ -135,7 +150,7 @@ def test_every_path_and_test_in_the_map_exists():
     assert notebooks and not [n for n in notebooks if not (ROOT / "notebooks" / f"{n}.ipynb").exists()]
     # tests named as `tests/.../test_x.py::test_name` or as a parenthesised list after the file
     missing_tests = []
-    for m in re.finditer(r"`(tests/[\w/]+\.py)(?:::(\w+))?`(?: \(((?:`\w+`(?:, )?)+)\))?", text):
+    for m in re.finditer(r"`(tests/[\w/]+\.py)(?:::(\w+))?`(?:\s\(((?:`\w+`(?:,\s)?)+)\))?", text):
         defined = {
             n.name for n in ast.walk(ast.parse((ROOT / m.group(1)).read_text())) if isinstance(n, ast.FunctionDef)
         }
