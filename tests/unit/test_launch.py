@@ -95,7 +95,7 @@ def test_launch_cli_runs_the_notebooks_sequence_into_the_runners_folder(tmp_path
     argv = [str(folder / "two_nodes.yaml"), "--runs", str(tmp_path / "runs"), "--node-rank", "1"]
     assert main([*argv, "--rdzv-endpoint", "n0:29500", "--rdzv-id", "j1"]) == 0
     run = tmp_path / "runs" / "20_stage2_pretrain" / "two_nodes"
-    assert [(p.llm, p.steps, d) for p, d in calls] == [("opt", 100, run / "opt"), ("t5", 3, run / "t5")]
+    assert [(p.llm, p.steps, d) for p, d in calls] == [("opt", Stage2Params.steps, run / "opt"), ("t5", 3, run / "t5")]
     for p, _ in calls:
         assert (p.stage, p.min_lr) == ("stage2", Stage2Params.min_lr)  # the notebook schema's defaults
         assert (p.num_gpus, p.num_nodes, p.node_rank, p.rdzv_endpoint, p.rdzv_id) == (8, 2, 1, "n0:29500", "j1")
