@@ -73,6 +73,11 @@ class TrainParams(Params):
     batch_size: int = 32  # per GPU
     grad_accum: int = 1  # micro-batches per step
     num_workers: int = 0  # DataLoader workers
+    num_nodes: int = 1  # nodes taking part; num_gpus counts one node's GPUs (docs/multinode.md)
+    node_rank: int = 0  # this node's index 0..num_nodes-1 (only the static rendezvous uses it)
+    rdzv_endpoint: str = ""  # several nodes: rendezvous HOST:PORT ("" → $PET_RDZV_ENDPOINT)
+    rdzv_id: str = ""  # several nodes: job id shared by all nodes ("" → $PET_RDZV_ID, else from the run folder)
+    rdzv_backend: str = "c10d"  # c10d (ranks assigned when nodes join) | static (node_rank decides them)
     lr: float = 1e-4  # peak LR (paper §3.4)
     min_lr: float = 1e-5  # cosine floor (1e-5 stage 1, 5e-5 stage 2 in the paper)
     warmup_lr: float = 1e-6  # LR at step 0
@@ -106,11 +111,6 @@ class TrainParams(Params):
     max_bad_steps: int = 10  # consecutive non-finite steps before stopping
     progress: bool = True  # tqdm bar on rank 0
     tensorboard: bool = False  # also write the log's scalars to <run_dir>/tensorboard (needs `tensorboard`)
-    num_nodes: int = 1  # nodes taking part; num_gpus counts one node's GPUs (docs/multinode.md)
-    node_rank: int = 0  # this node's index 0..num_nodes-1 (only the static rendezvous uses it)
-    rdzv_endpoint: str = ""  # several nodes: rendezvous HOST:PORT ("" → $PET_RDZV_ENDPOINT)
-    rdzv_id: str = ""  # several nodes: job id shared by all nodes ("" → $PET_RDZV_ID, else from the run folder)
-    rdzv_backend: str = "c10d"  # c10d (ranks assigned when nodes join) | static (node_rank decides them)
 
     def validate_values(self) -> TrainParams:
         """Semantic checks that types alone cannot express."""
