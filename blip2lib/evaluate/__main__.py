@@ -63,6 +63,11 @@ class EvalParams(Params):
     autocast: str = ""  # "" | fp16 | bf16 (generation only)
     progress: bool = True
 
+    ranges = {"batch_size": "[1, inf)", "num_workers": "[0, inf)",
+              "image_size": "[0, inf) (0 keeps the checkpoint's own)", "num_beams": "[1, inf)",
+              "max_new_tokens": "[1, inf)", "min_new_tokens": "[0, inf)", "repetition_penalty": "(0, inf)",
+              "k": "[1, inf)", "text_max_len": "[1, inf)", "itm_batch_size": "[1, inf)"}  # fmt: skip
+
 
 @dataclass
 class VQAParams(EvalParams):
