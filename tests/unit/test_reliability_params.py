@@ -124,3 +124,53 @@ def test_resume_allow_list_is_the_documented_one():
     assert RESUME_MAY_CHANGE == {"steps", "ckpt_every", "eval_every", "eval_at_start", "keep_last", "progress",
                                  "tensorboard", "num_workers", "max_bad_steps", "smoke_test"}  # fmt: skip
     assert not {"lr", "batch_size", "grad_accum", "seed", "train_data", "init_from", "num_gpus"} & RESUME_MAY_CHANGE
+
+
+# ---- item 14: names from params files never leave their folder ----
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("../../../../escaped_by_name", "contains a path separator"),
+        ("..", "is a relative path, not a name"),
+        ("a\\b", "contains a path separator"),
+        ("/abs", "contains a path separator"),
+        ("", "must be a non-empty string"),
+        ("tab\there", "contains a control character"),
+        (" padded", "has leading or trailing whitespace"),
+        ("x" * 256, "is longer than 255 bytes"),
+    ],
+)
+def test_unsafe_names_are_refused_naming_source_and_key(name, why):
+    from blip2lib.paths import safe_name
+
+    with pytest.raises(ParamsError) as err:
+        safe_name(name, "checkpoints", "t.yaml")
+    assert str(err.value).startswith(f"t.yaml: key 'checkpoints': name {name!r} {why};")
+    for ok in ("blip2_opt2.7b", "model-1", ".hidden_but_plain", "x" * 255):
+        assert safe_name(ok, "checkpoints") == ok
+
+
+def test_checkpoint_name_with_dotdot_writes_nothing(tmp_path):
+    from blip2lib.workbook.tables import evaluate_checkpoints
+
+    out = tmp_path / "a/b/c/d/run"
+    with pytest.raises(ParamsError, match=r"vqa evaluation: key 'checkpoints': name '\.\./\.\./\.\./\.\./escaped"):
+        # the good name comes first: it must not be evaluated (and written) before the bad one is refused
+        evaluate_checkpoints("vqa", {"good": "tiny", "../../../../escaped_by_name": "tiny"}, out,
+                             split="vqa_val_eval", data_root=str(tmp_path / "missing"))  # fmt: skip
+    assert sorted(p.name for p in tmp_path.rglob("*")) == []  # neither out_dir nor the escaped folder exists
+
+
+def test_ablation_variant_and_stage_family_names_are_checked(tmp_path):
+    from blip2lib.workbook.ablation import run_ablation
+    from blip2lib.workbook.schemas import ITGAblationParams, Stage2Params
+    from blip2lib.workbook.stages import run_stage
+
+    bad = ITGAblationParams(variants={"ok": {}, "../out": {}})
+    with pytest.raises(ParamsError, match=r"key 'variants': name '\.\./out' contains a path separator"):
+        run_ablation(bad, tmp_path / "abl")
+    with pytest.raises(ParamsError, match=r"key 'llms': name '\.\./t5' contains a path separator"):
+        run_stage(Stage2Params(llms=["opt", "../t5"], model="tiny"), tmp_path / "st")
+    assert list(tmp_path.iterdir()) == []
