@@ -38,6 +38,7 @@ from blip2lib.data import (
 )
 from blip2lib.evaluate.caption import ALL_METRICS, CaptionDecoding
 from blip2lib.evaluate.drivers import run_caption, run_retrieval, run_vqa
+from blip2lib.evaluate.drivers_common import checkpoint_identity, file_identity
 from blip2lib.evaluate.retrieval import FUSIONS
 from blip2lib.evaluate.vqa import VQADecoding
 from blip2lib.generation import LENGTH_RULES
@@ -187,6 +188,20 @@ def load_model(p: EvalParams, task: str, source: str = "<params>"):
     return model, None
 
 
+def _ann_path(p: EvalParams) -> Path:
+    return Path(p.data_root) / (p.ann_file or FORMATS.get(p.split, {})["file"])
+
+
+def run_identity(p: EvalParams) -> dict:
+    """Checkpoint and annotation-file identity of a run: recorded in ``result.json``, part of the cache key."""
+    if p.checkpoint == "tiny":  # a random model: the seed and family make it
+        ckpt = {"checkpoint": "tiny", "seed": p.seed, "family": p.family, "image_size": p.image_size or 28}
+    else:
+        ckpt = checkpoint_identity(p.checkpoint)
+    extra = {k: str(Path(getattr(p, k)).resolve()) for k in ("vision_weights", "llm_path") if getattr(p, k)}
+    return {"checkpoint": {**ckpt, **extra}, "ann_file": file_identity(_ann_path(p))}
+
+
 def build_dataset(p: EvalParams, task: str, image_size: int):
     """The reader for ``p.split`` under ``p.data_root`` with the eval transform.
 
@@ -194,7 +209,7 @@ def build_dataset(p: EvalParams, task: str, image_size: int):
     """
     root = Path(p.data_root)
     fmt = FORMATS.get(p.split, {})
-    ann = root / (p.ann_file or fmt["file"])
+    ann = _ann_path(p)
     images = root / (p.images_root or fmt["images_root"])
     transform = image_eval_transform(image_size)
     if task == "vqa":
@@ -225,7 +240,7 @@ def run_params(task: str, p: EvalParams, params_path: str = "<params>") -> dict:
     model.place(_device(p.device))
     dataset = build_dataset(p, task, model.config.vision.image_size)
     out_dir = Path(p.out_dir or p.run_dir)
-    common = dict(batch_size=p.batch_size, num_workers=p.num_workers, progress=p.progress)
+    common = dict(batch_size=p.batch_size, num_workers=p.num_workers, progress=p.progress, identity=run_identity(p))
     if task == "retrieval":
         return run_retrieval(
             model,

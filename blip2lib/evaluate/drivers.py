@@ -33,6 +33,7 @@ from .caption import ALL_METRICS, CaptionDecoding, coco_caption_scores, nocaps_b
 from .drivers_common import (
     IndexedCollate,
     IndexedSubset,
+    cache_meta,
     environment_info,
     gather_records,
     generation_pass,
@@ -54,6 +55,11 @@ def _bad_summary(rows: list[dict]) -> dict[str, Any]:
     bad = [r for r in rows if "bad" in r]
     return {"count": len(bad), "examples": [r["bad"] for r in bad[:_MAX_LISTED_BAD]],
             "policy": "skipped and excluded from scoring"}  # fmt: skip
+
+
+def _recipe(decoding: Any) -> dict:
+    """The decoding recipe as part of the cache key: every field but ``source`` (provenance text naming a file)."""
+    return {k: v for k, v in dataclasses.asdict(decoding).items() if k != "source"}
 
 
 def _finish(result: dict, out_dir: Path) -> dict:
@@ -120,6 +126,7 @@ def run_vqa(
     num_workers: int = 0,
     progress: bool = True,
     autocast: str | None = None,
+    identity: dict | None = None,
 ) -> dict[str, Any]:
     """Zero-shot VQA evaluation: generate answers, score, write results and the submission file.
 
@@ -138,6 +145,9 @@ def run_vqa(
         num_workers: DataLoader workers.
         progress: tqdm progress bar with ETA on rank 0.
         autocast: ``"fp16"`` / ``"bf16"`` autocast around generation, or None.
+        identity: where model and data come from, as only the caller knows it (``{"checkpoint":
+            checkpoint_identity(path), "ann_file": file_identity(path)}``); recorded in ``result.json`` and part of
+            the prediction cache's key (see ``drivers_common``: a changed key moves the old cache aside).
 
     Returns:
         The ``result.json`` dict: ``metrics`` (percent; None without GT; VQAv2 / OK-VQA: the official evaluator's
@@ -149,8 +159,9 @@ def run_vqa(
     gen_kwargs = decoding.generate_kwargs()
     if model.family == "opt":
         gen_kwargs["max_prompt_len"] = OPT_VQA_MAX_PROMPT_LEN
-    meta = {"task": "gqa" if gqa else "vqa", "split": split_name, "n_items": len(dataset),
-            "decoding": dataclasses.asdict(decoding), "generate_kwargs": gen_kwargs}  # fmt: skip
+    meta = cache_meta(model, dataset, identity, autocast, task="gqa" if gqa else "vqa", split=split_name,
+                      n_items=len(dataset), decoding=_recipe(decoding), generate_kwargs=gen_kwargs,
+                      question_processor="pre_question")  # fmt: skip
 
     def prompts(batch: dict) -> list[str]:
         return [decoding.format_prompt(pre_question(q)) for q in batch["text_input"]]
@@ -183,10 +194,12 @@ def run_vqa(
             "metrics": metrics,
             "config": {"decoding": dataclasses.asdict(decoding), "generate_kwargs": gen_kwargs,
                        "family": model.family, "question_processor": "blip_question (pre_question, max_words=50)",
-                       "lemmatize": lemmatize, "batch_size": batch_size, **environment_info(model, autocast)},
+                       "lemmatize": lemmatize, "batch_size": batch_size, "identity": identity or {},
+                       **environment_info(model, autocast)},
             "counts": {"n_questions": len(dataset), "n_predicted": len(preds), "n_scored":
                        (metrics or {}).get("n_questions", 0), "bad_samples": bad, "complete": bad["count"] == 0},
             "timing": timing,
+            "cache": {"key": meta, "superseded": timing.pop("superseded")},
             "files": files,
         }  # fmt: skip
     return _finish(result, out_dir)
@@ -204,6 +217,7 @@ def run_caption(
     num_workers: int = 0,
     progress: bool = True,
     autocast: str | None = None,
+    identity: dict | None = None,
 ) -> dict[str, Any]:
     """Caption evaluation: generate one caption per image, COCO metrics, NoCaps domain breakdown.
 
@@ -221,6 +235,7 @@ def run_caption(
         num_workers: DataLoader workers.
         progress: tqdm bar on rank 0.
         autocast: ``"fp16"`` / ``"bf16"`` or None.
+        identity: checkpoint / annotation-file identity, recorded and part of the cache key (as in :func:`run_vqa`).
 
     Returns:
         The ``result.json`` dict (``metrics`` in percent; for NoCaps ``{in-domain, near-domain, out-domain,
@@ -229,8 +244,8 @@ def run_caption(
     out_dir = Path(out_dir)
     decoding = decoding if decoding is not None else CaptionDecoding.paper()
     gen_kwargs = decoding.generate_kwargs()
-    meta = {"task": "caption", "split": split_name, "n_items": len(dataset),
-            "decoding": dataclasses.asdict(decoding), "generate_kwargs": gen_kwargs}  # fmt: skip
+    meta = cache_meta(model, dataset, identity, autocast, task="caption", split=split_name, n_items=len(dataset),
+                      decoding=_recipe(decoding), generate_kwargs=gen_kwargs)  # fmt: skip
 
     def prompts(batch: dict) -> list[str]:
         return [decoding.prompt] * batch["batch_size"]
@@ -267,10 +282,11 @@ def run_caption(
             "metrics": scores,
             "config": {"decoding": dataclasses.asdict(decoding), "generate_kwargs": gen_kwargs,
                        "family": model.family, "metrics": list(metrics), "batch_size": batch_size,
-                       **environment_info(model, autocast)},
+                       "identity": identity or {}, **environment_info(model, autocast)},
             "counts": {"n_images": len(dataset), "n_predicted": len(preds), "bad_samples": bad,
                        "complete": bad["count"] == 0},
             "timing": timing,
+            "cache": {"key": meta, "superseded": timing.pop("superseded")},
             "files": files,
         }  # fmt: skip
     return _finish(result, out_dir)
@@ -331,6 +347,7 @@ def run_retrieval(
     progress: bool = True,
     save_scores: bool = False,
     text_processor: Callable[[str], str] | None = None,
+    identity: dict | None = None,
 ) -> dict[str, Any]:
     """Image-text retrieval (docs/paper_map.md §4.3, §5.3): ITC top-k candidates re-ranked by ITM, R@1/5/10 in percent.
 
@@ -357,6 +374,7 @@ def run_retrieval(
         text_processor: applied to every caption before tokenising; None -> ``CaptionProcessor()`` (LAVIS
             ``blip_caption`` with 50 words, what its ``ret_*_eval.yaml`` use at evaluation). It is idempotent, so a
             dataset that already processed its captions gives the same texts; ``str`` keeps them as they are.
+        identity: checkpoint / annotation-file identity, recorded in ``result.json`` (nothing is cached here).
 
     Returns:
         The ``result.json`` dict: ``metrics`` (fused), ``metrics_itc_only``, ``config``, ``counts``.
@@ -421,7 +439,8 @@ def run_retrieval(
             "metrics_itc_only": recall_at_k(sim.cpu(), txt2img, img2txt),
             "config": {"k": k, "fusion": fusion, "text_max_len": text_max_len, "text_padding": "max_length",
                        "text_processor": repr(text_processor),
-                       "itm_batch_size": itm_batch_size, "batch_size": batch_size, **environment_info(model)},
+                       "itm_batch_size": itm_batch_size, "batch_size": batch_size, "identity": identity or {},
+                       **environment_info(model)},
             "counts": {"n_images": len(dataset), "n_texts": len(dataset.text), "n_images_scored": len(kept),
                        "n_texts_scored": len(texts), "bad_samples": _bad_summary(bad), "complete": not bad},
         }  # fmt: skip

@@ -3,8 +3,14 @@
 Resumable evaluation (user need 33): every rank appends one JSON line per item to
 ``<out_dir>/predictions.<rank>.jsonl`` after each batch (flushed and fsynced), keyed by the **dataset index**:
 
-* ``{"meta": {...}}`` — first line: task, split, dataset length, decoding. A restart with a different recipe or
-  dataset raises :class:`CacheMismatchError` instead of silently mixing predictions of two recipes (user need 7/8).
+* ``{"meta": {...}}`` — first line: the cache key, everything that changes an answer (:func:`cache_meta`): task,
+  split, decoding recipe and ``generate`` arguments (prompt included), the weights (a sampled fingerprint of every
+  parameter plus the caller's checkpoint identity: path and manifest sha256, or size and mtime of the weight
+  files), the evaluated annotations (sha256 of the dataset's entries, plus the file's identity when the caller
+  gives it), image folder and transform (image size), autocast and module dtypes, and :data:`DECODING_VERSION`.
+  A restart whose key differs never reuses a prediction: the old cache and results are **moved aside** into
+  ``<out_dir>/superseded-<UTC time>/`` (never deleted), a warning names the changed keys, everything is generated
+  afresh, and ``result.json`` records the key and what was moved (``"cache"``).
 * ``{"index": i, "id": <question/image id>, "text": <answer/caption>, ...}`` — one generated item.
 * ``{"index": i, "bad": "<path>: <reason>"}`` — an unreadable image (the dataset returned ``None``): never retried.
 
@@ -17,10 +23,12 @@ Sharding: rank ``r`` of ``W`` owns the contiguous slice ``[r*N//W, (r+1)*N//W)``
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import platform
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,7 +41,12 @@ from blip2lib import dist
 from blip2lib.data.collate import collate_samples
 
 __all__ = [
+    "DECODING_VERSION",
     "CacheMismatchError",
+    "cache_meta",
+    "checkpoint_identity",
+    "file_identity",
+    "weights_fingerprint",
     "shard_range",
     "IndexedSubset",
     "IndexedCollate",
@@ -49,10 +62,16 @@ logger = logging.getLogger(__name__)
 
 _CACHE_GLOB = "predictions.*.jsonl"
 _LIBRARIES = ("torch", "transformers", "timm", "tokenizers", "pycocoevalcap", "blip2lib")
+# What a driver writes into out_dir besides the caches: moved aside with them when the cache key changes.
+_OUTPUTS = ("result.json", "predictions.json", "per_question.json", "vqav2_submission.json", "captions.json")
+
+# Bump when a change to the generation path (prompt building, question processing, Blip2.generate, beam search,
+# length rules) can change an answer: caches written before are then superseded instead of reused.
+DECODING_VERSION = 1
 
 
 class CacheMismatchError(RuntimeError):
-    """``out_dir`` holds cached predictions of a different task, split, dataset or decoding recipe."""
+    """``out_dir`` holds cached predictions made under another cache key (model, data, decoding, ...)."""
 
 
 def shard_range(n: int, rank: int, world_size: int) -> range:
@@ -121,7 +140,112 @@ def environment_info(model: torch.nn.Module, autocast: str | None = None) -> dic
 
 
 def _normalise(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, sort_keys=True))
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def weights_fingerprint(model: torch.nn.Module, per_tensor: int = 1024) -> str:
+    """sha256 over every parameter's and buffer's name, shape, dtype and ``per_tensor`` evenly strided values.
+
+    Cheap for billions of parameters (a few thousand values per tensor cross to the CPU) and deterministic for the
+    same weights; two checkpoints that differ only in values the stride skips would collide, which is why callers
+    also pass the checkpoint's own identity (:func:`checkpoint_identity`).
+    """
+    h = hashlib.sha256()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        if t.is_meta or t.numel() == 0:
+            continue
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // per_tensor)][:per_tensor]
+        h.update(sample.float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_identity(path: str | Path, content: bool = True) -> dict[str, Any]:
+    """``{"path", "size", "mtime_ns"}`` of a file (resolved), plus its ``sha256`` when ``content``."""
+    p = Path(path).resolve()
+    st = p.stat()
+    out: dict[str, Any] = {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if content:
+        out["sha256"] = _sha256(p)
+    return out
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".json", ".model")
+
+
+def checkpoint_identity(source: str | Path) -> dict[str, Any]:
+    """Identity of a checkpoint as ``from_pretrained`` resolves it, for the cache key and ``result.json``.
+
+    Our training checkpoints (a ``ckpt-<step>/`` or a run folder, resolved to its newest complete checkpoint): the
+    manifest's sha256 (it lists the sha256 of every weight file). A transformers directory or a LAVIS file: size
+    and mtime of each weight / config file (hashing many gigabytes per evaluation would cost more than it saves;
+    a copied or rewritten file gets a new mtime, which supersedes the cache: safe, if sometimes needless).
+    """
+    from blip2lib.checkpoint import latest_checkpoint
+
+    p = Path(source).resolve()
+    out: dict[str, Any] = {"path": str(p)}
+    ck = p if (p / "manifest.json").is_file() else None
+    if ck is None and p.is_dir() and not (p / "config.json").is_file():
+        ck = latest_checkpoint(p / "checkpoints") or latest_checkpoint(p)
+    if ck is not None:
+        out.update(resolved=str(ck), manifest_sha256=_sha256(ck / "manifest.json"))
+    elif p.is_dir():
+        out["files"] = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(p.iterdir())
+                        if f.is_file() and f.suffix in _WEIGHT_SUFFIXES}  # fmt: skip
+    elif p.is_file():
+        out["files"] = {p.name: [p.stat().st_size, p.stat().st_mtime_ns]}
+    return out
+
+
+def _data_identity(dataset: Dataset) -> dict[str, Any]:
+    """sha256 of the dataset's annotation entries, its image folder and transform (the image size lives there)."""
+    anns = getattr(dataset, "annotation", None)
+    digest = None
+    if anns is not None:
+        digest = hashlib.sha256(json.dumps(anns, sort_keys=True, default=str).encode()).hexdigest()
+    transform = re.sub(r" at 0x[0-9a-fA-F]+", "", repr(getattr(dataset, "transform", None)))  # no addresses
+    root = getattr(dataset, "root", None)
+    return {"class": type(dataset).__name__, "annotations_sha256": digest, "images_root": str(root) if root else None,
+            "transform": transform}  # fmt: skip
+
+
+def cache_meta(model: torch.nn.Module, dataset: Dataset, identity: dict | None, autocast: str | None,
+               **task_meta: Any) -> dict[str, Any]:  # fmt: skip
+    """The cache key: ``task_meta`` (task, split, decoding, ...) plus the model, data and precision identity.
+
+    ``identity`` is what only the caller knows (the checkpoint path behind an in-memory model, the annotation
+    file); it is recorded as given. The weights fingerprint and the data digest are computed here, so an in-memory
+    model or dataset is keyed too.
+    """
+    vision = getattr(getattr(model, "config", None), "vision", None)
+    precision = environment_info(model, autocast)["precision"]
+    return _normalise({**task_meta, "identity": identity or {}, "weights_sha256_sampled": weights_fingerprint(model),
+                       "data": _data_identity(dataset), "image_size": getattr(vision, "image_size", None),
+                       "precision": precision, "decoding_version": DECODING_VERSION})  # fmt: skip
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _changed_keys(old: dict, new: dict) -> list[str]:
+    a, b = _flat(old), _flat(new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
 def load_cache(out_dir: Path, meta: dict) -> dict[int, dict]:
@@ -142,13 +266,51 @@ def load_cache(out_dir: Path, meta: dict) -> dict[int, dict]:
                     continue
                 if "meta" in row:
                     if row["meta"] != meta:
+                        changed = _changed_keys(row["meta"], meta)
                         raise CacheMismatchError(
-                            f"{path} holds predictions for {row['meta']}, not for {meta}; use a fresh out_dir or "
-                            "delete the predictions.*.jsonl files to start over"
+                            f"{path} holds predictions made under another cache key (changed: "
+                            f"{', '.join(changed[:12])}{' ...' if len(changed) > 12 else ''}); use a fresh out_dir "
+                            "or move the predictions.*.jsonl files away to start over",
+                            changed,
                         )
                     continue
                 records[int(row["index"])] = row
     return records
+
+
+def _supersede(out_dir: Path) -> Path:
+    """Move every cache file and driver output of ``out_dir`` into a new ``superseded-<UTC time>`` folder."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest, n = out_dir / f"superseded-{stamp}", 1
+    while dest.exists():
+        dest, n = out_dir / f"superseded-{stamp}-{n}", n + 1
+    dest.mkdir()
+    for f in [*sorted(out_dir.glob(_CACHE_GLOB)), *(out_dir / name for name in _OUTPUTS)]:
+        if f.is_file():
+            os.replace(f, dest / f.name)
+    return dest
+
+
+def prepare_cache(out_dir: Path, meta: dict) -> tuple[dict[int, dict], dict[str, Any]]:
+    """:func:`load_cache`, but a cache made under another key is moved aside (every rank calls this together).
+
+    Returns:
+        ``(records, info)``: the reusable records and ``{"superseded": None | {"moved_to", "changed"}}``.
+    """
+    try:
+        load_cache(out_dir, meta)
+        changed = None
+    except CacheMismatchError as err:
+        changed = err.args[1]
+    dist.barrier()  # every rank has read the old files before rank 0 moves them
+    moved = None
+    if changed is not None and dist.is_main():
+        dest = _supersede(out_dir)
+        logger.warning("%s: cached predictions were made under another cache key (changed: %s); moved them and the "
+                       "old results to %s and generating afresh", out_dir, ", ".join(changed[:12]), dest)  # fmt: skip
+        moved = {"moved_to": str(dest), "changed": changed}
+    moved = dist.broadcast_object(moved)  # also waits for the move
+    return load_cache(out_dir, meta), {"superseded": moved}
 
 
 def _open_cache(path: Path, meta: dict):
@@ -185,7 +347,7 @@ def generation_pass(
         model: a ``Blip2`` (``generate(pixel_values, prompts, **gen_kwargs) -> list[str]``).
         dataset: map-style dataset returning sample dicts with ``image`` (or ``None`` for an unreadable image).
         out_dir: cache folder (created).
-        meta: recipe fingerprint stored as the cache's first line.
+        meta: the cache key (:func:`cache_meta`), stored as the cache's first line.
         batch_size: images per ``generate`` call.
         prompts_fn: batch -> one prompt per kept sample.
         record_fn: (batch, row) -> fields saved with the generated text (``id`` at least).
@@ -195,13 +357,14 @@ def generation_pass(
         autocast: ``"fp16"`` / ``"bf16"`` to run under ``torch.autocast``; None = model dtypes as placed.
 
     Returns:
-        ``(records, stats)``: this shard's records (dataset index -> cache record) and counts/timing.
+        ``(records, stats)``: this shard's records (dataset index -> cache record) and counts/timing, with
+        ``superseded`` (None, or where an old cache under another key was moved and which keys changed).
     """
     from tqdm.auto import tqdm
 
     rank, world = dist.get_rank(), dist.get_world_size()
     out_dir.mkdir(parents=True, exist_ok=True)
-    cached = load_cache(out_dir, meta)
+    cached, cache_info = prepare_cache(out_dir, meta)
     shard = shard_range(len(dataset), rank, world)
     records = {i: cached[i] for i in shard if i in cached}
     todo = [i for i in shard if i not in cached]
@@ -246,7 +409,7 @@ def generation_pass(
         model.train(was_training)
     wall = time.perf_counter() - start
     stats = {"generated_this_run": generated, "from_cache": len(shard) - len(todo), "wall_s": round(wall, 3),
-             "items_per_s": round(generated / wall, 3) if wall > 0 else None}  # fmt: skip
+             "items_per_s": round(generated / wall, 3) if wall > 0 else None, **cache_info}  # fmt: skip
     return records, stats
 
 
@@ -260,7 +423,8 @@ def gather_records(records: dict[int, dict], stats: dict[str, Any]) -> tuple[lis
         "generated_this_run": sum(s["generated_this_run"] for _, s in parts),
         "from_cache": sum(s["from_cache"] for _, s in parts),
         "wall_s": max(s["wall_s"] for _, s in parts),
-        "per_rank": [s for _, s in parts],
+        "per_rank": [{k: v for k, v in s.items() if k != "superseded"} for _, s in parts],
+        "superseded": parts[0][1].get("superseded"),  # the same on every rank (rank 0 moved, then broadcast)
     }
     return [merged[i] for i in sorted(merged)], total
 
