@@ -27,6 +27,7 @@ from blip2lib import dist
 from blip2lib.config import Params, ParamsError, tiny_config
 from blip2lib.data import (
     FORMATS,
+    AnnotationError,
     CaptionEvalDataset,
     CaptionProcessor,
     GQAEvalDataset,
@@ -38,7 +39,7 @@ from blip2lib.data import (
 )
 from blip2lib.evaluate.caption import ALL_METRICS, CaptionDecoding
 from blip2lib.evaluate.drivers import run_caption, run_retrieval, run_vqa
-from blip2lib.evaluate.drivers_common import checkpoint_identity, file_identity
+from blip2lib.evaluate.integrity import checkpoint_identity, file_identity
 from blip2lib.evaluate.retrieval import FUSIONS
 from blip2lib.evaluate.vqa import VQADecoding
 from blip2lib.generation import LENGTH_RULES
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(args.task, args.params)
         main_rank = dist.is_main()
-    except ParamsError as err:
+    except (ParamsError, AnnotationError) as err:  # the message names the file and the key / entry
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -24,22 +24,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from blip2lib import dist
 from blip2lib.data.processors import CaptionProcessor, pre_question
 
 from .caption import ALL_METRICS, CaptionDecoding, coco_caption_scores, nocaps_breakdown, write_nocaps_submission
 from .drivers_common import (
-    IndexedCollate,
-    IndexedSubset,
     cache_meta,
+    encode_images,
     environment_info,
     gather_records,
     generation_pass,
     model_device,
     write_json,
 )
+from .integrity import check_unique_ids, duplicate_captions
 from .retrieval import FUSIONS, recall_at_k, rerank_scores, trim_padding
 from .vqa import VQADecoding, evaluate_gqa, evaluate_vqa, lemmatize_answers, write_vqav2_submission
 
@@ -55,6 +55,11 @@ def _bad_summary(rows: list[dict]) -> dict[str, Any]:
     bad = [r for r in rows if "bad" in r]
     return {"count": len(bad), "examples": [r["bad"] for r in bad[:_MAX_LISTED_BAD]],
             "policy": "skipped and excluded from scoring"}  # fmt: skip
+
+
+def _where(dataset: Dataset, identity: dict | None) -> str:
+    """The annotation file behind ``dataset`` for messages (from ``identity``), else the dataset's class."""
+    return ((identity or {}).get("ann_file") or {}).get("path") or f"{type(dataset).__name__} annotations"
 
 
 def _recipe(decoding: Any) -> dict:
@@ -75,7 +80,12 @@ def _finish(result: dict, out_dir: Path) -> dict:
 def _vqa_ground_truth(dataset: Dataset, annotations: Any, gqa: bool) -> Any:
     """GT for scoring: given ``annotations``; else the dataset's own ``answer`` fields; None for test-dev."""
     if annotations is not None:
-        return json.loads(Path(annotations).read_text()) if isinstance(annotations, (str, Path)) else annotations
+        if not isinstance(annotations, (str, Path)):
+            return annotations
+        gt = json.loads(Path(annotations).read_text())
+        if not gqa:  # the scorer refuses repeats too, but without naming the file or the id
+            check_unique_ids(gt["annotations"] if isinstance(gt, dict) else gt, "question_id", str(annotations))
+        return gt
     anns = getattr(dataset, "annotation", None)
     if not anns or not all("answer" in a for a in anns):
         return None
@@ -155,6 +165,8 @@ def run_vqa(
         ``timing``, ``files``.
     """
     out_dir = Path(out_dir)
+    # a repeated question id would let one answer overwrite another: refused before any generation
+    check_unique_ids(getattr(dataset, "annotation", None), "question_id", _where(dataset, identity))
     decoding = decoding if decoding is not None else VQADecoding.paper(model.family)
     gen_kwargs = decoding.generate_kwargs()
     if model.family == "opt":
@@ -309,29 +321,6 @@ def _caption_refs(gt: Any) -> dict[int, list[str]]:
 
 
 @torch.no_grad()
-def _encode_images(model, dataset: Dataset, batch_size: int, num_workers: int, progress: bool):
-    """All images -> (kept indices, image_embeds (N, P, Dv) CPU, image_feats (N, Q, E) CPU, bad rows)."""
-    from tqdm.auto import tqdm
-
-    device = model_device(model)
-    loader = DataLoader(IndexedSubset(dataset, range(len(dataset))), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=IndexedCollate(getattr(dataset, "bad_log", None)))  # fmt: skip
-    kept, embeds, feats, bad = [], [], [], []
-    for batch in tqdm(loader, desc="images", disable=not (progress and dist.is_main())):
-        reasons = [f"{p}: {r}" for p, r in batch["bad_samples"]]
-        bad += [{"index": i, "bad": reasons[j] if j < len(reasons) else "sample was None"}
-                for j, i in enumerate(batch["bad_index"])]  # fmt: skip
-        if batch["batch_size"]:
-            out = model.encode_image(batch["image"].to(device))
-            kept += batch["index"]
-            embeds.append(out["image_embeds"].cpu())  # (B, P, Dv): kept on CPU, moved per ITM batch
-            feats.append(out["image_feats"].cpu())  # (B, Q, E)
-    if not kept:
-        raise RuntimeError(f"retrieval: none of the {len(dataset)} images could be read (first: {bad[:1]})")
-    return kept, torch.cat(embeds), torch.cat(feats), bad
-
-
-@torch.no_grad()
 def run_retrieval(
     model: torch.nn.Module,
     dataset: Dataset,
@@ -387,7 +376,7 @@ def run_retrieval(
     was_training = model.training
     model.eval()
     try:
-        kept, image_embeds, image_feats, bad = _encode_images(model, dataset, batch_size, num_workers, progress)
+        kept, image_embeds, image_feats, bad = encode_images(model, dataset, batch_size, num_workers, progress)
         new_img = {old: new for new, old in enumerate(kept)}
         texts, txt2img, img2txt = [], [], [[] for _ in kept]
         for t, text in enumerate(dataset.text):  # captions of dropped images leave the gallery too
@@ -396,6 +385,7 @@ def run_retrieval(
                 img2txt[img].append(len(texts))
                 txt2img.append(img)
                 texts.append(text_processor(text))
+        shared = duplicate_captions(texts, txt2img, _where(dataset, identity))
         tok = tokenizer(texts, padding="max_length", truncation=True, max_length=text_max_len, return_tensors="pt")
         ids, mask = tok.input_ids, tok.attention_mask  # (Nt, L) CPU
         text_feat = torch.cat(
@@ -442,6 +432,7 @@ def run_retrieval(
                        "itm_batch_size": itm_batch_size, "batch_size": batch_size, "identity": identity or {},
                        **environment_info(model)},
             "counts": {"n_images": len(dataset), "n_texts": len(dataset.text), "n_images_scored": len(kept),
-                       "n_texts_scored": len(texts), "bad_samples": _bad_summary(bad), "complete": not bad},
+                       "n_texts_scored": len(texts), "bad_samples": _bad_summary(bad), "complete": not bad,
+                       "duplicate_captions": shared},
         }  # fmt: skip
     return _finish(result, out_dir)

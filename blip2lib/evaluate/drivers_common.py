@@ -23,12 +23,10 @@ Sharding: rank ``r`` of ``W`` owns the contiguous slice ``[r*N//W, (r+1)*N//W)``
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import platform
-import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,13 +38,12 @@ from torch.utils.data import DataLoader, Dataset
 from blip2lib import dist
 from blip2lib.data.collate import collate_samples
 
+from .integrity import data_identity, weights_fingerprint
+
 __all__ = [
     "DECODING_VERSION",
     "CacheMismatchError",
     "cache_meta",
-    "checkpoint_identity",
-    "file_identity",
-    "weights_fingerprint",
     "shard_range",
     "IndexedSubset",
     "IndexedCollate",
@@ -54,6 +51,7 @@ __all__ = [
     "model_device",
     "load_cache",
     "generation_pass",
+    "encode_images",
     "gather_records",
     "write_json",
 ]
@@ -143,82 +141,6 @@ def _normalise(obj: Any) -> Any:
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
-def weights_fingerprint(model: torch.nn.Module, per_tensor: int = 1024) -> str:
-    """sha256 over every parameter's and buffer's name, shape, dtype and ``per_tensor`` evenly strided values.
-
-    Cheap for billions of parameters (a few thousand values per tensor cross to the CPU) and deterministic for the
-    same weights; two checkpoints that differ only in values the stride skips would collide, which is why callers
-    also pass the checkpoint's own identity (:func:`checkpoint_identity`).
-    """
-    h = hashlib.sha256()
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        if t.is_meta or t.numel() == 0:
-            continue
-        flat = t.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // per_tensor)][:per_tensor]
-        h.update(sample.float().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_identity(path: str | Path, content: bool = True) -> dict[str, Any]:
-    """``{"path", "size", "mtime_ns"}`` of a file (resolved), plus its ``sha256`` when ``content``."""
-    p = Path(path).resolve()
-    st = p.stat()
-    out: dict[str, Any] = {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    if content:
-        out["sha256"] = _sha256(p)
-    return out
-
-
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".json", ".model")
-
-
-def checkpoint_identity(source: str | Path) -> dict[str, Any]:
-    """Identity of a checkpoint as ``from_pretrained`` resolves it, for the cache key and ``result.json``.
-
-    Our training checkpoints (a ``ckpt-<step>/`` or a run folder, resolved to its newest complete checkpoint): the
-    manifest's sha256 (it lists the sha256 of every weight file). A transformers directory or a LAVIS file: size
-    and mtime of each weight / config file (hashing many gigabytes per evaluation would cost more than it saves;
-    a copied or rewritten file gets a new mtime, which supersedes the cache: safe, if sometimes needless).
-    """
-    from blip2lib.checkpoint import latest_checkpoint
-
-    p = Path(source).resolve()
-    out: dict[str, Any] = {"path": str(p)}
-    ck = p if (p / "manifest.json").is_file() else None
-    if ck is None and p.is_dir() and not (p / "config.json").is_file():
-        ck = latest_checkpoint(p / "checkpoints") or latest_checkpoint(p)
-    if ck is not None:
-        out.update(resolved=str(ck), manifest_sha256=_sha256(ck / "manifest.json"))
-    elif p.is_dir():
-        out["files"] = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(p.iterdir())
-                        if f.is_file() and f.suffix in _WEIGHT_SUFFIXES}  # fmt: skip
-    elif p.is_file():
-        out["files"] = {p.name: [p.stat().st_size, p.stat().st_mtime_ns]}
-    return out
-
-
-def _data_identity(dataset: Dataset) -> dict[str, Any]:
-    """sha256 of the dataset's annotation entries, its image folder and transform (the image size lives there)."""
-    anns = getattr(dataset, "annotation", None)
-    digest = None
-    if anns is not None:
-        digest = hashlib.sha256(json.dumps(anns, sort_keys=True, default=str).encode()).hexdigest()
-    transform = re.sub(r" at 0x[0-9a-fA-F]+", "", repr(getattr(dataset, "transform", None)))  # no addresses
-    root = getattr(dataset, "root", None)
-    return {"class": type(dataset).__name__, "annotations_sha256": digest, "images_root": str(root) if root else None,
-            "transform": transform}  # fmt: skip
-
-
 def cache_meta(model: torch.nn.Module, dataset: Dataset, identity: dict | None, autocast: str | None,
                **task_meta: Any) -> dict[str, Any]:  # fmt: skip
     """The cache key: ``task_meta`` (task, split, decoding, ...) plus the model, data and precision identity.
@@ -230,7 +152,7 @@ def cache_meta(model: torch.nn.Module, dataset: Dataset, identity: dict | None, 
     vision = getattr(getattr(model, "config", None), "vision", None)
     precision = environment_info(model, autocast)["precision"]
     return _normalise({**task_meta, "identity": identity or {}, "weights_sha256_sampled": weights_fingerprint(model),
-                       "data": _data_identity(dataset), "image_size": getattr(vision, "image_size", None),
+                       "data": data_identity(dataset), "image_size": getattr(vision, "image_size", None),
                        "precision": precision, "decoding_version": DECODING_VERSION})  # fmt: skip
 
 
@@ -411,6 +333,29 @@ def generation_pass(
     stats = {"generated_this_run": generated, "from_cache": len(shard) - len(todo), "wall_s": round(wall, 3),
              "items_per_s": round(generated / wall, 3) if wall > 0 else None, **cache_info}  # fmt: skip
     return records, stats
+
+
+@torch.no_grad()
+def encode_images(model, dataset: Dataset, batch_size: int, num_workers: int, progress: bool):
+    """All images -> (kept indices, image_embeds (N, P, Dv) CPU, image_feats (N, Q, E) CPU, bad rows)."""
+    from tqdm.auto import tqdm
+
+    device = model_device(model)
+    loader = DataLoader(IndexedSubset(dataset, range(len(dataset))), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=IndexedCollate(getattr(dataset, "bad_log", None)))  # fmt: skip
+    kept, embeds, feats, bad = [], [], [], []
+    for batch in tqdm(loader, desc="images", disable=not (progress and dist.is_main())):
+        reasons = [f"{p}: {r}" for p, r in batch["bad_samples"]]
+        bad += [{"index": i, "bad": reasons[j] if j < len(reasons) else "sample was None"}
+                for j, i in enumerate(batch["bad_index"])]  # fmt: skip
+        if batch["batch_size"]:
+            out = model.encode_image(batch["image"].to(device))
+            kept += batch["index"]
+            embeds.append(out["image_embeds"].cpu())  # (B, P, Dv): kept on CPU, moved per ITM batch
+            feats.append(out["image_feats"].cpu())  # (B, Q, E)
+    if not kept:
+        raise RuntimeError(f"retrieval: none of the {len(dataset)} images could be read (first: {bad[:1]})")
+    return kept, torch.cat(embeds), torch.cat(feats), bad
 
 
 def gather_records(records: dict[int, dict], stats: dict[str, Any]) -> tuple[list[dict], dict[str, Any]]:

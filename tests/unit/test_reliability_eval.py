@@ -5,14 +5,17 @@ Each test reproduces a failure found by an attack run and pins the fix (the driv
 """
 
 import json
+import logging
 
 import numpy as np
+import pytest
 import torch
 import yaml
 from PIL import Image
 
 from blip2lib.config import tiny_config
-from blip2lib.data import FORMATS
+from blip2lib.data import FORMATS, AnnotationError, QuestionProcessor, VQAEvalDataset, image_eval_transform
+from blip2lib.evaluate import VQADecoding, run_vqa
 from blip2lib.evaluate.__main__ import main
 from blip2lib.model import Blip2
 from blip2lib.pretrained import save_pretrained_hf
@@ -52,9 +55,11 @@ def _checkpoint(path, seed):
 
 
 def _params(tmp_path, name, **kw):
+    values = {"data_root": str(tmp_path / "data"), "split": "vqa_val_eval", "batch_size": 2, "progress": False}
+    if kw.get("split", "vqa_val_eval") == "vqa_val_eval":
+        values.update(num_beams=2, max_new_tokens=3)
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"data_root": str(tmp_path / "data"), "split": "vqa_val_eval", "batch_size": 2,
-                                    "num_beams": 2, "max_new_tokens": 3, "progress": False, **kw}))  # fmt: skip
+    path.write_text(yaml.safe_dump({**values, **kw}))
     return path
 
 
@@ -113,3 +118,54 @@ def test_changed_annotation_file_image_size_or_seed_supersedes_the_cache(tmp_pat
     res = run(seed=7, image_size=35)
     assert res["timing"]["from_cache"] == 0 and "image_size" in res["cache"]["superseded"]["changed"]
     assert len(list(out.glob("superseded-*"))) == 3
+
+
+# ---- item 4: a repeated question id is an error naming the id and the file; shared captions are counted ----
+
+
+def test_duplicate_question_id_is_refused_before_generation(tmp_path, capsys):
+    ann = _vqa_split(tmp_path / "data", qids=(100, 101, 101))  # was: n_predicted 2 of 3, complete: true
+    out = tmp_path / "o"
+    assert main(["vqa", "--params", str(_params(tmp_path, "p", checkpoint="tiny", out_dir=str(out)))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {ann.resolve()}: question_id 101 appears 2 times (entries 1 and 2, counted from 0); "
+                   "each must appear once, or one answer would overwrite the other")  # fmt: skip
+    assert not out.exists()  # nothing generated
+    ds = VQAEvalDataset(tmp_path / "data/coco/images", ann, image_eval_transform(28), QuestionProcessor())
+    model = Blip2(tiny_config("opt"), tokenizer=tiny_llm_tokenizer("opt"))
+    with pytest.raises(AnnotationError, match=r"^VQAEvalDataset annotations: question_id 101 appears 2 times"):
+        run_vqa(model, ds, VQADecoding(prompt="{}", max_new_tokens=1), 2, out, "v", progress=False)
+
+
+def test_duplicate_question_id_in_official_annotations_names_that_file(tmp_path, capsys):
+    _vqa_split(tmp_path / "data")
+    gt = tmp_path / "data/official.json"
+    rows = [{"question_id": q, "answers": [{"answer": "red"}] * 10} for q in (100, 101, 102, 102)]
+    gt.write_text(json.dumps({"annotations": rows}))
+    path = _params(tmp_path, "p", checkpoint="tiny", out_dir=str(tmp_path / "o"), annotations="official.json")
+    assert main(["vqa", "--params", str(path)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {gt}: question_id 102 appears 2 times (entries 2 and 3,")
+
+
+def test_same_caption_on_two_images_is_warned_about_and_counted(tmp_path, caplog):
+    root = tmp_path / "data"
+    captions = [["a red dog", "a dog on grass"], ["A red dog.", "two cats"], ["a blue square", "a square"]]
+    entries = []
+    for i, caps in enumerate(captions):
+        img = f"img{i}.jpg"
+        (root / "flickr30k/images").mkdir(parents=True, exist_ok=True)
+        pixels = np.random.default_rng(i).integers(0, 255, (28, 28, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "flickr30k/images" / img)
+        entries.append({"image": img, "caption": caps})
+    ann = root / FORMATS["flickr30k_test"]["file"]
+    ann.parent.mkdir(parents=True, exist_ok=True)
+    ann.write_text(json.dumps(entries))
+    path = _params(tmp_path, "r", checkpoint="tiny", out_dir=str(tmp_path / "o"), split="flickr30k_test", k=2)
+    with caplog.at_level(logging.WARNING, logger="blip2lib.evaluate.integrity"):
+        assert main(["retrieval", "--params", str(path)]) == 0
+    res = json.loads((tmp_path / "o/result.json").read_text())
+    # "A red dog." becomes "a red dog" under blip_caption: one text shared by images 0 and 1, two captions
+    shared = {"texts": 1, "captions_affected": 2, "examples": [{"caption": "a red dog", "images": [0, 1]}]}
+    assert res["counts"]["duplicate_captions"] == shared
+    assert any("1 caption text(s) belong to more than one image" in r.getMessage() and str(ann.resolve()) in
+               r.getMessage() for r in caplog.records)  # fmt: skip
