@@ -84,3 +84,24 @@ def test_truncated_training_files_name_their_path(tmp_path):
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     with pytest.raises(ck.CheckpointError, match=rf"^{state}: unreadable \(truncated or corrupt\?\): "):
         ck.load_training_state(d, nn.Linear(2, 2), verify=False)
+
+
+def test_vision_weights_and_init_from_name_their_file(tmp_path):
+    from blip2lib.assemble import load_init
+    from blip2lib.vision import build_vision_tower, load_vision_weights
+
+    cfg = tiny_config().vision
+    tower = build_vision_tower(cfg)
+    vit = tmp_path / "vit.safetensors"
+    save_file({"cls_token": torch.zeros(1, 1, 16)}, str(vit))  # EVA name, half the tiny width 32
+    with pytest.raises(LoadError) as err:  # was: RuntimeError "size mismatch for cls_token", no file
+        load_vision_weights(tower, vit, cfg)
+    assert str(err.value) == (
+        f"{vit}: vision weights do not fit the eva tower (width 32, image size 28): mis-shaped "
+        "{'cls_token': 'file (1, 1, 16) vs model (1, 1, 32)'}"
+    )
+    vit.write_bytes(vit.read_bytes()[:20])
+    with pytest.raises(LoadError, match=rf"^{vit}: unreadable safetensors file"):
+        load_vision_weights(tower, vit, cfg)
+    with pytest.raises(LoadError, match=rf"^{vit}: unreadable safetensors file"):  # init_from a truncated file
+        load_init(tower, str(vit))
