@@ -217,7 +217,8 @@ def check_resume_params(params: TrainParams, run_dir: Path) -> list[dict]:
             what = ", ".join(filter(None, [what, f"steps: {params.steps} is below the checkpoint's step {step}"]))
         raise ParamsError(
             f"run folder {run_dir} already holds a run (checkpoint {ck.name}) trained with other params ({what}); "
-            f"resuming would mix two runs. Use a new run_dir, or restore these keys. Keys a resume may change: "
+            f"resuming would mix two runs. Use a new run_dir (or move this folder away), or restore these keys. Keys a "
+            f"resume may change: "
             f"{sorted(RESUME_MAY_CHANGE)}"
         )
     if changed:
