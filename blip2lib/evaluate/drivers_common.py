@@ -69,7 +69,14 @@ DECODING_VERSION = 1
 
 
 class CacheMismatchError(RuntimeError):
-    """``out_dir`` holds cached predictions made under another cache key (model, data, decoding, ...)."""
+    """``out_dir`` holds cached predictions made under another cache key (model, data, decoding, ...).
+
+    ``changed`` lists the differing keys of the cache key (dotted paths, e.g. ``identity.checkpoint.path``).
+    """
+
+    def __init__(self, message: str, changed: Sequence[str] = ()):
+        super().__init__(message)
+        self.changed = list(changed)
 
 
 def shard_range(n: int, rank: int, world_size: int) -> range:
@@ -223,7 +230,7 @@ def prepare_cache(out_dir: Path, meta: dict) -> tuple[dict[int, dict], dict[str,
         load_cache(out_dir, meta)
         changed = None
     except CacheMismatchError as err:
-        changed = err.args[1]
+        changed = err.changed
     dist.barrier()  # every rank has read the old files before rank 0 moves them
     moved = None
     if changed is not None and dist.is_main():

@@ -258,8 +258,13 @@ def test_truncated_cache_line_is_regenerated_and_recipe_change_supersedes_the_ca
     assert [len(c[0]) for c in model.calls] == [2, 1] and res["timing"]["from_cache"] == 0
     moved = res["cache"]["superseded"]
     assert any(k.startswith("decoding.") for k in moved["changed"])
-    with pytest.raises(CacheMismatchError, match="another cache key"):  # the moved cache is the paper recipe's
+    with pytest.raises(
+        CacheMismatchError,
+        match=r"^\S+/predictions\.0\.jsonl holds predictions made under another "
+        r"cache key \(changed: decoding\.",
+    ) as err:  # the moved cache is the paper recipe's
         load_cache(tmp_path / moved["moved_to"], res["cache"]["key"])
+    assert err.value.changed == moved["changed"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
