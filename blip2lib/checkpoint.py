@@ -271,7 +271,9 @@ def load_training_state(
         ``{"step", "data_state", "extra", "scheduler", "rng", "manifest", "path"}``.
 
     Raises:
-        CheckpointError: incomplete checkpoint, sha256 mismatch (naming the file) or key mismatch.
+        CheckpointError: incomplete checkpoint, sha256 mismatch or unreadable file (naming the file), or keys
+            that do not fit: missing trainable, unexpected and mis-shaped keys (both shapes) in one message, raised
+            before anything is loaded into ``model``.
     """
     d = Path(path)
     try:
