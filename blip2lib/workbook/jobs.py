@@ -96,7 +96,7 @@ def job_for(params_path: str | Path, root: Path = REPO_ROOT, runs: Path | None =
                override_texts(overrides), rebase)  # fmt: skip
 
 
-def load_params(path: str | Path, notebook: str | None = None, overrides: Iterable[str] = (),
+def load_params(path: str | Path, notebook: str | None = None, overrides: Iterable[str] | Mapping = (),
                 runs: Path | None = None) -> dict:  # fmt: skip
     """Validate a params file (plus overrides) against its notebook's schema; returns the values given, typed.
 
@@ -119,7 +119,7 @@ def load_params(path: str | Path, notebook: str | None = None, overrides: Iterab
     except KeyError as e:
         raise ParamsError(f"{path}: {e.args[0]}") from None
     check_values(given, schema, str(path))
-    given.update(typed_override(t, schema) for t in overrides)
+    given.update(typed_override(t, schema) for t in override_texts(overrides))
     if runs is not None:
         given = rebase_runs(given, Path(runs))
     params = schema.from_dict(given, source=str(path))  # the schema's own cross-key checks

@@ -326,6 +326,8 @@ def _run_parallel(todo: list[Job], jobs: int, force: bool, root: Path, runs: Pat
                                           overrides=j.overrides, progress=progress and jobs <= 1)  # fmt: skip
                         started[fut] = j
                 if not started:
+                    if len(done) == len(todo):
+                        break  # the last steps were held
                     if failure is None:
                         waiting = [j.run_id for j in todo if j not in done]
                         raise RuntimeError(f"steps that can never start (circular inputs): {waiting}")
@@ -445,6 +447,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ParamsError, FileNotFoundError, StaleRun, RunFailed, RuntimeError) as e:
         if args.verbose:
             traceback.print_exception(e)
-        print(f"error: {e}" if not isinstance(e, StaleRun) else str(e), file=sys.stderr)
+        print(str(e) if type(e) is StaleRun else f"error: {e}", file=sys.stderr)  # a stale report has its own head
         return 2 if isinstance(e, (ParamsError, FileNotFoundError, StaleRun)) else 1
     return 0
