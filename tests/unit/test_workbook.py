@@ -407,7 +407,7 @@ def test_run_skips_current_outputs_and_force_reruns(root):
     assert json.loads((job.run_dir / "status.json").read_text())["status"] == "ok"
     assert (job.report.parent / "index.html").exists()
     assert main(["run", str(params), "--root", str(root), "--no-progress"]) == 0
-    assert count.read_text() == "x"  # skipped: outputs are current
+    assert count.read_text() == "x"  # skipped: up to date
     (job.run_dir / "checkpoints").mkdir()  # a finished run's training state must not be resumed by a redo
     assert main(["run", str(params), "--root", str(root), "--no-progress", "--force"]) == 0
     assert count.read_text() == "xx" and not (job.run_dir / "checkpoints").exists()
@@ -429,7 +429,7 @@ def test_failed_run_keeps_notebook_renders_failure_page_and_exits_nonzero(root, 
     assert any(o.get("ename") == "ValueError" for c in executed.cells for o in c.get("outputs", []))
     page = (job.run_dir / "failed.html").read_text()
     assert "FAILED" in page and "deliberate failure in the probe" in page
-    assert not job.report.exists() and not (job.run_dir / ".inputs.sha256").exists()
+    assert not job.report.exists() and not (job.run_dir / "inputs.json").exists()
     assert json.loads((job.run_dir / "status.json").read_text())["status"] == "failed"
     index = (job.report.parent / "index.html").read_text()
     assert "failed" in index and f'href="{PROBE}.html"' not in index
