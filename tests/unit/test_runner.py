@@ -331,3 +331,23 @@ def test_each_interactive_execution_gets_its_own_folder(tmp_path, monkeypatch):
     assert explore.dir.name.startswith("00_explore-") and (explore.dir / "config.resolved.yaml").exists()
     monkeypatch.setenv("JPY_SESSION_NAME", "/home/me/notebooks/20_stage2_pretrain.ipynb")  # JupyterLab's kernel
     assert run_mod.start_run({}).dir.name.startswith("20_stage2_pretrain-")
+
+
+def test_an_up_to_date_run_missing_its_report_gets_it_rendered_not_rerun(root, executed):
+    assert _cli(root, "run", f"params/{PROBE}/smoke.yaml") == 0
+    report = root / "reports" / "smoke" / f"{PROBE}.html"
+    report.unlink()
+    assert _cli(root, "run", f"params/{PROBE}/smoke.yaml") == 0
+    assert report.exists() and len(executed) == 1
+    elsewhere = root / "other-reports"
+    assert _cli(root, "run", f"params/{PROBE}/smoke.yaml", "--reports", str(elsewhere)) == 0
+    assert (elsewhere / "smoke" / f"{PROBE}.html").exists() and len(executed) == 1
+
+
+def test_validate_checks_files_anywhere_with_overrides(root, tmp_path_factory, capsys):
+    mine = tmp_path_factory.mktemp("elsewhere") / "mine.yaml"
+    mine.write_text(f"notebook: {PROBE}\nseed: 2\n")
+    assert main(["validate", str(mine), "-p", "lr=0.5", "--root", str(root)]) == 0
+    assert capsys.readouterr().out == "1 params files valid\n"
+    assert main(["validate", str(mine), "-p", "lr=fast", "--root", str(root)]) == 2
+    assert capsys.readouterr().err == "error: -p lr=fast: key 'lr' must be float, got str 'fast'\n"
