@@ -7,6 +7,7 @@ A params file in ``params/<notebook>/`` belongs to that notebook; one elsewhere 
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -19,10 +20,13 @@ from .inputs import (
     NOTEBOOK_KEY,
     check_values,
     describe_changes,
+    field_types,
     inputs_record,
     override_texts,
+    overrides_for,
     rebase_runs,
     record_digest,
+    split_override,
     typed_override,
 )
 from .run import REPO_ROOT, git_commit
@@ -124,6 +128,33 @@ def load_params(path: str | Path, notebook: str | None = None, overrides: Iterab
         given = rebase_runs(given, Path(runs))
     params = schema.from_dict(given, source=str(path))  # the schema's own cross-key checks
     return {k: getattr(params, k) for k in given}
+
+
+def variant_params(variant: str, root: Path = REPO_ROOT) -> list[Path]:
+    """Every ``params/*/<variant>.yaml``, in notebook (dependency) order: 0x → 1x → 2x → 3x → 4x → 9x."""
+    variant = Path(variant).name
+    return sorted((root / "params").glob(f"*/{variant}.yaml"), key=lambda p: p.parent.name)
+
+
+def variant_jobs(variant: str, root: Path, runs: Path | None, reports: Path | None,
+                  overrides: Iterable[str] | Mapping[str, Any] | None) -> list[Job]:  # fmt: skip
+    """The variant's jobs, each with the overrides its schema has; every params file validated first."""
+    paths = variant_params(variant, root)
+    if not paths:
+        raise FileNotFoundError(f"no params/*/{variant}.yaml files under {root}")
+    texts = override_texts(overrides)
+    schemas = [schema_for(p.parent.name) for p in paths]
+    known = set().union(*(field_types(s) for s in schemas))
+    for text in texts:  # a key no notebook of the variant has is a typo, not "applies nowhere"
+        key = split_override(text)[0]
+        if key not in known:
+            near = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"did you mean '{near[0]}'?" if near else "no notebook of the variant has it"
+            raise ParamsError(f"-p {text}: unknown key '{key}' for the '{variant}' notebooks ({hint})")
+    todo = [job_for(p, root, runs, reports, overrides=overrides_for(s, texts)) for p, s in zip(paths, schemas)]
+    for j in todo:  # validate everything before executing anything
+        _values(j)
+    return todo
 
 
 def _values(job: Job) -> dict:

@@ -22,7 +22,6 @@ notebook and gets ``failed.html`` (code visible, error banner); it never writes 
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import logging
 import os
@@ -31,11 +30,11 @@ import threading
 import time
 import traceback
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from ..config import ParamsError
-from .inputs import field_types, override_texts, overrides_for, split_override
 from .jobs import (  # noqa: F401  (re-exported: tests, tools)
     LIBRARY_ROOT,
     Job,
@@ -50,11 +49,12 @@ from .jobs import (  # noqa: F401  (re-exported: tests, tools)
     job_for,
     load_params,
     stale_changes,
+    variant_jobs,
+    variant_params,
 )
 from .jobs import finished as _finished
 from .report import render_html
 from .run import REPO_ROOT, git_commit
-from .schemas import schema_for
 from .summary import build_index
 
 log = logging.getLogger(__name__)
@@ -174,12 +174,6 @@ def run(params_path: str | Path, force: bool = False, root: Path = REPO_ROOT, ru
     return job
 
 
-def variant_params(variant: str, root: Path = REPO_ROOT) -> list[Path]:
-    """Every ``params/*/<variant>.yaml``, in notebook (dependency) order: 0x → 1x → 2x → 3x → 4x → 9x."""
-    variant = Path(variant).name
-    return sorted((root / "params").glob(f"*/{variant}.yaml"), key=lambda p: p.parent.name)
-
-
 def _dependencies(jobs: list[Job], root: Path) -> dict[Job, set[Job]]:
     """The steps each job must wait for: the runs its params name, the ``0x`` data steps, all others (collectors)."""
     by_dir = {j.run_dir.resolve(): j for j in jobs}
@@ -200,27 +194,6 @@ def _dependencies(jobs: list[Job], root: Path) -> dict[Job, set[Job]]:
 
 class StaleRuns(StaleRun):
     """``run-all`` met stale runs: it ran everything else, not them nor the steps that read them."""
-
-
-def _variant_jobs(variant: str, root: Path, runs: Path | None, reports: Path | None,
-                  overrides: Iterable[str] | Mapping[str, Any] | None) -> list[Job]:  # fmt: skip
-    """The variant's jobs, each with the overrides its schema has; every params file validated first."""
-    paths = variant_params(variant, root)
-    if not paths:
-        raise FileNotFoundError(f"no params/*/{variant}.yaml files under {root}")
-    texts = override_texts(overrides)
-    schemas = [schema_for(p.parent.name) for p in paths]
-    known = set().union(*(field_types(s) for s in schemas))
-    for text in texts:  # a key no notebook of the variant has is a typo, not "applies nowhere"
-        key = split_override(text)[0]
-        if key not in known:
-            near = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"did you mean '{near[0]}'?" if near else "no notebook of the variant has it"
-            raise ParamsError(f"-p {text}: unknown key '{key}' for the '{variant}' notebooks ({hint})")
-    todo = [job_for(p, root, runs, reports, overrides=overrides_for(s, texts)) for p, s in zip(paths, schemas)]
-    for j in todo:  # validate everything before executing anything
-        _values(j)
-    return todo
 
 
 def run_all(variant: str, force: bool = False, root: Path = REPO_ROOT, runs: Path | None = None,
@@ -252,7 +225,7 @@ def run_all(variant: str, force: bool = False, root: Path = REPO_ROOT, runs: Pat
     Raises:
         StaleRuns: after everything else ran, when stale steps were met.
     """
-    todo = _variant_jobs(variant, root, runs, reports, overrides)
+    todo = variant_jobs(variant, root, runs, reports, overrides)
     return _run_parallel(todo, jobs, force, root, runs, reports, estimates, progress)
 
 
@@ -293,6 +266,16 @@ def _previous_wall(job: Job, estimates: dict[str, float] | None) -> float:
         return float((estimates or {}).get(job.run_id, 60.0))
 
 
+def _here(fn, *args, **kw) -> Future:
+    """Run ``fn`` in this thread; its result or exception in a finished Future (as ``pool.submit`` would give)."""
+    fut: Future = Future()
+    try:
+        fut.set_result(fn(*args, **kw))
+    except BaseException as e:  # also KeyboardInterrupt: the loop stops launching and raises it
+        fut.set_exception(e)
+    return fut
+
+
 def _run_parallel(todo: list[Job], jobs: int, force: bool, root: Path, runs: Path | None,
                   reports: Path | None, estimates: dict[str, float] | None = None,
                   progress: bool = False) -> list[Job]:  # fmt: skip
@@ -314,16 +297,17 @@ def _run_parallel(todo: list[Job], jobs: int, force: bool, root: Path, runs: Pat
         with ThreadPoolExecutor(max(1, jobs)) as pool:
             while len(done) < len(todo):
                 if failure is None:
-                    for j in todo:  # in dependency order: a step reading a held step is held too
-                        if j not in done and deps[j] & held:
+                    while hold := [j for j in todo if j not in done and deps[j] & held]:  # readers of readers too
+                        for j in hold:
                             log.info("[hold] %s: reads a stale run, not run", j.run_id)
-                            held.add(j)
-                            done.add(j)
+                        held.update(hold)
+                        done.update(hold)
                     ready = [j for j in todo if j not in done and j not in started.values() and deps[j] <= done]
                     for j in sorted(ready, key=priority.get, reverse=True)[: max(1, jobs) - len(started)]:
-                        fut = pool.submit(run, j.params_path, force=force, root=root, runs=runs, reports=reports,
-                                          threads=threads[j] if jobs > 1 else None, notebook=j.notebook.stem,
-                                          overrides=j.overrides, progress=progress and jobs <= 1)  # fmt: skip
+                        submit = pool.submit if jobs > 1 else _here  # -j 1: Ctrl-C reaches papermill at once
+                        fut = submit(run, j.params_path, force=force, root=root, runs=runs, reports=reports,
+                                     threads=threads[j] if jobs > 1 else None, notebook=j.notebook.stem,
+                                     overrides=j.overrides, progress=progress and jobs <= 1)  # fmt: skip
                         started[fut] = j
                 if not started:
                     if len(done) == len(todo):

@@ -351,3 +351,24 @@ def test_validate_checks_files_anywhere_with_overrides(root, tmp_path_factory, c
     assert capsys.readouterr().out == "1 params files valid\n"
     assert main(["validate", str(mine), "-p", "lr=fast", "--root", str(root)]) == 2
     assert capsys.readouterr().err == "error: -p lr=fast: key 'lr' must be float, got str 'fast'\n"
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_readers_of_readers_of_a_stale_run_are_held_whatever_their_name_order(root, executed, monkeypatch, jobs):
+    # 00_c reads 10_b, which reads 08_down, which reads 07_probe (a data step); 00_c comes first by name
+    chain = {PROBE: "seed: 1\n", "08_down": "stage1_run: runs/07_probe/v\n", "10_b": "stage1_run: runs/08_down/v\n",
+             "00_c": "stage1_run: runs/10_b/v\n"}  # fmt: skip
+    for name, text in chain.items():
+        monkeypatch.setitem(SCHEMAS, name, ProbeParams)
+        _notebook(root / "notebooks" / f"{name}.ipynb")
+        (root / "params" / name).mkdir(exist_ok=True)
+        (root / "params" / name / "v.yaml").write_text(text)
+    assert runner.run_all("v", root=root, jobs=jobs)
+    assert [Path(c["run_dir"]).parent.name for c in executed] == [PROBE, "08_down", "10_b", "00_c"]
+    (root / "params" / "08_down" / "v.yaml").write_text("stage1_run: runs/07_probe/v\nseed: 5\n")
+    for name in ("10_b", "00_c"):
+        shutil.rmtree(root / "runs" / name / "v")  # would run if nothing held them
+    with pytest.raises(runner.StaleRuns, match=r"^stale, not rerun: 08_down/v; not run because they read a stale "
+                                               r"run: 00_c/v, 10_b/v \("):  # fmt: skip
+        runner.run_all("v", root=root, jobs=jobs)
+    assert len(executed) == 4
