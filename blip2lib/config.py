@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 
 import yaml
 
+from .errors import UserError
+
 # ----------------------------------------------------------------------------------------------------------------
 # Model configurations
 
@@ -270,7 +272,7 @@ def config_from_dict(d: dict) -> Blip2Config:
 # Flat run parameters (one dataclass per notebook; the notebook's parameters cell has the same names/defaults)
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError, ValueError):
     """A params file or override is invalid (message names the file and key)."""
 
 

@@ -35,10 +35,12 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class LoadError(RuntimeError):
+class LoadError(UserError, RuntimeError):
     """A checkpoint cannot be read or does not fit the model.
 
     The message names the file and lists every mis-shaped (both shapes), missing and unexpected key.

@@ -37,6 +37,7 @@ from .assemble import build_data, build_model_and_task, load_init, materialize_f
 from .checkpoint import latest_checkpoint
 from .config import Params, ParamsError, config_to_dict
 from .engine import run_loop
+from .errors import add_verbosity, log_level, run_guarded
 from .optim import LR_SCHEDULES, LRSchedule, build_optimizer, param_groups
 from .precision import VIT_PRECISIONS
 from .tasks import TEXT_PADDINGS
@@ -351,38 +352,40 @@ def train(params: TrainParams, run_dir: str | Path | None = None) -> RunResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m blip2lib.train --params FILE [--run-dir DIR]`` (also under torchrun)."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """``python -m blip2lib.train --params FILE [--run-dir DIR]`` (also under torchrun); exit 2 on a user error."""
+    ap = argparse.ArgumentParser(prog="python -m blip2lib.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="example: python -m blip2lib.train --params s1.yaml --run-dir runs/s1",
+                                 )  # fmt: skip
     ap.add_argument("--params", required=True, help="flat YAML of TrainParams keys")
     ap.add_argument("--run-dir", default="", help="output folder (default: the file's run_dir or runs/adhoc)")
+    add_verbosity(ap)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if dist.is_main() else logging.WARNING)
-    try:
-        params = TrainParams.from_yaml(args.params)
-        params.validate_values(args.params)
-    except ValueError as err:  # ParamsError included: the message names the file and the key
-        print(f"error: {err if isinstance(err, ParamsError) else f'{args.params}: {err}'}", file=sys.stderr)
-        return 2
-    try:
+    logging.basicConfig(level=log_level(args) if dist.is_main() else logging.WARNING)
+
+    def body() -> int:
         try:
+            params = TrainParams.from_yaml(args.params)
+            params.validate_values(args.params)
+        except ParamsError:
+            raise
+        except ValueError as err:  # a value the schema's own checks refuse: name the file
+            raise ParamsError(f"{args.params}: {err}") from err
+        try:
+            # a finished run folder with other params is a ParamsError saying what changed
             result = train(params, args.run_dir or None)
-        except ParamsError as err:  # e.g. a finished run folder with other params: the message says what changed
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        if dist.is_main():
-            print(
-                json.dumps(
-                    {
-                        "run_dir": str(result.run_dir),
-                        "step": result.summary["step"],
-                        "best": result.summary.get("best"),
-                    },
-                    default=str,
-                )
-            )
-    finally:
-        dist.cleanup()
-    return 0
+            if dist.is_main():
+                out = {
+                    "run_dir": str(result.run_dir),
+                    "step": result.summary["step"],
+                    "best": result.summary.get("best"),
+                }
+                print(json.dumps(out, default=str))
+        finally:
+            dist.cleanup()
+        return 0
+
+    return run_guarded(body, args.verbose)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from ..errors import add_verbosity, log_level, run_guarded
 from ..pretrained import from_pretrained, save_lavis, save_pretrained_hf
 from . import CHECK_TOL, load_hf_reference
 from . import __doc__ as _LIBRARY_DOC
@@ -37,8 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     for p in (a, b):
         p.add_argument("--tol", type=float, default=CHECK_TOL, help="max-abs bar of the fp32 check (default 1e-4)")
         p.add_argument("--no-check", action="store_true", help="skip the numerical check (not recommended)")
+    for p in (a, b):
+        add_verbosity(p)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=log_level(args), format="%(levelname)s %(name)s: %(message)s")
+    return run_guarded(lambda: _convert(args), args.verbose)
+
+
+def _convert(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.cmd == "lavis-to-hf":
         model, report = from_pretrained(

@@ -10,6 +10,9 @@ error naming the file and the key). Multi-GPU: ``torchrun --nproc_per_node N -m 
     recipe: paper                                   # paper | lavis; keys below override it
     batch_size: 64
     out_dir: runs/eval/vqav2_val_flant5xl
+
+Exit status: 0 done; 2 a user error (the message names the file and the key or entry); 3 unreadable images were
+skipped (the scores exclude them; ``--allow-incomplete`` accepts that).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +31,6 @@ from blip2lib import dist
 from blip2lib.config import Params, ParamsError, tiny_config
 from blip2lib.data import (
     FORMATS,
-    AnnotationError,
     CaptionEvalDataset,
     CaptionProcessor,
     GQAEvalDataset,
@@ -37,6 +40,7 @@ from blip2lib.data import (
     VQAEvalDataset,
     image_eval_transform,
 )
+from blip2lib.errors import add_verbosity, log_level, run_guarded
 from blip2lib.evaluate.caption import ALL_METRICS, CaptionDecoding, metric_groups
 from blip2lib.evaluate.drivers import run_caption, run_retrieval, run_vqa
 from blip2lib.evaluate.integrity import checkpoint_identity, file_identity
@@ -239,10 +243,14 @@ def run(task: str, params_path: str | Path) -> dict:
 def run_params(task: str, p: EvalParams, params_path: str = "<params>") -> dict:
     """Run one evaluation from validated params (notebooks call this; ``params_path`` names the source)."""
     _check(p, str(params_path))
+    # Cheap inputs first: the annotation file is read and validated before minutes of model loading. The transform
+    # gets the checkpoint's own resolution once the model is known (``image_size: 0``).
+    dataset = build_dataset(p, task, p.image_size or 224)
     torch.manual_seed(p.seed)
     model, qformer_tok = load_model(p, task, str(params_path))
     model.place(_device(p.device))
-    dataset = build_dataset(p, task, model.config.vision.image_size)
+    if model.config.vision.image_size != (p.image_size or 224):
+        dataset.transform = image_eval_transform(model.config.vision.image_size)
     out_dir = Path(p.out_dir or p.run_dir)
     common = dict(batch_size=p.batch_size, num_workers=p.num_workers, progress=p.progress, identity=run_identity(p))
     if task == "retrieval":
@@ -302,23 +310,40 @@ def run_params(task: str, p: EvalParams, params_path: str = "<params>") -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m blip2lib.evaluate", description=__doc__.split("\n\n")[0])
+    """Evaluate; exit 0, 2 on a user error (params, annotations, files), 3 when images were unreadable."""
+    parser = argparse.ArgumentParser(prog="python -m blip2lib.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("task", choices=sorted(SCHEMAS))
     parser.add_argument("--params", required=True, help="flat YAML params file")
+    parser.add_argument("--allow-incomplete", action="store_true",
+                        help="exit 0 even when unreadable images were skipped (default: exit status 3)")  # fmt: skip
+    add_verbosity(parser)
     args = parser.parse_args(argv)
-    started = dist.init_distributed()
-    try:
-        result = run(args.task, args.params)
-        main_rank = dist.is_main()
-    except (ParamsError, AnnotationError) as err:  # the message names the file and the key / entry
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        if started:
-            dist.cleanup()
-    if main_rank:
-        print(json.dumps({"metrics": result.get("metrics"), "counts": result.get("counts")}, indent=2, default=str))
-    return 0
+    logging.basicConfig(level=log_level(args, logging.WARNING), format="%(levelname)s %(name)s: %(message)s")
+    outcome: dict = {}
+
+    def body() -> int:
+        started = dist.init_distributed()
+        try:
+            outcome["result"] = run(args.task, args.params)
+            outcome["main"] = dist.is_main()
+        finally:
+            if started:
+                dist.cleanup()
+        return 0
+
+    status = run_guarded(body, args.verbose)
+    if status or not outcome.get("main"):
+        return status
+    result = outcome["result"]
+    counts = result.get("counts") or {}
+    print(json.dumps({"metrics": result.get("metrics"), "counts": counts}, indent=2, default=str))
+    if counts.get("complete", True) or args.allow_incomplete:
+        return 0
+    bad = (counts.get("bad_samples") or {}).get("count", "some")
+    print(f"error: incomplete evaluation: {bad} unreadable sample(s) were skipped and excluded from the scores "
+          "(listed in result.json); --allow-incomplete accepts that", file=sys.stderr)  # fmt: skip
+    return 3
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
+
 __all__ = [
     "ALL_METRICS",
     "METRIC_NAMES",
@@ -45,7 +47,7 @@ DOMAINS = ("in-domain", "near-domain", "out-domain")
 _SPICE_CORENLP_JAR = "stanford-corenlp-3.6.0.jar"  # what pycocoevalcap's get_stanford_models() fetches
 
 
-class JavaNotFoundError(RuntimeError):
+class JavaNotFoundError(UserError, RuntimeError):
     """Raised when no ``java`` executable is on PATH (pycocoevalcap's tokenizer, METEOR and SPICE need it)."""
 
 
