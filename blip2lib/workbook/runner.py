@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ParamsError, load_params_yaml
+from .preflight import PreflightFailed, preflight
 from .report import render_html
 from .run import REPO_ROOT
 from .schemas import schema_for
@@ -205,6 +206,7 @@ def run(params_path: str | Path, force: bool = False, root: Path = REPO_ROOT, ru
 
     job = job_for(params_path, root, runs, reports)
     values = load_params(job.params_path)  # validation BEFORE execution
+    preflight([job.params_path], root, runs)  # every file it names, before any kernel starts (PreflightFailed)
     if not force and is_current(job, root):
         log.info("[skip] %s: outputs are current (use --force to redo)", job.run_id)
         return job
@@ -307,6 +309,7 @@ def run_all(variant: str, force: bool = False, root: Path = REPO_ROOT, runs: Pat
         raise FileNotFoundError(f"no params/*/{variant}.yaml files under {root}")
     for p in paths:  # validate everything before executing anything
         load_params(p)
+    preflight(paths, root, runs)  # the whole variant at once: upstream run folders are "produced by"
     if jobs <= 1:
         return [run(p, force=force, root=root, runs=runs, reports=reports, progress=progress) for p in paths]
     return _run_parallel([job_for(p, root, runs, reports) for p in paths], jobs, force, root, runs, reports,
@@ -426,6 +429,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("run-all", help="execute every notebook of a variant in order", parents=[common]).add_argument(
         "variant"
     )
+    c = sub.add_parser("check", help="preflight: check every file the params name, without loading a model")
+    c.add_argument("params", nargs="+", help="params files, or a variant name (every params/*/<variant>.yaml)")
+    c.add_argument("--root", type=Path, default=REPO_ROOT)
+    c.add_argument("--runs", type=Path, default=None, help="runs root (default <root>/runs)")
+    c.add_argument("--no-hardware", dest="hardware", action="store_false", help="skip the GPU count / memory checks")
     v = sub.add_parser("validate", help="validate every params file")
     v.add_argument("--root", type=Path, default=REPO_ROOT)
     r = sub.add_parser("readme", help="write a variant's measured goals into README.md's results block")
@@ -435,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        if args.cmd == "check":
+            return _check_command(args)
         if args.cmd == "validate":
             print(f"{validate_all(args.root)} params files valid")
             return 0
@@ -451,7 +461,30 @@ def main(argv: list[str] | None = None) -> int:
         else:
             jobs = run_all(args.variant, jobs=args.jobs, **kw)
             print(json.dumps({"reports": [str(j.report) for j in jobs]}, indent=2))
+    except PreflightFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (ParamsError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _check_command(args) -> int:
+    """``check``: print every finding of the given params files (one batch); 2 when any is an error."""
+    from .preflight import check
+
+    paths = []
+    for arg in args.params:
+        found = [Path(arg)] if Path(arg).suffix in (".yaml", ".yml") else variant_params(arg, args.root)
+        if not found:
+            print(f"error: {arg}: neither a params file nor a variant with params/*/{arg}.yaml", file=sys.stderr)
+            return 2
+        paths += found
+    t0 = time.time()
+    problems = check(paths, args.root, args.runs, hardware=args.hardware)
+    for p in problems:
+        print(p, file=sys.stderr if p.level == "error" else sys.stdout)
+    errors = sum(p.level == "error" for p in problems)
+    print(f"preflight: {len(paths)} params files, {errors} problem(s), {time.time() - t0:.1f} s")
+    return 2 if errors else 0

@@ -1,0 +1,494 @@
+"""Preflight: check everything a params file names before any kernel starts, without loading a model.
+
+``python -m blip2lib.workbook check PARAMS...`` (and ``run`` / ``run-all`` before they start a kernel) lists every
+problem at once, each naming the params file and the key (and the row of a table's ``checkpoints``):
+
+* paths exist: weights, LLM and BERT directories, ``data_root`` with the split's annotation files and image
+  folders, pre-training shards, ``init_from`` / run-folder checkpoints (a run folder that another params file of
+  the same batch produces is reported as "produced by", not as an error);
+* checkpoint files are readable in their format (safetensors header, ``.pth`` with ``weights_only=True`` and
+  ``mmap=True``, transformers ``config.json``) and their keys and shapes fit the configured architecture: the
+  architecture is built on the meta device and compared key by key (:mod:`.preflight_weights`);
+* annotation entries validate against ``blip2lib.data.FORMATS`` (files above :data:`FULL_PARSE_BYTES` only their
+  first :data:`PREFIX_ENTRIES` entries, and the problem list says so);
+* LLM and BERT directories hold a config and tokenizer files; Java is on PATH where captions are scored;
+* ``num_gpus`` against the GPUs torch sees, and an estimate of GPU memory per process against theirs.
+
+Toy and tiny models, the toy world (``data_root: ""``) and synthetic data are produced on demand: nothing to check.
+No tensor data is read: safetensors headers, and ``.pth`` files memory-mapped (only their key names and shapes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import PRESETS, ParamsError
+from ..data import FORMATS, AnnotationError, load_annotations, load_caption_gt, validate_entry
+from . import preflight_weights as pw
+from .run import REPO_ROOT
+
+log = logging.getLogger(__name__)
+
+FULL_PARSE_BYTES = 64 << 20  # annotation files up to this size are validated entry by entry, whole
+PREFIX_ENTRIES = 2000  # larger files: this many leading entries (a list / JSONL) are validated
+IMAGES_SPOT_CHECKED = 3  # leading entries whose image file must exist under the images folder
+ON_DEMAND_DATA = ("toy", "synthetic", "")  # train_data / val_data the code builds itself
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding: ``level`` "error" stops a run, "note" is only shown (pending upstream runs, estimates...)."""
+
+    params: str
+    key: str
+    message: str
+    level: str = "error"
+
+    def __str__(self) -> str:
+        return f"{'' if self.level == 'error' else 'note: '}{self.params}: {self.key}: {self.message}"
+
+
+class PreflightFailed(RuntimeError):
+    """At least one params file of a run names something missing or unfit; ``problems`` holds every finding."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        errors = [p for p in problems if p.level == "error"]
+        super().__init__(f"preflight found {len(errors)} problem(s):\n" + "\n".join(f"  {p}" for p in errors))
+
+
+@dataclass
+class _Ctx:
+    """Where one params file's findings go, and how its paths resolve."""
+
+    shown: str
+    root: Path
+    runs: Path
+    batch: set[Path]
+    hardware: bool
+    problems: list[Problem] = field(default_factory=list)
+    models: list = field(default_factory=list)  # meta-device models built for this file (GPU memory estimate)
+
+    def err(self, key: str, message: str) -> None:
+        self.problems.append(Problem(self.shown, key, message))
+
+    def note(self, key: str, message: str) -> None:
+        self.problems.append(Problem(self.shown, key, message, "note"))
+
+    def path(self, text: str) -> Path:
+        """A params path: absolute as given, ``runs/...`` under the runs root, anything else under the repo root."""
+        p = Path(text)
+        if p.is_absolute():
+            return p
+        if p.parts and p.parts[0] == "runs":
+            return self.runs.joinpath(*p.parts[1:])
+        return self.root / p
+
+    def producer(self, path: Path) -> Path | None:
+        """The params file whose run folder holds ``path`` (``runs/<notebook>/<variant>/...``), if there is one."""
+        try:
+            parts = path.resolve().relative_to(self.runs.resolve()).parts
+        except ValueError:
+            return None
+        candidate = self.root / "params" / parts[0] / f"{parts[1]}.yaml" if len(parts) >= 2 else None
+        return candidate if candidate is not None and candidate.exists() else None
+
+    def existing(self, key: str, text: str, what: str, missing_ok: str = "") -> Path | None:
+        """``text`` resolved when it exists; otherwise one finding (a pending upstream run is only a note)."""
+        path = self.path(text)
+        if path.exists():
+            return path
+        producer = self.producer(path)
+        if producer is not None and producer.resolve() in self.batch:
+            self.note(
+                key, f"{text} does not exist yet: produced by {_rel(producer, self.root)} (checked in this batch)"
+            )
+        elif missing_ok:
+            self.note(key, f"{text} does not exist: {missing_ok}")
+        elif producer is not None:
+            self.err(key, f"{what} {text} does not exist: produced by {_rel(producer, self.root)}, which has not run "
+                          "(run it first, or run / check both together)")  # fmt: skip
+        else:
+            self.err(key, f"{what} {text} does not exist ({path})")
+        return None
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def check(params_paths: Iterable[str | Path], root: Path = REPO_ROOT, runs: Path | None = None,
+          hardware: bool = True) -> list[Problem]:  # fmt: skip
+    """Every finding (errors and notes) for the given params files, checked as one batch.
+
+    Args:
+        params_paths: params files (a run-all's whole variant is one batch: upstream run folders of files in the
+            batch are "produced by", not missing).
+        root: repository root (relative paths in params files start there).
+        runs: runs root (``runs/...`` paths in params files are read under it; default ``<root>/runs``).
+        hardware: check ``num_gpus`` and GPU memory against this machine (off for CPU rehearsals of GPU runs).
+
+    Returns:
+        Findings in file order; ``level == "error"`` ones stop a run.
+    """
+    from .schemas import schema_for
+
+    root = Path(root)
+    runs = Path(runs) if runs is not None else root / "runs"
+    paths = [Path(p) if Path(p).is_absolute() or Path(p).exists() else root / p for p in params_paths]
+    batch = {p.resolve() for p in paths}
+    problems: list[Problem] = []
+    for path in paths:
+        ctx = _Ctx(_rel(path, root), root, runs, batch, hardware)
+        try:
+            params = schema_for(path.parent.name).from_yaml(path)
+        except KeyError as e:
+            ctx.err("(file)", str(e.args[0]))
+        except (ParamsError, OSError) as e:
+            ctx.err("(file)", str(e))
+        else:
+            _check_params(ctx, params)
+        problems += ctx.problems
+    return problems
+
+
+def preflight(params_paths: Iterable[str | Path], root: Path = REPO_ROOT, runs: Path | None = None,
+              hardware: bool = True) -> list[Problem]:  # fmt: skip
+    """:func:`check`, notes logged; raises :class:`PreflightFailed` listing every error when there is one."""
+    problems = check(params_paths, root, runs, hardware)
+    for p in problems:
+        if p.level == "note":
+            log.info("[pre ] %s", p)
+    if any(p.level == "error" for p in problems):
+        raise PreflightFailed(problems)
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per notebook kind
+
+
+def _check_params(ctx: _Ctx, p) -> None:
+    from ..train import TrainParams
+    from .schemas import ExploreParams, ParityParams, PrepareDataParams, _AblationParams, _TableParams
+
+    if p.data_root:
+        ctx.existing("data_root", p.data_root, "data folder")
+    if isinstance(p, TrainParams):
+        _check_training(ctx, p)
+    elif isinstance(p, _TableParams):
+        _check_table(ctx, p)
+    elif isinstance(p, _AblationParams):
+        _check_ablation(ctx, p)
+    elif isinstance(p, ExploreParams):
+        for key in ("checkpoint", "stage1_checkpoint"):
+            task = "retrieval" if key == "stage1_checkpoint" else "vqa"
+            _check_checkpoint(ctx, key, {"checkpoint": getattr(p, key)}, task, p.missing_ok)
+    elif isinstance(p, ParityParams):
+        for i, ckpt in enumerate(p.checkpoints):
+            if not ckpt.startswith("tiny"):
+                _check_checkpoint(ctx, f"checkpoints[{i}]", {"checkpoint": ckpt}, "", p.skip_missing)
+    elif isinstance(p, PrepareDataParams) and p.src_root:
+        ctx.existing("src_root", p.src_root, "folder of official downloads")
+    if ctx.hardware and not isinstance(p, TrainParams):  # training estimates its own model's memory
+        pw.check_gpus(ctx, p.num_gpus, ctx.models)
+
+
+def _stage_config(p):
+    """The preset's configuration as ``blip2lib.assemble`` shapes it for ``p.stage`` (text path, LLM, image size)."""
+    import dataclasses
+
+    from ..assemble import GENERATIVE
+
+    cfg = PRESETS[p.model]
+    vision = dataclasses.replace(cfg.vision, image_size=p.image_size, freeze=p.freeze_vit)
+    qformer = dataclasses.replace(cfg.qformer, use_text_input=True) if p.stage == "vqa_ft" else cfg.qformer
+    llm = cfg.llm if p.stage in GENERATIVE else None
+    if llm is not None and p.llm_path:
+        llm = dataclasses.replace(llm, path=str(Path(p.llm_path)))
+    return cfg.replace(vision=vision, qformer=qformer, llm=llm)
+
+
+def _check_training(ctx: _Ctx, p, prefix: str = "") -> None:
+    """A training stage (10–32, and each variant of an ablation): weights, parent runs, data, GPUs."""
+    real = p.model not in ("toy", "tiny")
+    if real and p.model not in PRESETS:
+        ctx.err(f"{prefix}model", f"'{p.model}' is not toy, tiny or a preset ({sorted(PRESETS)})")
+        real = False
+    cfg = model = None
+    if real:
+        cfg = _stage_config(p)
+        for key, what in (("vision_weights", "ViT file"), ("bert_dir", "bert-base-uncased folder"),
+                          ("llm_path", "LLM folder")):  # fmt: skip
+            if not getattr(p, key) and (key != "llm_path" or cfg.llm is not None):
+                ctx.err(prefix + key, f"required for model '{p.model}' (stage {p.stage}): a local {what}")
+        if p.vision_weights and (vw := ctx.existing(prefix + "vision_weights", p.vision_weights, "ViT file")):
+            pw.check_vision_file(ctx, prefix + "vision_weights", vw, cfg.vision, f"model '{p.model}'")
+        llm_ok = cfg.llm is None
+        if cfg.llm is not None and p.llm_path and (d := ctx.existing(prefix + "llm_path", p.llm_path, "LLM folder")):
+            llm_ok = pw.check_llm_dir(ctx, prefix + "llm_path", d, cfg.llm.family, cfg.llm.hidden_size, p.model)
+        if p.bert_dir and (d := ctx.existing(prefix + "bert_dir", p.bert_dir, "BERT folder")):
+            pw.check_bert_dir(ctx, prefix + "bert_dir", d, cfg.qformer.hidden_size, weights=not p.init_from)
+        if llm_ok:
+            model = pw.meta_model(ctx, prefix + "model", cfg, "stage1" if cfg.llm is None else "stage2")
+    for part in [s.strip() for s in p.init_from.split(",") if s.strip()]:
+        if part == "{parent}":
+            continue  # an ablation's parent run, trained by the notebook itself
+        if (run := ctx.existing(prefix + "init_from", part, "parent run")) is not None:
+            pw.check_init_from(ctx, prefix + "init_from", run, model)
+    _check_training_data(ctx, p, prefix)
+    if p.stage == "caption_ft" and p.val_data and not shutil.which("java"):
+        ctx.note(prefix + "val_data", "Java is not on PATH: the caption validation (CIDEr + BLEU-4, PTB tokenizer) "
+                                      "will be skipped and checkpoints not selected by it")  # fmt: skip
+    if ctx.hardware and not prefix:
+        pw.check_gpus(ctx, p.num_gpus, [model] if model is not None else [], train=True)
+
+
+_STAGE_FIELDS = {  # what the training readers validate (blip2lib.data.readers), by stage
+    "retrieval_ft": {"image": "str", "caption": "str", "image_id": "str|int"},
+    "vqa_ft": {"question_id": "int?", "question": "str", "answer": "list[str]", "image": "str"},
+}
+_CAPTION_FIELDS = {"image": "str", "caption": "str", "image_id": "str|int?"}
+
+
+def _fields_for(rel: str, default: dict) -> tuple[dict, str]:
+    """FORMATS fields of the file at ``rel`` under data_root (its FORMATS key as a label), else ``default``."""
+    key = next((k for k, f in FORMATS.items() if f["file"] == rel), None)
+    return (FORMATS[key]["fields"], f"FORMATS['{key}']") if key else (default, "the reader's fields")
+
+
+def _check_training_data(ctx: _Ctx, p, prefix: str) -> None:
+    from ..assemble import is_shard_spec
+
+    data_root = ctx.path(p.data_root) if p.data_root else ctx.root
+    if p.data_root and not data_root.exists():
+        return  # already reported under data_root
+    if p.train_data not in ON_DEMAND_DATA:
+        if is_shard_spec(p.train_data):
+            _check_shards(ctx, prefix + "train_data", p.train_data, data_root)
+        else:
+            fields, label = _fields_for(p.train_data, _STAGE_FIELDS.get(p.stage, _CAPTION_FIELDS))
+            if p.train_data.endswith((".jsonl", ".csv")):  # a user manifest (blip2lib.data.ManifestDataset)
+                fields, label = {}, "the manifest format"
+            images = data_root / p.images_root
+            check_annotations(ctx, prefix + "train_data", data_root / p.train_data, fields, label, images)
+    if p.val_data not in ON_DEMAND_DATA:
+        fields, label = _fields_for(p.val_data, {"image": "str"})
+        check_annotations(ctx, prefix + "val_data", data_root / p.val_data, fields, label, data_root / p.images_root)
+
+
+def _check_shards(ctx: _Ctx, key: str, spec: str, data_root: Path) -> None:
+    from braceexpand import braceexpand
+
+    urls = [u for part in spec.split(",") if part.strip() for u in braceexpand(part.strip())]
+    local = [Path(u) if u.startswith("/") else data_root / u for u in urls if "://" not in u and "pipe:" not in u]
+    missing = [u for u in local if not u.is_file()]
+    if missing:
+        shown = ", ".join(str(m) for m in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        ctx.err(key, f"{len(missing)} of {len(urls)} shards missing under data_root: {shown}")
+
+
+def _rows(p) -> list[tuple[str, dict, dict]]:
+    """``(row, files, keys)`` of a table: a row's own files, else the file-level ones (``llm_path`` ...).
+
+    ``keys`` names where each value came from: ``checkpoints.<row>.llm_path`` or ``llm_path (row <row>)``.
+    """
+    out = []
+    for name, entry in p.checkpoints.items():
+        own = dict(entry) if isinstance(entry, dict) else {"checkpoint": entry}
+        files, keys = {"checkpoint": own.get("checkpoint", "")}, {"checkpoint": f"checkpoints.{name}"}
+        for k in ("vision_weights", "llm_path", "bert_dir"):
+            if own.get(k):
+                files[k], keys[k] = own[k], f"checkpoints.{name}.{k}"
+            else:
+                files[k], keys[k] = getattr(p, k), f"{k} (row {name})"
+        if isinstance(entry, dict):
+            keys["checkpoint"] = f"checkpoints.{name}.checkpoint"
+            out += [
+                (name, {"unknown": k}, {"unknown": f"checkpoints.{name}.{k}"}) for k in sorted(set(own) - set(files))
+            ]
+        out.append((name, files, keys))
+    return out
+
+
+def _table_task(p) -> str:
+    from .schemas import CaptioningParams, RetrievalTableParams
+
+    return (
+        "retrieval" if isinstance(p, RetrievalTableParams) else "caption" if isinstance(p, CaptioningParams) else "vqa"
+    )
+
+
+def _check_table(ctx: _Ctx, p) -> None:
+    """An evaluation table (41–44): every row's files, the split's files, Java for caption scoring."""
+    task = _table_task(p)
+    for name, files, keys in _rows(p):
+        if "unknown" in files:
+            ctx.err(keys["unknown"], "unknown row key (known: checkpoint, vision_weights, llm_path, bert_dir)")
+            continue
+        if not files["checkpoint"]:
+            ctx.err(keys["checkpoint"], "no checkpoint given for this row")
+            continue
+        _check_checkpoint(ctx, keys["checkpoint"], files, task, "", keys, row=name, image_size=p.image_size)
+    if p.data_root and ctx.path(p.data_root).exists():
+        data_root = ctx.path(p.data_root)
+        _check_split(ctx, "split", p.split, data_root, p.images_root, task)
+        transfer = getattr(p, "transfer_split", "")
+        if transfer.endswith(".json"):
+            fmt = FORMATS["coco_karpathy_test"]  # the toy NoCaps analogue is a Karpathy-format file
+            images = data_root / fmt["images_root"]
+            label = "FORMATS['coco_karpathy_test']"
+            check_annotations(ctx, "transfer_split", data_root / transfer, fmt["fields"], label, images)
+            _check_gt(ctx, "transfer_split", data_root / transfer.replace(".json", "_gt.json"))
+        elif transfer:
+            _check_split(ctx, "transfer_split", transfer, data_root, "", task)
+    if task == "caption":
+        from ..evaluate.caption import ALL_METRICS, spice_models_available
+
+        bad = [m for m in p.metrics if m not in ALL_METRICS]
+        if bad:
+            ctx.err("metrics", f"{bad} not computed by the caption evaluator (names: {list(ALL_METRICS)})")
+        if not shutil.which("java"):
+            asked = [m for m in p.metrics if m in ("METEOR", "SPICE")]
+            also = f"; {' and '.join(asked)} asked here" if asked else ""
+            ctx.err("metrics", f"Java is not on PATH: caption scoring runs java (pycocoevalcap's PTB tokenizer{also}); "
+                               "install a JRE >= 8")  # fmt: skip
+        elif "SPICE" in p.metrics and not (spice := spice_models_available())[0]:
+            ctx.note("metrics", f"SPICE will be reported as not computed: {spice[1]}")
+
+
+def _check_split(ctx: _Ctx, key: str, split: str, data_root: Path, images_root: str, task: str) -> None:
+    if split not in FORMATS:
+        ctx.err(key, f"'{split}' is not a blip2lib.data.FORMATS key ({sorted(FORMATS)})")
+        return
+    fmt = FORMATS[split]
+    images = data_root / (images_root or fmt.get("images_root", ""))
+    check_annotations(ctx, key, data_root / fmt["file"], fmt["fields"], f"FORMATS['{split}']", images)
+    if task == "caption" and f"{split}_gt" in FORMATS:
+        _check_gt(ctx, key, data_root / FORMATS[f"{split}_gt"]["file"])
+
+
+def _check_gt(ctx: _Ctx, key: str, path: Path) -> None:
+    if not path.exists():
+        ctx.err(key, f"caption ground truth {path} does not exist (COCO caption format: images + annotations)")
+    elif path.stat().st_size > FULL_PARSE_BYTES:
+        ctx.note(key, f"{path}: {path.stat().st_size >> 20} MB, not validated (over the preflight parse limit)")
+    else:
+        try:
+            load_caption_gt(path)
+        except (AnnotationError, OSError) as e:
+            ctx.err(key, f"malformed caption ground truth: {e}")
+
+
+def _check_ablation(ctx: _Ctx, p) -> None:
+    """Each variant's training params (base + overrides), and the parent run's."""
+    from ..train import TrainParams
+
+    runs = {"parent": p.parent} if p.parent else {}
+    runs.update({f"variants.{name}": {**p.base, **(over or {})} for name, over in p.variants.items()})
+    for key, values in runs.items():
+        try:
+            tp = TrainParams.from_dict({**values, "num_gpus": p.num_gpus}, f"{key} of {ctx.shown}")
+        except ParamsError as e:
+            ctx.err(key, str(e))
+            continue
+        _check_training(ctx, tp, prefix=f"{key}.")
+    if p.data_root and ctx.path(p.data_root).exists():
+        _check_split(ctx, "eval_split", p.eval_split, ctx.path(p.data_root), "", p.eval_task)
+
+
+def _check_checkpoint(ctx: _Ctx, key: str, files: dict, task: str, missing_ok: bool | str = "",
+                      keys: dict | None = None, row: str = "", image_size: int = 0) -> None:  # fmt: skip
+    """A checkpoint of any source (run folder, transformers dir, LAVIS file) with its frozen-tower files."""
+    text = files["checkpoint"]
+    if text == "tiny":
+        return
+    reason = "the notebook falls back to a tiny model" if missing_ok is True else "skipped by the notebook"
+    path = ctx.existing(key, text, "checkpoint", missing_ok=reason if missing_ok else "")
+    if path is not None:
+        pw.check_checkpoint(ctx, path, files, keys or {k: key for k in files}, task, row, image_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Annotation files
+
+
+def _prefix_entries(path: Path, limit: int) -> list | None:
+    """The first ``limit`` entries of a large JSON list / JSONL file, decoded incrementally; None when not a list."""
+    decoder = json.JSONDecoder()
+    out: list = []
+    with open(path, encoding="utf-8") as f:
+        if path.suffix == ".jsonl":
+            for line in f:
+                if line.strip():
+                    out.append(json.loads(line))
+                if len(out) >= limit:
+                    break
+            return out
+        buf = f.read(1 << 20).lstrip()
+        if not buf.startswith("["):
+            return None
+        pos = 1
+        while len(out) < limit:
+            while pos < len(buf) and buf[pos] in " \t\r\n,":
+                pos += 1
+            if pos < len(buf) and buf[pos] == "]":
+                break
+            try:
+                entry, end = decoder.raw_decode(buf, pos)
+            except json.JSONDecodeError:
+                more = f.read(1 << 20)
+                if not more:
+                    raise
+                buf, pos = buf[pos:] + more, 0
+                continue
+            out.append(entry)
+            pos = end
+    return out
+
+
+def check_annotations(ctx: _Ctx, key: str, path: Path, fields: dict, label: str, images: Path | None) -> None:
+    """Validate an annotation file's entries (bounded for huge files) and spot-check its first images."""
+    if not path.exists():
+        ctx.err(key, f"annotation file {path} does not exist")
+        return
+    size = path.stat().st_size
+    try:
+        if not fields:  # a manifest: its own reader validates it (JSONL / CSV rows)
+            from ..data import read_manifest
+
+            entries = read_manifest(path)[1]
+        elif size <= FULL_PARSE_BYTES:
+            entries = load_annotations(path, fields)
+        else:
+            entries = _prefix_entries(path, PREFIX_ENTRIES)
+            if entries is None:
+                ctx.note(key, f"{path}: {size >> 20} MB official-format file, entries not validated (over the "
+                              "preflight parse limit)")  # fmt: skip
+                return
+            for i, entry in enumerate(entries):
+                validate_entry(entry, fields, f"{path}: entry {i}")
+            ctx.note(key, f"{path}: {size >> 20} MB, validated its first {len(entries)} entries against {label}")
+    except (AnnotationError, json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        ctx.err(key, f"malformed annotation file (checked against {label}): {e}")
+        return
+    if images is not None:
+        if not images.is_dir():
+            ctx.err(key, f"image folder {images} does not exist (entries' 'image' paths are relative to it)")
+            return
+        lost = [images / e["image"] for e in entries[:IMAGES_SPOT_CHECKED]
+                if isinstance(e.get("image"), str) and not (images / e["image"]).exists()]  # fmt: skip
+        if lost:
+            ctx.err(key, f"images of the first entries of {path.name} are missing, e.g. {lost[0]}: wrong images_root?")
