@@ -9,8 +9,8 @@ problem at once, each naming the params file and the key (and the row of a table
 * checkpoint files are readable in their format (safetensors header, ``.pth`` with ``weights_only=True`` and
   ``mmap=True``, transformers ``config.json``) and their keys and shapes fit the configured architecture: the
   architecture is built on the meta device and compared key by key (:mod:`.preflight_weights`);
-* annotation entries validate against ``blip2lib.data.FORMATS`` (files above :data:`FULL_PARSE_BYTES` only their
-  first :data:`PREFIX_ENTRIES` entries, and the problem list says so);
+* annotation entries validate against ``blip2lib.data.FORMATS`` (huge files only by a leading prefix, and the
+  problem list says so: :mod:`.preflight_data`);
 * LLM and BERT directories hold a config and tokenizer files; Java is on PATH where captions are scored;
 * ``num_gpus`` against the GPUs torch sees, and an estimate of GPU memory per process against theirs.
 
@@ -20,7 +20,6 @@ No tensor data is read: safetensors headers, and ``.pth`` files memory-mapped (o
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Iterable
@@ -28,15 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import PRESETS, ParamsError
-from ..data import FORMATS, AnnotationError, load_annotations, load_caption_gt, validate_entry
+from ..data import FORMATS
+from . import preflight_data as pd
 from . import preflight_weights as pw
 from .run import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
-FULL_PARSE_BYTES = 64 << 20  # annotation files up to this size are validated entry by entry, whole
-PREFIX_ENTRIES = 2000  # larger files: this many leading entries (a list / JSONL) are validated
-IMAGES_SPOT_CHECKED = 3  # leading entries whose image file must exist under the images folder
 ON_DEMAND_DATA = ("toy", "synthetic", "")  # train_data / val_data the code builds itself
 
 
@@ -256,19 +253,6 @@ def _check_training(ctx: _Ctx, p, prefix: str = "") -> None:
         pw.check_gpus(ctx, p.num_gpus, [model] if model is not None else [], train=True)
 
 
-_STAGE_FIELDS = {  # what the training readers validate (blip2lib.data.readers), by stage
-    "retrieval_ft": {"image": "str", "caption": "str", "image_id": "str|int"},
-    "vqa_ft": {"question_id": "int?", "question": "str", "answer": "list[str]", "image": "str"},
-}
-_CAPTION_FIELDS = {"image": "str", "caption": "str", "image_id": "str|int?"}
-
-
-def _fields_for(rel: str, default: dict) -> tuple[dict, str]:
-    """FORMATS fields of the file at ``rel`` under data_root (its FORMATS key as a label), else ``default``."""
-    key = next((k for k, f in FORMATS.items() if f["file"] == rel), None)
-    return (FORMATS[key]["fields"], f"FORMATS['{key}']") if key else (default, "the reader's fields")
-
-
 def _check_training_data(ctx: _Ctx, p, prefix: str) -> None:
     from ..assemble import is_shard_spec
 
@@ -277,27 +261,16 @@ def _check_training_data(ctx: _Ctx, p, prefix: str) -> None:
         return  # already reported under data_root
     if p.train_data not in ON_DEMAND_DATA:
         if is_shard_spec(p.train_data):
-            _check_shards(ctx, prefix + "train_data", p.train_data, data_root)
+            pd.check_shards(ctx, prefix + "train_data", p.train_data, data_root)
         else:
-            fields, label = _fields_for(p.train_data, _STAGE_FIELDS.get(p.stage, _CAPTION_FIELDS))
+            fields, label = pd.fields_for(p.train_data, p.stage)
             if p.train_data.endswith((".jsonl", ".csv")):  # a user manifest (blip2lib.data.ManifestDataset)
                 fields, label = {}, "the manifest format"
             images = data_root / p.images_root
-            check_annotations(ctx, prefix + "train_data", data_root / p.train_data, fields, label, images)
+            pd.check_annotations(ctx, prefix + "train_data", data_root / p.train_data, fields, label, images)
     if p.val_data not in ON_DEMAND_DATA:
-        fields, label = _fields_for(p.val_data, {"image": "str"})
-        check_annotations(ctx, prefix + "val_data", data_root / p.val_data, fields, label, data_root / p.images_root)
-
-
-def _check_shards(ctx: _Ctx, key: str, spec: str, data_root: Path) -> None:
-    from braceexpand import braceexpand
-
-    urls = [u for part in spec.split(",") if part.strip() for u in braceexpand(part.strip())]
-    local = [Path(u) if u.startswith("/") else data_root / u for u in urls if "://" not in u and "pipe:" not in u]
-    missing = [u for u in local if not u.is_file()]
-    if missing:
-        shown = ", ".join(str(m) for m in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        ctx.err(key, f"{len(missing)} of {len(urls)} shards missing under data_root: {shown}")
+        fields, label = pd.fields_for(p.val_data, "val")
+        pd.check_annotations(ctx, prefix + "val_data", data_root / p.val_data, fields, label, data_root / p.images_root)
 
 
 def _rows(p) -> list[tuple[str, dict, dict]]:
@@ -350,8 +323,8 @@ def _check_table(ctx: _Ctx, p) -> None:
             fmt = FORMATS["coco_karpathy_test"]  # the toy NoCaps analogue is a Karpathy-format file
             images = data_root / fmt["images_root"]
             label = "FORMATS['coco_karpathy_test']"
-            check_annotations(ctx, "transfer_split", data_root / transfer, fmt["fields"], label, images)
-            _check_gt(ctx, "transfer_split", data_root / transfer.replace(".json", "_gt.json"))
+            pd.check_annotations(ctx, "transfer_split", data_root / transfer, fmt["fields"], label, images)
+            pd.check_gt(ctx, "transfer_split", data_root / transfer.replace(".json", "_gt.json"))
         elif transfer:
             _check_split(ctx, "transfer_split", transfer, data_root, "", task)
     if task == "caption":
@@ -375,21 +348,9 @@ def _check_split(ctx: _Ctx, key: str, split: str, data_root: Path, images_root: 
         return
     fmt = FORMATS[split]
     images = data_root / (images_root or fmt.get("images_root", ""))
-    check_annotations(ctx, key, data_root / fmt["file"], fmt["fields"], f"FORMATS['{split}']", images)
+    pd.check_annotations(ctx, key, data_root / fmt["file"], fmt["fields"], f"FORMATS['{split}']", images)
     if task == "caption" and f"{split}_gt" in FORMATS:
-        _check_gt(ctx, key, data_root / FORMATS[f"{split}_gt"]["file"])
-
-
-def _check_gt(ctx: _Ctx, key: str, path: Path) -> None:
-    if not path.exists():
-        ctx.err(key, f"caption ground truth {path} does not exist (COCO caption format: images + annotations)")
-    elif path.stat().st_size > FULL_PARSE_BYTES:
-        ctx.note(key, f"{path}: {path.stat().st_size >> 20} MB, not validated (over the preflight parse limit)")
-    else:
-        try:
-            load_caption_gt(path)
-        except (AnnotationError, OSError) as e:
-            ctx.err(key, f"malformed caption ground truth: {e}")
+        pd.check_gt(ctx, key, data_root / FORMATS[f"{split}_gt"]["file"])
 
 
 def _check_ablation(ctx: _Ctx, p) -> None:
@@ -419,76 +380,3 @@ def _check_checkpoint(ctx: _Ctx, key: str, files: dict, task: str, missing_ok: b
     path = ctx.existing(key, text, "checkpoint", missing_ok=reason if missing_ok else "")
     if path is not None:
         pw.check_checkpoint(ctx, path, files, keys or {k: key for k in files}, task, row, image_size)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Annotation files
-
-
-def _prefix_entries(path: Path, limit: int) -> list | None:
-    """The first ``limit`` entries of a large JSON list / JSONL file, decoded incrementally; None when not a list."""
-    decoder = json.JSONDecoder()
-    out: list = []
-    with open(path, encoding="utf-8") as f:
-        if path.suffix == ".jsonl":
-            for line in f:
-                if line.strip():
-                    out.append(json.loads(line))
-                if len(out) >= limit:
-                    break
-            return out
-        buf = f.read(1 << 20).lstrip()
-        if not buf.startswith("["):
-            return None
-        pos = 1
-        while len(out) < limit:
-            while pos < len(buf) and buf[pos] in " \t\r\n,":
-                pos += 1
-            if pos < len(buf) and buf[pos] == "]":
-                break
-            try:
-                entry, end = decoder.raw_decode(buf, pos)
-            except json.JSONDecodeError:
-                more = f.read(1 << 20)
-                if not more:
-                    raise
-                buf, pos = buf[pos:] + more, 0
-                continue
-            out.append(entry)
-            pos = end
-    return out
-
-
-def check_annotations(ctx: _Ctx, key: str, path: Path, fields: dict, label: str, images: Path | None) -> None:
-    """Validate an annotation file's entries (bounded for huge files) and spot-check its first images."""
-    if not path.exists():
-        ctx.err(key, f"annotation file {path} does not exist")
-        return
-    size = path.stat().st_size
-    try:
-        if not fields:  # a manifest: its own reader validates it (JSONL / CSV rows)
-            from ..data import read_manifest
-
-            entries = read_manifest(path)[1]
-        elif size <= FULL_PARSE_BYTES:
-            entries = load_annotations(path, fields)
-        else:
-            entries = _prefix_entries(path, PREFIX_ENTRIES)
-            if entries is None:
-                ctx.note(key, f"{path}: {size >> 20} MB official-format file, entries not validated (over the "
-                              "preflight parse limit)")  # fmt: skip
-                return
-            for i, entry in enumerate(entries):
-                validate_entry(entry, fields, f"{path}: entry {i}")
-            ctx.note(key, f"{path}: {size >> 20} MB, validated its first {len(entries)} entries against {label}")
-    except (AnnotationError, json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-        ctx.err(key, f"malformed annotation file (checked against {label}): {e}")
-        return
-    if images is not None:
-        if not images.is_dir():
-            ctx.err(key, f"image folder {images} does not exist (entries' 'image' paths are relative to it)")
-            return
-        lost = [images / e["image"] for e in entries[:IMAGES_SPOT_CHECKED]
-                if isinstance(e.get("image"), str) and not (images / e["image"]).exists()]  # fmt: skip
-        if lost:
-            ctx.err(key, f"images of the first entries of {path.name} are missing, e.g. {lost[0]}: wrong images_root?")

@@ -147,7 +147,7 @@ def check_vision_file(ctx, key: str, path: Path, vcfg, what: str) -> None:
     gap = compare({k: tuple(v.shape) for k, v in mapped.items()}, _shapes_of(tower))
     if gap:
         want = f"{'EVA' if vcfg.arch == 'eva' else 'CLIP'} ViT (width {vcfg.width}, {vcfg.depth} blocks used)"
-        ctx.err(key, f"{path} holds a {describe_vision(shapes)}; {what} needs a {want}: {gap}")
+        ctx.err(key, f"{path} holds a {describe_vision(shapes)}; {what} needs the {want}: {gap}")
 
 
 def _config_json(ctx, key: str, d: Path) -> dict | None:

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from blip2lib.workbook import preflight as pf
+from blip2lib.workbook import preflight_data as pd
 from blip2lib.workbook import preflight_weights as pw
 from blip2lib.workbook.preflight import check
 from blip2lib.workbook.run import REPO_ROOT
@@ -211,8 +212,8 @@ def test_upstream_run_outside_the_batch_is_an_error(tmp_path):
 
 
 def test_large_annotation_file_is_validated_by_its_prefix(tree, monkeypatch):
-    monkeypatch.setattr(pf, "FULL_PARSE_BYTES", 10)
-    monkeypatch.setattr(pf, "PREFIX_ENTRIES", 2)
+    monkeypatch.setattr(pd, "FULL_PARSE_BYTES", 10)
+    monkeypatch.setattr(pd, "PREFIX_ENTRIES", 2)
     good = {"question_id": 1, "question": "q", "answer": ["a"], "image": "val2014/a.jpg"}
     ann = tree / "data" / "coco" / "annotations" / "vqa_val_eval.json"
     path = _params(tree, "41_zeroshot_vqa", {"data_root": "data"})
