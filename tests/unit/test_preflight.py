@@ -364,3 +364,43 @@ def test_our_run_folders_as_rows_and_parents(tiny_run, monkeypatch):
         (tiny_run / "moved.safetensors").rename(tiny_run / run / "frozen" / "vision.safetensors")
     assert key == "checkpoints.r (manifest)"
     assert message.startswith(f"ViT file {tiny_run / run / 'frozen' / 'vision.safetensors'} does not exist")
+
+
+@pytest.mark.slow
+def test_toy_run_folders_pass(tmp_path):
+    """What `make demo` hands on: toy stage-1 / stage-2 runs (the tiny toy world) as table rows and parent runs."""
+    from blip2lib.train import TrainParams, train
+
+    common = dict(model="toy", toy_world="tiny", train_data="toy", steps=1, batch_size=2, warmup_steps=1,
+                  progress=False, eval_at_start=False, image_size=64, augment="none")  # fmt: skip
+    train(TrainParams(stage="stage1", **common), tmp_path / "runs/10_stage1_pretrain/toy")
+    train(TrainParams(stage="stage2", init_from=str(tmp_path / "runs/10_stage1_pretrain/toy"), **common),
+          tmp_path / "runs/20_stage2_pretrain/toy/opt")  # fmt: skip
+    paths = [
+        _params(tmp_path, "44_retrieval", {"checkpoints": {"stage1": "runs/10_stage1_pretrain/toy"}}, "toy"),
+        _params(tmp_path, "41_zeroshot_vqa", {"checkpoints": {"opt": "runs/20_stage2_pretrain/toy/opt"}}, "toy"),
+        _params(tmp_path, "31_finetune_retrieval", {"model": "toy", "init_from": "runs/10_stage1_pretrain/toy"}, "toy"),
+    ]
+    assert check(paths, root=tmp_path) == []
+    (tmp_path / "runs/20_stage2_pretrain/toy/opt/checkpoints/ckpt-1/manifest.json").unlink()  # incomplete checkpoint
+    run = tmp_path / "runs/20_stage2_pretrain/toy/opt"
+    assert _errors(check(paths, root=tmp_path)) == [
+        (
+            "checkpoints.opt",
+            f"{run} holds no model.safetensors and no complete checkpoint (ckpt-<step>/ with manifest.json)",
+        )
+    ]
+
+
+@pytest.mark.gpu
+def test_gpu_memory_estimate_against_this_gpu(tmp_path):
+    """On a CUDA host: the stage-1 ViT-g preset's estimate is compared with the real device's memory."""
+    from blip2lib.config import PRESETS
+    from blip2lib.model import Blip2QFormerModel
+
+    model = Blip2QFormerModel(PRESETS["vitg"], device="meta")
+    ctx = pf._Ctx("p.yaml", tmp_path, tmp_path / "runs", set(), True)
+    pw.check_gpus(ctx, 1, [model], train=True)
+    have = torch.cuda.get_device_properties(0).total_memory / 2**30
+    [problem] = ctx.problems
+    assert problem.level == "note" and problem.message.endswith(f"GPU has {have:.1f} GiB")
