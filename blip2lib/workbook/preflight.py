@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import PRESETS, ParamsError
+from ..config import PRESETS, ParamsError, load_params_yaml
 from ..data import FORMATS
 from . import preflight_data as pd
 from . import preflight_weights as pw
@@ -127,7 +127,8 @@ def _rel(path: Path, root: Path) -> str:
 
 
 def check(params_paths: Iterable[str | Path], root: Path = REPO_ROOT, runs: Path | None = None,
-          hardware: bool = True) -> list[Problem]:  # fmt: skip
+          hardware: bool = True, notebooks: list[str] | None = None,
+          overrides: dict | None = None) -> list[Problem]:  # fmt: skip
     """Every finding (errors and notes) for the given params files, checked as one batch.
 
     Args:
@@ -136,6 +137,8 @@ def check(params_paths: Iterable[str | Path], root: Path = REPO_ROOT, runs: Path
         root: repository root (relative paths in params files start there).
         runs: runs root (``runs/...`` paths in params files are read under it; default ``<root>/runs``).
         hardware: check ``num_gpus`` and GPU memory against this machine (off for CPU rehearsals of GPU runs).
+        notebooks: the notebook of each params file (default: its folder's name, ``params/<notebook>/``).
+        overrides: values applied over every file's own (a run's ``-p KEY=VALUE``), so the effective params are checked.
 
     Returns:
         Findings in file order; ``level == "error"`` ones stop a run.
@@ -147,10 +150,14 @@ def check(params_paths: Iterable[str | Path], root: Path = REPO_ROOT, runs: Path
     paths = [Path(p) if Path(p).is_absolute() or Path(p).exists() else root / p for p in params_paths]
     batch = {p.resolve() for p in paths}
     problems: list[Problem] = []
-    for path in paths:
+    for i, path in enumerate(paths):
         ctx = _Ctx(_rel(path, root), root, runs, batch, hardware)
         try:
-            params = schema_for(path.parent.name).from_yaml(path)
+            schema = schema_for(notebooks[i] if notebooks else path.parent.name)
+            values = {**load_params_yaml(path), **(overrides or {})}
+            if "notebook" not in schema.__dataclass_fields__:
+                values.pop("notebook", None)  # a file outside params/ may name its notebook: not a parameter
+            params = schema.from_dict(values, source=str(path))
         except KeyError as e:
             ctx.err("(file)", str(e.args[0]))
         except (ParamsError, OSError) as e:
@@ -162,9 +169,9 @@ def check(params_paths: Iterable[str | Path], root: Path = REPO_ROOT, runs: Path
 
 
 def preflight(params_paths: Iterable[str | Path], root: Path = REPO_ROOT, runs: Path | None = None,
-              hardware: bool = True) -> list[Problem]:  # fmt: skip
-    """:func:`check`, notes logged; raises :class:`PreflightFailed` listing every error when there is one."""
-    problems = check(params_paths, root, runs, hardware)
+              hardware: bool = True, **kw) -> list[Problem]:  # fmt: skip
+    """:func:`check` (``kw``: its ``notebooks`` / ``overrides``), notes logged; :class:`PreflightFailed` on errors."""
+    problems = check(params_paths, root, runs, hardware, **kw)
     for p in problems:
         if p.level == "note":
             log.info("[pre ] %s", p)
@@ -192,11 +199,13 @@ def _check_params(ctx: _Ctx, p) -> None:
     elif isinstance(p, ExploreParams):
         for key in ("checkpoint", "stage1_checkpoint"):
             task = "retrieval" if key == "stage1_checkpoint" else "vqa"
-            _check_checkpoint(ctx, key, {"checkpoint": getattr(p, key)}, task, p.missing_ok)
+            fallback = "the notebook falls back to a random tiny model" if p.missing_ok else ""
+            _check_checkpoint(ctx, key, {"checkpoint": getattr(p, key)}, task, fallback)
     elif isinstance(p, ParityParams):
         for i, ckpt in enumerate(p.checkpoints):
             if not ckpt.startswith("tiny"):
-                _check_checkpoint(ctx, f"checkpoints[{i}]", {"checkpoint": ckpt}, "", p.skip_missing)
+                skip = "the notebook skips it (skip_missing)" if p.skip_missing else ""
+                _check_checkpoint(ctx, f"checkpoints[{i}]", {"checkpoint": ckpt}, "", skip)
     elif isinstance(p, PrepareDataParams) and p.src_root:
         ctx.existing("src_root", p.src_root, "folder of official downloads")
     if ctx.hardware and not isinstance(p, TrainParams):  # training estimates its own model's memory
@@ -370,13 +379,17 @@ def _check_ablation(ctx: _Ctx, p) -> None:
         _check_split(ctx, "eval_split", p.eval_split, ctx.path(p.data_root), "", p.eval_task)
 
 
-def _check_checkpoint(ctx: _Ctx, key: str, files: dict, task: str, missing_ok: bool | str = "",
+def _check_checkpoint(ctx: _Ctx, key: str, files: dict, task: str, missing_ok: str = "",
                       keys: dict | None = None, row: str = "", image_size: int = 0) -> None:  # fmt: skip
-    """A checkpoint of any source (run folder, transformers dir, LAVIS file) with its frozen-tower files."""
+    """A checkpoint of any source (run folder, transformers dir, LAVIS file) with its frozen-tower files.
+
+    ``missing_ok``: why an absent checkpoint is fine (a note then, not an error); ``keys``: the params key of each of
+    ``files`` (default: ``key`` for all of them).
+    """
     text = files["checkpoint"]
     if text == "tiny":
         return
-    reason = "the notebook falls back to a tiny model" if missing_ok is True else "skipped by the notebook"
-    path = ctx.existing(key, text, "checkpoint", missing_ok=reason if missing_ok else "")
+    keys = keys or {k: key for k in ("checkpoint", "vision_weights", "llm_path", "bert_dir")}
+    path = ctx.existing(key, text, "checkpoint", missing_ok=missing_ok)
     if path is not None:
-        pw.check_checkpoint(ctx, path, files, keys or {k: key for k in files}, task, row, image_size)
+        pw.check_checkpoint(ctx, path, files, keys, task, row, image_size)

@@ -102,11 +102,17 @@ def _ties(module: torch.nn.Module) -> list[list[str]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
+def vision_width(shapes: dict) -> int:
+    """Width of a ViT state dict (LAVIS EVA / CLIP names, bare or under ``visual_encoder.``); 0 when unknown."""
+    pre = "visual_encoder." if any(k.startswith("visual_encoder.") for k in shapes) else ""
+    return (shapes.get(f"{pre}class_embedding") or shapes.get(f"{pre}cls_token") or (0,))[-1]
+
+
 def describe_vision(shapes: dict) -> str:
     """A ViT state dict's family, width and block count, e.g. ``EVA ViT (width 1408, 40 blocks)``."""
     pre = "visual_encoder." if any(k.startswith("visual_encoder.") for k in shapes) else ""
     clip = f"{pre}class_embedding" in shapes or f"{pre}conv1.weight" in shapes
-    width = (shapes.get(f"{pre}class_embedding") or shapes.get(f"{pre}cls_token") or (0,))[-1]
+    width = vision_width(shapes)
     stem = f"{pre}transformer.resblocks." if clip else f"{pre}blocks."
     blocks = {k[len(stem) :].split(".")[0] for k in shapes if k.startswith(stem)}
     return f"{'CLIP' if clip else 'EVA'} ViT (width {width}, {len(blocks)} blocks)"
@@ -357,10 +363,12 @@ def _check_lavis(ctx, path: Path, files: dict, keys: dict, task: str, row: str, 
         vis_path = ctx.existing(keys["vision_weights"], files["vision_weights"], "ViT file")
     elif not own_vit:
         ctx.err(keys["vision_weights"], f"{path} stores no ViT (pre-training files do not): set the ViT file")
-    vis = file_shapes(vis_path) if vis_path is not None and not own_vit else {}
+    # The loader reads the ViT file even when the checkpoint carries its own fine-tuned ViT (which then overrides
+    # it), so the file must fit in both cases.
+    vis = file_shapes(vis_path) if vis_path is not None else {}
     qkey = "Qformer.bert.encoder.layer.0.crossattention.self.key.weight"
     reads = shapes.get(qkey, (0, 0))[-1]  # the vision width the Q-Former's cross-attention was trained on
-    if vis and reads and describe_vision(vis).find(f"width {reads},") < 0:
+    if vis and reads and vision_width(vis) != reads:
         tower = {1408: " (EVA ViT-g)", 1024: " (CLIP ViT-L)"}.get(reads, "")
         ctx.err(keys["vision_weights"], f"{vis_path} holds a {describe_vision(vis)}, but {path.name}'s Q-Former "
                                         f"reads vision width {reads}{tower}")  # fmt: skip
@@ -386,10 +394,10 @@ def _check_lavis(ctx, path: Path, files: dict, keys: dict, task: str, row: str, 
     except (LoadError, KeyError, AttributeError) as e:
         ctx.err(key, f"{path}: architecture not recognised: {e}")
         return
-    preset = PRESETS.get(row) or PRESETS.get(row.split("_")[0])
+    preset = PRESETS.get(row) or PRESETS.get(row.split("_")[0])  # a row named after a preset: vitg_opt2.7b, vitl
     if preset is not None and preset.vision.width != cfg.vision.width:
-        ctx.err(key, f"row '{row}' names a {preset.vision.arch} ViT of width {preset.vision.width}; "
-                     f"{path.name} is built on width {cfg.vision.width}")  # fmt: skip
+        ctx.err(key, f"row '{row}' names a ViT of width {preset.vision.width}; {path.name} is built on width "
+                     f"{cfg.vision.width}")  # fmt: skip
     kind = "stage1" if cfg.llm is None else "stage2"
     if not _kind_ok(ctx, key, kind, task, path) or (model := meta_model(ctx, key, cfg, kind)) is None:
         return

@@ -206,7 +206,7 @@ def run(params_path: str | Path, force: bool = False, root: Path = REPO_ROOT, ru
 
     job = job_for(params_path, root, runs, reports)
     values = load_params(job.params_path)  # validation BEFORE execution
-    preflight([job.params_path], root, runs)  # every file it names, before any kernel starts (PreflightFailed)
+    preflight([job.params_path], root, runs, notebooks=[job.notebook.stem])  # every file it names (PreflightFailed)
     if not force and is_current(job, root):
         log.info("[skip] %s: outputs are current (use --force to redo)", job.run_id)
         return job

@@ -404,3 +404,27 @@ def test_gpu_memory_estimate_against_this_gpu(tmp_path):
     have = torch.cuda.get_device_properties(0).total_memory / 2**30
     [problem] = ctx.problems
     assert problem.level == "note" and problem.message.endswith(f"GPU has {have:.1f} GiB")
+
+
+def test_missing_checkpoints_the_notebook_tolerates_are_notes(tree):
+    explore = _params(tree, "00_explore", {"checkpoint": "weights/none", "missing_ok": True})
+    parity = _params(tree, "50_parity", {"checkpoints": ["tiny-opt", "weights/none"], "skip_missing": True})
+    strict = _params(tree, "50_parity", {"checkpoints": ["weights/none"]}, "strict")
+    assert [(p.params, p.level, p.key, p.message) for p in check([explore, parity, strict], root=tree)] == [
+        ("params/00_explore/paper_test.yaml", "note", "checkpoint",
+         "weights/none does not exist: the notebook falls back to a random tiny model"),
+        ("params/50_parity/paper_test.yaml", "note", "checkpoints[1]",
+         "weights/none does not exist: the notebook skips it (skip_missing)"),
+        ("params/50_parity/strict.yaml", "error", "checkpoints[0]",
+         f"checkpoint weights/none does not exist ({tree / 'weights' / 'none'})"),
+    ]  # fmt: skip
+
+
+def test_overrides_and_the_notebook_name_are_applied(tree):
+    """A run's ``-p`` overrides are what gets checked; a file outside params/ names its notebook."""
+    path = tree / "elsewhere" / "mine.yaml"
+    path.parent.mkdir()
+    path.write_text("notebook: 41_zeroshot_vqa\ndata_root: data\n")
+    assert _errors(check([path], root=tree, notebooks=["41_zeroshot_vqa"])) == []
+    errors = _errors(check([path], root=tree, notebooks=["41_zeroshot_vqa"], overrides={"data_root": "nodata"}))
+    assert errors == [("data_root", f"data folder nodata does not exist ({tree / 'nodata'})")]
