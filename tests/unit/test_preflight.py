@@ -24,7 +24,7 @@ from blip2lib.workbook.runner import main, variant_params
 
 def _save(path, shapes: dict, wrap: bool = True) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: torch.zeros(()).expand(*s) for k, s in shapes.items()}  # full shape, one stored element
+    sd = {k: torch.zeros(()).expand(s) for k, s in shapes.items()}  # full shape, one stored element
     torch.save({"model": sd} if wrap else sd, path)
 
 
@@ -76,6 +76,28 @@ def lavis_stage2(family: str = "opt", llm_width: int = 2560, vit: int = 1408) ->
         o = layer + "output_query."
         s.update({q + "weight": (3072, 768), q + "bias": (3072,), o + "dense.weight": (768, 3072),
                   o + "dense.bias": (768,), o + "LayerNorm.weight": (768,), o + "LayerNorm.bias": (768,)})  # fmt: skip
+    return s
+
+
+def lavis_retrieval(grid: int = 26) -> dict:
+    """LAVIS blip2_finetune_coco.pth: stage-1 Q-Former with its text path and heads, and its own fine-tuned 364-px
+    ViT-g (39 blocks: LAVIS builds the tower without the 40th) under ``visual_encoder.``."""
+    s = {k: v for k, v in lavis_stage2().items() if not k.startswith("opt_proj")}
+    s.update({f"visual_encoder.{k}": v for k, v in eva_vit_g(blocks=39).items()})
+    s["visual_encoder.pos_embed"] = (1, grid * grid + 1, 1408)
+    s.update({"Qformer.bert.embeddings.word_embeddings.weight": (30523, 768),
+              "Qformer.bert.embeddings.position_embeddings.weight": (512, 768)})  # fmt: skip
+    for i in range(12):
+        f = f"Qformer.bert.encoder.layer.{i}."
+        s.update({f + "intermediate.dense.weight": (3072, 768), f + "intermediate.dense.bias": (3072,),
+                  f + "output.dense.weight": (768, 3072), f + "output.dense.bias": (768,),
+                  f + "output.LayerNorm.weight": (768,), f + "output.LayerNorm.bias": (768,)})  # fmt: skip
+    c = "Qformer.cls.predictions."
+    s.update({c + "bias": (30523,), c + "transform.dense.weight": (768, 768), c + "transform.dense.bias": (768,),
+              c + "transform.LayerNorm.weight": (768,), c + "transform.LayerNorm.bias": (768,),
+              c + "decoder.weight": (30523, 768), c + "decoder.bias": (30523,), "vision_proj.weight": (256, 768),
+              "vision_proj.bias": (256,), "text_proj.weight": (256, 768), "text_proj.bias": (256,),
+              "itm_head.weight": (2, 768), "itm_head.bias": (2,), "temp": ()})  # fmt: skip
     return s
 
 
@@ -428,3 +450,16 @@ def test_overrides_and_the_notebook_name_are_applied(tree):
     assert _errors(check([path], root=tree, notebooks=["41_zeroshot_vqa"])) == []
     errors = _errors(check([path], root=tree, notebooks=["41_zeroshot_vqa"], overrides={"data_root": "nodata"}))
     assert errors == [("data_root", f"data folder nodata does not exist ({tree / 'nodata'})")]
+
+
+def test_retrieval_file_with_its_own_vit(tree):
+    _save(tree / "weights" / "blip2_finetune_coco.pth", lavis_retrieval())
+    files = {"checkpoint": "weights/blip2_finetune_coco.pth"}
+    values = {"vision_weights": "weights/eva_vit_g.pth", "bert_dir": "weights/bert-base-uncased", "data_root": "data",
+              "split": "coco_karpathy_val"}  # fmt: skip
+    path = _params(tree, "44_retrieval", {"checkpoints": {"vitg": files}, **values})
+    assert _errors(check([path], root=tree, hardware=False)) == []
+    path = _params(tree, "44_retrieval", {"checkpoints": {"vitl": files}, **values})  # a row named for ViT-L
+    assert _errors(check([path], root=tree, hardware=False)) == [
+        ("checkpoints.vitl.checkpoint", "row 'vitl' names a ViT of width 1024; blip2_finetune_coco.pth is built on "
+                                        "width 1408")]  # fmt: skip
