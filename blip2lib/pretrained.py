@@ -18,10 +18,10 @@ Only safetensors and ``torch.load(weights_only=True)`` are used: no code is ever
 :class:`LoadReport` (also logged): keys expected to be absent are named with the reason; any other gap raises
 :class:`LoadError` listing the keys by module.
 
-Image tokens (hf md §4.3): transformers writes ``[<image> x Q ; BOS ; text]`` and scatters the soft prompt into the
-placeholders; our model PREPENDS the soft prompt to the text embeddings. Both give identical logits (placeholders
-occupy the first Q positions; test_parity checks it), so loading ignores ``image_token_index`` and exporting picks
-one (see :func:`save_pretrained_hf`).
+Image tokens (docs/paper_map.md §8.3): transformers writes ``[<image> x Q ; BOS ; text]`` and scatters the soft prompt
+into the placeholders; our model PREPENDS the soft prompt to the text embeddings. Both give identical logits
+(placeholders occupy the first Q positions; test_parity checks it), so loading ignores ``image_token_index`` and
+exporting picks one (see :func:`save_pretrained_hf`).
 
 This module imports torch/transformers lazily so that ``import blip2lib`` stays cheap.
 """
@@ -151,7 +151,7 @@ def _llm_from_state(llm_cfg, lm_sd: dict, attn: str, report: LoadReport):
                 missing.discard(n)
     head, emb = lm.get_output_embeddings(), lm.get_input_embeddings()
     if head is not None and head.weight.is_meta and (llm_cfg.hf_config or {}).get("tie_word_embeddings", True):
-        # A config-tied head (transformers 5.x T5 configs always say tie_word_embeddings=True, hf md §5 pitfall 4;
+        # A config-tied head (transformers 5.x T5 configs always say tie_word_embeddings=True, docs/paper_map.md §8.3;
         # build_llm unties FlanT5 heads): the file stores only the embedding, as transformers itself would load it.
         head.weight = emb.weight
         name = next(n for n in missing if n.endswith("weight") and "head" in n)
@@ -231,7 +231,7 @@ def _load_hf(d: Path, attn: str, strict: bool, return_report: bool, config=None)
     cfg, kind = config_from_hf(hf_cfg)
     cfg = config or cfg
     report = LoadReport("hf", kind, notes=[f"image_token_index={hf_cfg.get('image_token_index')} unused: our model "
-                                           "prepends the soft prompt (hf md §4.3)"])  # fmt: skip
+                                           "prepends the soft prompt (docs/paper_map.md §8.3)"])  # fmt: skip
     sd = hf_to_ours(_read_hf_weights(d), cfg.vision)
     lm = None
     if kind == "stage2":

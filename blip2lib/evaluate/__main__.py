@@ -36,7 +36,7 @@ from blip2lib.data import (
     VQAEvalDataset,
     image_eval_transform,
 )
-from blip2lib.evaluate.caption import ALL_METRICS, CaptionDecoding
+from blip2lib.evaluate.caption import ALL_METRICS, CaptionDecoding, metric_groups
 from blip2lib.evaluate.drivers import run_caption, run_retrieval, run_vqa
 from blip2lib.evaluate.retrieval import FUSIONS
 from blip2lib.evaluate.vqa import VQADecoding
@@ -123,8 +123,11 @@ def _check(p: EvalParams, source: str) -> None:
             f"{source}: key 'split' must be a blip2lib.data.FORMATS key (or set ann_file and "
             f"images_root), got {p.split!r}"
         )
-    if isinstance(p, CaptionParams) and set(p.metrics) - set(ALL_METRICS):
-        raise ParamsError(f"{source}: key 'metrics' must be a subset of {list(ALL_METRICS)}, got {p.metrics}")
+    if isinstance(p, CaptionParams):
+        try:
+            metric_groups(p.metrics)
+        except ValueError as e:
+            raise ParamsError(f"{source}: key 'metrics': {e}") from e
 
 
 def _device(name: str) -> torch.device:

@@ -173,7 +173,8 @@ def compare_to_paper(metrics: dict[str, Any], targets: dict[str, str | dict], pa
     """The "paper vs reproduced" table: one row per metric; stored in ``metrics.json`` under ``comparison``.
 
     Verdicts: ``match`` / ``differs`` (paper target: ``|value - paper| <= tolerance``), ``met`` / ``missed``
-    (inline goal with ``direction`` ``">="`` or ``"<="``), ``not measured`` (metric missing, None or NaN).
+    (inline goal with ``direction`` ``">="`` or ``"<="``), ``not measured`` (metric missing, None or NaN),
+    ``no published number`` (a paper row whose ``value`` is null, e.g. a Figure 5 curve: listed with our value).
 
     Args:
         metrics: measured values by metric name (floats, or ``record``-style ``{"value", "unit"}`` entries).
@@ -200,11 +201,19 @@ def compare_to_paper(metrics: dict[str, Any], targets: dict[str, str | dict], pa
             if ref not in by_id:
                 raise KeyError(f"paper target id '{ref}' (for metric '{name}') is not in {path}")
             t = by_id[ref]
-            goal, tol, direction, base = float(t["value"]), float(t.get("tolerance", 0.5)), "≈", None
-            label = f"{t['table']} · {t['row']} · {t['column']}"
+            label, base = f"{t['table']} · {t['row']} · {t['column']}", None
+            if t["value"] is None:  # a paper row printed without a number (Figure 5's curves): listed, not judged
+                goal, tol, direction = None, None, "none"
+            else:
+                goal, tol, direction = float(t["value"]), float(t.get("tolerance", 0.5)), "≈"
         # paper numbers at the paper's printed precision; toy goals (often 0.9-like) keep 3 more decimals
-        digits = _decimals(by_id[ref]["value"]) if isinstance(ref, str) else max(_decimals(ref["goal"]), 3)
-        if value is None:
+        if isinstance(ref, str):  # a row without a paper number shows ours to 2 decimals
+            digits = 2 if goal is None else _decimals(by_id[ref]["value"])
+        else:
+            digits = max(_decimals(ref["goal"]), 3)
+        if goal is None:
+            verdict = "no published number"
+        elif value is None:
             verdict = "not measured"
         elif direction == ">=":
             verdict = "met" if value >= goal else "missed"
@@ -213,7 +222,7 @@ def compare_to_paper(metrics: dict[str, Any], targets: dict[str, str | dict], pa
         else:
             verdict = "match" if abs(value - goal) <= tol + 1e-9 else "differs"
         rows.append({"metric": name, "target": label, "reproduced": None if value is None else round(value, digits),
-                     "paper / goal": goal, "delta": None if value is None else round(value - goal, digits),
+                     "paper / goal": goal, "delta": None if None in (value, goal) else round(value - goal, digits),
                      "tolerance": tol, "baseline": base, "verdict": verdict})  # fmt: skip
     run = run or _CURRENT
     if run is not None:

@@ -310,6 +310,31 @@ def test_render_html_places_sections_in_d8_order(tmp_path):
     assert "FAILED" in failed and 'class="highlight' in failed and 'class="highlight' not in page  # code shown
 
 
+def test_render_html_hides_library_stderr_but_keeps_errors_and_says_so(tmp_path):
+    """tqdm / transformers / kernel notices on stderr stay out of the report; a traceback and stdout stay in."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cells = [new_markdown_cell("# 10 · Title"), new_code_cell("train()"), new_code_cell("boom()")]
+    cells[1].outputs = [
+        new_output("stream", name="stderr", text="IProgress not found. Please update jupyter and ipywidgets.\n"),
+        new_output("stream", name="stderr", text="Loading weights: 100%|##########| 3/3\n"),
+        new_output("stream", name="stdout", text="STEP-LINE loss 1.25\n"),
+    ]
+    cells[2].outputs = [
+        new_output("error", ename="ValueError", evalue="USER-ERROR-TEXT", traceback=["ValueError: USER-ERROR-TEXT"])
+    ]
+    nbformat.write(new_notebook(cells=cells), run_dir / "executed.ipynb")
+    ctx = {"run_id": "10_x/smoke", "params_file": "p.yaml", "params_text": "", "status": "failed", "wall_time_s": 1}
+    page = render_html(run_dir / "executed.ipynb", tmp_path / "x.html", context=ctx).read_text()
+    assert "IProgress" not in page and "Loading weights" not in page
+    assert "STEP-LINE loss 1.25" in page and "USER-ERROR-TEXT" in page
+    assert "2 stderr message(s) of libraries are not shown here; they are in executed.ipynb" in page
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    nbformat.write(new_notebook(cells=[cells[0], new_code_cell("x")]), clean / "executed.ipynb")
+    assert "not shown here" not in render_html(clean / "executed.ipynb", tmp_path / "c.html", context=ctx).read_text()
+
+
 def _fake_run(runs, nb, variant, status, comparison=(), metrics=None):
     d = runs / nb / variant
     d.mkdir(parents=True)
