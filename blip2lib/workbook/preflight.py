@@ -70,6 +70,7 @@ class _Ctx:
     hardware: bool
     problems: list[Problem] = field(default_factory=list)
     models: list = field(default_factory=list)  # meta-device models built for this file (GPU memory estimate)
+    scale: str = "full"  # the params' model_scale, where the library has that size override (dress rehearsal)
 
     def err(self, key: str, message: str) -> None:
         self.problems.append(Problem(self.shown, key, message))
@@ -188,6 +189,7 @@ def _check_params(ctx: _Ctx, p) -> None:
     from ..train import TrainParams
     from .schemas import ExploreParams, ParityParams, PrepareDataParams, _AblationParams, _TableParams
 
+    ctx.scale = getattr(p, "model_scale", "full")
     if p.data_root:
         ctx.existing("data_root", p.data_root, "data folder")
     if isinstance(p, TrainParams):
@@ -218,7 +220,7 @@ def _stage_config(p):
 
     from ..assemble import GENERATIVE
 
-    cfg = PRESETS[p.model]
+    cfg = pw.scaled(PRESETS[p.model], getattr(p, "model_scale", "full"))
     vision = dataclasses.replace(cfg.vision, image_size=p.image_size, freeze=p.freeze_vit)
     qformer = dataclasses.replace(cfg.qformer, use_text_input=True) if p.stage == "vqa_ft" else cfg.qformer
     llm = cfg.llm if p.stage in GENERATIVE else None
@@ -371,7 +373,8 @@ def _check_ablation(ctx: _Ctx, p) -> None:
     runs.update({f"variants.{name}": {**p.base, **(over or {})} for name, over in p.variants.items()})
     for key, values in runs.items():
         try:
-            tp = TrainParams.from_dict({**values, "num_gpus": p.num_gpus}, f"{key} of {ctx.shown}")
+            scale = {"model_scale": ctx.scale} if ctx.scale != "full" else {}  # as the ablation passes it on
+            tp = TrainParams.from_dict({**values, "num_gpus": p.num_gpus, **scale}, f"{key} of {ctx.shown}")
         except ParamsError as e:
             ctx.err(key, str(e))
             continue

@@ -118,6 +118,15 @@ def describe_vision(shapes: dict) -> str:
     return f"{'CLIP' if clip else 'EVA'} ViT (width {width}, {len(blocks)} blocks)"
 
 
+def scaled(cfg, scale: str):
+    """``cfg`` at a params file's ``model_scale`` (the dress rehearsal's size override); ``full`` leaves it as is."""
+    if scale == "full":
+        return cfg
+    from .. import config
+
+    return config.scaled_config(cfg, scale)
+
+
 def meta_model(ctx, key: str, cfg, kind: str):
     """Our model for ``cfg`` on the meta device (shapes only), or None after reporting why it cannot be built."""
     from ..model import Blip2, Blip2QFormerModel
@@ -390,11 +399,13 @@ def _check_lavis(ctx, path: Path, files: dict, keys: dict, task: str, row: str, 
     if files.get("bert_dir") and (b := ctx.existing(keys["bert_dir"], files["bert_dir"], "BERT folder")):
         check_bert_dir(ctx, keys["bert_dir"], b, shapes["query_tokens"][-1], weights=False)
     try:
-        cfg = _infer_lavis_config(as_meta(shapes), as_meta(vis), str(llm_dir or ""), image_size or None)
+        scale = {"model_scale": ctx.scale} if ctx.scale != "full" else {}  # sizes the shapes cannot give
+        cfg = _infer_lavis_config(as_meta(shapes), as_meta(vis), str(llm_dir or ""), image_size or None, **scale)
     except (LoadError, KeyError, AttributeError) as e:
         ctx.err(key, f"{path}: architecture not recognised: {e}")
         return
     preset = PRESETS.get(row) or PRESETS.get(row.split("_")[0])  # a row named after a preset: vitg_opt2.7b, vitl
+    preset = scaled(preset, ctx.scale) if preset is not None else None
     if preset is not None and preset.vision.width != cfg.vision.width:
         ctx.err(key, f"row '{row}' names a ViT of width {preset.vision.width}; {path.name} is built on width "
                      f"{cfg.vision.width}")  # fmt: skip
