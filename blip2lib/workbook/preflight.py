@@ -144,29 +144,41 @@ def check(params_paths: Iterable[str | Path], root: Path = REPO_ROOT, runs: Path
     Returns:
         Findings in file order; ``level == "error"`` ones stop a run.
     """
-    from .schemas import schema_for
-
     root = Path(root)
     runs = Path(runs) if runs is not None else root / "runs"
     paths = [Path(p) if Path(p).is_absolute() or Path(p).exists() else root / p for p in params_paths]
     batch = {p.resolve() for p in paths}
     problems: list[Problem] = []
-    for i, path in enumerate(paths):
-        ctx = _Ctx(_rel(path, root), root, runs, batch, hardware)
-        try:
-            schema = schema_for(notebooks[i] if notebooks else path.parent.name)
-            values = {**load_params_yaml(path), **(overrides or {})}
-            if "notebook" not in schema.__dataclass_fields__:
-                values.pop("notebook", None)  # a file outside params/ may name its notebook: not a parameter
-            params = schema.from_dict(values, source=str(path))
-        except KeyError as e:
-            ctx.err("(file)", str(e.args[0]))
-        except (ParamsError, OSError) as e:
-            ctx.err("(file)", str(e))
-        else:
-            _check_params(ctx, params)
-        problems += ctx.problems
+    library = logging.getLogger("blip2lib")  # the loaders' info lines (dropped blocks, LLM built) are not findings
+    level = library.level
+    library.setLevel(max(level, logging.WARNING))
+    try:
+        for i, path in enumerate(paths):
+            problems += _check_file(path, i, root, runs, batch, hardware, notebooks, overrides)
+    finally:
+        library.setLevel(level)
     return problems
+
+
+def _check_file(path: Path, i: int, root: Path, runs: Path, batch: set, hardware: bool, notebooks: list | None,
+                overrides: dict | None) -> list[Problem]:  # fmt: skip
+    """The findings of one params file (the ``i``-th of the batch)."""
+    from .schemas import schema_for
+
+    ctx = _Ctx(_rel(path, root), root, runs, batch, hardware)
+    try:
+        schema = schema_for(notebooks[i] if notebooks else path.parent.name)
+        values = {**load_params_yaml(path), **(overrides or {})}
+        if "notebook" not in schema.__dataclass_fields__:
+            values.pop("notebook", None)  # a file outside params/ may name its notebook: not a parameter
+        params = schema.from_dict(values, source=str(path))
+    except KeyError as e:
+        ctx.err("(file)", str(e.args[0]))
+    except (ParamsError, OSError) as e:
+        ctx.err("(file)", str(e))
+    else:
+        _check_params(ctx, params)
+    return ctx.problems
 
 
 def preflight(params_paths: Iterable[str | Path], root: Path = REPO_ROOT, runs: Path | None = None,
@@ -224,13 +236,13 @@ def _stage_config(p):
     vision = dataclasses.replace(cfg.vision, image_size=p.image_size, freeze=p.freeze_vit)
     qformer = dataclasses.replace(cfg.qformer, use_text_input=True) if p.stage == "vqa_ft" else cfg.qformer
     llm = cfg.llm if p.stage in GENERATIVE else None
-    if llm is not None and p.llm_path:
-        llm = dataclasses.replace(llm, path=str(Path(p.llm_path)))
     return cfg.replace(vision=vision, qformer=qformer, llm=llm)
 
 
 def _check_training(ctx: _Ctx, p, prefix: str = "") -> None:
     """A training stage (10–32, and each variant of an ablation): weights, parent runs, data, GPUs."""
+    import dataclasses
+
     real = p.model not in ("toy", "tiny")
     if real and p.model not in PRESETS:
         ctx.err(f"{prefix}model", f"'{p.model}' is not toy, tiny or a preset ({sorted(PRESETS)})")
@@ -247,6 +259,7 @@ def _check_training(ctx: _Ctx, p, prefix: str = "") -> None:
         llm_ok = cfg.llm is None
         if cfg.llm is not None and p.llm_path and (d := ctx.existing(prefix + "llm_path", p.llm_path, "LLM folder")):
             llm_ok = pw.check_llm_dir(ctx, prefix + "llm_path", d, cfg.llm.family, cfg.llm.hidden_size, p.model)
+            cfg = cfg.replace(llm=dataclasses.replace(cfg.llm, path=str(d)))  # resolved: not a Hub id to look up
         if p.bert_dir and (d := ctx.existing(prefix + "bert_dir", p.bert_dir, "BERT folder")):
             pw.check_bert_dir(ctx, prefix + "bert_dir", d, cfg.qformer.hidden_size, weights=not p.init_from)
         if llm_ok:

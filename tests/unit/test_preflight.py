@@ -463,3 +463,17 @@ def test_retrieval_file_with_its_own_vit(tree):
     assert _errors(check([path], root=tree, hardware=False)) == [
         ("checkpoints.vitl.checkpoint", "row 'vitl' names a ViT of width 1024; blip2_finetune_coco.pth is built on "
                                         "width 1408")]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_every_paper_file_passes_on_the_rehearsal_tree(tmp_path):
+    """Every ``paper_*`` file, as the rehearsal runs it (its copy + ``model_scale: rehearsal``), on its tree.
+
+    Skipped until ``blip2lib.rehearsal`` (the dress rehearsal's tree builder) is in the checkout.
+    """
+    rehearsal = pytest.importorskip("blip2lib.rehearsal.run")
+    copies = rehearsal.build_tree(tmp_path, rehearsal.paper_params())
+    problems = check(copies, root=tmp_path)
+    assert len(copies) == len(list(REPO_ROOT.glob("params/*/paper_*.yaml")))
+    assert [str(p) for p in problems if p.level == "error"] == []
