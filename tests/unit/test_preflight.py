@@ -162,7 +162,10 @@ def test_real_format_files_pass(tree):
         "model": "vitg", "vision_weights": "weights/eva_vit_g.pth", "bert_dir": "weights/bert-base-uncased",
         "data_root": "data", "train_data": "shards/p-{000..001}.tar", "shard_epoch_samples": 8,
         "val_data": "coco/annotations/coco_karpathy_val.json", "images_root": "coco/images"})  # fmt: skip
-    assert _errors(check([table, stage1], root=tree, hardware=False)) == []
+    stage2 = _params(tree, "20_stage2_pretrain", {  # the LLM folder resolves under the root, not the cwd
+        "model": "vitg_opt2.7b", "vision_weights": "weights/eva_vit_g.pth", "llm_path": "weights/opt-2.7b",
+        "bert_dir": "weights/bert-base-uncased"})  # fmt: skip
+    assert _errors(check([table, stage1, stage2], root=tree, hardware=False)) == []
 
 
 def test_one_call_lists_every_problem(tree, monkeypatch):
