@@ -149,6 +149,7 @@ def check(params_paths: Iterable[str | Path], root: Path = REPO_ROOT, runs: Path
     paths = [Path(p) if Path(p).is_absolute() or Path(p).exists() else root / p for p in params_paths]
     batch = {p.resolve() for p in paths}
     problems: list[Problem] = []
+    pd.clear_cache()  # a new check sees the file system anew
     library = logging.getLogger("blip2lib")  # the loaders' info lines (dropped blocks, LLM built) are not findings
     level = library.level
     library.setLevel(max(level, logging.WARNING))

@@ -16,6 +16,12 @@ from ..data import FORMATS, AnnotationError, load_annotations, load_caption_gt, 
 FULL_PARSE_BYTES = 64 << 20  # annotation files up to this size are validated entry by entry, whole
 PREFIX_ENTRIES = 2000  # larger files: this many leading entries (a list / JSONL) are validated
 IMAGES_SPOT_CHECKED = 3  # leading entries whose image file must exist under the images folder
+_SHARDS_SEEN: dict[tuple, tuple[int, list[str]]] = {}  # (spec, data_root) → (shards, missing); cleared per check
+
+
+def clear_cache() -> None:
+    """Forget what earlier checks saw on disk (each :func:`~.preflight.check` starts with this)."""
+    _SHARDS_SEEN.clear()
 
 
 def fields_for(rel: str, stage: str) -> tuple[dict, str]:
@@ -37,14 +43,20 @@ def fields_for(rel: str, stage: str) -> tuple[dict, str]:
 
 def check_shards(ctx, key: str, spec: str, data_root: Path) -> None:
     """Every local shard of a brace-expanded ``train_data`` spec exists (remote URLs are not fetched)."""
+    import os
+
     from braceexpand import braceexpand
 
-    urls = [u for part in spec.split(",") if part.strip() for u in braceexpand(part.strip())]
-    local = [Path(u) if u.startswith("/") else data_root / u for u in urls if "://" not in u and "pipe:" not in u]
-    missing = [u for u in local if not u.is_file()]
+    if (spec, data_root) not in _SHARDS_SEEN:  # paper files share one 12,900-shard spec: stat it once per check
+        urls = [u for part in spec.split(",") if part.strip() for u in braceexpand(part.strip())]
+        local = [
+            u if u.startswith("/") else os.path.join(data_root, u) for u in urls if "://" not in u and "pipe:" not in u
+        ]
+        _SHARDS_SEEN[(spec, data_root)] = (len(urls), [u for u in local if not os.path.isfile(u)])
+    n, missing = _SHARDS_SEEN[(spec, data_root)]
     if missing:
         shown = ", ".join(str(m) for m in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        ctx.err(key, f"{len(missing)} of {len(urls)} shards missing under data_root: {shown}")
+        ctx.err(key, f"{len(missing)} of {n} shards missing under data_root: {shown}")
 
 
 def check_gt(ctx, key: str, path: Path) -> None:

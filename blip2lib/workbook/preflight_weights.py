@@ -158,7 +158,10 @@ def check_vision_file(ctx, key: str, path: Path, vcfg, what: str) -> None:
     except (Unreadable, ValueError) as e:
         ctx.err(key, str(e))
         return
-    tower = _META_MODELS.setdefault(f"tower {vcfg!r}", build_vision_tower(vcfg, device="meta"))
+    tag = f"tower {vcfg!r}"
+    if tag not in _META_MODELS:  # one build per tower configuration
+        _META_MODELS[tag] = build_vision_tower(vcfg, device="meta")
+    tower = _META_MODELS[tag]
     gap = compare({k: tuple(v.shape) for k, v in mapped.items()}, _shapes_of(tower))
     if gap:
         want = f"{'EVA' if vcfg.arch == 'eva' else 'CLIP'} ViT (width {vcfg.width}, {vcfg.depth} blocks used)"
