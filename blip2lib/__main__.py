@@ -19,6 +19,8 @@ COMMANDS: list[tuple[str, str, str]] = [
      "python -m blip2lib.data prepare coco_karpathy --src /data/raw/coco --out data/"),
     ("blip2lib.train", "train one stage from a params file (torchrun-ready)",
      "python -m blip2lib.train --params my_stage1.yaml --run-dir runs/my_stage1"),
+    ("blip2lib.launch", "one node's share of a multi-node training run, same params and run folder (docs/multinode.md)",
+     "python -m blip2lib.launch params/10_stage1_pretrain/my_2x8.yaml --node-rank 1"),
     ("blip2lib.evaluate", "evaluate a checkpoint on VQA, captioning or retrieval with the official scoring",
      "python -m blip2lib.evaluate vqa --params my_eval.yaml"),
     ("blip2lib.convert", "convert checkpoints between LAVIS, transformers and ours, verified numerically",

@@ -129,7 +129,7 @@ def _rel(path: Path, root: Path) -> str:
 
 def check(params_paths: Iterable[str | Path], root: Path = REPO_ROOT, runs: Path | None = None,
           hardware: bool = True, notebooks: list[str] | None = None,
-          overrides: dict | None = None) -> list[Problem]:  # fmt: skip
+          overrides: list[dict] | dict | None = None) -> list[Problem]:  # fmt: skip
     """Every finding (errors and notes) for the given params files, checked as one batch.
 
     Args:
@@ -139,7 +139,8 @@ def check(params_paths: Iterable[str | Path], root: Path = REPO_ROOT, runs: Path
         runs: runs root (``runs/...`` paths in params files are read under it; default ``<root>/runs``).
         hardware: check ``num_gpus`` and GPU memory against this machine (off for CPU rehearsals of GPU runs).
         notebooks: the notebook of each params file (default: its folder's name, ``params/<notebook>/``).
-        overrides: values applied over every file's own (a run's ``-p KEY=VALUE``), so the effective params are checked.
+        overrides: values applied over each file's own, so that the effective params are checked: one mapping for
+            every file, or one per file (the runner passes each job's typed ``-p`` / ``--runs`` values).
 
     Returns:
         Findings in file order; ``level == "error"`` ones stop a run.
@@ -154,8 +155,9 @@ def check(params_paths: Iterable[str | Path], root: Path = REPO_ROOT, runs: Path
     level = library.level
     library.setLevel(max(level, logging.WARNING))
     try:
+        per_file = overrides if isinstance(overrides, list) else [overrides or {}] * len(paths)
         for i, path in enumerate(paths):
-            problems += _check_file(path, i, root, runs, batch, hardware, notebooks, overrides)
+            problems += _check_file(path, i, root, runs, batch, hardware, notebooks, per_file[i])
     finally:
         library.setLevel(level)
     return problems

@@ -10,6 +10,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -82,11 +83,49 @@ class Run:
         os.replace(tmp, self.metrics_path)
 
 
+def _notebook_name(params: Any) -> str:
+    """The notebook a params object belongs to: its registered schema, else JupyterLab's session name, else ""."""
+    from .schemas import SCHEMAS
+
+    for name, cls in SCHEMAS.items():
+        if type(params) is cls:
+            return name
+    session = os.environ.get("JPY_SESSION_NAME", "")  # JupyterLab sets it to the notebook's path in the kernel
+    return Path(session).stem if session.endswith(".ipynb") else ""
+
+
+def adhoc_run_dir(notebook: str = "") -> Path:
+    """A new folder ``runs/adhoc/<notebook>-<UTC time, microseconds>`` for a notebook executed outside the runner.
+
+    Why one per execution: with one shared folder, stage 2 started in JupyterLab found stage 1's checkpoints there
+    and tried to resume them. ``interactive`` stands in for a notebook whose name is unknown.
+    """
+    base = REPO_ROOT / "runs" / "adhoc"
+    base.mkdir(parents=True, exist_ok=True)
+    while True:  # mkdir without exist_ok claims the name: two kernels started in the same microsecond differ
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        run_dir = base / f"{notebook or 'interactive'}-{stamp}"
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+
+
 def start_run(params: Any, notebook: str = "") -> Run:
-    """Create the run folder, write ``config.resolved.yaml`` and ``env.json``, show a header; returns the Run."""
+    """Create the run folder, write ``config.resolved.yaml`` and ``env.json``, show a header; returns the Run.
+
+    Args:
+        params: the notebook's params (a schema instance or a dict); its ``run_dir`` is the runner's folder.
+        notebook: notebook name for the header and an ad-hoc folder (default: found from the params' schema).
+
+    Without a ``run_dir`` (JupyterLab, papermill without the runner) every call gets a fresh
+    :func:`adhoc_run_dir`, so two executions never share checkpoints.
+    """
     global _CURRENT
     values = params.to_dict() if hasattr(params, "to_dict") else dict(params)
-    run_dir = Path(values.get("run_dir") or REPO_ROOT / "runs" / (notebook or "adhoc") / "interactive")
+    notebook = notebook or _notebook_name(params)
+    run_dir = Path(values["run_dir"]) if values.get("run_dir") else adhoc_run_dir(notebook)
     run_dir.mkdir(parents=True, exist_ok=True)
     values["run_dir"] = str(run_dir)
     job_path = run_dir / "job.json"

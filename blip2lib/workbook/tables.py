@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..evaluate.__main__ import SCHEMAS as EVAL_SCHEMAS
 from ..evaluate.__main__ import run_params
+from ..paths import safe_name
 from .run import TARGETS, Run, compare_to_paper
 
 # The evaluator behind each VQA figure, by (result task, the result's "scorer"); named in the paper comparison.
@@ -35,6 +36,8 @@ def evaluate_checkpoints(task: str, checkpoints: dict[str, str], out_dir: str | 
         out_dir: each result goes to ``out_dir/<name>/result.json`` (resumable from cached predictions).
         **settings: any key of the task's params schema (``split``, ``data_root``, decoding overrides …).
     """
+    for name in checkpoints:  # every name first: a bad one must not stop the run after others were evaluated
+        safe_name(name, "checkpoints", f"{task} evaluation")
     results = {}
     for name, ckpt in checkpoints.items():
         own = ckpt if isinstance(ckpt, dict) else {"checkpoint": ckpt}

@@ -255,14 +255,14 @@ def test_large_annotation_file_is_validated_by_its_prefix(tree, monkeypatch):
 
 def test_check_command_exits_2_and_run_starts_no_kernel(tree, capsys):
     path = _params(tree, "41_zeroshot_vqa", {"checkpoints": {"m": "weights/none.pth"}, "data_root": "data"})
-    assert main(["check", str(path), "--root", str(tree), "--no-hardware"]) == 2
-    out = capsys.readouterr()
-    assert (
-        "params/41_zeroshot_vqa/paper_test.yaml: checkpoints.m: checkpoint weights/none.pth does not exist" in out.err
-    )
-    assert "preflight: 1 params files, 1 problem(s)" in out.out
     (tree / "notebooks").mkdir()
     (tree / "notebooks" / "41_zeroshot_vqa.ipynb").write_text("{}")  # never opened: preflight stops the run first
+    assert main(["check", str(path), "--root", str(tree), "--no-hardware"]) == 2
+    out = capsys.readouterr()
+    assert "paper_test.yaml: checkpoints.m: checkpoint weights/none.pth does not exist" in out.err
+    assert "preflight: 1 params files, 1 problem(s)" in out.out
+    assert main(["check", str(path), "--root", str(tree), "--no-hardware", "-p", "data_root=nodata"]) == 2
+    assert "paper_test.yaml: data_root: data folder nodata does not exist" in capsys.readouterr().err  # -p checked
     assert main(["run", str(path), "--root", str(tree), "--no-progress"]) == 2
     assert "preflight found 1 problem(s)" in capsys.readouterr().err and not (tree / "runs").exists()
 
