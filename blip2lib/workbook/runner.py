@@ -53,6 +53,7 @@ from .jobs import (  # noqa: F401  (re-exported: tests, tools)
     variant_params,
 )
 from .jobs import finished as _finished
+from .preflight import PreflightFailed, preflight
 from .report import render_html
 from .run import REPO_ROOT, git_commit
 from .summary import build_index
@@ -120,6 +121,8 @@ def run(params_path: str | Path, force: bool = False, root: Path = REPO_ROOT, ru
 
     job = job_for(params_path, root, runs, reports, notebook, overrides)
     values = _values(job)  # validation BEFORE execution
+    # every file the effective params name, before anything is moved or started (PreflightFailed)
+    preflight([job.params_path], root, runs, notebooks=[job.notebook.stem], overrides=[values])
     if force and job.run_dir.exists():
         log.info("[force] %s: previous run moved aside to %s", job.run_id, _move_aside(job.run_dir))
     elif _finished(job.run_dir):
@@ -226,6 +229,13 @@ def run_all(variant: str, force: bool = False, root: Path = REPO_ROOT, runs: Pat
         StaleRuns: after everything else ran, when stale steps were met.
     """
     todo = variant_jobs(variant, root, runs, reports, overrides)
+    preflight(
+        [j.params_path for j in todo],
+        root,
+        runs,
+        notebooks=[j.notebook.stem for j in todo],
+        overrides=[_values(j) for j in todo],
+    )  # one batch: upstream run folders are "produced by"
     return _run_parallel(todo, jobs, force, root, runs, reports, estimates, progress)
 
 
@@ -397,6 +407,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("run-all", help="execute every notebook of a variant in order", parents=[common]).add_argument(
         "variant"
     )
+    c = sub.add_parser("check", help="preflight: check every file the params name, without loading a model",
+                       parents=[params])  # fmt: skip
+    c.add_argument("params", nargs="+", help="params files, or a variant name (every params/*/<variant>.yaml)")
+    c.add_argument("--notebook", default=None, help="the notebook of files outside params/<notebook>/")
+    c.add_argument("--no-hardware", dest="hardware", action="store_false", help="skip the GPU count / memory checks")
     v = sub.add_parser("validate", help="validate params files (default: every file under params/)", parents=[params])
     v.add_argument("files", nargs="*", help="params files to validate with the overrides (any folder)")
     v.add_argument("--notebook", default=None, help="the notebook of files outside params/<notebook>/")
@@ -407,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        if args.cmd == "check":
+            return _check_command(args)
         if args.cmd == "validate":
             if args.files:
                 for f in args.files:
@@ -428,9 +445,32 @@ def main(argv: list[str] | None = None) -> int:
         else:
             jobs = run_all(args.variant, jobs=args.jobs, **kw)
             print(json.dumps({"reports": [str(j.report) for j in jobs]}, indent=2))
+    except PreflightFailed as e:  # every problem of the params' files, listed at once
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (ParamsError, FileNotFoundError, StaleRun, RunFailed, RuntimeError) as e:
         if args.verbose:
             traceback.print_exception(e)
         print(str(e) if type(e) is StaleRun else f"error: {e}", file=sys.stderr)  # a stale report has its own head
         return 2 if isinstance(e, (ParamsError, FileNotFoundError, StaleRun)) else 1
     return 0
+
+
+def _check_command(args) -> int:
+    """``check``: print every finding of the given params files (one batch); 2 when any is an error."""
+    from .preflight import check
+
+    todo: list[Job] = []
+    for arg in args.params:
+        if Path(arg).suffix in (".yaml", ".yml"):
+            todo.append(job_for(arg, args.root, args.runs, None, args.notebook, args.overrides))
+        else:  # a variant: its files with the overrides each schema has, as run-all takes them
+            todo += variant_jobs(arg, args.root, args.runs, None, args.overrides)
+    t0 = time.time()
+    problems = check([j.params_path for j in todo], args.root, args.runs, hardware=args.hardware,
+                     notebooks=[j.notebook.stem for j in todo], overrides=[_values(j) for j in todo])  # fmt: skip
+    for p in problems:
+        print(p, file=sys.stderr if p.level == "error" else sys.stdout)
+    errors = sum(p.level == "error" for p in problems)
+    print(f"preflight: {len(todo)} params files, {errors} problem(s), {time.time() - t0:.1f} s")
+    return 2 if errors else 0
