@@ -476,6 +476,7 @@ def test_cli_loads_a_checkpoint_path_with_from_pretrained(tmp_path):
     run_vqa(model, ds, dec, 16, tmp_path / "mem", "vqa_val_eval", progress=False)
     preds = json.loads((tmp_path / "mem/predictions.json").read_text())
     assert json.loads((tmp_path / "cli/predictions.json").read_text()) == preds
+    retrieval_data(tmp_path / "data")  # the annotation file is read first (cheap), then the model's kind is checked
     with pytest.raises(ParamsError, match="needs a Blip2QFormerModel"):
         from blip2lib.evaluate.__main__ import run
 
