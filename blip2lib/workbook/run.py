@@ -163,8 +163,12 @@ def _display_header(run: Run, notebook: str) -> None:
     display(HTML(f"<table>{rows}</table>"), metadata={"blip2": {"role": "header"}})
 
 
-def record(name: str, value: Any, unit: str = "", run: Run | None = None) -> Any:
-    """Append a measured value to ``metrics.json`` (``{"value", "unit"}``) and display it; returns ``value``."""
+def record(name: str, value: Any, unit: str = "", run: Run | None = None, show: bool = False) -> Any:
+    """Append a measured value to ``metrics.json`` (``{"value", "unit"}``); returns ``value``.
+
+    Nothing is displayed unless ``show``: a notebook records its numbers in a loop and then shows them all at once
+    with :func:`results_table` (one table with units and a sensible precision, not a dump of full-precision floats).
+    """
     run = run or _CURRENT
     if run is None:
         raise RuntimeError("record() needs start_run() first")
@@ -172,19 +176,57 @@ def record(name: str, value: Any, unit: str = "", run: Run | None = None) -> Any
         value = None if math.isnan(value) else value
     run.metrics[name] = {"value": value, "unit": unit}
     run.save()
-    try:
-        from IPython.display import display
+    if show:
+        try:
+            from IPython.display import display
 
-        display(
-            {
-                "application/vnd.blip2.metric+json": {"name": name, "value": value, "unit": unit},
-                "text/plain": f"{name} = {value} {unit}".strip(),
-            },
-            raw=True,
-        )
-    except ImportError:
-        pass
+            display(
+                {
+                    "application/vnd.blip2.metric+json": {"name": name, "value": value, "unit": unit},
+                    "text/plain": f"{name} = {format_value(value, unit)} {unit}".strip(),
+                },
+                raw=True,
+            )
+        except ImportError:
+            pass
     return value
+
+
+def format_value(value: Any, unit: str = "") -> str:
+    """A measured number as a reader wants it: percentages to 2 decimals, counts with separators, else 4 digits."""
+    if isinstance(value, bool) or value is None or not isinstance(value, (int, float)):
+        return "—" if value is None else str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if not math.isfinite(value):
+        return str(value)
+    if unit == "%":
+        return f"{value:.2f}"
+    if value == 0 or abs(value) >= 1000:
+        return f"{value:,.1f}"
+    return f"{value:.4g}"
+
+
+def results_table(run: Run | None = None, keys: list[str] | None = None):
+    """Every recorded metric of ``run`` (default: the current run) as one table: metric, value, unit.
+
+    Args:
+        run: the run whose ``metrics`` are shown.
+        keys: the metrics to show, in this order (default: all, in the order they were recorded).
+
+    Returns:
+        A pandas ``Styler`` (displayed when it is a cell's last expression).
+    """
+    import pandas as pd
+
+    run = run or _CURRENT
+    if run is None:
+        raise RuntimeError("results_table() needs start_run() first")
+    names = keys if keys is not None else list(run.metrics)
+    rows = [{"metric": n, "value": format_value(run.metrics[n]["value"], run.metrics[n].get("unit", "")),
+             "unit": run.metrics[n].get("unit", "")} for n in names]  # fmt: skip
+    table = pd.DataFrame(rows, columns=["metric", "value", "unit"])
+    return table.style.hide(axis="index").set_properties(subset=["value"], **{"text-align": "right"})
 
 
 def load_targets(path: Path = TARGETS) -> list[dict]:
