@@ -348,11 +348,14 @@ def _top_answer(batch: dict) -> dict:
 
 
 def _deliver(batches, bad: BadSampleLog, to_device):
-    """Count each batch's dropped samples, skip batches left empty by them, move the rest to the device."""
+    """Count each batch's dropped samples and move the batch to the device.
+
+    A batch left empty by unreadable samples is counted like the others and yielded as it is (``batch_size`` 0):
+    the engine moves the data position past it and asks for the next one, so the skip is part of the position.
+    """
     for batch in batches:
-        if batch.get("batch_size", 1):
-            bad.absorb(batch)
-            yield to_device(batch)
+        bad.absorb(batch)
+        yield to_device(batch) if batch.get("batch_size", 1) else batch
 
 
 def is_shard_spec(spec: str) -> bool:

@@ -235,6 +235,7 @@ def train(params: TrainParams, run_dir: str | Path | None = None) -> RunResult:
         apply_layer_decay=params.apply_layer_decay,
         tensorboard_dir=run_dir / "tensorboard" if params.tensorboard else None,
         eval_at_start=params.eval_at_start,
+        side_logs=(run_dir / "val.jsonl",),
     )
     summary["init"] = init_report
     summary["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
