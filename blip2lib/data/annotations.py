@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,13 @@ class AnnotationError(ValueError):
 _TYPES = {"str": str, "int": int, "float": (int, float), "any": object}
 
 
+_NAMES = {"list[str]+": "a non-empty list of strings"}  # how an error names a type that its spelling hides
+
+
 def _type_ok(value: Any, tname: str) -> bool:
-    if tname == "list[str]":
-        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if tname in ("list[str]", "list[str]+"):  # "+": at least one (a VQA answer list, a retrieval caption list)
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        return ok and (bool(value) or tname == "list[str]")
     if isinstance(value, bool):  # bool is an int subclass; never a valid id or text
         return tname == "any"
     return any(isinstance(value, _TYPES[t]) for t in tname.split("|"))
@@ -44,28 +49,74 @@ def validate_entry(entry: Any, fields: dict[str, str], where: str) -> None:
                 continue
             raise AnnotationError(f"{where}: missing field {name!r} (fields present: {sorted(entry)})")
         if not _type_ok(entry[name], tname):
-            raise AnnotationError(f"{where}: field {name!r} should be {tname}, got {entry[name]!r:.80}")
+            raise AnnotationError(
+                f"{where}: field {name!r} should be {_NAMES.get(tname, tname)}, got {entry[name]!r:.80}"
+            )
 
 
-def _read_json(path: Path) -> Any:
+def _not_utf8(path: Path, lineno: int, line: bytes, err: UnicodeDecodeError) -> AnnotationError:
+    bad = line[err.start : err.start + 1].hex()
+    return AnnotationError(f"{path}:{lineno}: not UTF-8 text (byte 0x{bad} at column {err.start + 1}); re-save the "
+                           "file as UTF-8")  # fmt: skip
+
+
+def iter_text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of each line of a UTF-8 file, read one line at a time (a BOM is dropped).
+
+    Raises:
+        AnnotationError: ``file:line: not UTF-8 text ...`` for the first line that does not decode.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _not_utf8(path, lineno, raw, err) from None
+            yield lineno, text.lstrip("\ufeff") if lineno == 1 else text
+
+
+def read_json(path: str | Path) -> Any:
+    """Parse a whole UTF-8 JSON file; every failure names the file and line.
+
+    Raises:
+        AnnotationError: ``file:line:col: invalid JSON`` or ``file:line: not UTF-8 text``.
+    """
+    path = Path(path)
+    data = path.read_bytes()
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        start = data.rfind(b"\n", 0, err.start) + 1  # the offending line: its number and its bytes
+        line_err = UnicodeDecodeError(err.encoding, err.object, err.start - start, err.end - start, err.reason)
+        raise _not_utf8(path, data.count(b"\n", 0, err.start) + 1, data[start:], line_err) from None
+    del data
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise AnnotationError(f"{path}:{err.lineno}:{err.colno}: invalid JSON ({err.msg})") from None
 
 
+_read_json = read_json
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, object)`` of each non-blank line of a JSONL file, streamed (one line in memory at a time).
+
+    Raises:
+        AnnotationError: ``file:line: invalid JSON`` or ``file:line: not UTF-8 text``.
+    """
+    for lineno, line in iter_text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise AnnotationError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
+
+
 def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((f"{path}:{lineno}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise AnnotationError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
-    return rows
+    return [(f"{path}:{lineno}", row) for lineno, row in iter_jsonl(path)]
 
 
 def _official_to_list(data: Any, path: Path) -> list | None:

@@ -26,9 +26,10 @@ import logging
 import threading
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
-__all__ = ["BadSampleLog", "load_image"]
+__all__ = ["BadSampleLog", "load_image", "to_rgb"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class BadSampleLog:
 
     def record(self, path: str | Path, reason: str) -> None:
         """Queue one unreadable image (called by datasets, in whichever process loads the sample)."""
-        logger.warning("skipping unreadable image %s (%s)", path, reason)
+        logger.warning("skipping unreadable sample %s (%s)", path, reason)
         with self._lock:
             self._pending.append((str(path), reason))
 
@@ -92,8 +93,25 @@ class BadSampleLog:
         return f"BadSampleLog(total={self.total}, pending={len(self._pending)})"
 
 
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit greyscale (PNG, TIFF) and PIL's 32-bit int mode
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB copy of ``img``, with 16-bit greyscale scaled down instead of clipped.
+
+    PIL's ``convert("RGB")`` clips ``I;16``/``I`` values above 255 to white (a 16-bit scan comes out almost all
+    white); here the 0–65535 range maps onto 0–255 (``round(v / 257)``: 65535 → 255, 257 → 1). Mode ``I`` is read
+    as 16-bit data, which is what PIL gives for 16-bit PNG greyscale; values outside 0–65535 are clipped.
+    """
+    if img.mode in _WIDE_GREY:
+        wide = np.asarray(img).astype(np.float64)  # (H, W); I;16B arrives big-endian, astype makes it native
+        grey = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    return img.convert("RGB")
+
+
 def load_image(path: str | Path, bad_log: BadSampleLog | None = None) -> Image.Image | None:
-    """Open an image with PIL and convert it to RGB; ``None`` (and a log entry) if that fails.
+    """Open an image with PIL and convert it to 8-bit RGB (:func:`to_rgb`); ``None`` (and a log entry) if that fails.
 
     ``convert`` forces the full decode, so truncated files fail here rather than later inside a transform
     (PIL's ``LOAD_TRUNCATED_IMAGES`` is left at its default False on purpose).
@@ -107,7 +125,7 @@ def load_image(path: str | Path, bad_log: BadSampleLog | None = None) -> Image.I
     """
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return to_rgb(img)
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as err:
         reason = f"{type(err).__name__}: {err}"
         if bad_log is not None:

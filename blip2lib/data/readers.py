@@ -8,7 +8,7 @@ to match it, and the readers validate against it at construction). Conventions:
 * ``container``: ``"list"`` = a JSON list of objects (``.json``) — ``.jsonl`` files (one object a line) are
   accepted wherever a list is; ``"coco"`` = COCO caption format ``{"images": [{"id"}], "annotations": [...]}``.
 * ``fields``: name → type; a trailing ``?`` marks an optional field. Types: ``str``, ``int``, ``float``,
-  ``list[str]``, ``str|int`` (either), ``any``.
+  ``list[str]``, ``list[str]+`` (at least one string), ``str|int`` (either), ``any``.
 * ``official``: readers also accept the official format in that file (converted on load by ``official.py``).
 """
 
@@ -218,7 +218,7 @@ class RetrievalEvalDataset(_AnnotationDataset):
     ``txt2img[t]`` the image of text ``t`` (5 captions per image in COCO/Flickr, a few COCO images have 6–7).
     """
 
-    fields = {"image": "str", "caption": "list[str]"}
+    fields = {"image": "str", "caption": "list[str]+"}  # an image without text breaks the rank metrics
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -253,7 +253,7 @@ def answer_weights(answers: list[str]) -> tuple[list[str], list[float]]:
 class VQADataset(_AnnotationDataset):
     """VQAv2 / OK-VQA training: ``{"image", "text_input", "answers", "weights"}`` (collated by ``Collate``)."""
 
-    fields = {"question_id": "int?", "question": "str", "answer": "list[str]", "image": "str"}
+    fields = {"question_id": "int?", "question": "str", "answer": "list[str]+", "image": "str"}  # weights need one
 
     def __getitem__(self, index: int) -> dict | None:
         ann = self.annotation[index]

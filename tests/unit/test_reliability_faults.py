@@ -155,7 +155,7 @@ def test_all_bad_batch_is_part_of_the_position_and_resume_is_exact(tmp_path, emp
     params = _params(tmp_path)
     full = _ok(_train(params, tmp_path / "full"))
     summary = json.loads((tmp_path / "full" / "train.json").read_text())
-    assert summary["bad_samples"] == full.stderr.count("skipping unreadable image") >= 5
+    assert summary["bad_samples"] == full.stderr.count("skipping unreadable sample") >= 5
     log = [r for r in _records(tmp_path / "full" / "log.jsonl") if "loss" in r]
     assert [r["step"] for r in log] == list(range(1, 13))
     # step 2's batch follows the empty one: its position jumps by 8 (4 skipped + 4 used); otherwise by 4

@@ -1,0 +1,156 @@
+"""Bad data is skipped and counted or refused when the dataset is built, with a message naming file and line / key.
+
+Issue 23 items 5, 6, 7, 10, 15, 16: broken shard members, empty answer / caption lists, files that are not UTF-8,
+16-bit greyscale images, cache budgets, streaming readers' memory.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from blip2lib.data import (
+    AnnotationError,
+    BadSampleLog,
+    Collate,
+    ManifestDataset,
+    RetrievalEvalDataset,
+    VQADataset,
+    load_annotations,
+    make_shard_dataset,
+)
+from blip2lib.data.images import load_image, to_rgb
+
+
+def _png(value: int = 0) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _tar(path, members: list[tuple[str, bytes]]) -> bytes:
+    """Write a plain tar of ``(name, data)`` members (no webdataset writer: the bytes are exactly ours)."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path.read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# item 5: WebDataset shards
+
+
+def test_broken_shard_captions_are_skipped_counted_and_named(tmp_path):
+    shard = tmp_path / "s.tar"
+    _tar(shard, [("ok0.png", _png()), ("ok0.txt", b"a red circle"),
+                 ("badjson.png", _png()), ("badjson.json", b'{"captions": ["x",'),
+                 ("listjson.png", _png()), ("listjson.json", b'["a", "b"]'),
+                 ("latin1.png", _png()), ("latin1.txt", "caf\xe9".encode("latin-1")),
+                 ("ok1.png", _png()), ("ok1.json", b'{"caption": "a blue square"}')])  # fmt: skip
+    log = BadSampleLog()
+    loader = DataLoader(make_shard_dataset([str(shard)], bad_log=log), batch_size=5, collate_fn=Collate(log))
+    (batch,) = list(loader)
+    assert batch["text_input"] == ["a red circle", "a blue square"]
+    assert log.absorb(batch) == 3 and log.total == 3
+    reasons = dict(log.paths)
+    assert set(reasons) == {f"{shard}:badjson", f"{shard}:listjson", f"{shard}:latin1"}
+    assert reasons[f"{shard}:badjson"].startswith(".json member is not valid UTF-8 JSON (Expecting value")
+    assert reasons[f"{shard}:listjson"] == ".json member must be an object with 'captions' or 'caption', got a list"
+    assert reasons[f"{shard}:latin1"] == ".txt member is not UTF-8 (byte 3: unexpected end of data)"
+
+
+def test_truncated_shard_warns_and_counts(tmp_path, caplog):
+    """6 samples, the tar cut inside the 5th sample's image: 4 samples read, the cut sample and the break counted."""
+    shard = tmp_path / "t.tar"
+    members = [(f"k{i}.{ext}", _png(i) if ext == "png" else f"caption {i}".encode()) for i in range(6)
+               for ext in ("png", "txt")]  # fmt: skip
+    data = _tar(shard, members)
+    cut = data.index(b"k4.png") + 512 + 40  # header block of k4.png, then 40 bytes of its data
+    shard.write_bytes(data[:cut])
+    log = BadSampleLog()
+    samples = list(make_shard_dataset([str(shard)], bad_log=log))
+    assert [s["key"] for s in samples if s is not None] == ["k0", "k1", "k2", "k3"]
+    assert sum(s is None for s in samples) == 1  # the break (k4's image never arrived whole, so no k4 sample)
+    (where, reason), *rest = log.drain()
+    assert where == str(shard) and not rest
+    assert reason == "unreadable tar data, rest of the shard skipped (ReadError: unexpected end of data)"
+    assert f"skipping unreadable sample {shard} (unreadable tar data" in caplog.text
+    batch = Collate(log)(samples)
+    assert batch["n_bad"] == 1 and batch["batch_size"] == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# item 6: empty answer / caption lists are refused when the dataset is built
+
+
+def test_empty_vqa_answers_and_retrieval_captions_fail_at_construction(tmp_path):
+    vqa = tmp_path / "vqa.json"
+    entry = {"question_id": 1, "question": "what?", "answer": ["red", "red"], "image": "a.png"}
+    vqa.write_text(json.dumps([entry, {**entry, "question_id": 2, "answer": []}]))
+    with pytest.raises(AnnotationError) as err:
+        VQADataset(tmp_path, [vqa])
+    assert str(err.value) == f"{vqa}: entry 1: field 'answer' should be a non-empty list of strings, got []"
+    ret = tmp_path / "ret.json"
+    ret.write_text(json.dumps([{"image": "a.png", "caption": ["x"]}, {"image": "b.png", "caption": ["y"]},
+                               {"image": "c.png", "caption": []}]))  # fmt: skip
+    with pytest.raises(AnnotationError) as err:
+        RetrievalEvalDataset(tmp_path, [ret])
+    assert str(err.value) == f"{ret}: entry 2: field 'caption' should be a non-empty list of strings, got []"
+    ret.write_text(json.dumps([{"image": "a.png", "caption": ["x", "z"]}]))
+    assert RetrievalEvalDataset(tmp_path, [ret]).text == ["x", "z"]  # non-empty lists still load
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# item 7: files that are not UTF-8 name the file and the line
+
+
+def test_non_utf8_annotation_and_manifest_files_name_file_and_line(tmp_path):
+    bad = "caf\xe9".encode("latin-1")  # é in Latin-1: 0xe9, then a byte that cannot continue it
+    js = tmp_path / "ann.json"
+    js.write_bytes(b'[\n {"image": "a.png", "caption": "ok"},\n {"image": "b.png", "caption": "' + bad + b'"}\n]\n')
+    col = len(b' {"image": "b.png", "caption": "caf') + 1
+    with pytest.raises(AnnotationError) as err:
+        load_annotations(js)
+    assert str(err.value) == f"{js}:3: not UTF-8 text (byte 0xe9 at column {col}); re-save the file as UTF-8"
+    jl = tmp_path / "ann.jsonl"
+    jl.write_bytes(b'{"image": "a.png", "text": "ok"}\n\n{"image": "b.png", "text": "' + bad + b'"}\n')
+    for reader in (load_annotations, ManifestDataset):
+        with pytest.raises(AnnotationError) as err:
+            reader(jl)
+        col = len(b'{"image": "b.png", "text": "caf') + 1
+        assert str(err.value).startswith(f"{jl}:3: not UTF-8 text (byte 0xe9 at column {col})")
+    csv = tmp_path / "m.csv"
+    csv.write_bytes(b'image,text\na.png,ok\nb.png,"two\nlines"\nc.png,' + bad + b"\n")
+    with pytest.raises(AnnotationError) as err:
+        ManifestDataset(csv)
+    assert str(err.value).startswith(f"{csv}:5: not UTF-8 text (byte 0xe9 at column 10)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# item 10: 16-bit greyscale
+
+
+def test_16bit_greyscale_is_scaled_not_clipped(tmp_path):
+    wide = (np.arange(64, dtype=np.int64).reshape(8, 8) * 1040).astype(np.uint16)  # 0 … 65520
+    expected = np.floor(wide.astype(np.float64) / 257 + 0.5).astype(np.uint8)  # v/257 rounded (no .5 ties here)
+    path = tmp_path / "grey16.png"
+    Image.fromarray(wide).save(path)
+    assert Image.open(path).mode == "I;16"
+    rgb = np.asarray(load_image(path))
+    assert rgb.shape == (8, 8, 3) and (rgb == expected[..., None]).all()
+    assert (np.asarray(Image.open(path).convert("RGB")) == 255).mean() > 0.9  # what PIL alone does
+    big = Image.frombytes("I;16B", (8, 8), wide.astype(">u2").tobytes())
+    as_int = Image.fromarray(wide.astype(np.int32))
+    assert as_int.mode == "I"
+    for img in (big, as_int):
+        assert (np.asarray(to_rgb(img)) == expected[..., None]).all()
+    grey8 = Image.fromarray(expected)  # 8-bit modes are untouched
+    assert (np.asarray(to_rgb(grey8))[..., 0] == expected).all()
