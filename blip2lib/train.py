@@ -105,6 +105,7 @@ class TrainParams(Params):
     max_bad_steps: int = 10  # consecutive non-finite steps before stopping
     progress: bool = True  # tqdm bar on rank 0
     tensorboard: bool = False  # also write the log's scalars to <run_dir>/tensorboard (needs `tensorboard`)
+    dist_timeout_s: float = float(dist.DEFAULT_TIMEOUT_S)  # several processes: seconds a rank waits for a hung one
 
     def validate_values(self) -> TrainParams:
         """Semantic checks that types alone cannot express."""
@@ -125,6 +126,8 @@ class TrainParams(Params):
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.vit_precision not in ("", *VIT_PRECISIONS):
             raise ValueError(f"vit_precision must be '' or one of {VIT_PRECISIONS}, got {self.vit_precision!r}")
+        if self.dist_timeout_s <= 0:
+            raise ValueError(f"dist_timeout_s must be > 0 seconds, got {self.dist_timeout_s}")
         if self.steps_per_epoch < 0:
             raise ValueError(f"steps_per_epoch must be >= 0, got {self.steps_per_epoch}")
         return self
@@ -184,7 +187,7 @@ def train(params: TrainParams, run_dir: str | Path | None = None) -> RunResult:
     params.validate_values()
     run_dir = Path(run_dir or params.run_dir or "runs/adhoc")
     run_dir.mkdir(parents=True, exist_ok=True)
-    dist.init_distributed()
+    dist.init_distributed(timeout_s=params.dist_timeout_s)
     _seed_all(params.seed + dist.get_rank() * 0)  # identical model init on every rank (DDP replicas)
     device = torch.device(f"cuda:{dist.get_local_rank()}" if torch.cuda.is_available() else "cpu")
     model, task, components = build_model_and_task(params, device)
@@ -254,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if dist.is_main() else logging.WARNING)
     params = TrainParams.from_yaml(args.params)
     try:
-        result = train(params, args.run_dir or None)
+        with dist.explain_timeouts("training"):
+            result = train(params, args.run_dir or None)
         if dist.is_main():
             print(
                 json.dumps(

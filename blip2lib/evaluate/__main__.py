@@ -62,6 +62,7 @@ class EvalParams(Params):
     device: str = "auto"  # auto (cuda:LOCAL_RANK if available, else cpu) | cpu | cuda | cuda:N
     autocast: str = ""  # "" | fp16 | bf16 (generation only)
     progress: bool = True
+    dist_timeout_s: float = float(dist.DEFAULT_TIMEOUT_S)  # several processes: seconds a rank waits for a hung one
 
 
 @dataclass
@@ -114,6 +115,8 @@ def _check(p: EvalParams, source: str) -> None:
     for key, choices in _CHOICES.items():
         if hasattr(p, key) and getattr(p, key) not in choices:
             raise ParamsError(f"{source}: key '{key}' must be one of {list(choices)}, got {getattr(p, key)!r}")
+    if p.dist_timeout_s <= 0:
+        raise ParamsError(f"{source}: key 'dist_timeout_s' must be > 0 seconds, got {p.dist_timeout_s}")
     if not p.data_root:
         raise ParamsError(f"{source}: key 'data_root' is required (folder laid out as blip2lib/data/README.md)")
     if not (p.out_dir or p.run_dir):
@@ -282,9 +285,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("task", choices=sorted(SCHEMAS))
     parser.add_argument("--params", required=True, help="flat YAML params file")
     args = parser.parse_args(argv)
-    started = dist.init_distributed()
+    try:  # the collective timeout is a param: read the file before joining the process group
+        timeout_s = SCHEMAS[args.task].from_yaml(args.params).dist_timeout_s
+    except ParamsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    started = dist.init_distributed(timeout_s=timeout_s)
     try:
-        result = run(args.task, args.params)
+        with dist.explain_timeouts(f"evaluation {args.task}"):
+            result = run(args.task, args.params)
         main_rank = dist.is_main()
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)

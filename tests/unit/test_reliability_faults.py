@@ -69,6 +69,14 @@ if ckpt_at:  # the disk fills while the checkpoint of step ckpt_at writes its tr
             raise OSError(errno.ENOSPC, "No space left on device")
         write_state(tmp, state)
     checkpoint._write_train_state = half_state
+stop_at = int(os.environ.get("STOP_RANK1_AT_STEP", "0"))
+if stop_at:  # rank 1 freezes (SIGSTOP) after logging that step; the others go on into the next collective
+    write_before_stop = engine._JsonlLog.write
+    def write_then_freeze(self, record):
+        write_before_stop(self, record)
+        if record.get("step") == stop_at and "loss" in record and os.environ.get("RANK") == "1":
+            os.kill(os.getpid(), signal.SIGSTOP)
+    engine._JsonlLog.write = write_then_freeze
 from blip2lib.train import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -225,3 +233,39 @@ def test_disk_full_during_a_checkpoint_names_it_and_the_older_ones_resume(tmp_pa
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-4"]
     _ok(_train(params, run))
     _assert_same_run(tmp_path / "full", run, 12)
+
+
+@pytest.mark.dist
+def test_a_frozen_rank_ends_the_job_after_dist_timeout_s(tmp_path):
+    """Issue 23 item 13: 2 gloo ranks under torchrun; rank 1 SIGSTOPs itself after step 2, dist_timeout_s 5.
+
+    Rank 0 blocks in step 3's gradient all-reduce, gives up after 5 s with a message naming the rank, the timeout
+    and what to do, and torchrun then ends the job (SIGKILL reaches the stopped rank): the whole job is over well
+    within a minute of the freeze instead of the 30 minutes of torch's default.
+    """
+    import time
+
+    script = tmp_path / "runner.py"
+    script.write_text(_RUNNER)
+    params = _params(tmp_path, stage="stage1", train_data="synthetic", steps=30, batch_size=2, ckpt_every=0,
+                     dist_timeout_s=5)  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "STOP_RANK1_AT_STEP": "2"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           "--params", str(params), "--run-dir", str(tmp_path / "run")]  # fmt: skip
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:  # the test failed: take down the job we started (its own process group)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    log = _records(tmp_path / "run" / "log.jsonl")
+    assert proc.returncode != 0 and [r["step"] for r in log] == [1, 2]  # step 3 never completed
+    assert (
+        "CollectiveTimeoutError: rank 0 of 2: training stopped: a collective waited more than dist_timeout_s=5 s" in err
+    )
+    assert "rerun to resume from the last checkpoint, or raise dist_timeout_s" in err
+    assert time.monotonic() - t0 < 240  # torch's default timeout would have kept rank 0 waiting for 30 minutes
+    assert subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True).stdout == b""  # frozen rank gone
