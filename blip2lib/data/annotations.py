@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .official import gqa_to_lavis, nocaps_to_lavis, vqa_to_lavis
 
-__all__ = ["AnnotationError", "validate_entry", "load_annotations", "load_caption_gt"]
+__all__ = ["AnnotationError", "PackedRecords", "load_packed", "validate_entry", "load_annotations",
+           "load_caption_gt", "iter_jsonl", "iter_text_lines", "read_json"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +123,63 @@ def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
     return [(f"{path}:{lineno}", row) for lineno, row in iter_jsonl(path)]
 
 
+class ReadOnlyEntry(dict):
+    """A decoded :class:`PackedRecords` entry: a plain dict to read, but writing to it is an error.
+
+    Why: a change would vanish silently (the next access decodes the stored entry again); copy it (``dict(e)``) to
+    change it.
+    """
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("annotation entries are read-only (stored packed, decoded on each access): change a copy, "
+                        "dict(entry), or the annotation file")  # fmt: skip
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _refuse  # type: ignore[assignment]
+    __ior__ = _refuse  # type: ignore[assignment]
+
+    def __reduce__(self):  # pickle / deepcopy rebuild through the constructor, not item by item
+        return ReadOnlyEntry, (dict(self),)
+
+
+class PackedRecords(Sequence):
+    """Read-only list of JSON objects kept as one UTF-8 buffer plus an ``(N + 1,) int64`` offset array.
+
+    Why: a list of N dicts costs ~0.5–1 KB of Python objects per entry, and each forked DataLoader worker slowly
+    copies all of it (reading an entry touches its reference counts, which dirties the shared page). Here an entry
+    is ~its JSON size, there are only two Python objects, and workers share the pages untouched. An item is decoded
+    on access (a few microseconds) as a :class:`ReadOnlyEntry`.
+    """
+
+    def __init__(self, records: Iterable[dict]):
+        buf, offsets = bytearray(), array("q", [0])
+        for record in records:
+            buf += json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            offsets.append(len(buf))
+        self._buf = buf  # kept as built: bytes(buf) would copy it once more at the peak
+        self._offsets = np.frombuffer(offsets, dtype=np.int64)  # (N + 1,) a view: no second copy
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"record {index} out of range ({n} records)")
+        index %= n
+        return json.loads(self._buf[self._offsets[index] : self._offsets[index + 1]], object_hook=_top_level_entry)
+
+    def nbytes(self) -> int:
+        """Bytes held (buffer + offsets)."""
+        return len(self._buf) + self._offsets.nbytes
+
+
+def _top_level_entry(obj: dict) -> dict:
+    # object_hook runs innermost-first; annotation entries nest no objects, and a nested one read-only is harmless
+    return ReadOnlyEntry(obj)
+
+
 def _official_to_list(data: Any, path: Path) -> list | None:
     """Detect an official-format file and convert it; None when ``data`` is not one we know."""
     if isinstance(data, dict) and "questions" in data and "data_subtype" in data:
@@ -128,6 +189,29 @@ def _official_to_list(data: Any, path: Path) -> list | None:
     if isinstance(data, dict) and data and all(isinstance(v, dict) and "imageId" in v for v in data.values()):
         return gqa_to_lavis(data)
     return None
+
+
+def _stream_jsonl(paths: list[Path], fields: dict[str, str] | None) -> Iterator[dict]:
+    i = 0
+    for path in paths:
+        for lineno, entry in iter_jsonl(path):
+            if fields is not None:
+                validate_entry(entry, fields, f"{path}:{lineno}")
+            entry["instance_id"] = str(i)
+            i += 1
+            yield entry
+
+
+def load_packed(paths: str | Path | list, fields: dict[str, str] | None = None) -> PackedRecords:
+    """:func:`load_annotations` into :class:`PackedRecords`; JSONL files are streamed into it, one line at a time.
+
+    Memory (measured by ``tests/unit/test_reliability_data.py``): JSONL inputs peak at about the packed size (the
+    file's size); JSON lists are parsed whole first (peak ~10× the file, a few KB per VQA question), then packed.
+    """
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if all(Path(p).suffix == ".jsonl" for p in paths):
+        return PackedRecords(_stream_jsonl(list(map(Path, paths)), fields))
+    return PackedRecords(load_annotations(paths, fields))
 
 
 def load_annotations(paths: str | Path | list, fields: dict[str, str] | None = None) -> list[dict]:

@@ -151,7 +151,7 @@ def _scan(path: Path) -> tuple[str, np.ndarray]:
         offsets.append(offset)
     if kind is None:
         raise AnnotationError(f"{path}: manifest has no rows")
-    return kind, np.frombuffer(offsets, dtype=np.int64).copy()
+    return kind, np.frombuffer(offsets, dtype=np.int64)  # a view of the array: no second copy
 
 
 def read_manifest(path: str | Path) -> tuple[str, list[dict]]:

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from .annotations import AnnotationError, load_annotations, load_caption_gt, validate_entry
+from .annotations import AnnotationError, PackedRecords, load_annotations, load_caption_gt, load_packed, validate_entry
 from .images import BadSampleLog, load_image
 from .official import coco_id_from_path
 
@@ -101,7 +101,8 @@ class _AnnotationDataset(Dataset):
 
     def __init__(self, root, ann_paths, transform=None, text_processor=None, bad_log: BadSampleLog | None = None):
         self.root = Path(root)
-        self.annotation = load_annotations(ann_paths, self.fields)
+        # packed: ~the file's size in memory, shared by forked workers (PackedRecords); entries decode on access
+        self.annotation: PackedRecords = load_packed(ann_paths, self.fields)
         self.transform = transform
         self.text_processor = text_processor or _identity
         self.bad_log = bad_log if bad_log is not None else BadSampleLog()

@@ -154,3 +154,87 @@ def test_16bit_greyscale_is_scaled_not_clipped(tmp_path):
         assert (np.asarray(to_rgb(img)) == expected[..., None]).all()
     grey8 = Image.fromarray(expected)  # 8-bit modes are untouched
     assert (np.asarray(to_rgb(grey8))[..., 0] == expected).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# item 16: memory of large annotation files and manifests
+
+# Runs in a fresh interpreter so that RSS belongs to this measurement alone: writes N generated entries, builds the
+# dataset, prints bytes per entry (RSS kept, RSS peak, file), then forks a "DataLoader worker" that reads every
+# entry and prints the private memory it dirtied per entry (a list of dicts would be copied into it as it is read).
+_MEASURE = r"""
+import gc, json, os, sys
+from pathlib import Path
+from blip2lib.data import ManifestDataset, VQAEvalDataset
+def status(key):
+    with open("/proc/self/smaps_rollup" if key == "Private_Dirty" else "/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+root, kind, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+if kind == "manifest":
+    path, rows = root / "m.jsonl", ({"image": f"images/{i:09d}.jpg", "text": f"a photo of thing {i} by a red car"}
+                                    for i in range(n))
+else:
+    path = root / ("vqa.json" if kind == "vqa_json" else "vqa.jsonl")
+    rows = ({"question_id": i, "question": f"What colour is object {i} on the table?", "dataset": "vqa",
+             "image": f"val2014/COCO_val2014_{i:012d}.jpg", "answer": ["red", "blue", "red", "two", "yes"] * 2}
+            for i in range(n))
+if sys.argv[4] == "write":  # a process of its own: its memory must not count in the measurement's peak
+    with open(path, "w") as f:
+        if kind == "vqa_json":
+            json.dump(list(rows), f)
+        else:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    sys.exit(0)
+gc.collect()
+rss0 = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak RSS (VmHWM) to the current RSS: the imports' own peak must not count
+ds = ManifestDataset(path) if kind == "manifest" else VQAEvalDataset(root, [path])
+gc.collect()
+peak = status("VmHWM")
+out = {"kept": (status("VmRSS") - rss0) / n, "peak": (max(peak, rss0) - rss0) / n, "file": path.stat().st_size / n}
+read, write = os.pipe()
+if os.fork() == 0:
+    dirty0 = status("Private_Dirty")
+    for i in range(len(ds)):
+        ds.entry(i) if kind == "manifest" else ds.annotation[i]
+    os.write(write, str((status("Private_Dirty") - dirty0) / n).encode())
+    os._exit(0)
+os.wait()
+out["worker_dirty"] = float(os.read(read, 64))
+print(json.dumps(out))
+"""
+
+
+def _measure(tmp_path, kind: str, n: int) -> dict:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    for step in ("write", "measure"):
+        proc = subprocess.run([sys.executable, "-c", _MEASURE, str(tmp_path), kind, str(n), step], env=env, text=True,
+                              capture_output=True, timeout=120, check=False)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_caption_manifest_memory_is_8_bytes_a_row(tmp_path):
+    """10M-caption manifest budget: 12 bytes a row kept and at the peak (≤ 120 MB), ~0 per DataLoader worker."""
+    m = _measure(tmp_path, "manifest", 100_000)
+    assert m["kept"] <= 12 and m["peak"] <= 12, m  # the int64 offset array; rows are re-read from the file
+    assert m["worker_dirty"] <= 8, m
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["vqa_jsonl", "vqa_json"])
+def test_vqa_evaluation_memory_per_question(tmp_path, kind):
+    """200k-question budget: kept ≤ 2× the file (~100 MB); peak ≤ 3× the file streamed from JSONL, ≤ 4 KB a question
+    (≤ 800 MB) from a JSON list (parsed whole); a forked worker that reads every entry dirties ≤ 64 bytes each."""
+    m = _measure(tmp_path, kind, 30_000)
+    assert m["kept"] <= 2 * m["file"], m
+    assert m["peak"] <= (3 * m["file"] if kind == "vqa_jsonl" else 4096), m
+    assert m["worker_dirty"] <= 64, m
