@@ -106,6 +106,7 @@ class TrainParams(Params):
     progress: bool = True  # tqdm bar on rank 0
     tensorboard: bool = False  # also write the log's scalars to <run_dir>/tensorboard (needs `tensorboard`)
     dist_timeout_s: float = float(dist.DEFAULT_TIMEOUT_S)  # several processes: seconds a rank waits for a hung one
+    cache_max_gib: float = 4.0  # memory budget (GiB) of cache_images and of cache_vision_features, each
 
     def validate_values(self) -> TrainParams:
         """Semantic checks that types alone cannot express."""
@@ -126,6 +127,8 @@ class TrainParams(Params):
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.vit_precision not in ("", *VIT_PRECISIONS):
             raise ValueError(f"vit_precision must be '' or one of {VIT_PRECISIONS}, got {self.vit_precision!r}")
+        if self.cache_max_gib <= 0:
+            raise ValueError(f"cache_max_gib must be > 0, got {self.cache_max_gib}")
         if self.dist_timeout_s <= 0:
             raise ValueError(f"dist_timeout_s must be > 0 seconds, got {self.dist_timeout_s}")
         if self.steps_per_epoch < 0:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["BadSampleLog", "load_image", "to_rgb"]
+__all__ = ["BadSampleLog", "SharedImageCache", "load_image", "to_rgb"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,60 @@ class BadSampleLog:
 
     def __repr__(self) -> str:
         return f"BadSampleLog(total={self.total}, pending={len(self._pending)})"
+
+
+class SharedImageCache:
+    """Transformed training images (``cache_images``) in one shared-memory tensor, decoded once for all workers.
+
+    A dict cache lives in each DataLoader worker and dies with it: the engine opens a new loader every epoch, so
+    with ``num_workers: 2`` a 48-sample run decoded 40 times. Here every distinct image has a slot in one
+    ``(N, *shape)`` float32 tensor in shared memory, allocated up front (so the budget is checked before any work);
+    whichever process decodes an image first fills its slot, and every worker of every later epoch reads it. Two
+    workers that fill the same slot at once write the same values (the transform is fixed: ``augment: none``).
+
+    Args:
+        keys: the distinct image keys (annotation paths), in any order.
+        shape: shape of one transformed image, e.g. ``(3, S, S)``.
+        max_bytes: memory budget (params ``cache_max_gib``); more raises :class:`ValueError` saying by how much.
+    """
+
+    def __init__(self, keys, shape: tuple[int, ...], max_bytes: float):
+        import torch
+
+        self.slot = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+        need = len(self.slot) * int(np.prod(shape)) * 4
+        if need > max_bytes:
+            raise ValueError(
+                f"cache_images: {len(self.slot)} distinct images of {tuple(shape)} float32 need {need / 2**30:.2f} GiB,"
+                f" over the cache_max_gib budget of {max_bytes / 2**30:.2f} GiB; turn cache_images off or raise "
+                "cache_max_gib"
+            )
+        self.shape = tuple(shape)
+        self.data = torch.zeros((len(self.slot), *self.shape)).share_memory_()  # (N, *shape)
+        self.filled = torch.zeros(len(self.slot), dtype=torch.bool).share_memory_()  # (N,)
+        self.decoded = torch.zeros(1, dtype=torch.long).share_memory_()  # decodes, all processes (statistics)
+
+    def __contains__(self, key) -> bool:
+        i = self.slot.get(key)
+        return i is not None and bool(self.filled[i])
+
+    def __getitem__(self, key):
+        return self.data[self.slot[key]]
+
+    def __setitem__(self, key, image) -> None:
+        if tuple(image.shape) != self.shape:
+            raise ValueError(f"cache_images: image {key} transformed to {tuple(image.shape)}, the cache holds "
+                             f"{self.shape}")  # fmt: skip
+        i = self.slot[key]  # a key outside the annotation list is a bug in the caller: KeyError names it
+        self.data[i] = image
+        self.filled[i] = True  # after the data: a reader never sees a half-written slot as filled
+        self.decoded += 1
+
+    def __iter__(self):
+        return (k for k, i in self.slot.items() if self.filled[i])
+
+    def __len__(self) -> int:
+        return int(self.filled.sum())
 
 
 _WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit greyscale (PNG, TIFF) and PIL's 32-bit int mode

@@ -21,7 +21,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from .annotations import AnnotationError, PackedRecords, load_annotations, load_caption_gt, load_packed, validate_entry
-from .images import BadSampleLog, load_image
+from .images import BadSampleLog, SharedImageCache, load_image
 from .official import coco_id_from_path
 
 __all__ = [
@@ -106,8 +106,9 @@ class _AnnotationDataset(Dataset):
         self.transform = transform
         self.text_processor = text_processor or _identity
         self.bad_log = bad_log if bad_log is not None else BadSampleLog()
-        # Opt-in (``cache_images``): transformed images kept per path — only valid for a deterministic transform.
-        self.image_cache: dict[str, object] | None = None
+        # Opt-in (``cache_images``): transformed images kept per path — only valid for a deterministic transform. A
+        # dict is per process (each DataLoader worker fills its own copy); a SharedImageCache is shared by all.
+        self.image_cache: dict[str, object] | SharedImageCache | None = None
 
     def __len__(self) -> int:
         return len(self.annotation)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -238,3 +239,82 @@ def test_vqa_evaluation_memory_per_question(tmp_path, kind):
     assert m["kept"] <= 2 * m["file"], m
     assert m["peak"] <= (3 * m["file"] if kind == "vqa_jsonl" else 4096), m
     assert m["worker_dirty"] <= 64, m
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# item 15: image / feature caches: shared by DataLoader workers, capped by cache_max_gib
+
+
+def _caption_files(root, n: int) -> None:
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
+    (root / "ann.json").write_text(json.dumps([{"image": f"{i}.png", "caption": "a photo"} for i in range(n)]))
+
+
+def _cache_params(root, **kw):
+    from blip2lib.train import TrainParams
+
+    base = dict(stage="stage1", model="tiny", train_data="ann.json", data_root=str(root), images_root="images",
+                cache_images=True, augment="none", batch_size=4, num_workers=2, image_size=16)  # fmt: skip
+    return TrainParams(**{**base, **kw})
+
+
+def test_cache_images_decodes_each_image_once_across_workers_and_epochs(tmp_path, monkeypatch):
+    import torch
+
+    import blip2lib.data.readers as readers_mod
+    from blip2lib.assemble import build_data
+    from blip2lib.data import image_eval_transform
+
+    _caption_files(tmp_path, 12)
+    decodes = tmp_path / "decodes.txt"  # appended by whichever process decodes (forked workers inherit the patch)
+    real = readers_mod.load_image
+
+    def counting(path, log=None):
+        with open(decodes, "a") as f:
+            f.write(f"{os.getpid()} {path}\n")
+        return real(path, log)
+
+    monkeypatch.setattr(readers_mod, "load_image", counting)
+    data = build_data(_cache_params(tmp_path), {}, torch.device("cpu"))
+    seen = [b for epoch in range(3) for b in data["loader_factory"](12 * epoch)]  # 3 epochs, fresh workers each
+    assert len(seen) == 9 and sum(b["batch_size"] for b in seen) == 36
+    lines = decodes.read_text().splitlines()
+    assert len(lines) == 12 and len({ln.split()[1] for ln in lines}) == 12  # once per image, not 36 (or 24)
+    assert len({ln.split()[0] for ln in lines}) == 2  # decoded in the two workers, then read from shared memory
+    cache = data["dataset"].image_cache
+    assert int(cache.decoded) == 12 and len(cache) == 12
+    tf = image_eval_transform(16)
+    for i in (0, 7, 11):
+        want = tf(Image.open(tmp_path / "images" / f"{i}.png").convert("RGB"))
+        assert torch.equal(cache[f"{i}.png"], want)
+
+
+def test_caches_over_budget_are_refused_with_the_numbers(tmp_path):
+    import torch
+
+    from blip2lib.assemble import build_data
+    from blip2lib.config import tiny_config
+    from blip2lib.featcache import VisionFeatureCache
+
+    _caption_files(tmp_path, 12)
+    per_image = 3 * 16 * 16 * 4  # float32 (3, 16, 16)
+    budget = 11.5 * per_image / 2**30
+    with pytest.raises(ValueError) as err:
+        build_data(_cache_params(tmp_path, cache_max_gib=budget), {}, torch.device("cpu"))
+    need = 12 * per_image / 2**30
+    said = (f"cache_images: 12 distinct images of (3, 16, 16) float32 need {need:.2f} GiB, over the cache_max_gib "
+            f"budget of {budget:.2f} GiB; turn cache_images off or raise cache_max_gib")  # fmt: skip
+    assert str(err.value) == said
+    vision = tiny_config(image_size=16).vision
+    feat = 12 * ((16 // vision.patch_size) ** 2 + 1) * vision.width * 4  # (tokens, width) float32 per image
+    params = _cache_params(tmp_path, cache_images=False, cache_vision_features=True, cache_max_gib=0.99 * feat / 2**30)
+    with pytest.raises(ValueError, match=r"^cache_vision_features: 12 distinct training images need about"):
+        build_data(params, {"config": tiny_config(image_size=16)}, torch.device("cpu"))
+    cache = VisionFeatureCache(max_bytes=2.5 * 5 * 8 * 4)  # room for 2 images of (5, 8) float32 features
+    with cache.batch([1, 2]):
+        cache.features(torch.ones(2, 3, 4, 4), lambda x: torch.zeros(x.shape[0], 5, 8))
+    with cache.batch([3]), pytest.raises(MemoryError, match=r"^cache_vision_features: 3 images × 0.00 MiB"):
+        cache.features(torch.full((1, 3, 4, 4), 2.0), lambda x: torch.zeros(x.shape[0], 5, 8))
