@@ -335,7 +335,8 @@ def _train_dataset(params, comps: dict, bad: BadSampleLog):
     ds = cls(images, [ann], transform=transform, text_processor=text, bad_log=bad)
     if params.cache_images:  # validated: augment none, so each path always gives the same tensor
         keys = (a["image"] for a in ds.annotation)  # shared by every DataLoader worker and epoch, budget checked
-        ds.image_cache = SharedImageCache(keys, (3, params.image_size, params.image_size), params.cache_max_gib * 2**30)
+        shape, budget = (3, params.image_size, params.image_size), params.cache_max_gib * 2**30
+        ds.image_cache = SharedImageCache(keys, shape, budget, shared=params.num_workers > 0)
     return ds
 
 

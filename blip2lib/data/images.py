@@ -23,6 +23,7 @@ whatever the number of workers, and nothing is counted twice with ``num_workers=
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -106,9 +107,10 @@ class SharedImageCache:
         keys: the distinct image keys (annotation paths), in any order.
         shape: shape of one transformed image, e.g. ``(3, S, S)``.
         max_bytes: memory budget (params ``cache_max_gib``); more raises :class:`ValueError` saying by how much.
+        shared: put the tensors in shared memory (needed with DataLoader workers; ``num_workers: 0`` does not).
     """
 
-    def __init__(self, keys, shape: tuple[int, ...], max_bytes: float):
+    def __init__(self, keys, shape: tuple[int, ...], max_bytes: float, shared: bool = True):
         import torch
 
         self.slot = {k: i for i, k in enumerate(dict.fromkeys(keys))}
@@ -119,10 +121,19 @@ class SharedImageCache:
                 f" over the cache_max_gib budget of {max_bytes / 2**30:.2f} GiB; turn cache_images off or raise "
                 "cache_max_gib"
             )
+        if shared:  # shared memory lives in /dev/shm (64 MB in a default Docker container): fail now, not SIGBUS later
+            free = shm_free_bytes()
+            if free is not None and need > free:
+                raise ValueError(
+                    f"cache_images: {need / 2**30:.2f} GiB of shared memory needed for the DataLoader workers, "
+                    f"/dev/shm has {free / 2**30:.2f} GiB free; enlarge it (docker --shm-size), use num_workers: 0 "
+                    "or turn cache_images off"
+                )
         self.shape = tuple(shape)
-        self.data = torch.zeros((len(self.slot), *self.shape)).share_memory_()  # (N, *shape)
-        self.filled = torch.zeros(len(self.slot), dtype=torch.bool).share_memory_()  # (N,)
-        self.decoded = torch.zeros(1, dtype=torch.long).share_memory_()  # decodes, all processes (statistics)
+        share = (lambda t: t.share_memory_()) if shared else (lambda t: t)
+        self.data = share(torch.zeros((len(self.slot), *self.shape)))  # (N, *shape)
+        self.filled = share(torch.zeros(len(self.slot), dtype=torch.bool))  # (N,)
+        self.decoded = share(torch.zeros(1, dtype=torch.long))  # decodes, all processes (statistics)
 
     def __contains__(self, key) -> bool:
         i = self.slot.get(key)
@@ -145,6 +156,15 @@ class SharedImageCache:
 
     def __len__(self) -> int:
         return int(self.filled.sum())
+
+
+def shm_free_bytes() -> int | None:
+    """Free bytes of ``/dev/shm`` (where torch's shared tensors live on Linux); None where there is none."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 _WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit greyscale (PNG, TIFF) and PIL's 32-bit int mode

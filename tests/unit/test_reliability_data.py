@@ -318,3 +318,14 @@ def test_caches_over_budget_are_refused_with_the_numbers(tmp_path):
         cache.features(torch.ones(2, 3, 4, 4), lambda x: torch.zeros(x.shape[0], 5, 8))
     with cache.batch([3]), pytest.raises(MemoryError, match=r"^cache_vision_features: 3 images × 0.00 MiB"):
         cache.features(torch.full((1, 3, 4, 4), 2.0), lambda x: torch.zeros(x.shape[0], 5, 8))
+
+
+def test_shared_image_cache_checks_dev_shm_first(monkeypatch):
+    import blip2lib.data.images as images_mod
+    from blip2lib.data import SharedImageCache
+
+    monkeypatch.setattr(images_mod, "shm_free_bytes", lambda: 1000)
+    with pytest.raises(ValueError, match=r"^cache_images: 0.00 GiB of shared memory needed .* /dev/shm has 0.00 GiB"):
+        SharedImageCache(["a", "b"], (3, 16, 16), 2**30)  # 6 KiB > 1000 bytes free
+    cache = SharedImageCache(["a", "b", "a"], (3, 16, 16), 2**30, shared=False)  # one process: no /dev/shm needed
+    assert len(cache.slot) == 2 and len(cache) == 0 and "a" not in cache
