@@ -8,7 +8,8 @@ augmentations must be a function of its own seed and the position only (never of
 permutation from ``torch.Generator().manual_seed(seed + epoch)``). The iterable may be finite (one epoch): the loop
 calls the factory again at the current position when it is exhausted. The position is counted in samples
 (:func:`batch_size_of`), so it stays meaningful if the per-rank batch size changes; global position = position ×
-world size. The task moves batches to its device.
+world size. A ``Collate`` batch with ``batch_size`` 0 (every sample unreadable) counts toward the position and is
+then passed over, so skipping is part of the position. The task moves batches to its device.
 """
 
 from __future__ import annotations
