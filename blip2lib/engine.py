@@ -351,6 +351,9 @@ def run_loop(
         skipped, bad, best, ranks = ex.get("skipped", 0), ex.get("bad", 0), ex.get("best"), ex.get("rng_ranks", [])
         # each rank gets back its own RNG stream; with another world size, rank 0's state is all we have
         rng = ranks[dist.get_rank()] if len(ranks) == dist.get_world_size() else st["rng"]
+        # likewise its own data position: a rank that passed over an empty batch is ahead of the others
+        positions = ex.get("positions", [])
+        position = positions[dist.get_rank()] if len(positions) == dist.get_world_size() else position
         log.info("resumed from %s at step %d (sample position %d)", ck, step, position)
     jlog = _JsonlLog(log_path, step if resumed else None, tensorboard_dir, also_trim=side_logs)
     stream = _BatchStream(loader_factory, position)
@@ -421,7 +424,8 @@ def run_loop(
                 if better:
                     best, improved = {"step": step, "metric": metric, "key": best_key}, True
         if ckpt_dir is not None and ((ckpt_every and step % ckpt_every == 0) or step == steps or improved):
-            extra = {"skipped": skipped, "bad": bad, "best": best, "rng_ranks": dist.all_gather_object(get_rng_state())}
+            extra = {"skipped": skipped, "bad": bad, "best": best, "rng_ranks": dist.all_gather_object(get_rng_state()),
+                     "positions": dist.all_gather_object(stream.position)}  # fmt: skip
             if dist.is_main():
                 data_state = {"position": stream.position, "world_size": dist.get_world_size()}
                 sched = schedule.state_dict() if hasattr(schedule, "state_dict") else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tarfile
 
 import numpy as np
@@ -329,3 +330,43 @@ def test_shared_image_cache_checks_dev_shm_first(monkeypatch):
         SharedImageCache(["a", "b"], (3, 16, 16), 2**30)  # 6 KiB > 1000 bytes free
     cache = SharedImageCache(["a", "b", "a"], (3, 16, 16), 2**30, shared=False)  # one process: no /dev/shm needed
     assert len(cache.slot) == 2 and len(cache) == 0 and "a" not in cache
+
+
+def test_each_rank_resumes_at_its_own_data_position(tmp_path, monkeypatch):
+    """Item 2 with several ranks: a rank that passed over an empty batch is 2 samples ahead; the checkpoint keeps
+    every rank's position and each rank resumes at its own (simulated ranks: the collectives are patched)."""
+    import torch
+
+    from blip2lib import dist, engine
+
+    class Task(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, batch):
+            return {"loss": (self.w * batch["x"]).sum()}
+
+    calls = []
+
+    def factory(position):
+        calls.append(position)
+        while True:
+            yield {"batch_size": 2, "n_bad": 0, "x": torch.ones(2)}
+
+    def run(rank: int, steps: int) -> dict:
+        calls.clear()
+        monkeypatch.setattr(dist, "get_rank", lambda: rank)
+        task = Task()
+        return engine.run_loop(task, factory, torch.optim.SGD(task.parameters(), lr=0.1), lambda s: 0.1, steps=steps,
+                               log_path=None, ckpt_dir=tmp_path / "ck", ckpt_every=3, progress=False)  # fmt: skip
+
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_gather_object", lambda obj: [obj, obj + 2 if isinstance(obj, int) else obj])
+    assert run(0, 3)["position"] == 6 and calls == [0]
+    # a longer run resumes at step 3: rank 0 at its 6 samples, rank 1 at the 8 it had reached
+    for rank, want in ((0, 6), (1, 8)):
+        out = run(rank, 4)
+        assert calls == [want] and out["position"] == want + 2 and out["resumed_from"].endswith("ckpt-3")
+        if rank == 0:
+            shutil.rmtree(tmp_path / "ck" / "ckpt-4")  # rank 0's end-of-run save: resume rank 1 from ckpt-3 too
