@@ -26,11 +26,12 @@ from .data import (
     QuestionProcessor,
     ResumableDistributedSampler,
     RetrievalDataset,
+    SharedImageCache,
     VQADataset,
     image_eval_transform,
     image_train_transform,
 )
-from .featcache import VisionFeatureCache
+from .featcache import VisionFeatureCache, check_feature_budget
 from .model import Blip2, Blip2QFormerModel
 from .tasks import Stage1Task, Stage2Task
 
@@ -188,7 +189,7 @@ def build_model_and_task(params, device: torch.device):
                           text_padding=params.text_padding)  # fmt: skip
         comps.update(best_key="val_r_mean_itc", higher_is_better=True)
     if params.cache_vision_features:  # validated: frozen ViT, fixed images (featcache.py)
-        model.vision_cache = VisionFeatureCache()
+        model.vision_cache = VisionFeatureCache(max_bytes=params.cache_max_gib * 2**30)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("%s model: %.2fM trainable parameters", params.stage, n_train / 1e6)
     return model, task, comps
@@ -335,7 +336,9 @@ def _train_dataset(params, comps: dict, bad: BadSampleLog):
     cls = {"retrieval_ft": RetrievalDataset, "vqa_ft": VQADataset}.get(params.stage, CaptionDataset)
     ds = cls(images, [ann], transform=transform, text_processor=text, bad_log=bad)
     if params.cache_images:  # validated: augment none, so each path always gives the same tensor
-        ds.image_cache = {}
+        keys = (a["image"] for a in ds.annotation)  # shared by every DataLoader worker and epoch, budget checked
+        shape, budget = (3, params.image_size, params.image_size), params.cache_max_gib * 2**30
+        ds.image_cache = SharedImageCache(keys, shape, budget, shared=params.num_workers > 0)
     return ds
 
 
@@ -350,11 +353,14 @@ def _top_answer(batch: dict) -> dict:
 
 
 def _deliver(batches, bad: BadSampleLog, to_device):
-    """Count each batch's dropped samples, skip batches left empty by them, move the rest to the device."""
+    """Count each batch's dropped samples and move the batch to the device.
+
+    A batch left empty by unreadable samples is counted like the others and yielded as it is (``batch_size`` 0):
+    the engine moves the data position past it and asks for the next one, so the skip is part of the position.
+    """
     for batch in batches:
-        if batch.get("batch_size", 1):
-            bad.absorb(batch)
-            yield to_device(batch)
+        bad.absorb(batch)
+        yield to_device(batch) if batch.get("batch_size", 1) else batch
 
 
 def is_shard_spec(spec: str) -> bool:
@@ -446,6 +452,12 @@ def build_data(params, comps: dict, device: torch.device) -> dict:
                 "batches_per_epoch": per_worker * max(1, params.num_workers),  # lavis_epoch's epoch length
                 "eval_transform": image_eval_transform(params.image_size)}  # fmt: skip
     ds = _train_dataset(params, comps, bad)
+    if params.cache_vision_features:  # refused before step 1 when the distinct images cannot fit the budget
+        vision, anns = comps["config"].vision, getattr(ds, "annotation", None)
+        half = device.type == "cuda" and (params.vit_precision or vision.precision) != "fp32"  # features kept as made
+        n_images = len({a["image"] for a in anns}) if anns is not None else len(ds)
+        check_feature_budget(n_images, params.image_size, vision.patch_size, vision.width, 2 if half else 4,
+                             params.cache_max_gib * 2**30)  # fmt: skip
     per_rank = len(ds) // dist.get_world_size()  # drop_last sampler: samples per rank and epoch
     usable = (per_rank // params.batch_size) * params.batch_size  # full batches only (DataLoader drop_last)
     if usable == 0:

@@ -7,8 +7,11 @@ the LAVIS single-GPU crash (docs/paper_map.md §10.16: unguarded ``dist.get_rank
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import re
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as tdist
@@ -20,6 +23,10 @@ __all__ = [
     "get_local_rank",
     "is_main",
     "init_distributed",
+    "DEFAULT_TIMEOUT_S",
+    "CollectiveTimeoutError",
+    "is_collective_timeout",
+    "explain_timeouts",
     "cleanup",
     "barrier",
     "all_gather_no_grad",
@@ -56,12 +63,23 @@ def is_main() -> bool:
     return get_rank() == 0
 
 
-def init_distributed(backend: str | None = None, timeout_min: int = 30) -> bool:
+DEFAULT_TIMEOUT_S = 1800  # torch's own default: room for a slow checkpoint write or validation that others wait for
+
+
+class CollectiveTimeoutError(RuntimeError):
+    """A collective waited longer than the process group's timeout: another rank is hung, stopped or gone."""
+
+
+def init_distributed(backend: str | None = None, timeout_min: int = 30, timeout_s: float | None = None) -> bool:
     """Join the process group described by torchrun's environment variables.
 
     Args:
         backend: ``"nccl"`` or ``"gloo"``; default nccl when CUDA is available, else gloo.
-        timeout_min: collective timeout in minutes.
+        timeout_min: collective timeout in minutes (used when ``timeout_s`` is None).
+        timeout_s: collective timeout in seconds (params ``dist_timeout_s``): how long a rank waits in a
+            collective (gradient all-reduce, gather, barrier) for the others before it gives up. gloo then raises
+            in the waiting rank; NCCL's watchdog aborts the process. Either way the rank exits non-zero and torchrun
+            stops the rest of the job (see :func:`explain_timeouts` for the message).
 
     Returns:
         True when a process group with world size > 1 was (or already is) initialised; False for a plain
@@ -76,8 +94,45 @@ def init_distributed(backend: str | None = None, timeout_min: int = 30) -> bool:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(get_local_rank())
-    tdist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_min))
+    seconds = timeout_min * 60 if timeout_s is None else timeout_s
+    if seconds <= 0:
+        raise ValueError(f"dist_timeout_s must be > 0 seconds, got {seconds}")
+    tdist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=seconds))
+    _TIMEOUT_S[0] = seconds
     return True
+
+
+_TIMEOUT_S = [float(DEFAULT_TIMEOUT_S)]  # the process group's timeout, for messages
+
+
+_TIMEOUT_TEXT = re.compile(r"timed out waiting|timeout caused pair closure|watchdog caught collective", re.IGNORECASE)
+
+
+def is_collective_timeout(err: BaseException) -> bool:
+    """True for a collective timeout: gloo's ``Timed out waiting``, ``timeout caused pair closure``, NCCL's watchdog."""
+    return isinstance(err, RuntimeError) and _TIMEOUT_TEXT.search(str(err)) is not None
+
+
+@contextlib.contextmanager
+def explain_timeouts(what: str = "training") -> Iterator[None]:
+    """Turn a collective timeout raised inside the block into :class:`CollectiveTimeoutError` that says what it means.
+
+    What a user sees when one rank hangs (stopped, deadlocked, stuck in I/O): the other ranks block in their next
+    collective; after ``dist_timeout_s`` each of them fails with this message (rank, timeout, likely causes),
+    exits non-zero, and torchrun ends the job (SIGTERM, then SIGKILL to a rank that cannot react). Nothing is
+    saved at that point: the run resumes from its last checkpoint.
+    """
+    try:
+        yield
+    except RuntimeError as err:
+        if not is_collective_timeout(err):
+            raise
+        raise CollectiveTimeoutError(
+            f"rank {get_rank()} of {get_world_size()}: {what} stopped: a collective waited more than "
+            f"dist_timeout_s={_TIMEOUT_S[0]:g} s for the other ranks; one of them is hung, stopped or dead (look at "
+            "its log, memory, I/O). The job ends here; rerun to resume from the last checkpoint, or raise "
+            f"dist_timeout_s if a step legitimately takes that long. ({str(err).strip()[:200]})"
+        ) from err
 
 
 def cleanup() -> None:

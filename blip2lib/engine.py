@@ -8,14 +8,18 @@ augmentations must be a function of its own seed and the position only (never of
 permutation from ``torch.Generator().manual_seed(seed + epoch)``). The iterable may be finite (one epoch): the loop
 calls the factory again at the current position when it is exhausted. The position is counted in samples
 (:func:`batch_size_of`), so it stays meaningful if the per-rank batch size changes; global position = position ×
-world size. The task moves batches to its device.
+world size. A ``Collate`` batch with ``batch_size`` 0 (every sample unreadable) counts toward the position and is
+then passed over, so skipping is part of the position. The task moves batches to its device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -90,24 +94,42 @@ def _to_cpu(x: object) -> object:
     return x
 
 
+def _is_empty(batch: object) -> bool:
+    """A ``Collate`` batch whose every sample was unreadable (only ``batch_size`` 0 and the bad-sample count)."""
+    return isinstance(batch, dict) and batch.get("batch_size") == 0
+
+
 class _BatchStream:
-    """Iterator over ``loader_factory`` that tracks the sample position and re-opens exhausted iterables."""
+    """Iterator over ``loader_factory`` that tracks the sample position and re-opens exhausted iterables.
+
+    A batch left empty by unreadable samples (``batch_size`` 0) still moves the position by its size and is then
+    passed over: the position stays a function of the data order alone, so a resumed run sees the same batches as
+    an uninterrupted one (and an epoch that ends on an empty batch does not re-read it).
+    """
 
     def __init__(self, factory: Callable[[int], Iterable], position: int):
         self.factory, self.position = factory, position
         self._it = iter(factory(position))
 
     def next(self) -> object:
-        try:
-            batch = next(self._it)
-        except StopIteration:
-            self._it = iter(self.factory(self.position))
+        reopened, got_any = False, False
+        while True:
             try:
                 batch = next(self._it)
             except StopIteration:
-                raise RuntimeError(f"loader_factory({self.position}) yielded no batch") from None
-        self.position += batch_size_of(batch)
-        return batch
+                if reopened:  # a whole pass from the epoch start gave nothing usable: it never will
+                    if got_any:
+                        raise RuntimeError(
+                            f"loader_factory({self.position}): every batch of a whole epoch was empty "
+                            "(all its samples unreadable; see the skipped-image warnings)"
+                        ) from None
+                    raise RuntimeError(f"loader_factory({self.position}) yielded no batch") from None
+                self._it, reopened, got_any = iter(self.factory(self.position)), True, False
+                continue
+            got_any = True
+            self.position += batch_size_of(batch)
+            if not _is_empty(batch):
+                return batch
 
 
 def _tensorboard_writer(folder: Path, resume_step: int | None):
@@ -121,14 +143,60 @@ def _tensorboard_writer(folder: Path, resume_step: int | None):
     return SummaryWriter(str(folder), purge_step=None if resume_step is None else resume_step + 1, flush_secs=10)
 
 
+def _trim_jsonl(path: Path, last_step: int | None) -> None:
+    """Keep the records of an append-only JSONL log up to ``last_step`` (None: all); drop a torn last line.
+
+    A run killed (or out of disk space) in the middle of an append leaves a last line without its newline that may
+    not parse: it is dropped with a warning. A line that does not parse anywhere else is damage this function does
+    not guess about: :class:`ValueError` naming the file and line. Records without a ``step`` are kept. The trimmed
+    log replaces the old one atomically (a crash here leaves one of the two, never half of one).
+    """
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    lines = text.split("\n")
+    keep = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if lineno == len(lines) or all(not rest.strip() for rest in lines[lineno:]):
+                log.warning("%s:%d: dropping a torn last line (%d bytes; the run stopped mid-write)", path, lineno,
+                            len(line))  # fmt: skip
+                continue
+            raise ValueError(f"{path}:{lineno}: not a JSON record ({err.msg}); the log is damaged before its end — "
+                             "fix or remove that line to resume") from None  # fmt: skip
+        step = record.get("step") if isinstance(record, dict) else None
+        if last_step is None or not isinstance(step, int) or step <= last_step:
+            keep.append(line)
+    tmp = path.with_name(f".{path.name}.trim-{os.getpid()}")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append one line; a full disk becomes an error that says so and names the file."""
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"no space left on device while appending to {path} (a resume drops the "
+                                        "torn last line)", str(path)) from err  # fmt: skip
+        raise
+
+
 class _JsonlLog:
     """Append-only JSONL log on the main rank; on resume, drops records past the resumed step.
 
+    ``also_trim``: other append-only step logs of the run (``val.jsonl``), trimmed to the same step on resume. A
+    fresh run appends to an existing log, minus a torn last line (the next record would otherwise be glued to it).
     Optionally mirrored to TensorBoard: a step record's numeric fields as ``train/<key>``, validation metrics as
     ``val/<key>``.
     """
 
-    def __init__(self, path: str | Path | None, resume_step: int | None, tensorboard_dir: str | Path | None = None):
+    def __init__(self, path: str | Path | None, resume_step: int | None, tensorboard_dir: str | Path | None = None,
+                 also_trim: tuple = ()):  # fmt: skip
         self.path = Path(path) if path and dist.is_main() else None
         self.tb = (
             _tensorboard_writer(Path(tensorboard_dir), resume_step) if tensorboard_dir and dist.is_main() else None
@@ -136,14 +204,13 @@ class _JsonlLog:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+        for p in (self.path, *map(Path, also_trim)):
+            if p.exists():
+                _trim_jsonl(p, resume_step)
 
     def write(self, record: dict) -> None:
         if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            _append_line(self.path, json.dumps(record))
         if self.tb is not None:
             prefix, values = ("val", record["eval"]) if "eval" in record else ("train", record)
             for key, value in values.items():
@@ -153,6 +220,28 @@ class _JsonlLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _save_checkpoint(ckpt_dir: Path, **kw) -> Path:
+    """:func:`save_training_state`, with a full disk reported as such (path, free bytes) instead of a stream error.
+
+    torch's writer reports a failed write as ``RuntimeError: ... file write failed`` (or ``basic_ios::clear``)
+    without an errno, so the free space of the folder's file system decides whether a failure was a full disk. The
+    half-written checkpoint is already removed by ``save_training_state``; the previous ones stay resumable.
+    """
+    try:
+        return save_training_state(ckpt_dir, **kw)
+    except (OSError, RuntimeError) as err:
+        try:
+            free = shutil.disk_usage(ckpt_dir).free
+        except OSError:
+            free = -1
+        full = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err) or 0 <= free < 2**20
+        if not full:
+            raise
+        raise OSError(errno.ENOSPC, f"no space left on device while writing checkpoint step {kw.get('step')} in "
+                                    f"{ckpt_dir} ({free} bytes free; the earlier checkpoints are intact): {err}",
+                      str(ckpt_dir)) from err  # fmt: skip
 
 
 def _optimizer_step(optimizer, scaler, clip_norm: float | None) -> float | None:
@@ -204,6 +293,7 @@ def run_loop(
     apply_layer_decay: bool = True,
     tensorboard_dir: str | Path | None = None,
     eval_at_start: bool = False,
+    side_logs: tuple = (),
 ) -> dict:
     """Train ``task`` for ``steps`` optimizer steps (resuming from the newest checkpoint in ``ckpt_dir``).
 
@@ -240,6 +330,8 @@ def run_loop(
         tensorboard_dir: Also write the step records' scalars there (main rank; None: no TensorBoard).
         eval_at_start: A fresh run also calls ``eval_fn(0)`` before its first step (logged as step 0), so every
             validation curve starts from the untrained model; not used for best tracking.
+        side_logs: Other append-only JSONL files with a ``step`` per record that ``eval_fn`` writes (``val.jsonl``):
+            trimmed with ``log_path`` to the resumed step, so a resumed run never repeats a step in them.
 
     Returns:
         ``{"step", "skipped_steps", "last", "best", "checkpoint", "resumed_from", "position"}``.
@@ -259,8 +351,11 @@ def run_loop(
         skipped, bad, best, ranks = ex.get("skipped", 0), ex.get("bad", 0), ex.get("best"), ex.get("rng_ranks", [])
         # each rank gets back its own RNG stream; with another world size, rank 0's state is all we have
         rng = ranks[dist.get_rank()] if len(ranks) == dist.get_world_size() else st["rng"]
+        # likewise its own data position: a rank that passed over an empty batch is ahead of the others
+        positions = ex.get("positions", [])
+        position = positions[dist.get_rank()] if len(positions) == dist.get_world_size() else position
         log.info("resumed from %s at step %d (sample position %d)", ck, step, position)
-    jlog = _JsonlLog(log_path, step if resumed else None, tensorboard_dir)
+    jlog = _JsonlLog(log_path, step if resumed else None, tensorboard_dir, also_trim=side_logs)
     stream = _BatchStream(loader_factory, position)
     if rng is not None:  # after the factory call, so its RNG use cannot shift the restored state
         set_rng_state(rng)
@@ -329,12 +424,13 @@ def run_loop(
                 if better:
                     best, improved = {"step": step, "metric": metric, "key": best_key}, True
         if ckpt_dir is not None and ((ckpt_every and step % ckpt_every == 0) or step == steps or improved):
-            extra = {"skipped": skipped, "bad": bad, "best": best, "rng_ranks": dist.all_gather_object(get_rng_state())}
+            extra = {"skipped": skipped, "bad": bad, "best": best, "rng_ranks": dist.all_gather_object(get_rng_state()),
+                     "positions": dist.all_gather_object(stream.position)}  # fmt: skip
             if dist.is_main():
                 data_state = {"position": stream.position, "world_size": dist.get_world_size()}
                 sched = schedule.state_dict() if hasattr(schedule, "state_dict") else None
                 kw = dict(keep_last=keep_last, best_metric=metric, higher_is_better=higher_is_better)
-                path = save_training_state(ckpt_dir, model=model, optimizer=optimizer, scheduler_state=sched,
+                path = _save_checkpoint(ckpt_dir, model=model, optimizer=optimizer, scheduler_state=sched,
                                            scaler=scaler, step=step, data_state=data_state, extra=extra,
                                            config=config, **kw)  # fmt: skip
                 ckpt_path = str(path)

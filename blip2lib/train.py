@@ -113,6 +113,8 @@ class TrainParams(Params):
     max_bad_steps: int = 10  # consecutive non-finite steps before stopping
     progress: bool = True  # tqdm bar on rank 0
     tensorboard: bool = False  # also write the log's scalars to <run_dir>/tensorboard (needs `tensorboard`)
+    dist_timeout_s: float = float(dist.DEFAULT_TIMEOUT_S)  # several processes: seconds a rank waits for a hung one
+    cache_max_gib: float = 4.0  # memory budget (GiB) of cache_images and of cache_vision_features, each
 
     # Allowed ranges (checked by from_dict / validate_values before any work). Zero keeps its documented meaning
     # where a key has one (ckpt_every / eval_every 0: only at the end; steps_per_epoch 0: from the data; ...).
@@ -139,6 +141,8 @@ class TrainParams(Params):
         "eval_every": "[0, inf) (0 validates only at the end)",
         "keep_last": "[0, inf) (0 keeps every checkpoint)",
         "max_bad_steps": "[1, inf)",
+        "dist_timeout_s": "(0, inf)",
+        "cache_max_gib": "(0, inf)",
     }
 
     def validate_values(self, source: str = "TrainParams") -> TrainParams:
@@ -172,7 +176,7 @@ class TrainParams(Params):
 # ``run_dir`` is the folder itself, so it is never compared.
 RESUME_MAY_CHANGE = frozenset(
     {"steps", "ckpt_every", "eval_every", "eval_at_start", "keep_last", "progress", "tensorboard", "num_workers",
-     "max_bad_steps", "smoke_test"}
+     "max_bad_steps", "smoke_test", "dist_timeout_s", "cache_max_gib"}
 )  # fmt: skip
 
 
@@ -289,7 +293,7 @@ def train(params: TrainParams, run_dir: str | Path | None = None) -> RunResult:
     run_dir = Path(run_dir or params.run_dir or "runs/adhoc")
     history = check_resume_params(params, run_dir)  # before any work: a changed finished run is refused
     run_dir.mkdir(parents=True, exist_ok=True)
-    dist.init_distributed()
+    dist.init_distributed(timeout_s=params.dist_timeout_s)
     _seed_all(params.seed + dist.get_rank() * 0)  # identical model init on every rank (DDP replicas)
     device = torch.device(f"cuda:{dist.get_local_rank()}" if torch.cuda.is_available() else "cpu")
     model, task, components = build_model_and_task(params, device)
@@ -341,6 +345,7 @@ def train(params: TrainParams, run_dir: str | Path | None = None) -> RunResult:
         apply_layer_decay=params.apply_layer_decay,
         tensorboard_dir=run_dir / "tensorboard" if params.tensorboard else None,
         eval_at_start=params.eval_at_start,
+        side_logs=(run_dir / "val.jsonl",),
     )
     summary["init"] = init_report
     summary["params_history"] = history
@@ -373,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ParamsError(f"{args.params}: {err}") from err
         try:
             # a finished run folder with other params is a ParamsError saying what changed
-            result = train(params, args.run_dir or None)
+            with dist.explain_timeouts("training"):
+                result = train(params, args.run_dir or None)
             if dist.is_main():
                 out = {
                     "run_dir": str(result.run_dir),

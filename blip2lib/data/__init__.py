@@ -6,7 +6,7 @@ See ``blip2lib/data/README.md`` for the on-disk layout under ``data_root`` and `
 from .annotations import AnnotationError, load_annotations, load_caption_gt, validate_entry
 from .collate import Collate, collate_samples
 from .dedup import dedup_report, image_paths
-from .images import BadSampleLog, load_image
+from .images import BadSampleLog, SharedImageCache, load_image
 from .manifest import ManifestDataset, read_manifest
 from .official import coco_id_from_path
 from .prepare import DATASETS, KNOWN_SIZES, check_sizes, prepare
@@ -40,6 +40,7 @@ from .shards import make_shard_dataset, write_shards
 __all__ = [
     "AnnotationError",
     "BadSampleLog",
+    "SharedImageCache",
     "CLIP_MEAN",
     "CLIP_STD",
     "CaptionDataset",

@@ -16,6 +16,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from .annotations import read_json
 from .official import caption_gt, gqa_to_lavis, karpathy_to_lavis, nocaps_to_lavis, vg_to_lavis, vqa_to_lavis
 
 __all__ = ["DATASETS", "KNOWN_SIZES", "IMAGE_DIRS", "check_sizes", "prepare"]
@@ -68,8 +69,7 @@ def _need(src: Path, name: str) -> Path:
 
 def _load(path: Path) -> Any:
     logger.info("reading %s", path)
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(path)  # errors name the file and line (invalid JSON, not UTF-8)
 
 
 def _write(obj: Any, path: Path) -> None:

@@ -8,7 +8,7 @@ to match it, and the readers validate against it at construction). Conventions:
 * ``container``: ``"list"`` = a JSON list of objects (``.json``) — ``.jsonl`` files (one object a line) are
   accepted wherever a list is; ``"coco"`` = COCO caption format ``{"images": [{"id"}], "annotations": [...]}``.
 * ``fields``: name → type; a trailing ``?`` marks an optional field. Types: ``str``, ``int``, ``float``,
-  ``list[str]``, ``str|int`` (either), ``any``.
+  ``list[str]``, ``list[str]+`` (at least one string), ``str|int`` (either), ``any``.
 * ``official``: readers also accept the official format in that file (converted on load by ``official.py``).
 """
 
@@ -20,8 +20,8 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from .annotations import AnnotationError, load_annotations, load_caption_gt, validate_entry
-from .images import BadSampleLog, load_image
+from .annotations import AnnotationError, PackedRecords, load_annotations, load_caption_gt, load_packed, validate_entry
+from .images import BadSampleLog, SharedImageCache, load_image
 from .official import coco_id_from_path
 
 __all__ = [
@@ -101,12 +101,14 @@ class _AnnotationDataset(Dataset):
 
     def __init__(self, root, ann_paths, transform=None, text_processor=None, bad_log: BadSampleLog | None = None):
         self.root = Path(root)
-        self.annotation = load_annotations(ann_paths, self.fields)
+        # packed: ~the file's size in memory, shared by forked workers (PackedRecords); entries decode on access
+        self.annotation: PackedRecords = load_packed(ann_paths, self.fields)
         self.transform = transform
         self.text_processor = text_processor or _identity
         self.bad_log = bad_log if bad_log is not None else BadSampleLog()
-        # Opt-in (``cache_images``): transformed images kept per path — only valid for a deterministic transform.
-        self.image_cache: dict[str, object] | None = None
+        # Opt-in (``cache_images``): transformed images kept per path — only valid for a deterministic transform. A
+        # dict is per process (each DataLoader worker fills its own copy); a SharedImageCache is shared by all.
+        self.image_cache: dict[str, object] | SharedImageCache | None = None
 
     def __len__(self) -> int:
         return len(self.annotation)
@@ -218,7 +220,7 @@ class RetrievalEvalDataset(_AnnotationDataset):
     ``txt2img[t]`` the image of text ``t`` (5 captions per image in COCO/Flickr, a few COCO images have 6–7).
     """
 
-    fields = {"image": "str", "caption": "list[str]"}
+    fields = {"image": "str", "caption": "list[str]+"}  # an image without text breaks the rank metrics
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -253,7 +255,7 @@ def answer_weights(answers: list[str]) -> tuple[list[str], list[float]]:
 class VQADataset(_AnnotationDataset):
     """VQAv2 / OK-VQA training: ``{"image", "text_input", "answers", "weights"}`` (collated by ``Collate``)."""
 
-    fields = {"question_id": "int?", "question": "str", "answer": "list[str]", "image": "str"}
+    fields = {"question_id": "int?", "question": "str", "answer": "list[str]+", "image": "str"}  # weights need one
 
     def __getitem__(self, index: int) -> dict | None:
         ann = self.annotation[index]

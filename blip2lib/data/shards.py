@@ -14,8 +14,11 @@ Two modes (``make_shard_dataset``):
   stream (seed, rank, worker); ``epoch_samples`` cuts it into epochs per worker. This is the mode for multi-node
   pre-training, where equal work per rank matters more than exact once-per-epoch coverage.
 
-Unreadable images yield ``None`` (recorded in the ``BadSampleLog`` with ``<shard>:<key>``); ``Collate`` drops and
-counts them exactly as for map-style datasets. A corrupt tar member is logged and skipped by webdataset itself.
+Unreadable images and unusable captions (``.json`` that is not a UTF-8 JSON object, ``.txt`` that is not UTF-8)
+yield ``None`` (recorded in the ``BadSampleLog`` with ``<shard>:<key>`` and the reason); ``Collate`` drops and
+counts them exactly as for map-style datasets. A shard whose tar data breaks off (truncated, corrupt header) yields
+the samples read before the break, then one ``None`` recorded under the shard's path; reading goes on with the next
+shard.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import io
 import json
 import logging
 import random
+import re
 from collections.abc import Iterable, Iterator
 from functools import partial
 from pathlib import Path
@@ -33,7 +37,7 @@ from PIL import Image
 from torch.utils.data import get_worker_info
 
 from .. import dist
-from .images import BadSampleLog
+from .images import BadSampleLog, to_rgb
 
 if TYPE_CHECKING:
     import webdataset as wds
@@ -67,22 +71,67 @@ class _SplitByRank:
                 yield shard
 
 
+class _TarErrors:
+    """webdataset exception handler that turns a shard's broken tar data into one skipped, counted sample.
+
+    A shard that stops being readable (a truncated tar, a corrupt header) is kept as a pending ``(shard, reason)``
+    that :class:`_Decode` yields as ``None``; reading goes on with the next shard.
+    """
+
+    def __init__(self):
+        self.pending: list[tuple[str, str]] = []
+        self.member_error: tuple[str, str] | None = None
+
+    def __call__(self, exn: Exception) -> bool:
+        # webdataset calls this twice for one break: first for the member being read (no shard url in the args; the
+        # file object's repr names it), then for the shard (url appended to the args) — one failure, counted once
+        first = str(exn.args[0]) if exn.args else ""
+        url = exn.args[-1] if len(exn.args) > 1 and isinstance(exn.args[-1], str) else None
+        reason = f"unreadable tar data, rest of the shard skipped ({type(exn).__name__}: {first.split(' @ ')[0]})"
+        if url is None:
+            self.flush()
+            named = re.search(r"name='([^']*)'", first.rpartition(" @ ")[2])
+            self.member_error = (named.group(1) if named else "<shard>", reason)
+        else:
+            self.member_error = None
+            self.pending.append((url, reason))
+        return True
+
+    def flush(self) -> None:
+        """Move a member error that no shard error followed (the shard went on) to ``pending``."""
+        if self.member_error is not None:
+            self.pending.append(self.member_error)
+            self.member_error = None
+
+
 class _Decode:
-    """Pipeline stage: raw tar members → ``{"image", "text_input"}`` or ``None`` (bad image / no caption)."""
+    """Pipeline stage: raw tar members → ``{"image", "text_input"}`` or ``None`` (bad image / caption / tar data)."""
 
-    def __init__(self, transform, text_processor, bad_log: BadSampleLog | None, seed: int, rank: int):
+    def __init__(self, transform, text_processor, bad_log: BadSampleLog | None, seed: int, rank: int,
+                 tar_errors: _TarErrors | None = None):  # fmt: skip
         self.transform, self.text_processor, self.bad_log = transform, text_processor, bad_log
-        self.seed, self.rank = seed, rank
+        self.seed, self.rank, self.tar_errors = seed, rank, tar_errors
 
-    def _captions(self, sample: dict) -> list[str]:
+    @staticmethod
+    def _captions(sample: dict) -> list[str]:
+        """The sample's captions; :class:`ValueError` saying which member is unusable and why."""
         if "json" in sample:
-            meta = json.loads(sample["json"])
+            try:
+                meta = json.loads(sample["json"])
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise ValueError(f".json member is not valid UTF-8 JSON ({err})") from None
+            if not isinstance(meta, dict):
+                raise ValueError(f".json member must be an object with 'captions' or 'caption', got a "
+                                 f"{type(meta).__name__}")  # fmt: skip
             if isinstance(meta.get("captions"), list) and meta["captions"]:
                 return [str(c) for c in meta["captions"]]
             if isinstance(meta.get("caption"), str):
                 return [meta["caption"]]
         if "txt" in sample:
-            return [sample["txt"].decode("utf-8")]
+            try:
+                return [sample["txt"].decode("utf-8")]
+            except UnicodeDecodeError as err:
+                raise ValueError(f".txt member is not UTF-8 (byte {err.start}: {err.reason})") from None
         return []
 
     def _bad(self, where: str, reason: str) -> None:
@@ -91,19 +140,33 @@ class _Decode:
         else:
             logger.warning("skipping shard sample %s (%s)", where, reason)
 
+    def _tar_failures(self) -> Iterator[None]:
+        """One skipped sample per shard that broke off since the last call (counted like a bad image)."""
+        if self.tar_errors is not None:
+            self.tar_errors.flush()
+        while self.tar_errors is not None and self.tar_errors.pending:
+            self._bad(*self.tar_errors.pending.pop(0))
+            yield None
+
     def __call__(self, src: Iterable[dict]) -> Iterator[dict | None]:
         rng = random.Random(self.seed * 1_000_003 + _worker_seed(self.rank))  # caption choice, per worker
         for sample in src:
+            yield from self._tar_failures()
             where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
             ext = next((e for e in IMAGE_EXTS if e in sample), None)
-            captions = self._captions(sample)
+            try:
+                captions = self._captions(sample)
+            except ValueError as err:
+                self._bad(where, str(err))
+                yield None
+                continue
             if ext is None or not captions:
                 self._bad(where, "no image member" if ext is None else "no caption (.txt or .json)")
                 yield None
                 continue
             try:
                 with Image.open(io.BytesIO(sample[ext])) as img:
-                    image = img.convert("RGB")
+                    image = to_rgb(img)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
                 self._bad(where, f"{type(err).__name__}: {err}")
                 yield None
@@ -114,6 +177,7 @@ class _Decode:
             if self.text_processor is not None:
                 text = self.text_processor(text)
             yield {"image": image, "text_input": text, "key": sample.get("__key__", "")}
+        yield from self._tar_failures()
 
 
 def make_shard_dataset(
@@ -157,10 +221,11 @@ def make_shard_dataset(
         stages = [wds.ResampledShards(urls, seed=seed, worker_seed=partial(_worker_seed, rank), deterministic=True)]
     else:
         stages = [wds.SimpleShardList(urls), _SplitByRank(rank, world_size), wds.split_by_worker]
-    stages.append(wds.tarfile_to_samples(handler=wds.warn_and_continue))
+    tar_errors = _TarErrors()
+    stages.append(wds.tarfile_to_samples(handler=tar_errors))
     if shuffle_buffer > 0:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed + 7919 * rank))
-    stages.append(_Decode(transform, text_processor, bad_log, seed, rank))
+    stages.append(_Decode(transform, text_processor, bad_log, seed, rank, tar_errors))
     pipeline = wds.DataPipeline(*stages)
     if epoch_samples is not None:
         pipeline = pipeline.with_epoch(epoch_samples)

@@ -68,6 +68,7 @@ class EvalParams(Params):
     device: str = "auto"  # auto (cuda:LOCAL_RANK if available, else cpu) | cpu | cuda | cuda:N
     autocast: str = ""  # "" | fp16 | bf16 (generation only)
     progress: bool = True
+    dist_timeout_s: float = float(dist.DEFAULT_TIMEOUT_S)  # several processes: seconds a rank waits for a hung one
 
     ranges = {"batch_size": "[1, inf)", "num_workers": "[0, inf)",
               "image_size": "[0, inf) (0 keeps the checkpoint's own)", "num_beams": "[1, inf)",
@@ -125,6 +126,8 @@ def _check(p: EvalParams, source: str) -> None:
     for key, choices in _CHOICES.items():
         if hasattr(p, key) and getattr(p, key) not in choices:
             raise ParamsError(f"{source}: key '{key}' must be one of {list(choices)}, got {getattr(p, key)!r}")
+    if p.dist_timeout_s <= 0:
+        raise ParamsError(f"{source}: key 'dist_timeout_s' must be > 0 seconds, got {p.dist_timeout_s}")
     if not p.data_root:
         raise ParamsError(f"{source}: key 'data_root' is required (folder laid out as blip2lib/data/README.md)")
     if not (p.out_dir or p.run_dir):
@@ -323,9 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     outcome: dict = {}
 
     def body() -> int:
-        started = dist.init_distributed()
+        # the collective timeout is a param: read the file before joining the process group
+        timeout_s = SCHEMAS[args.task].from_yaml(args.params).dist_timeout_s
+        started = dist.init_distributed(timeout_s=timeout_s)
         try:
-            outcome["result"] = run(args.task, args.params)
+            with dist.explain_timeouts(f"evaluation {args.task}"):
+                outcome["result"] = run(args.task, args.params)
             outcome["main"] = dist.is_main()
         finally:
             if started:

@@ -125,7 +125,8 @@ def test_interrupted_run_resumes_only_with_its_own_params(tmp_path):
 def test_resume_allow_list_is_the_documented_one():
     # a key that changes what a step computes must never be allowed by accident
     assert RESUME_MAY_CHANGE == {"steps", "ckpt_every", "eval_every", "eval_at_start", "keep_last", "progress",
-                                 "tensorboard", "num_workers", "max_bad_steps", "smoke_test"}  # fmt: skip
+                                 "tensorboard", "num_workers", "max_bad_steps", "smoke_test", "dist_timeout_s",
+                                 "cache_max_gib"}  # fmt: skip
     assert not {"lr", "batch_size", "grad_accum", "seed", "train_data", "init_from", "num_gpus"} & RESUME_MAY_CHANGE
 
 
