@@ -173,7 +173,8 @@ def compare_to_paper(metrics: dict[str, Any], targets: dict[str, str | dict], pa
     """The "paper vs reproduced" table: one row per metric; stored in ``metrics.json`` under ``comparison``.
 
     Verdicts: ``match`` / ``differs`` (paper target: ``|value - paper| <= tolerance``), ``met`` / ``missed``
-    (inline goal with ``direction`` ``">="`` or ``"<="``), ``not measured`` (metric missing, None or NaN).
+    (inline goal with ``direction`` ``">="`` or ``"<="``), ``not measured`` (metric missing, None or NaN),
+    ``rehearsal`` (a measured value of a ``model_scale: rehearsal`` run: tiny random models, never a verdict).
 
     Args:
         metrics: measured values by metric name (floats, or ``record``-style ``{"value", "unit"}`` entries).
@@ -190,6 +191,9 @@ def compare_to_paper(metrics: dict[str, Any], targets: dict[str, str | dict], pa
     import pandas as pd
 
     by_id = {t["id"]: t for t in load_targets(path)} if any(isinstance(r, str) for r in targets.values()) else {}
+    run = run or _CURRENT
+    # A dress rehearsal (model_scale: rehearsal) measures tiny random models: its values say nothing about the paper.
+    rehearsal = run is not None and run.params.get("model_scale") == "rehearsal"
     rows = []
     for name, ref in targets.items():
         value = _measured(metrics.get(name, metrics.get(name.split("@")[0])))  # "x@table1": same cell
@@ -206,6 +210,8 @@ def compare_to_paper(metrics: dict[str, Any], targets: dict[str, str | dict], pa
         digits = _decimals(by_id[ref]["value"]) if isinstance(ref, str) else max(_decimals(ref["goal"]), 3)
         if value is None:
             verdict = "not measured"
+        elif rehearsal:
+            verdict = "rehearsal"
         elif direction == ">=":
             verdict = "met" if value >= goal else "missed"
         elif direction == "<=":
@@ -215,7 +221,6 @@ def compare_to_paper(metrics: dict[str, Any], targets: dict[str, str | dict], pa
         rows.append({"metric": name, "target": label, "reproduced": None if value is None else round(value, digits),
                      "paper / goal": goal, "delta": None if value is None else round(value - goal, digits),
                      "tolerance": tol, "baseline": base, "verdict": verdict})  # fmt: skip
-    run = run or _CURRENT
     if run is not None:
         run.comparison = rows
         run.save()
