@@ -411,7 +411,7 @@ def validate_all(root: Path = REPO_ROOT) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: ``run``, ``run-all``, ``validate``; returns the exit status (1 on any error)."""
+    """Command line: ``run``, ``run-all``, ``validate``, ``rehearse``; returns the exit status (1 on any error)."""
     ap = argparse.ArgumentParser(prog="python -m blip2lib.workbook", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     common = argparse.ArgumentParser(add_help=False)
@@ -431,6 +431,12 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("readme", help="write a variant's measured goals into README.md's results block")
     r.add_argument("variant")
     r.add_argument("--runs", type=Path, default=REPO_ROOT / "runs")
+    h = sub.add_parser(
+        "rehearse", help="dress rehearsal: every paper_* params file on tiny models (blip2lib/rehearsal)"
+    )
+    h.add_argument("--out", type=Path, default=None, help="rehearsal tree (default runs/rehearsal)")
+    h.add_argument("--only", default="", help="glob over <notebook>/<paper file stem>; the runs they read come too")
+    h.add_argument("--force", action="store_true", help="redo steps whose outputs are current")
     args = ap.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -438,6 +444,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "validate":
             print(f"{validate_all(args.root)} params files valid")
             return 0
+        if args.cmd == "rehearse":
+            from ..rehearsal.run import DEFAULT_OUT, rehearse
+
+            result = rehearse(args.out or DEFAULT_OUT, args.only, args.force)
+            print(json.dumps(result, indent=2))
+            return 1 if result["failed"] else 0
         if args.cmd == "readme":
             from .summary import update_readme
 
