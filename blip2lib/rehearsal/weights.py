@@ -143,9 +143,16 @@ def bert_vocab() -> list[str]:
     return vocab
 
 
+def bert_tokenizer():
+    """The uncased WordPiece tokenizer over :func:`bert_vocab` (what ``bert-base-uncased`` holds, in miniature)."""
+    from transformers import BertTokenizer
+
+    return BertTokenizer(vocab={w: i for i, w in enumerate(bert_vocab())}, do_lower_case=True)
+
+
 def write_bert(out: Path, name: str = "bert-base-uncased") -> None:
     """``bert-base-uncased`` at rehearsal size: ``config.json``, ``model.safetensors``, tokenizer files."""
-    from transformers import BertConfig, BertForPreTraining, BertTokenizerFast
+    from transformers import BertConfig, BertForPreTraining
 
     q = scaled_config(PRESETS["vitg"], SCALE).qformer
     out.mkdir(parents=True, exist_ok=True)
@@ -154,8 +161,8 @@ def write_bert(out: Path, name: str = "bert-base-uncased") -> None:
                      num_attention_heads=q.num_attention_heads, intermediate_size=q.intermediate_size,
                      max_position_embeddings=q.max_position_embeddings)  # fmt: skip
     BertForPreTraining(cfg).save_pretrained(out)
-    (out / "vocab.txt").write_text("\n".join(bert_vocab()) + "\n")
-    BertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=True).save_pretrained(out)
+    bert_tokenizer().save_pretrained(out)  # tokenizer.json, tokenizer_config.json
+    (out / "vocab.txt").write_text("\n".join(bert_vocab()) + "\n")  # as the hub folder has it too
 
 
 def write_llm(out: Path, folder: str) -> None:
@@ -181,13 +188,8 @@ def write_hub(out: Path) -> None:
     _seed(out.name)
     cfg = PRESETS[preset]
     if cfg.llm is None:
-        from transformers import BertTokenizerFast
-
-        vocab = out.parent / f".{out.name}-vocab.txt"
-        vocab.write_text("\n".join(bert_vocab()) + "\n")
-        tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
-        tok.add_special_tokens({"bos_token": "[DEC]"})
-        vocab.unlink()
+        tok = bert_tokenizer()
+        tok.add_special_tokens({"bos_token": "[DEC]"})  # id 30522, as the Q-Former tokenizer has it
     else:
         tok = build_opt_tokenizer() if cfg.llm.family == "opt" else build_t5_tokenizer()
     model = _model(preset, size, tok).eval()
