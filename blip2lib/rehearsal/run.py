@@ -27,7 +27,7 @@ import os
 import time
 from pathlib import Path
 
-from ..config import load_params_yaml
+from ..config import LLMS, load_params_yaml
 from ..workbook.run import REPO_ROOT
 
 log = logging.getLogger(__name__)
@@ -39,13 +39,14 @@ DEFAULT_OUT = REPO_ROOT / "runs" / "rehearsal"
 def paper_params(root: Path = REPO_ROOT, only: str = "") -> list[Path]:
     """``params/*/paper_*.yaml`` in dependency order (notebook number, then name).
 
-    ``only`` keeps the files whose ``<notebook>/<file stem>`` matches the glob, plus every run they read (their
-    ``runs/<notebook>/<variant>`` values), transitively.
+    ``only`` keeps the files whose ``<notebook>/<file stem>`` matches the glob (or one of several comma-separated
+    globs), plus every run they read (their ``runs/<notebook>/<variant>`` values), transitively.
     """
     files = sorted(root.glob("params/*/paper_*.yaml"), key=lambda p: (p.parent.name, p.name))
     if not only:
         return files
-    chosen = {p for p in files if fnmatch.fnmatch(f"{p.parent.name}/{p.stem}", only)}
+    globs = [g.strip() for g in only.split(",") if g.strip()]  # several globs: comma-separated
+    chosen = {p for p in files if any(fnmatch.fnmatch(f"{p.parent.name}/{p.stem}", g) for g in globs)}
     todo = list(chosen)
     while todo:  # add the upstream runs the chosen files read, transitively
         for upstream in _upstream(todo.pop(), root):
@@ -81,6 +82,52 @@ def weight_names(values: dict) -> set[str]:
     return {s.rstrip("/") for s in _strings(values) if s.startswith("weights/")}
 
 
+def _format(name: str) -> str:
+    from .weights import HUB_DIRS, LAVIS_FILES, LLM_DIRS, VISION_FILES, kind_of
+
+    base, kind = Path(name).name, kind_of(name)
+    if kind == "vision":
+        return f"vision:{VISION_FILES[base]}"
+    if kind == "llm":
+        return f"llm:{LLMS[LLM_DIRS[base]].family}"
+    if kind == "lavis":
+        preset, with_vit = LAVIS_FILES[base]
+        return f"lavis:{'stage2' if '_' in preset else 'stage1'}" + ("+vit" if with_vit else "")
+    if kind == "hub":
+        return f"hub:{'stage2' if '_' in HUB_DIRS[base][0] else 'retrieval'}"
+    return kind
+
+
+def formats(values: dict) -> set[str]:
+    """The checkpoint formats a params file reads: ``weights.kind_of`` refined by tower, LLM family and contents."""
+    out = {_format(name) for name in weight_names(values)}
+    if any(Path(s).parts[:1] == ("runs",) for s in _strings(values)):
+        out.add("run folder")
+    return out
+
+
+def ci_subset(root: Path = REPO_ROOT) -> list[str]:
+    """A cheap set of ``<notebook>/<stem>`` names whose runs touch every notebook and every checkpoint format.
+
+    Greedy: for each notebook or format not yet touched, the file that adds the fewest runs (itself plus the
+    upstream runs not chosen yet) is taken. Derived from the params files, so new files or formats join it.
+    """
+    files = paper_params(root)
+    closure = {f: paper_params(root, f"{f.parent.name}/{f.stem}") for f in files}
+    covers = {f: {c.parent.name for c in closure[f]} | set().union(*(formats(load_params_yaml(c)) for c in closure[f]))
+              for f in files}  # fmt: skip
+    need = set().union(*covers.values())
+    chosen: set[Path] = set()
+    picks: list[str] = []
+    for item in sorted(need):
+        if any(item in covers[c] for c in chosen):
+            continue
+        best = min((f for f in files if item in covers[f]), key=lambda f: (len(set(closure[f]) - chosen), f.name))
+        chosen |= set(closure[best])
+        picks.append(f"{best.parent.name}/{best.stem}")
+    return picks
+
+
 def build_tree(out: Path, files: list[Path], root: Path = REPO_ROOT) -> list[Path]:
     """Write the rehearsal tree for ``files``; returns the tree's copies of the params files (same order)."""
     from .data import write_data
@@ -107,12 +154,19 @@ def build_tree(out: Path, files: list[Path], root: Path = REPO_ROOT) -> list[Pat
     return copies
 
 
-def rehearse(out: Path = DEFAULT_OUT, only: str = "", force: bool = False, root: Path = REPO_ROOT) -> dict:
-    """Build the tree and run the chosen ``paper_*`` files in order; returns ``{"ok", "failed", "wall_s"}``.
+def rehearse(out: Path = DEFAULT_OUT, only: str = "", force: bool = False, root: Path = REPO_ROOT,
+             jobs: int = 1) -> dict:  # fmt: skip
+    """Build the tree and run the chosen ``paper_*`` files in dependency order; returns a summary dict.
 
-    A failed step is recorded and the rest still run (steps that read its run then fail too), so one rehearsal
-    lists every break of the paper path at once.
+    A failed step is recorded and the others still run, except those reading its run (``skipped``), so one
+    rehearsal lists every break of the paper path at once. ``jobs > 1`` runs that many steps at once, each as soon
+    as the runs it reads are done (one torch thread each); ``90_summary`` always runs last.
+
+    Returns:
+        ``{"out", "ok": [run ids], "failed": {run id: first error line}, "skipped": [...], "wall_s"}``.
     """
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
     from ..workbook.runner import RunFailed, run
 
     out = Path(out).resolve()
@@ -122,13 +176,40 @@ def rehearse(out: Path = DEFAULT_OUT, only: str = "", force: bool = False, root:
         raise FileNotFoundError(f"no params/*/paper_*.yaml under {root} matches {only!r}")
     copies = build_tree(out, files, root)
     log.info("[rehearsal] tree ready in %.0f s: %s (%d params files)", time.time() - t0, out, len(copies))
-    ok, failed = [], {}
-    for copy in copies:
-        run_id = f"{copy.parent.name}/{copy.stem}"
-        try:
-            run(copy, force=force, root=out)
-            ok.append(run_id)
-        except RunFailed as e:
-            failed[run_id] = str(e).splitlines()[0]
-            log.error("[rehearsal] %s failed: %s", run_id, failed[run_id])
-    return {"out": str(out), "ok": ok, "failed": failed, "wall_s": round(time.time() - t0, 1)}
+    ids = {c: f"{c.parent.name}/{c.stem}" for c in copies}
+    by_id = {v: k for k, v in ids.items()}
+    deps = {c: {by_id[f"{u.parent.name}/{u.stem}"] for u in _upstream(c, out) if f"{u.parent.name}/{u.stem}" in by_id}
+            for c in copies}  # fmt: skip
+    last = {c for c in copies if c.parent.name.startswith("9")}  # collectors read every other run
+    for c in last:
+        deps[c] |= set(copies) - last
+    ok, failed, skipped = [], {}, []
+    done: set[Path] = set()
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        running: dict = {}
+        while len(done) < len(copies):
+            for c in copies:
+                if c in done or c in running.values() or len(running) >= max(1, jobs):
+                    continue
+                if deps[c] <= done:
+                    if any(ids[d] in failed or ids[d] in skipped for d in deps[c] if c not in last):
+                        skipped.append(ids[c])
+                        done.add(c)
+                        continue
+                    threads = None if jobs <= 1 else 1
+                    running[pool.submit(run, c, force=force, root=out, threads=threads)] = c
+            if not running:
+                if len(done) < len(copies) and not any(deps[c] <= done for c in copies if c not in done):
+                    raise RuntimeError(f"steps that can never start: {[ids[c] for c in copies if c not in done]}")
+                continue
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in finished:
+                c = running.pop(fut)
+                done.add(c)
+                try:
+                    fut.result()
+                    ok.append(ids[c])
+                except RunFailed as e:
+                    failed[ids[c]] = str(e).splitlines()[0]
+                    log.error("[rehearsal] %s failed: %s", ids[c], failed[ids[c]])
+    return {"out": str(out), "ok": ok, "failed": failed, "skipped": skipped, "wall_s": round(time.time() - t0, 1)}

@@ -437,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--out", type=Path, default=None, help="rehearsal tree (default runs/rehearsal)")
     h.add_argument("--only", default="", help="glob over <notebook>/<paper file stem>; the runs they read come too")
     h.add_argument("--force", action="store_true", help="redo steps whose outputs are current")
+    h.add_argument("-j", "--jobs", type=int, default=1, help="steps executed at once (default 1)")
     args = ap.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -447,9 +448,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "rehearse":
             from ..rehearsal.run import DEFAULT_OUT, rehearse
 
-            result = rehearse(args.out or DEFAULT_OUT, args.only, args.force)
+            result = rehearse(args.out or DEFAULT_OUT, args.only, args.force, jobs=args.jobs)
             print(json.dumps(result, indent=2))
-            return 1 if result["failed"] else 0
+            return 1 if result["failed"] or result["skipped"] else 0
         if args.cmd == "readme":
             from .summary import update_readme
 

@@ -265,3 +265,31 @@ def test_glob_index_lists_every_variant_with_its_rows(tmp_path):
     assert page.count("paper_gqa cell") == 1 and page.count("paper_coco cell") == 1
     assert 'href="../paper_gqa/41_zeroshot_vqa.html"' in page and 'href="../paper_coco/44_retrieval.html"' in page
     assert math.isclose(float(page.split('<td class="n">')[-2].split("<")[0]), 1.5)
+
+
+def test_rehearse_orders_by_reads_skips_readers_of_a_failure_and_summarises_last(tmp_path, monkeypatch):
+    from blip2lib.workbook import runner
+
+    src = tmp_path / "repo"
+    _write(src, "10_stage1_pretrain/paper_a.yaml", {"model": "vitg"})
+    _write(src, "20_stage2_pretrain/paper_b.yaml", {"init_from": "runs/10_stage1_pretrain/paper_a"})
+    _write(src, "20_stage2_pretrain/paper_c.yaml", {"model": "vitg_opt2.7b"})
+    _write(src, "90_summary/paper_summary.yaml", {"variant": "paper_*"})
+
+    def tree(out, files, root):  # the params copies only (weights and data have their own tests)
+        return [_write(out, f"{f.parent.name}/{f.name}", yaml.safe_load(f.read_text())) for f in files]
+
+    order = []
+
+    def fake_run(path, **kw):
+        order.append(f"{path.parent.name}/{path.stem}")
+        if path.stem == "paper_a":
+            raise runner.RunFailed("a broke\ndetails")
+
+    monkeypatch.setattr(rrun, "build_tree", tree)
+    monkeypatch.setattr(runner, "run", fake_run)
+    result = rrun.rehearse(tmp_path / "out", root=src)
+    assert order == ["10_stage1_pretrain/paper_a", "20_stage2_pretrain/paper_c", "90_summary/paper_summary"]
+    assert result["failed"] == {"10_stage1_pretrain/paper_a": "a broke"}
+    assert result["skipped"] == ["20_stage2_pretrain/paper_b"]
+    assert result["ok"] == ["20_stage2_pretrain/paper_c", "90_summary/paper_summary"]
