@@ -109,21 +109,21 @@ def formats(values: dict) -> set[str]:
 def ci_subset(root: Path = REPO_ROOT) -> list[str]:
     """A cheap set of ``<notebook>/<stem>`` names whose runs touch every notebook and every checkpoint format.
 
-    Greedy: for each notebook or format not yet touched, the file that adds the fewest runs (itself plus the
-    upstream runs not chosen yet) is taken. Derived from the params files, so new files or formats join it.
+    Greedy set cover: repeatedly the file whose closure (itself plus the upstream runs it reads) touches the most
+    new notebooks and formats per run it adds. Derived from the params files, so new files or formats join it.
     """
     files = paper_params(root)
     closure = {f: paper_params(root, f"{f.parent.name}/{f.stem}") for f in files}
     covers = {f: {c.parent.name for c in closure[f]} | set().union(*(formats(load_params_yaml(c)) for c in closure[f]))
               for f in files}  # fmt: skip
-    need = set().union(*covers.values())
+    todo = set().union(*covers.values())
     chosen: set[Path] = set()
     picks: list[str] = []
-    for item in sorted(need):
-        if any(item in covers[c] for c in chosen):
-            continue
-        best = min((f for f in files if item in covers[f]), key=lambda f: (len(set(closure[f]) - chosen), f.name))
+    while todo:
+        best = max((f for f in files if covers[f] & todo),
+                   key=lambda f: (len(covers[f] & todo) / max(1, len(set(closure[f]) - chosen)), f.name))  # fmt: skip
         chosen |= set(closure[best])
+        todo -= set().union(*(covers[c] for c in chosen))
         picks.append(f"{best.parent.name}/{best.stem}")
     return picks
 

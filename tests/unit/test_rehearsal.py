@@ -293,3 +293,16 @@ def test_rehearse_orders_by_reads_skips_readers_of_a_failure_and_summarises_last
     assert result["failed"] == {"10_stage1_pretrain/paper_a": "a broke"}
     assert result["skipped"] == ["20_stage2_pretrain/paper_b"]
     assert result["ok"] == ["20_stage2_pretrain/paper_c", "90_summary/paper_summary"]
+
+
+def test_ci_subset_covers_every_notebook_and_format_cheaply(tmp_path):
+    _write(tmp_path, "10_stage1_pretrain/paper_g.yaml", {"vision_weights": "weights/eva_vit_g.pth"})
+    _write(tmp_path, "10_stage1_pretrain/paper_l.yaml", {"vision_weights": "weights/clip_vit_L.pth"})
+    _write(tmp_path, "20_stage2_pretrain/paper_l.yaml", {"init_from": "runs/10_stage1_pretrain/paper_l"})
+    _write(tmp_path, "41_zeroshot_vqa/paper_lavis.yaml", {"checkpoints": {"m": "weights/blip2_pretrained_opt2.7b.pth"}})
+    _write(tmp_path, "41_zeroshot_vqa/paper_hub.yaml", {"checkpoints": {"m": "weights/blip2-opt-2.7b"}})
+    _write(tmp_path, "41_zeroshot_vqa/paper_run.yaml", {"checkpoints": {"m": "runs/20_stage2_pretrain/paper_l"}})
+    picks = rrun.ci_subset(tmp_path)
+    # paper_run adds nothing paper_l's chain and the two weight files do not already touch
+    assert sorted(picks) == ["10_stage1_pretrain/paper_g", "20_stage2_pretrain/paper_l", "41_zeroshot_vqa/paper_hub",
+                             "41_zeroshot_vqa/paper_lavis"]  # fmt: skip
