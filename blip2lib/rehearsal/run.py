@@ -118,14 +118,15 @@ def ci_subset(root: Path = REPO_ROOT) -> list[str]:
               for f in files}  # fmt: skip
     todo = set().union(*covers.values())
     chosen: set[Path] = set()
-    picks: list[str] = []
+    picks: list[Path] = []
     while todo:
         best = max((f for f in files if covers[f] & todo),
                    key=lambda f: (len(covers[f] & todo) / max(1, len(set(closure[f]) - chosen)), f.name))  # fmt: skip
         chosen |= set(closure[best])
         todo -= set().union(*(covers[c] for c in chosen))
-        picks.append(f"{best.parent.name}/{best.stem}")
-    return picks
+        picks.append(best)
+    picks = [p for p in picks if not any(p in closure[q] for q in picks if q != p)]  # upstream of a later pick
+    return [f"{p.parent.name}/{p.stem}" for p in picks]
 
 
 def build_tree(out: Path, files: list[Path], root: Path = REPO_ROOT) -> list[Path]:
