@@ -210,7 +210,9 @@ def scaled_config(cfg: Blip2Config, scale: str = "full") -> Blip2Config:
     q = dataclasses.replace(REHEARSAL_QFORMER, encoder_hidden_size=v.width, use_text_input=cfg.qformer.use_text_input)
     llm = cfg.llm
     if llm is not None:
-        name = next(k for k, c in LLMS.items() if c == llm or c.hf_config == llm.hf_config)
+        name = next((k for k, c in LLMS.items() if c.hf_config == llm.hf_config), None)
+        if name is None:
+            raise ValueError(f"model_scale rehearsal: the LLM {llm.hf_config or llm.path} is none of {list(LLMS)}")
         llm = dataclasses.replace(llm, hf_config=rehearsal_llm_config(name), hidden_size=REHEARSAL_LLM_WIDTH[name])
     return Blip2Config(vision=v, qformer=q, llm=llm, embed_dim=REHEARSAL_EMBED_DIM, max_txt_len=cfg.max_txt_len)
 
