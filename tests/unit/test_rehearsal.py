@@ -306,3 +306,11 @@ def test_ci_subset_covers_every_notebook_and_format_cheaply(tmp_path):
     # paper_run adds nothing paper_l's chain and the two weight files do not already touch
     assert sorted(picks) == ["10_stage1_pretrain/paper_g", "20_stage2_pretrain/paper_l", "41_zeroshot_vqa/paper_hub",
                              "41_zeroshot_vqa/paper_lavis"]  # fmt: skip
+
+
+def test_nocaps_val_holds_all_three_domains(tmp_path):
+    rdata.write_base(tmp_path)
+    entries = json.loads((tmp_path / "nocaps/annotations/nocaps_val.json").read_text())
+    domains = [e["domain"] for e in entries]
+    assert sorted(set(domains)) == ["in-domain", "near-domain", "out-domain"]
+    assert [domains.count(d) for d in ("in-domain", "near-domain", "out-domain")] == [2, 2, 2]
