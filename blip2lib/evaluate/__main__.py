@@ -27,6 +27,7 @@ from blip2lib import dist
 from blip2lib.config import Params, ParamsError, tiny_config
 from blip2lib.data import (
     FORMATS,
+    AnnotationError,
     CaptionEvalDataset,
     CaptionProcessor,
     GQAEvalDataset,
@@ -36,8 +37,9 @@ from blip2lib.data import (
     VQAEvalDataset,
     image_eval_transform,
 )
-from blip2lib.evaluate.caption import ALL_METRICS, CaptionDecoding
+from blip2lib.evaluate.caption import ALL_METRICS, CaptionDecoding, metric_groups
 from blip2lib.evaluate.drivers import run_caption, run_retrieval, run_vqa
+from blip2lib.evaluate.integrity import checkpoint_identity, file_identity
 from blip2lib.evaluate.retrieval import FUSIONS
 from blip2lib.evaluate.vqa import VQADecoding
 from blip2lib.generation import LENGTH_RULES
@@ -62,6 +64,11 @@ class EvalParams(Params):
     device: str = "auto"  # auto (cuda:LOCAL_RANK if available, else cpu) | cpu | cuda | cuda:N
     autocast: str = ""  # "" | fp16 | bf16 (generation only)
     progress: bool = True
+
+    ranges = {"batch_size": "[1, inf)", "num_workers": "[0, inf)",
+              "image_size": "[0, inf) (0 keeps the checkpoint's own)", "num_beams": "[1, inf)",
+              "max_new_tokens": "[1, inf)", "min_new_tokens": "[0, inf)", "repetition_penalty": "(0, inf)",
+              "k": "[1, inf)", "text_max_len": "[1, inf)", "itm_batch_size": "[1, inf)"}  # fmt: skip
 
 
 @dataclass
@@ -123,8 +130,11 @@ def _check(p: EvalParams, source: str) -> None:
             f"{source}: key 'split' must be a blip2lib.data.FORMATS key (or set ann_file and "
             f"images_root), got {p.split!r}"
         )
-    if isinstance(p, CaptionParams) and set(p.metrics) - set(ALL_METRICS):
-        raise ParamsError(f"{source}: key 'metrics' must be a subset of {list(ALL_METRICS)}, got {p.metrics}")
+    if isinstance(p, CaptionParams):
+        try:
+            metric_groups(p.metrics)
+        except ValueError as e:
+            raise ParamsError(f"{source}: key 'metrics': {e}") from e
 
 
 def _device(name: str) -> torch.device:
@@ -182,6 +192,20 @@ def load_model(p: EvalParams, task: str, source: str = "<params>"):
     return model, None
 
 
+def _ann_path(p: EvalParams) -> Path:
+    return Path(p.data_root) / (p.ann_file or FORMATS.get(p.split, {})["file"])
+
+
+def run_identity(p: EvalParams) -> dict:
+    """Checkpoint and annotation-file identity of a run: recorded in ``result.json``, part of the cache key."""
+    if p.checkpoint == "tiny":  # a random model: the seed and family make it
+        ckpt = {"checkpoint": "tiny", "seed": p.seed, "family": p.family, "image_size": p.image_size or 28}
+    else:
+        ckpt = checkpoint_identity(p.checkpoint)
+    extra = {k: str(Path(getattr(p, k)).resolve()) for k in ("vision_weights", "llm_path") if getattr(p, k)}
+    return {"checkpoint": {**ckpt, **extra}, "ann_file": file_identity(_ann_path(p))}
+
+
 def build_dataset(p: EvalParams, task: str, image_size: int):
     """The reader for ``p.split`` under ``p.data_root`` with the eval transform.
 
@@ -189,7 +213,7 @@ def build_dataset(p: EvalParams, task: str, image_size: int):
     """
     root = Path(p.data_root)
     fmt = FORMATS.get(p.split, {})
-    ann = root / (p.ann_file or fmt["file"])
+    ann = _ann_path(p)
     images = root / (p.images_root or fmt["images_root"])
     transform = image_eval_transform(image_size)
     if task == "vqa":
@@ -220,7 +244,7 @@ def run_params(task: str, p: EvalParams, params_path: str = "<params>") -> dict:
     model.place(_device(p.device))
     dataset = build_dataset(p, task, model.config.vision.image_size)
     out_dir = Path(p.out_dir or p.run_dir)
-    common = dict(batch_size=p.batch_size, num_workers=p.num_workers, progress=p.progress)
+    common = dict(batch_size=p.batch_size, num_workers=p.num_workers, progress=p.progress, identity=run_identity(p))
     if task == "retrieval":
         return run_retrieval(
             model,
@@ -286,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(args.task, args.params)
         main_rank = dist.is_main()
-    except ParamsError as err:
+    except (ParamsError, AnnotationError) as err:  # the message names the file and the key / entry
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -3,20 +3,19 @@
 Layout of the rehearsal tree ``DIR`` (default ``runs/rehearsal``)::
 
     DIR/notebooks -> <repo>/notebooks        # the real notebooks (a symlink)
-    DIR/params/<notebook>/paper_*.yaml       # the repository's file + one line: "model_scale: rehearsal"
     DIR/weights/...                          # every name the params give under weights/ (weights.py)
     DIR/data/...                             # every dataset they name under data_root (data.py)
     DIR/runs/<notebook>/<variant>/           # the runner's run folders
     DIR/reports/<variant>/<notebook>.html    # the runner's reports; DIR/reports/paper/index.html lists them all
 
+Each repository ``params/*/paper_*.yaml`` file runs as it is, through the normal runner, with ONE override:
+``-p model_scale=rehearsal`` (``blip2lib.config``): the loaders build the tiny architectures of the same families
+from the same files, and the run length is cut (``REHEARSAL_RUN``). Every value is measured from tiny random
+models: the paper comparison's verdict is ``rehearsal``, never ``met`` or ``match``.
+
 How relative paths resolve: the runner executes each notebook with its root as the working directory, and the
 rehearsal passes ``root=DIR``; so ``weights/...``, ``data`` and ``runs/...`` written in the params files resolve
 inside the tree exactly as they resolve in a clone on the real host, with no path rewritten.
-
-The only difference from a real run is the appended ``model_scale: rehearsal`` (``blip2lib.config``): the loaders
-build the tiny architectures of the same families from the same files, and the run length is cut
-(``REHEARSAL_RUN``). Every value is measured from tiny random models: the paper comparison's verdict is
-``rehearsal``, never ``met`` or ``match``.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from ..workbook.run import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
-OVERRIDE = "model_scale: rehearsal  # the dress rehearsal's one size override (blip2lib/rehearsal)\n"
+OVERRIDE = {"model_scale": "rehearsal"}  # the dress rehearsal's one size override (-p model_scale=rehearsal)
 DEFAULT_OUT = REPO_ROOT / "runs" / "rehearsal"
 
 
@@ -129,8 +128,8 @@ def ci_subset(root: Path = REPO_ROOT) -> list[str]:
     return [f"{p.parent.name}/{p.stem}" for p in picks]
 
 
-def build_tree(out: Path, files: list[Path], root: Path = REPO_ROOT) -> list[Path]:
-    """Write the rehearsal tree for ``files``; returns the tree's copies of the params files (same order)."""
+def build_tree(out: Path, files: list[Path], root: Path = REPO_ROOT) -> None:
+    """Write the rehearsal tree for ``files``: the notebooks link, every named weight file and dataset."""
     from .data import write_data
     from .weights import write_weight
 
@@ -138,13 +137,8 @@ def build_tree(out: Path, files: list[Path], root: Path = REPO_ROOT) -> list[Pat
     link = out / "notebooks"
     if not link.is_symlink():
         os.symlink(root / "notebooks", link, target_is_directory=True)
-    copies, values, data = [], {}, {}
+    values, data = {}, {}
     for f in files:
-        copy = out / "params" / f.parent.name / f.name
-        copy.parent.mkdir(parents=True, exist_ok=True)
-        text = f.read_text()
-        copy.write_text(text + ("" if text.endswith("\n") else "\n") + OVERRIDE)
-        copies.append(copy)
         v = load_params_yaml(f)
         values[f"{f.parent.name}/{f.name}"] = v
         data.setdefault(v.get("data_root") or "data", {})[f"{f.parent.name}/{f.name}"] = v
@@ -152,14 +146,13 @@ def build_tree(out: Path, files: list[Path], root: Path = REPO_ROOT) -> list[Pat
         write_weight(out, name)
     for data_root, named in data.items():
         write_data(out / data_root, named)
-    return copies
 
 
 def rehearse(out: Path = DEFAULT_OUT, only: str = "", force: bool = False, root: Path = REPO_ROOT,
              jobs: int = 1) -> dict:  # fmt: skip
     """Build the tree and run the chosen ``paper_*`` files in dependency order; returns a summary dict.
 
-    A failed step is recorded and the others still run, except those reading its run (``skipped``), so one
+    A failed (or stale) step is recorded and the others still run, except those reading its run (``skipped``), so one
     rehearsal lists every break of the paper path at once. ``jobs > 1`` runs that many steps at once, each as soon
     as the runs it reads are done (one torch thread each); ``90_summary`` always runs last.
 
@@ -168,28 +161,26 @@ def rehearse(out: Path = DEFAULT_OUT, only: str = "", force: bool = False, root:
     """
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-    from ..workbook.runner import RunFailed, run
+    from ..workbook.runner import RunFailed, StaleRun, run
 
     out = Path(out).resolve()
     t0 = time.time()
-    files = paper_params(root, only)
+    files = paper_params(root, only)  # the repository's files, run as they are
     if not files:
         raise FileNotFoundError(f"no params/*/paper_*.yaml under {root} matches {only!r}")
-    copies = build_tree(out, files, root)
-    log.info("[rehearsal] tree ready in %.0f s: %s (%d params files)", time.time() - t0, out, len(copies))
-    ids = {c: f"{c.parent.name}/{c.stem}" for c in copies}
-    by_id = {v: k for k, v in ids.items()}
-    deps = {c: {by_id[f"{u.parent.name}/{u.stem}"] for u in _upstream(c, out) if f"{u.parent.name}/{u.stem}" in by_id}
-            for c in copies}  # fmt: skip
-    last = {c for c in copies if c.parent.name.startswith("9")}  # collectors read every other run
+    build_tree(out, files, root)
+    log.info("[rehearsal] tree ready in %.0f s: %s (%d params files)", time.time() - t0, out, len(files))
+    ids = {c: f"{c.parent.name}/{c.stem}" for c in files}
+    deps = {c: {u for u in _upstream(c, root) if u in ids} for c in files}
+    last = {c for c in files if c.parent.name.startswith("9")}  # collectors read every other run
     for c in last:
-        deps[c] |= set(copies) - last
+        deps[c] |= set(files) - last
     ok, failed, skipped = [], {}, []
     done: set[Path] = set()
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         running: dict = {}
-        while len(done) < len(copies):
-            for c in copies:
+        while len(done) < len(files):
+            for c in files:
                 if c in done or c in running.values() or len(running) >= max(1, jobs):
                     continue
                 if deps[c] <= done:
@@ -198,10 +189,10 @@ def rehearse(out: Path = DEFAULT_OUT, only: str = "", force: bool = False, root:
                         done.add(c)
                         continue
                     threads = None if jobs <= 1 else 1
-                    running[pool.submit(run, c, force=force, root=out, threads=threads)] = c
+                    running[pool.submit(run, c, force=force, root=out, threads=threads, overrides=OVERRIDE)] = c
             if not running:
-                if len(done) < len(copies) and not any(deps[c] <= done for c in copies if c not in done):
-                    raise RuntimeError(f"steps that can never start: {[ids[c] for c in copies if c not in done]}")
+                if len(done) < len(files) and not any(deps[c] <= done for c in files if c not in done):
+                    raise RuntimeError(f"steps that can never start: {[ids[c] for c in files if c not in done]}")
                 continue
             finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for fut in finished:
@@ -210,7 +201,7 @@ def rehearse(out: Path = DEFAULT_OUT, only: str = "", force: bool = False, root:
                 try:
                     fut.result()
                     ok.append(ids[c])
-                except RunFailed as e:
+                except (RunFailed, StaleRun) as e:  # stale: a finished run of other inputs (--force redoes it)
                     failed[ids[c]] = str(e).splitlines()[0]
                     log.error("[rehearsal] %s failed: %s", ids[c], failed[ids[c]])
     return {"out": str(out), "ok": ok, "failed": failed, "skipped": skipped, "wall_s": round(time.time() - t0, 1)}

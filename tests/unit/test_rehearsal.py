@@ -222,15 +222,16 @@ def test_weight_names_are_found_in_nested_values():
                                          "weights/bert-base-uncased"}  # fmt: skip
 
 
-def test_tree_params_copy_is_the_file_plus_one_line(tmp_path, monkeypatch):
+def test_tree_links_the_notebooks_and_copies_no_params(tmp_path, monkeypatch):
     src = tmp_path / "repo"
     (src / "notebooks").mkdir(parents=True)
     f = _write(src, "44_retrieval/paper_d.yaml", {"split": "flickr30k_test"})
-    monkeypatch.setattr(rdata, "write_data", lambda root, named: None)  # the data writer has its own tests
-    (copy,) = rrun.build_tree(tmp_path / "out", [f], src)
-    assert copy.read_text() == f.read_text() + rrun.OVERRIDE
-    assert yaml.safe_load(copy.read_text()) == {"split": "flickr30k_test", "model_scale": "rehearsal"}
+    seen = {}
+    monkeypatch.setattr(rdata, "write_data", lambda root, named: seen.update({root: named}))
+    rrun.build_tree(tmp_path / "out", [f], src)
     assert (tmp_path / "out" / "notebooks").resolve() == src / "notebooks"
+    assert seen == {tmp_path / "out" / "data": {"44_retrieval/paper_d.yaml": {"split": "flickr30k_test"}}}
+    assert not (tmp_path / "out" / "params").exists()  # the repository's files run as they are
 
 
 # ---- verdicts and the index -------------------------------------------------------------------------------------
@@ -276,17 +277,16 @@ def test_rehearse_orders_by_reads_skips_readers_of_a_failure_and_summarises_last
     _write(src, "20_stage2_pretrain/paper_c.yaml", {"model": "vitg_opt2.7b"})
     _write(src, "90_summary/paper_summary.yaml", {"variant": "paper_*"})
 
-    def tree(out, files, root):  # the params copies only (weights and data have their own tests)
-        return [_write(out, f"{f.parent.name}/{f.name}", yaml.safe_load(f.read_text())) for f in files]
-
     order = []
 
     def fake_run(path, **kw):
+        assert path.parent.parent == src / "params" and kw["overrides"] == {"model_scale": "rehearsal"}
+        assert kw["root"] == (tmp_path / "out").resolve()
         order.append(f"{path.parent.name}/{path.stem}")
         if path.stem == "paper_a":
             raise runner.RunFailed("a broke\ndetails")
 
-    monkeypatch.setattr(rrun, "build_tree", tree)
+    monkeypatch.setattr(rrun, "build_tree", lambda out, files, root: None)  # weights and data: own tests
     monkeypatch.setattr(runner, "run", fake_run)
     result = rrun.rehearse(tmp_path / "out", root=src)
     assert order == ["10_stage1_pretrain/paper_a", "20_stage2_pretrain/paper_c", "90_summary/paper_summary"]
