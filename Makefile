@@ -52,10 +52,15 @@ clean: ## remove caches, runs and build artefacts (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
+REHEARSAL_DIR ?= runs/rehearsal
+REHEARSE_ONLY ?=
+rehearse: $(STAMP) ## dress rehearsal: every params/*/paper_*.yaml on tiny models in the released formats (README)
+	$(PY) -m blip2lib.workbook rehearse --out $(REHEARSAL_DIR) $(if $(REHEARSE_ONLY),--only '$(REHEARSE_ONLY)')
+
 MODULES ?=
 ONLY ?=
 mutate: $(STAMP) ## mutation testing (mutmut) of the science modules; MODULES="losses qformer" ONLY='glob' (docs/mutation.md)
 	@$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -q -e '.[mutation]'
 	$(PY) tools/mutate.py --modules "$(MODULES)" --only "$(ONLY)"
 
-.PHONY: help venv test test-fast test-world gpu-check lint format demo clean mutate
+.PHONY: help venv test test-fast test-world gpu-check lint format demo clean mutate rehearse

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import dist
-from .config import PRESETS, Blip2Config, LLMConfig, QFormerConfig, VisionConfig, tiny_config
+from .config import PRESETS, Blip2Config, LLMConfig, QFormerConfig, VisionConfig, scaled_config, tiny_config
 from .data import (
     BadSampleLog,
     CaptionDataset,
@@ -117,7 +117,7 @@ def _preset_components(params) -> dict:
 
     if params.model not in PRESETS:
         raise ValueError(f"model must be 'toy', 'tiny' or one of {sorted(PRESETS)}, got {params.model!r}")
-    cfg = PRESETS[params.model]
+    cfg = scaled_config(PRESETS[params.model], params.model_scale)  # model_scale rehearsal: the same family, tiny
     if not params.bert_dir:
         raise ValueError("bert_dir (a local bert-base-uncased folder) is required for real presets")
     qtok = AutoTokenizer.from_pretrained(params.bert_dir, local_files_only=True, truncation_side="right")

@@ -172,6 +172,55 @@ PRESETS: dict[str, Blip2Config] = {
 }
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Size override of the dress rehearsal (``model_scale: rehearsal``; blip2lib/rehearsal/). Same classes, families,
+# file formats and token-id layout as the paper's models; widths and depths shrunk so every real code path runs on a
+# CPU in seconds. The released files have one more vision block than is built (40 / 24), so do the rehearsal files.
+
+MODEL_SCALES = ("full", "rehearsal")
+REHEARSAL_VISION = {
+    "eva": VisionConfig(width=32, depth=2, num_heads=4, mlp_hidden=64),
+    "clip": VisionConfig(arch="clip", width=24, depth=2, num_heads=4, mlp_hidden=48, ln_eps=1e-5),
+}
+REHEARSAL_QFORMER = QFormerConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                                  max_position_embeddings=64, num_query_tokens=4)  # fmt: skip
+REHEARSAL_EMBED_DIM = 16
+# LLM widths (d_LLM) of the rehearsal models: the two sizes of a family differ, as in the paper (2560 / 4096 OPT).
+REHEARSAL_LLM_WIDTH = {"opt2.7b": 32, "opt6.7b": 48, "flant5xl": 32, "flant5xxl": 48}
+# Run length under the override: keys a schema has are replaced (a few steps, tiny batches, one process).
+REHEARSAL_RUN = {"steps": 2, "batch_size": 2, "num_gpus": 1, "num_workers": 0, "grad_accum": 1, "warmup_steps": 1,
+                 "steps_per_epoch": 1, "ckpt_every": 0, "eval_every": 0, "val_images": 2, "shard_epoch_samples": 4,
+                 "shuffle_buffer": 4, "itm_batch_size": 8, "progress": False}  # fmt: skip
+
+
+def rehearsal_llm_config(name: str) -> dict:
+    """Tiny transformers config kwargs of LLM ``name`` (an ``LLMS`` key): the paper's vocabulary and ids, 2 layers."""
+    base = dict(LLMS[name].hf_config)
+    w = REHEARSAL_LLM_WIDTH[name]
+    if base["model_type"] == "opt":
+        return dict(base, hidden_size=w, ffn_dim=2 * w, word_embed_proj_dim=w, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=128)  # fmt: skip
+    return dict(base, d_model=w, d_ff=2 * w, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2)
+
+
+def scaled_config(cfg: Blip2Config, scale: str = "full") -> Blip2Config:
+    """``cfg`` at ``scale``: ``full`` returns it; ``rehearsal`` keeps the families and shrinks every size."""
+    if scale not in MODEL_SCALES:
+        raise ValueError(f"model_scale must be one of {list(MODEL_SCALES)}, got {scale!r}")
+    if scale == "full":
+        return cfg
+    v = dataclasses.replace(REHEARSAL_VISION[cfg.vision.arch], image_size=cfg.vision.image_size,
+                            precision=cfg.vision.precision)  # fmt: skip
+    q = dataclasses.replace(REHEARSAL_QFORMER, encoder_hidden_size=v.width, use_text_input=cfg.qformer.use_text_input)
+    llm = cfg.llm
+    if llm is not None:
+        name = next((k for k, c in LLMS.items() if c.hf_config == llm.hf_config), None)
+        if name is None:
+            raise ValueError(f"model_scale rehearsal: the LLM {llm.hf_config or llm.path} is none of {list(LLMS)}")
+        llm = dataclasses.replace(llm, hf_config=rehearsal_llm_config(name), hidden_size=REHEARSAL_LLM_WIDTH[name])
+    return Blip2Config(vision=v, qformer=q, llm=llm, embed_dim=REHEARSAL_EMBED_DIM, max_txt_len=cfg.max_txt_len)
+
+
 def tiny_config(
     llm: str | None = None,
     cross_attention_frequency: int = 2,
@@ -363,6 +412,7 @@ class Params:
     smoke_test: bool = False  # seconds-sized run for CI
     seed: int = 42  # global seed
     num_gpus: int = 1  # >1 launches torchrun as a subprocess
+    model_scale: str = "full"  # full | rehearsal (tiny models from the same files, a few steps: blip2lib/rehearsal)
     data_root: str = ""  # folder with the prepared datasets ("" → toy world)
     weights_root: str = ""  # folder with local checkpoints ("" → toy world models)
 
@@ -377,6 +427,11 @@ class Params:
             if not _check_type(value, hints[key]):
                 raise ParamsError(f"{source}: key '{key}' must be {hints[key]}, got {type(value).__name__} {value!r}")
         values = {k: float(v) if hints[k] is float and isinstance(v, int) else v for k, v in values.items()}
+        scale = values.get("model_scale", "full")
+        if scale not in MODEL_SCALES:
+            raise ParamsError(f"{source}: key 'model_scale' must be one of {list(MODEL_SCALES)}, got {scale!r}")
+        if scale == "rehearsal":  # the rehearsal's run length (REHEARSAL_RUN); every other key stays as given
+            values.update({k: v for k, v in REHEARSAL_RUN.items() if k in names})
         try:
             obj = cls(**values)
         except ParamsError as e:  # a schema's own cross-key check: name the file

@@ -271,19 +271,26 @@ def _load_hf(d: Path, attn: str, strict: bool, return_report: bool, config=None)
     return _finish(model, report, strict, attn, return_report)
 
 
-def _infer_lavis_config(sd: dict, vis: dict, llm_path: str | None, image_size: int | None):
-    """Architecture of a LAVIS checkpoint from tensor shapes + the paper presets (docs/paper_map.md §1.2–1.5, §8.2)."""
+def _infer_lavis_config(sd: dict, vis: dict, llm_path: str | None, image_size: int | None,
+                        model_scale: str = "full"):  # fmt: skip
+    """Architecture of a LAVIS checkpoint from tensor shapes + the paper presets (docs/paper_map.md §1.2–1.5, §8.2).
+
+    ``model_scale="rehearsal"`` takes the sizes shapes cannot give (head counts) from the rehearsal presets
+    (``blip2lib.config.REHEARSAL_*``) instead of the paper's.
+    """
     import dataclasses
     import math
 
-    from .config import VIT_G, VIT_L, Blip2Config, LLMConfig, QFormerConfig
+    from .config import REHEARSAL_QFORMER, REHEARSAL_VISION, VIT_G, VIT_L, Blip2Config, LLMConfig, QFormerConfig
 
     src = {k[len("visual_encoder.") :]: v for k, v in sd.items() if k.startswith("visual_encoder.")} or vis
     clip = "conv1.weight" in src or "class_embedding" in src
     width = (src.get("class_embedding") if clip else src.get("cls_token")).shape[-1]
-    v = VIT_L if clip else VIT_G
+    rehearsal = model_scale == "rehearsal"  # size override of the dress rehearsal
+    v = REHEARSAL_VISION["clip" if clip else "eva"] if rehearsal else VIT_L if clip else VIT_G
     if width != v.width:
-        raise LoadError(f"vision width {width} matches no preset (1408 ViT-g / 1024 ViT-L): pass config=")
+        raise LoadError(f"vision width {width} matches no {model_scale} preset ({VIT_G.width} ViT-g / {VIT_L.width} "
+                        f"ViT-L at full scale): pass config=")  # fmt: skip
     pos = src.get("positional_embedding" if clip else "pos_embed")
     grid = math.isqrt(pos.shape[-2] - 1)
     v = dataclasses.replace(v, image_size=image_size or grid * v.patch_size)
@@ -291,10 +298,11 @@ def _infer_lavis_config(sd: dict, vis: dict, llm_path: str | None, image_size: i
     cross = sorted(i for i in layers if f"Qformer.bert.encoder.layer.{i}.crossattention.self.query.weight" in sd)
     qt = sd["query_tokens"]
     we = sd.get("Qformer.bert.embeddings.word_embeddings.weight")
-    q = QFormerConfig(hidden_size=qt.shape[-1], num_query_tokens=qt.shape[1], num_hidden_layers=len(layers),
-                      cross_attention_frequency=cross[1] - cross[0] if len(cross) > 1 else len(layers),
-                      encoder_hidden_size=width, vocab_size=we.shape[0] if we is not None else 30523,
-                      use_text_input="Qformer.bert.encoder.layer.0.intermediate.dense.weight" in sd)  # fmt: skip
+    q = dataclasses.replace(REHEARSAL_QFORMER if rehearsal else QFormerConfig(), hidden_size=qt.shape[-1],
+                            num_query_tokens=qt.shape[1], num_hidden_layers=len(layers),
+                            cross_attention_frequency=cross[1] - cross[0] if len(cross) > 1 else len(layers),
+                            encoder_hidden_size=width, vocab_size=we.shape[0] if we is not None else 30523,
+                            use_text_input="Qformer.bert.encoder.layer.0.intermediate.dense.weight" in sd)  # fmt: skip
     llm = None
     for fam in ("opt", "t5"):
         if f"{fam}_proj.weight" in sd:
@@ -307,7 +315,7 @@ def _infer_lavis_config(sd: dict, vis: dict, llm_path: str | None, image_size: i
 
 
 def _load_lavis(path: Path, vision_weights, llm_path, bert_dir, image_size, config, attn, strict, return_report,
-                language_model=None):  # fmt: skip
+                language_model=None, model_scale="full"):  # fmt: skip
     import dataclasses
 
     from .convert import LAVIS_EXPECTED_UNUSED, lavis_to_ours
@@ -316,7 +324,7 @@ def _load_lavis(path: Path, vision_weights, llm_path, bert_dir, image_size, conf
 
     sd = _read_tensors(path)
     vis = _read_tensors(Path(vision_weights)) if vision_weights else {}
-    cfg = config or _infer_lavis_config(sd, vis, llm_path, image_size)
+    cfg = config or _infer_lavis_config(sd, vis, llm_path, image_size, model_scale)
     if config is not None and image_size:
         cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, image_size=image_size))
     if cfg.llm is not None and llm_path:
@@ -413,6 +421,7 @@ def from_pretrained(
     attn_implementation: str = "sdpa",
     strict: bool = True,
     return_report: bool = False,
+    model_scale: str = "full",
     **private,
 ):
     """Load a BLIP-2 checkpoint of any supported source into our model (module docstring; docs/paper_map.md §8).
@@ -429,6 +438,8 @@ def from_pretrained(
         attn_implementation: "sdpa" (default) or "eager" for the Q-Former, ViT and LLM.
         strict: raise :class:`LoadError` on unexplained gaps (else they are only reported).
         return_report: return ``(model, LoadReport)`` instead of the model (always at ``model.load_report``).
+        model_scale: ``full`` or ``rehearsal`` (LAVIS files only: which presets give the sizes shapes cannot tell;
+            transformers dirs and our runs carry their whole configuration).
         **private: ``language_model=`` an already built LLM module for LAVIS files (used by :func:`save_lavis`).
 
     Returns:
@@ -449,7 +460,7 @@ def from_pretrained(
             raise FileNotFoundError(f"{p}: neither a transformers dir, a ckpt-<step>/ dir nor a run dir")
         return _load_training(ck, vision_weights, llm_path, bert_dir, attn_implementation, strict, return_report)
     return _load_lavis(p, vision_weights, llm_path, bert_dir, image_size, config, attn_implementation, strict,
-                       return_report, language_model=private.get("language_model"))  # fmt: skip
+                       return_report, private.get("language_model"), model_scale)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------

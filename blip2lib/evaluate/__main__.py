@@ -182,7 +182,7 @@ def load_model(p: EvalParams, task: str, source: str = "<params>"):
             "blip2lib.evaluate.run_vqa / run_caption / run_retrieval on an in-memory model"
         )
     extra = {k: getattr(p, k) for k in ("vision_weights", "llm_path", "bert_dir") if getattr(p, k)}
-    model = from_pretrained(p.checkpoint, image_size=p.image_size or None, **extra)
+    model = from_pretrained(p.checkpoint, image_size=p.image_size or None, model_scale=p.model_scale, **extra)
     want = Blip2QFormerModel if task == "retrieval" else Blip2
     if not isinstance(model, want):
         raise ParamsError(

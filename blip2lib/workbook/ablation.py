@@ -25,7 +25,7 @@ def run_ablation(params, run_dir: str | Path) -> dict[str, dict[int, dict]]:
     parent = ""
     if params.parent:  # e.g. the stage-1 run the "with stage 1" variant starts from (self-contained smoke runs)
         parent = str(run_dir / "parent")
-        values = {"progress": False, "num_gpus": params.num_gpus, **params.parent}
+        values = {"progress": False, "num_gpus": params.num_gpus, "model_scale": params.model_scale, **params.parent}
         run_training(TrainParams.from_dict(values, source="ablation parent"), parent)
     out: dict[str, dict[int, dict]] = {}
     for variant, overrides in params.variants.items():
@@ -33,7 +33,14 @@ def run_ablation(params, run_dir: str | Path) -> dict[str, dict[int, dict]]:
         out[variant] = {}
         for seed in params.seeds:
             folder = run_dir / variant / f"seed{seed}"
-            values = {**params.base, **overrides, "seed": seed, "progress": False, "num_gpus": params.num_gpus}
+            values = {
+                **params.base,
+                **overrides,
+                "seed": seed,
+                "progress": False,
+                "num_gpus": params.num_gpus,
+                "model_scale": params.model_scale,
+            }  # the rehearsal's size override reaches every run
             run_training(TrainParams.from_dict(values, source=f"ablation {variant} seed {seed}"), folder)
             res = evaluate_checkpoints(
                 params.eval_task,
@@ -43,6 +50,7 @@ def run_ablation(params, run_dir: str | Path) -> dict[str, dict[int, dict]]:
                 data_root=data_root,
                 batch_size=params.batch_size,
                 progress=False,
+                model_scale=params.model_scale,
                 **params.eval_settings,
             )["m"]
             out[variant][seed] = {k[2:]: v for k, v in flat_metrics(res, "m").items()}

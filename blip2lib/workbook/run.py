@@ -255,7 +255,8 @@ def compare_to_paper(metrics: dict[str, Any], targets: dict[str, str | dict], pa
 
     Verdicts: ``match`` / ``differs`` (paper target: ``|value - paper| <= tolerance``), ``met`` / ``missed``
     (inline goal with ``direction`` ``">="`` or ``"<="``), ``not measured`` (metric missing, None or NaN),
-    ``no published number`` (a paper row whose ``value`` is null, e.g. a Figure 5 curve: listed with our value).
+    ``no published number`` (a paper row whose ``value`` is null, e.g. a Figure 5 curve: listed with our value),
+    ``rehearsal`` (a measured value of a ``model_scale: rehearsal`` run: tiny random models, never a verdict).
 
     Args:
         metrics: measured values by metric name (floats, or ``record``-style ``{"value", "unit"}`` entries).
@@ -272,6 +273,9 @@ def compare_to_paper(metrics: dict[str, Any], targets: dict[str, str | dict], pa
     import pandas as pd
 
     by_id = {t["id"]: t for t in load_targets(path)} if any(isinstance(r, str) for r in targets.values()) else {}
+    run = run or _CURRENT
+    # A dress rehearsal (model_scale: rehearsal) measures tiny random models: its values say nothing about the paper.
+    rehearsal = run is not None and run.params.get("model_scale") == "rehearsal"
     rows = []
     for name, ref in targets.items():
         value = _measured(metrics.get(name, metrics.get(name.split("@")[0])))  # "x@table1": same cell
@@ -296,6 +300,8 @@ def compare_to_paper(metrics: dict[str, Any], targets: dict[str, str | dict], pa
             verdict = "no published number"
         elif value is None:
             verdict = "not measured"
+        elif rehearsal:
+            verdict = "rehearsal"
         elif direction == ">=":
             verdict = "met" if value >= goal else "missed"
         elif direction == "<=":
@@ -305,7 +311,6 @@ def compare_to_paper(metrics: dict[str, Any], targets: dict[str, str | dict], pa
         rows.append({"metric": name, "target": label, "reproduced": None if value is None else round(value, digits),
                      "paper / goal": goal, "delta": None if None in (value, goal) else round(value - goal, digits),
                      "tolerance": tol, "baseline": base, "verdict": verdict})  # fmt: skip
-    run = run or _CURRENT
     if run is not None:
         run.comparison = rows
         run.save()

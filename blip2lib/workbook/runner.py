@@ -370,7 +370,7 @@ def validate_all(root: Path = REPO_ROOT) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: ``run``, ``run-all``, ``validate``, ``readme``; returns the exit status.
+    """Command line: ``run``, ``run-all``, ``validate``, ``readme``, ``rehearse``; returns the exit status.
 
     0: done. 1: a notebook failed (its failure page is named). 2: a user mistake (a bad params file, override or
     path: one line, ``-v`` adds the traceback) or a stale run left untouched.
@@ -418,6 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("readme", help="write a variant's measured goals into README.md's results block")
     r.add_argument("variant")
     r.add_argument("--runs", type=Path, default=REPO_ROOT / "runs")
+    h = sub.add_parser("rehearse", help="every paper_* params file on tiny models (blip2lib/rehearsal)")
+    h.add_argument("--out", type=Path, default=None, help="rehearsal tree (default runs/rehearsal)")
+    h.add_argument("--only", default="", help="glob over <notebook>/<paper file stem>; the runs they read come too")
+    h.add_argument("--force", action="store_true", help="redo finished steps (their old folders are moved aside)")
+    h.add_argument("-j", "--jobs", type=int, default=1, help="steps executed at once (default 1)")
     args = ap.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -432,6 +437,12 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"{validate_all(args.root)} params files valid")
             return 0
+        if args.cmd == "rehearse":
+            from ..rehearsal.run import DEFAULT_OUT, rehearse
+
+            result = rehearse(args.out or DEFAULT_OUT, args.only, args.force, jobs=args.jobs)
+            print(json.dumps(result, indent=2))
+            return 1 if result["failed"] or result["skipped"] else 0
         if args.cmd == "readme":
             from .summary import update_readme
 

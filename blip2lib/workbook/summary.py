@@ -15,7 +15,7 @@ from typing import Any
 
 from .run import REPO_ROOT
 
-VERDICTS = ("match", "differs", "met", "missed", "not measured")
+VERDICTS = ("match", "differs", "met", "missed", "not measured", "no published number", "rehearsal")
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:75em;color:#222}
 table{border-collapse:collapse;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}
 th{background:#f3f3f3}.ok{color:#17692b}.failed{color:#b00020}.incomplete{color:#a15c00}
@@ -46,7 +46,7 @@ def collect_runs(runs_root: str | Path, variant: str, exclude: tuple[str, ...] =
         status = json.loads(status_path.read_text()) if status_path.exists() else {"status": "incomplete"}
         comparison = data.get("comparison", [])
         verdicts = {v: sum(r.get("verdict") == v for r in comparison) for v in VERDICTS}
-        rows.append({"notebook": notebook, "status": status["status"], "run_dir": str(run_dir),
+        rows.append({"notebook": notebook, "variant": run_dir.name, "status": status["status"], "run_dir": str(run_dir),
                      "wall_time_s": status.get("wall_time_s", data.get("wall_time_s")),
                      "finished": status.get("finished", ""), "git_commit": data.get("env", {}).get("git_commit", ""),
                      "metrics": data.get("metrics", {}), "comparison": comparison, "verdicts": verdicts})  # fmt: skip
@@ -90,26 +90,37 @@ def _headline(metrics: dict, limit: int = 6) -> str:
     return "<br>".join(items) + more
 
 
+def index_folder(variant: str) -> str:
+    """Folder of a variant's index: the variant, or for a glob (``paper_*``) its literal prefix (``paper``)."""
+    cut = min((variant.index(c) for c in "*?[" if c in variant), default=len(variant))
+    return variant[:cut].rstrip("_-.") or "all"
+
+
 def build_index(runs_root: str | Path, reports_root: str | Path, variant: str) -> Path:
     """Write ``<reports_root>/<variant>/index.html`` linking every report of the variant.
 
     Args:
         runs_root: the ``runs/`` folder holding ``<notebook>/<variant>/metrics.json``.
         reports_root: the ``reports/`` folder; reports are ``<reports_root>/<variant>/<notebook>.html``.
-        variant: the params variant.
+        variant: the params variant, or a glob over variants (``paper_*``: every paper run; the index goes to
+            :func:`index_folder`'s folder, ``reports/paper/``).
 
     Returns:
         The path of the index. A run whose report does not exist (failed, or still running) is listed without a
         link, so the page never holds a broken link.
     """
-    out_dir = Path(reports_root) / variant
+    out_dir = Path(reports_root) / index_folder(variant)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = collect_runs(runs_root, variant)
     totals = verdict_totals(rows)
-    body = []
+    several = any(c in variant for c in "*?[")  # a glob collects several variants: name each run's own
+    body, cells = [], []
     for r in rows:
-        report = out_dir / f"{r['notebook']}.html"
-        name = html.escape(r["notebook"])
+        report = Path(reports_root) / r["variant"] / f"{r['notebook']}.html"
+        name = html.escape(f"{r['notebook']} · {r['variant']}" if several else r["notebook"])
+        cells += [f"<tr><td>{name}</td><td>{html.escape(str(c.get('target', c.get('metric'))))}</td>"
+                  f"<td class=\"n\">{_fmt(c.get('reproduced'))}</td><td class=\"n\">{_fmt(c.get('paper / goal'))}</td>"
+                  f"<td>{html.escape(str(c.get('verdict')))}</td></tr>" for c in r["comparison"]]  # fmt: skip
         if report.exists() and r["status"] == "ok":
             link = os.path.relpath(report, out_dir)
             name = f'<a href="{html.escape(link)}">{name}</a>'
@@ -131,6 +142,11 @@ def build_index(runs_root: str | Path, reports_root: str | Path, variant: str) -
 <table><thead><tr><th>notebook</th><th>status</th>{head}<th>wall time</th><th>metrics</th><th>commit</th></tr>
 </thead><tbody>
 {"".join(body) or '<tr><td colspan="10">no runs yet</td></tr>'}
+</tbody></table>
+<h2>Paper and goal rows</h2>
+<table><thead><tr><th>run</th><th>paper cell / goal</th><th>reproduced</th><th>paper / goal</th><th>verdict</th></tr>
+</thead><tbody>
+{"".join(cells) or '<tr><td colspan="5">no comparison rows</td></tr>'}
 </tbody></table>
 </body></html>
 """

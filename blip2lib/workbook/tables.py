@@ -74,7 +74,7 @@ def evaluate_table(task: str, params, run_dir: str | Path, split: str | None = N
     settings = {"split": split or params.split, "data_root": data_root, "images_root": params.images_root,
                 "image_size": params.image_size, "vision_weights": params.vision_weights,
                 "llm_path": params.llm_path, "bert_dir": params.bert_dir, "batch_size": params.batch_size,
-                "seed": params.seed, "progress": False}  # fmt: skip
+                "seed": params.seed, "progress": False, "model_scale": params.model_scale}  # fmt: skip
     settings.update({k: getattr(params, k) for k in _TASK_KEYS[task] if hasattr(params, k)})
     settings.update(extra)
     folder = Path(settings.get("ann_file") or settings["split"]).stem  # one cache folder per evaluated file
