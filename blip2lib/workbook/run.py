@@ -208,7 +208,7 @@ def format_value(value: Any, unit: str = "") -> str:
 
 
 def results_table(run: Run | None = None, keys: list[str] | None = None):
-    """Every recorded metric of ``run`` (default: the current run) as one table: metric, value, unit.
+    """Every recorded metric of ``run`` (default: the current run) as one table: measured, value, unit.
 
     Args:
         run: the run whose ``metrics`` are shown.
@@ -223,9 +223,9 @@ def results_table(run: Run | None = None, keys: list[str] | None = None):
     if run is None:
         raise RuntimeError("results_table() needs start_run() first")
     names = keys if keys is not None else list(run.metrics)
-    rows = [{"metric": n, "value": format_value(run.metrics[n]["value"], run.metrics[n].get("unit", "")),
+    rows = [{"measured": n, "value": format_value(run.metrics[n]["value"], run.metrics[n].get("unit", "")),
              "unit": run.metrics[n].get("unit", "")} for n in names]  # fmt: skip
-    table = pd.DataFrame(rows, columns=["metric", "value", "unit"])
+    table = pd.DataFrame(rows, columns=["measured", "value", "unit"])
     return table.style.hide(axis="index").set_properties(subset=["value"], **{"text-align": "right"})
 
 
@@ -256,7 +256,8 @@ def compare_to_paper(metrics: dict[str, Any], targets: dict[str, str | dict], pa
     Verdicts: ``match`` / ``differs`` (paper target: ``|value - paper| <= tolerance``), ``met`` / ``missed``
     (inline goal with ``direction`` ``">="`` or ``"<="``), ``not measured`` (metric missing, None or NaN),
     ``no published number`` (a paper row whose ``value`` is null, e.g. a Figure 5 curve: listed with our value),
-    ``rehearsal`` (a measured value of a ``model_scale: rehearsal`` run: tiny random models, never a verdict).
+    ``rehearsal`` (a measured value of a ``model_scale: rehearsal`` run: tiny random models, never a verdict),
+    ``plumbing only`` (a measured value of a ``smoke_test`` run: the number exists, it is not judged).
 
     Args:
         metrics: measured values by metric name (floats, or ``record``-style ``{"value", "unit"}`` entries).
@@ -276,6 +277,8 @@ def compare_to_paper(metrics: dict[str, Any], targets: dict[str, str | dict], pa
     run = run or _CURRENT
     # A dress rehearsal (model_scale: rehearsal) measures tiny random models: its values say nothing about the paper.
     rehearsal = run is not None and run.params.get("model_scale") == "rehearsal"
+    # A smoke run checks plumbing on seconds-sized random models: a number was produced, nothing more.
+    smoke = run is not None and bool(run.params.get("smoke_test"))
     rows = []
     for name, ref in targets.items():
         value = _measured(metrics.get(name, metrics.get(name.split("@")[0])))  # "x@table1": same cell
@@ -302,6 +305,8 @@ def compare_to_paper(metrics: dict[str, Any], targets: dict[str, str | dict], pa
             verdict = "not measured"
         elif rehearsal:
             verdict = "rehearsal"
+        elif smoke:
+            verdict = "plumbing only"
         elif direction == ">=":
             verdict = "met" if value >= goal else "missed"
         elif direction == "<=":

@@ -15,7 +15,7 @@ from typing import Any
 
 from .run import REPO_ROOT
 
-VERDICTS = ("match", "differs", "met", "missed", "not measured", "no published number", "rehearsal")
+VERDICTS = ("match", "differs", "met", "missed", "not measured", "no published number", "rehearsal", "plumbing only")
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:75em;color:#222}
 table{border-collapse:collapse;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}
 th{background:#f3f3f3}.ok{color:#17692b}.failed{color:#b00020}.incomplete{color:#a15c00}

@@ -110,6 +110,10 @@ def test_index_and_every_linked_report_open_cleanly(smoke_tree, tmp_path):
         # a smoke run succeeds, so no output may be a stderr block (library noise is dropped; errors would show)
         assert 'data-mime-type="application/vnd.jupyter.stderr"' not in page, f"{report.name}: stderr block"
         assert "IProgress" not in page and "Kernel is running over TCP" not in page, report.name
+        # a smoke run checks plumbing: no goal is ever "met" there, and the recorded numbers are shown as a table
+        assert ">met<" not in page and ">missed<" not in page, f"{report.name}: a smoke verdict judged a goal"
+        if report.name != "index.html":
+            assert "<th" in page and ">measured<" in page, f"{report.name}: no results table"
 
 
 @pytest.mark.browser

@@ -599,3 +599,37 @@ def test_run_stage_trains_each_family_for_its_own_steps(tmp_path, monkeypatch):
     out = stages.run_stage(params, tmp_path)
     assert seen == [("opt", 5, 0.01, tmp_path / "opt"), ("t5", 9, 0.01, tmp_path / "t5")]
     assert out == {"opt": tmp_path / "opt", "t5": tmp_path / "t5"}
+
+
+def test_smoke_runs_are_never_judged_and_results_show_as_one_table(tmp_path, targets, monkeypatch):
+    """A smoke run's goal rows read "plumbing only" (never met/missed); results_table formats by unit."""
+    from blip2lib.workbook.run import Run, compare_to_paper, format_value, record, results_table
+
+    monkeypatch.setattr(run_mod, "_CURRENT", None)
+    goals = {"acc": {"goal": 50.0, "direction": ">="}, "err": {"goal": 1.0, "direction": "<="}}
+    for d in ("s", "r", "t"):
+        (tmp_path / d).mkdir()
+    smoke = Run(dir=tmp_path / "s", params={"smoke_test": True}, env={})
+    table = compare_to_paper({"acc": 0.0, "err": 0.5, "vqa": 65.1}, {**goals, "vqa": "t_vqa"}, path=targets,
+                             run=smoke, show=False)  # fmt: skip
+    assert list(table["verdict"]) == ["plumbing only"] * 3
+    real = Run(dir=tmp_path / "r", params={"smoke_test": False}, env={})
+    table = compare_to_paper({"acc": 0.0, "err": 0.5}, goals, path=targets, run=real, show=False)
+    assert list(table["verdict"]) == ["missed", "met"]  # the same numbers judged outside a smoke run
+
+    assert [format_value(v, u) for v, u in [(1.8759269714355469, ""), (65.1234, "%"), (12345, "images"),
+                                            (0.0, ""), (2048.5, "s"), (None, ""), (True, "")]] == [
+        "1.876", "65.12", "12,345", "0.0", "2,048.5", "—", "True"]  # fmt: skip
+    run = Run(dir=tmp_path / "t", params={}, env={})
+    record("itc_loss_start", 1.8759269714355469, run=run)
+    record("vqa_acc", 65.1234, "%", run=run)
+    record("n_images", 12345, "images", run=run)
+    shown = results_table(run).data
+    assert shown.to_dict("records") == [
+        {"measured": "itc_loss_start", "value": "1.876", "unit": ""},
+        {"measured": "vqa_acc", "value": "65.12", "unit": "%"},
+        {"measured": "n_images", "value": "12,345", "unit": "images"},
+    ]
+    assert list(results_table(run, keys=["vqa_acc"]).data["measured"]) == ["vqa_acc"]
+    assert json.loads((tmp_path / "t" / "metrics.json").read_text())["metrics"]["vqa_acc"] == {
+        "value": 65.1234, "unit": "%"}  # fmt: skip
