@@ -199,6 +199,40 @@ def load_model(p: EvalParams, task: str, source: str = "<params>"):
     return model, None
 
 
+def rehearsal_stand_ins(p: EvalParams, source: str = "<params>") -> EvalParams:
+    """Under ``model_scale: rehearsal`` only: the two inputs a shortened CPU run cannot have, replaced and logged.
+
+    A dress rehearsal trains a few steps, so a checkpoint named by a paper step (``.../checkpoints/ckpt-16000`` of a
+    Figure 5 curve) does not exist: the newest checkpoint of that folder stands in. A host without spaCy's
+    ``en_core_web_sm`` cannot lemmatise OK-VQA answers: the rehearsal scores them unlemmatised. A real run
+    (``model_scale: full``) never takes either path: it fails with the missing file or the spaCy install command.
+    """
+    import logging
+    import re
+
+    if p.model_scale != "rehearsal":
+        return p
+    log = logging.getLogger(__name__)
+    path = Path(p.checkpoint)
+    if not path.exists() and re.fullmatch(r"ckpt-\d+", path.name) and path.parent.is_dir():
+        from blip2lib.checkpoint import latest_checkpoint
+
+        newest = latest_checkpoint(path.parent)
+        if newest is not None:
+            log.warning("%s: rehearsal: %s was not trained (a few steps only); %s stands in", source, path, newest)
+            p = dataclasses.replace(p, checkpoint=str(newest))
+    if p.lemmatize is None and p.split.startswith("okvqa"):
+        from blip2lib.evaluate.vqa import LemmatizerUnavailable, load_lemmatizer
+
+        try:
+            load_lemmatizer()
+        except LemmatizerUnavailable:
+            log.warning("%s: rehearsal: spaCy's en_core_web_sm is missing; OK-VQA answers are scored unlemmatised "
+                        "(a real run stops here and says how to install it)", source)  # fmt: skip
+            p = dataclasses.replace(p, lemmatize=False)
+    return p
+
+
 def _ann_path(p: EvalParams) -> Path:
     return Path(p.data_root) / (p.ann_file or FORMATS.get(p.split, {})["file"])
 
@@ -246,6 +280,7 @@ def run(task: str, params_path: str | Path) -> dict:
 def run_params(task: str, p: EvalParams, params_path: str = "<params>") -> dict:
     """Run one evaluation from validated params (notebooks call this; ``params_path`` names the source)."""
     _check(p, str(params_path))
+    p = rehearsal_stand_ins(p, str(params_path))
     # Cheap inputs first: the annotation file is read and validated before minutes of model loading. The transform
     # gets the checkpoint's own resolution once the model is known (``image_size: 0``).
     dataset = build_dataset(p, task, p.image_size or 224)

@@ -314,3 +314,36 @@ def test_nocaps_val_holds_all_three_domains(tmp_path):
     domains = [e["domain"] for e in entries]
     assert sorted(set(domains)) == ["in-domain", "near-domain", "out-domain"]
     assert [domains.count(d) for d in ("in-domain", "near-domain", "out-domain")] == [2, 2, 2]
+
+
+def test_rehearsal_stand_ins_only_under_the_rehearsal_scale(tmp_path, monkeypatch, caplog):
+    """A paper-step checkpoint a 2-step run never wrote: the newest one stands in (logged); OK-VQA without spaCy is
+    scored unlemmatised. At full scale neither happens: the real run meets the missing file / the install hint."""
+    from blip2lib.checkpoint import save_training_state
+    from blip2lib.evaluate import vqa as vqa_mod
+    from blip2lib.evaluate.__main__ import SCHEMAS, rehearsal_stand_ins
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    model = torch.nn.Linear(2, 2)
+    for step in (1, 2):
+        save_training_state(ckpts, model=model, optimizer=None, scheduler_state=None, scaler=None, step=step,
+                            data_state={"position": step}, extra=None, config={}, keep_last=0)  # fmt: skip
+    want = str(ckpts / "ckpt-16000")
+
+    def params(**kw):
+        values = {"checkpoint": want, "data_root": str(tmp_path), "split": "okvqa_val_eval", "out_dir": str(tmp_path)}
+        return SCHEMAS["vqa"].from_dict({**values, **kw})
+
+    def no_spacy(*a, **k):
+        raise vqa_mod.LemmatizerUnavailable("no spaCy")
+
+    monkeypatch.setattr(vqa_mod, "load_lemmatizer", no_spacy)
+    full = rehearsal_stand_ins(params())
+    assert full.checkpoint == want and full.lemmatize is None  # a real run is left alone
+    with caplog.at_level("WARNING"):
+        reh = rehearsal_stand_ins(params(model_scale="rehearsal"), "f.yaml")
+    assert reh.checkpoint == str(ckpts / "ckpt-2") and reh.lemmatize is False
+    assert "f.yaml: rehearsal: " in caplog.text and "ckpt-2 stands in" in caplog.text
+    assert "scored unlemmatised" in caplog.text
+    kept = rehearsal_stand_ins(params(model_scale="rehearsal", lemmatize=True, checkpoint=str(ckpts / "ckpt-1")))
+    assert kept.checkpoint == str(ckpts / "ckpt-1") and kept.lemmatize is True  # explicit choices are kept
