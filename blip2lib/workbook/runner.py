@@ -418,9 +418,13 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("readme", help="write a variant's measured goals into README.md's results block")
     r.add_argument("variant")
     r.add_argument("--runs", type=Path, default=REPO_ROOT / "runs")
+    r.add_argument("-v", "--verbose", action="store_true", help="tracebacks with error messages")
     h = sub.add_parser("rehearse", help="every paper_* params file on tiny models (blip2lib/rehearsal)")
     h.add_argument("--out", type=Path, default=None, help="rehearsal tree (default runs/rehearsal)")
-    h.add_argument("--only", default="", help="glob over <notebook>/<paper file stem>; the runs they read come too")
+    h.add_argument("--only", action="append", default=[], metavar="GLOB",
+                   help="glob over <notebook>/<paper file stem> (repeatable, or comma-separated); the runs they read "
+                        "come too")  # fmt: skip
+    h.add_argument("-v", "--verbose", action="store_true", help="tracebacks with error messages")
     h.add_argument("--force", action="store_true", help="redo finished steps (their old folders are moved aside)")
     h.add_argument("-j", "--jobs", type=int, default=1, help="steps executed at once (default 1)")
     args = ap.parse_args(argv)
@@ -440,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "rehearse":
             from ..rehearsal.run import DEFAULT_OUT, rehearse
 
-            result = rehearse(args.out or DEFAULT_OUT, args.only, args.force, jobs=args.jobs)
+            result = rehearse(args.out or DEFAULT_OUT, ",".join(args.only), args.force, jobs=args.jobs)
             print(json.dumps(result, indent=2))
             return 1 if result["failed"] or result["skipped"] else 0
         if args.cmd == "readme":

@@ -480,3 +480,18 @@ def test_every_paper_file_passes_on_the_rehearsal_tree(tmp_path):
     problems = check(copies, root=tmp_path)
     assert len(copies) == len(list(REPO_ROOT.glob("params/*/paper_*.yaml")))
     assert [str(p) for p in problems if p.level == "error"] == []
+
+
+def test_a_paper_step_checkpoint_is_a_note_only_in_a_rehearsal(tree):
+    """Figure 5's curve points name checkpoints by paper step; a rehearsal trains 2 steps, and its evaluator reads the
+    run's newest checkpoint instead (noted). A real run with the same missing file is an error."""
+    ckpts = tree / "runs" / "46_ablation_stage1" / "x" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    row = {"checkpoint": "runs/46_ablation_stage1/x/checkpoints/ckpt-16000"}
+    real = _params(tree, "41_zeroshot_vqa", {"data_root": "data", "checkpoints": {"a": row}}, "real")
+    findings = [(p.level, p.key, p.message) for p in check([real], root=tree) if "ckpt-16000" in p.message]
+    assert [f[0] for f in findings] == ["error"]
+    reh = check([real], root=tree, overrides={"model_scale": "rehearsal"})
+    notes = [(p.level, p.message) for p in reh if "ckpt-16000" in p.message]
+    assert notes == [("note", "runs/46_ablation_stage1/x/checkpoints/ckpt-16000 does not exist in a rehearsal (a few "
+                               f"steps trained): the newest checkpoint of {ckpts} stands in")]  # fmt: skip
