@@ -278,7 +278,7 @@ def itg_inputs(input_ids: torch.Tensor, pad_id: int, dec_id: int) -> tuple[torch
 
 
 def itg_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
-    """Next-token ITG loss: ``logits[:,:-1]`` against ``labels[:, 1:]``, label smoothing 0.1.
+    """Next-token ITG loss: ``logits[:, :-1]`` against ``labels[:, 1:]``, label smoothing 0.1.
 
     See docs/paper_map.md §2 ITG, §10.6.
 

@@ -256,9 +256,9 @@ class Blip2QFormerModel(Blip2Base):
         return self.itm_head(out.last_hidden_state[:, :nq]).mean(dim=1)  # (B, Q, 2) → (B, 2)
 
     def itg_logits(self, past_key_values, decoder_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """ITG logits (B, L, V): text-only causal pass reusing the query pass's K/V cache).
+        """ITG logits (B, L, V): text-only causal pass reusing the query pass's K/V cache.
 
-        See docs/paper_map.md §1.3 mask (a.
+        The mask is the multimodal-causal one of docs/paper_map.md §1.3 (a).
         """
         nq = self.query_tokens.shape[1]
         mask = causal_text_mask_with_prefix(attention_mask, nq)  # (B, L, Q+L)

@@ -140,9 +140,9 @@ def build_optimizer(
     eps: float = 1e-8,
     fused: bool | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW over ``groups``, LAVIS yamls 0.999).
+    """AdamW over ``groups``; betas default to the paper's pre-training (0.9, 0.98), LAVIS yamls use 0.999.
 
-    See docs/paper_map.md §7; betas default to the paper's pre-training (0.9, 0.98.
+    See docs/paper_map.md §7.
 
     Args:
         groups: Output of :func:`param_groups` (extra keys such as ``lr_scale`` are kept in the groups).

@@ -8,9 +8,8 @@ See docs/paper_map.md §8.
 * a transformers directory (``config.json`` + safetensors/bin) of ``Blip2ForConditionalGeneration`` (OPT/T5) or
   ``Blip2ForImageTextRetrieval``;
 * a LAVIS ``.pth`` (``checkpoint["model"]``) assembled like LAVIS does (docs/paper_map.md §8.1): the ViT from
-``vision_weights``
-  (``eva_vit_g.pth`` / ``clip_vit_L.pth``; a fine-tuned file's ``visual_encoder.*`` overrides it), the LLM from the
-  local ``llm_path``, the Q-Former tokenizer from the local ``bert_dir``;
+  ``vision_weights`` (``eva_vit_g.pth`` / ``clip_vit_L.pth``; a fine-tuned file's ``visual_encoder.*`` overrides it),
+  the LLM from the local ``llm_path``, the Q-Former tokenizer from the local ``bert_dir``;
 * our training checkpoint (``ckpt-<step>/`` with ``manifest.json``): trainable tensors from the file (sha256 checked),
   frozen towers from the manifest's ``vision_weights`` / ``llm_path`` (or the keyword overrides).
 
