@@ -103,7 +103,8 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -220,7 +221,7 @@ def save_training_state(
                  "scaler": scaler.state_dict() if scaler is not None else None, "scheduler": scheduler_state,
                  "rng": get_rng_state(), "data_state": data_state, "extra": extra}  # fmt: skip
         _write_train_state(tmp, state)
-        files = {f: _sha256(tmp / f) for f in (MODEL_FILE, STATE_FILE)}
+        files = {f: file_sha256(tmp / f) for f in (MODEL_FILE, STATE_FILE)}
         manifest = {"format": 1, "step": int(step), "stage": config.get("stage"), "parent": config.get("parent"),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "best_metric": best_metric, "config": config,
                     "versions": _versions(), "git": _git_info(), "files": files}  # fmt: skip
@@ -283,7 +284,7 @@ def load_training_state(
     for f, digest in manifest["files"].items():
         if not (d / f).is_file():
             raise CheckpointError(f"{d / f}: file listed in the manifest is missing")
-        if verify and _sha256(d / f) != digest:
+        if verify and file_sha256(d / f) != digest:
             raise CheckpointError(f"{d / f}: sha256 mismatch with {MANIFEST_FILE} (corrupted or modified file)")
     model = _unwrap(model)
     tensors = read_safetensors(d / MODEL_FILE, CheckpointError)

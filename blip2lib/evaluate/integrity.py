@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from blip2lib.checkpoint import file_sha256
 from blip2lib.data import AnnotationError
 
 __all__ = [
@@ -103,21 +104,13 @@ def weights_fingerprint(model: torch.nn.Module, per_tensor: int = 1024) -> str:
     return h.hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def file_identity(path: str | Path, content: bool = True) -> dict[str, Any]:
     """``{"path", "size", "mtime_ns"}`` of a file (resolved), plus its ``sha256`` when ``content``."""
     p = Path(path).resolve()
     st = p.stat()
     out: dict[str, Any] = {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     if content:
-        out["sha256"] = _sha256(p)
+        out["sha256"] = file_sha256(p)
     return out
 
 
@@ -140,7 +133,7 @@ def checkpoint_identity(source: str | Path) -> dict[str, Any]:
     if ck is None and p.is_dir() and not (p / "config.json").is_file():
         ck = latest_checkpoint(p / "checkpoints") or latest_checkpoint(p)
     if ck is not None:
-        out.update(resolved=str(ck), manifest_sha256=_sha256(ck / "manifest.json"))
+        out.update(resolved=str(ck), manifest_sha256=file_sha256(ck / "manifest.json"))
     elif p.is_dir():
         out["files"] = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(p.iterdir())
                         if f.is_file() and f.suffix in _WEIGHT_SUFFIXES}  # fmt: skip
