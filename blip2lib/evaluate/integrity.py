@@ -147,7 +147,8 @@ def data_identity(dataset: Dataset) -> dict[str, Any]:
     anns = getattr(dataset, "annotation", None)
     digest = None
     if anns is not None:
-        digest = hashlib.sha256(json.dumps(anns, sort_keys=True, default=str).encode()).hexdigest()
+        entries = anns if isinstance(anns, (list, tuple)) else list(anns)  # PackedRecords: decode, not its repr
+        digest = hashlib.sha256(json.dumps(entries, sort_keys=True, default=str).encode()).hexdigest()
     transform = re.sub(r" at 0x[0-9a-fA-F]+", "", repr(getattr(dataset, "transform", None)))  # no addresses
     root = getattr(dataset, "root", None)
     return {"class": type(dataset).__name__, "annotations_sha256": digest, "images_root": str(root) if root else None,

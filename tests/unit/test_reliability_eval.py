@@ -95,7 +95,7 @@ def test_second_checkpoint_into_same_out_dir_generates_its_own_answers(tmp_path)
     # the same checkpoint again reuses everything
     assert main(["vqa", "--params", str(_params(tmp_path, "b3", checkpoint=str(b), out_dir=str(shared)))]) == 0
     again = json.loads((shared / "result.json").read_text())
-    assert again["timing"]["from_cache"] == 3 and again["cache"]["superseded"] is None
+    assert again["timing"]["from_cache"] == 3 and again["cache"]["superseded"] is None, again["cache"]
 
 
 def test_changed_annotation_file_image_size_or_seed_supersedes_the_cache(tmp_path):
