@@ -124,6 +124,7 @@ MODULES: dict[str, Module] = {
             "tests/unit/test_generation_lengths.py",
             "tests/unit/test_mutation_kills_evaluate.py",
             "tests/unit/test_mutation_kills_evaluate_common.py",
+            "tests/unit/test_mutation_kills_evaluate_main.py",
         ),
     ),
 }
