@@ -125,6 +125,7 @@ MODULES: dict[str, Module] = {
             "tests/unit/test_mutation_kills_evaluate.py",
             "tests/unit/test_mutation_kills_evaluate_common.py",
             "tests/unit/test_mutation_kills_evaluate_main.py",
+            "tests/unit/test_mutation_kills_evaluate_drivers.py",
         ),
     ),
 }
