@@ -1,4 +1,4 @@
-"""losses: outputs follow the inputs' device, the clear errors (half-given image-id pair, no hard negative), ITM accuracy.
+"""losses: outputs follow the inputs' device, clear errors (half-given image ids, no hard negative), ITM accuracy.
 
 Written for the mutants that survived `make mutate` (docs/mutation.md): dropping a ``device=`` argument is invisible
 on a CPU-only run, yet on a GPU it puts ITC targets / ITM labels on the CPU next to CUDA logits. The ``meta`` device
