@@ -232,7 +232,7 @@ def test_loop_settings_modes_and_bad_sample_reasons(tmp_path, monkeypatch):
     monkeypatch.setattr(dc, "DataLoader", loader)
     log = BadSampleLog()
     model = Echo().train()
-    records, _ = run(model, Images(4, bad={0, 1}, bad_log=log), tmp_path, num_workers=0)
+    records, _ = run(model, Images(4, bad={0, 1}, bad_log=log), tmp_path)  # num_workers: the default, 0
     kw = loaders[0]
     assert (kw["batch_size"], kw["shuffle"], kw["num_workers"], kw["pin_memory"]) == (2, False, 0, False)
     assert isinstance(kw["collate_fn"], dc.IndexedCollate) and kw["collate_fn"].bad_log is log
