@@ -29,14 +29,16 @@ class Images(Dataset):
     """``n`` items; image ``i`` is a (3, 2, 2) tensor filled with ``i``; items in ``bad`` are unreadable (None)."""
 
     def __init__(self, n, bad=(), bad_log=None, question=False):
-        self.n, self.bad, self.bad_log, self.question = n, set(bad), bad_log, question
+        self.n, self.bad, self.question = n, set(bad), question
+        if bad_log is not None:  # a dataset need not have the attribute at all
+            self.bad_log = bad_log
 
     def __len__(self):
         return self.n
 
     def __getitem__(self, i):
         if i in self.bad:
-            if self.bad_log is not None:
+            if hasattr(self, "bad_log"):
                 self.bad_log.record(f"img{i}.jpg", "broken")
             return None
         item = {"image": torch.full((3, 2, 2), float(i)), "image_id": 10 + i}
@@ -179,10 +181,11 @@ def test_load_cache_refuses_another_recipe_with_the_file_named(tmp_path):
 
 
 def test_cache_file_layout_meta_first_then_rows(tmp_path):
-    records, stats = run(Echo(), Images(3, bad={1}), tmp_path)
+    out = tmp_path / "new" / "folder"  # created with its parents
+    records, stats = run(Echo(), Images(3, bad={1}), out)
     rows = [{"index": 0, "id": 10, "text": "P:0"}, {"index": 1, "bad": "<unknown>: sample was None"},
             {"index": 2, "id": 12, "text": "P:2"}]  # fmt: skip
-    assert lines(tmp_path / "predictions.0.jsonl") == [{"meta": META_JSON}, rows[1], rows[0], rows[2]]
+    assert lines(out / "predictions.0.jsonl") == [{"meta": META_JSON}, rows[1], rows[0], rows[2]]
     assert records == {0: rows[0], 1: rows[1], 2: rows[2]}
     assert (stats["generated_this_run"], stats["from_cache"]) == (2, 0)
 
@@ -288,9 +291,10 @@ def test_shard_log_line_and_progress_bar(tmp_path, monkeypatch, caplog, rank, pr
     monkeypatch.setattr(dc.dist, "get_rank", lambda: rank)
     monkeypatch.setattr(dc.dist, "get_world_size", lambda: 2)
     model = Echo()
+    progress_kw = {} if progress else {"progress": False}  # the default is a bar
     with caplog.at_level(logging.INFO, logger=dc.__name__):
         records, stats = dc.generation_pass(model, Images(5, bad={3}), tmp_path, meta, 2, prompts, record, {},
-                                            progress=progress)  # fmt: skip
+                                            **progress_kw)  # fmt: skip
     # rank 0 of 2 owns items 0, 1; rank 1 owns 2, 3, 4 (3 is unreadable)
     mine = [0, 1] if rank == 0 else [2, 3, 4]
     assert sorted(records) == mine and (tmp_path / f"predictions.{rank}.jsonl").exists()
@@ -330,3 +334,17 @@ def test_write_json_is_indented_with_str_fallback(tmp_path):
     assert path == tmp_path / "x" / "y" / "r.json"
     assert path.read_text() == '{\n  "a": [\n    1,\n    "' + tmp_path.name + '"\n  ]\n}'
     assert json.loads(dc.write_json({"p": tmp_path}, tmp_path / "p.json").read_text()) == {"p": str(tmp_path)}
+
+
+def test_pinned_memory_on_a_cuda_model(tmp_path, monkeypatch):
+    loaders = []
+
+    def loader(*args, **kw):
+        loaders.append(kw)
+        raise LookupError("stop before any tensor moves to the GPU")
+
+    monkeypatch.setattr(dc, "model_device", lambda m: torch.device("cuda", 0))
+    monkeypatch.setattr(dc, "DataLoader", loader)
+    with pytest.raises(LookupError):
+        run(Echo(), Images(1), tmp_path)
+    assert loaders[0]["pin_memory"] is True
