@@ -66,3 +66,12 @@ def test_itm_accuracy_averages_queries_then_takes_the_argmax():
     logits = torch.tensor([[[0.0, 3.0], [0.0, -1.0]], [[0.0, 1.0], [0.0, -3.0]]])
     assert itm_accuracy(logits, torch.tensor([1, 1])).item() == 0.5
     assert itm_accuracy(logits[:, 0], torch.tensor([1, 0])).item() == 0.5  # (P, 2): the raw argmax, [1, 1]
+
+
+def test_hard_negative_check_is_per_row():
+    # image ids: row 0 (id 7) matches every gathered column (ids 7, 7), row 1 (id 8) matches none; one row without a
+    # negative is enough to refuse (the other row's negatives do not count for it)
+    sim = torch.zeros(2, 2)
+    ids, ids_all = torch.tensor([7, 8]), torch.tensor([7, 7])
+    with pytest.raises(ValueError, match="^ITM hard negatives: a row has no negative column"):
+        sample_hard_negatives(sim, sim, rank=0, image_ids=ids, image_ids_all=ids_all)
