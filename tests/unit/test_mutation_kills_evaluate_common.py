@@ -140,6 +140,10 @@ def test_environment_info_fields(monkeypatch):
     assert list(info["versions"]) == ["python", "torch", "transformers", "timm", "tokenizers", "pycocoevalcap",
                                       "blip2lib", "cuda"]  # fmt: skip
     assert dc.environment_info(nn.Module())["precision"] == {"autocast": "off"}
+    llm_only = nn.Module()
+    llm_only.vision_model = nn.ReLU()  # a tower without parameters: no entry
+    llm_only.language_model = nn.Linear(1, 1).double()
+    assert dc.environment_info(llm_only)["precision"] == {"autocast": "off", "language_model": "float64"}
 
 
 def test_environment_info_names_a_cuda_device(monkeypatch):
@@ -310,6 +314,10 @@ def test_stats_timing(tmp_path, monkeypatch):
     monkeypatch.setattr(dc.time, "perf_counter", lambda: next(ticks))
     _, stats = run(Echo(), Images(4), tmp_path / "a")
     assert stats == {"generated_this_run": 4, "from_cache": 0, "wall_s": 2.5, "items_per_s": 1.6}
+    ticks = iter([10.0, 10.0123])  # under a second: 3 decimals kept
+    monkeypatch.setattr(dc.time, "perf_counter", lambda: next(ticks))
+    _, stats = run(Echo(), Images(4), tmp_path / "b")
+    assert (stats["wall_s"], stats["items_per_s"]) == (0.012, 325.203)  # 4 / 0.0123 = 325.2033
     monkeypatch.setattr(dc.time, "perf_counter", lambda: 7.0)  # no measurable time: no rate
     _, stats = run(Echo(), Images(4), tmp_path / "a")
     assert stats == {"generated_this_run": 0, "from_cache": 4, "wall_s": 0.0, "items_per_s": None}

@@ -270,3 +270,14 @@ def test_legacy_bin_is_read_weights_only(tmp_path):
 
 class Note:
     """Any class: a weights-only load refuses to build it."""
+
+
+def test_init_weights_default_range_is_a_centred_bert_normal():
+    from blip2lib.qformer import init_weights
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(200, 200)  # 40000 draws: the sample mean is within 1e-4 of 0, the std within 1e-4 of 0.02
+    with torch.no_grad():
+        init_weights(lin)  # no range given: BERT's 0.02
+    assert abs(lin.weight.mean().item()) < 1e-3 and abs(lin.weight.std().item() - 0.02) < 1e-3
+    assert torch.equal(lin.bias, torch.zeros(200))
