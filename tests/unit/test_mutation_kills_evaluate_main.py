@@ -305,11 +305,14 @@ def test_main_exit_codes_printout_and_cleanup(tmp_path, monkeypatch, capsys):
     assert cli.main(["vqa", "--params", str(path)]) == 0
     assert seen == [("vqa", vqa(num_beams=2), str(path))] and cleaned == [1]
     assert capsys.readouterr().out == json.dumps({"metrics": {"overall": 1.5}, "counts": {"n": 2}}, indent=2) + "\n"
+    monkeypatch.setattr(cli, "run_params", lambda task, p, src: {"metrics": {"file": Path("/r/x.json")}})
+    assert cli.main(["vqa", "--params", str(path)]) == 0  # anything JSON cannot write is printed as text
+    assert json.loads(capsys.readouterr().out) == {"metrics": {"file": "/r/x.json"}, "counts": None}
     monkeypatch.setattr(cli.dist, "is_main", lambda: False)  # other ranks print nothing
     assert cli.main(["vqa", "--params", str(path)]) == 0 and capsys.readouterr().out == ""
     path.write_text("num_beam: 2\n")
     monkeypatch.setattr(cli.dist, "init_distributed", lambda: False)
-    assert cli.main(["caption", "--params", str(path)]) == 2 and cleaned == [1, 1]
+    assert cli.main(["caption", "--params", str(path)]) == 2 and cleaned == [1, 1, 1]  # not started: no cleanup
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}: unknown key 'num_beam' for CaptionParams") and err.endswith("\n")
 
@@ -324,4 +327,5 @@ def test_main_argument_parsing(capsys):
     assert (
         out.startswith("usage: python -m blip2lib.evaluate [-h] --params PARAMS") and "{caption,retrieval,vqa}" in out
     )
-    assert "flat YAML params file" in out and "Command line: ``python -m blip2lib.evaluate" in out
+    assert "  --params PARAMS       flat YAML params file\n" in out
+    assert "Command line: ``python -m blip2lib.evaluate" in out and "FILE is a flat YAML" not in out  # first paragraph
