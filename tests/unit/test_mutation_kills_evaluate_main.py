@@ -98,6 +98,9 @@ def test_tiny_models_are_seeded_and_sized():
     again, _ = cli.load_model(vqa(family="t5", seed=3), "vqa")
     assert isinstance(model, Blip2) and tok is None and model.family == "t5" and model.tokenizer is not None
     assert model.config.vision.image_size == 28
+    assert model.tokenizer.convert_ids_to_tokens(0) == "<pad>"  # T5 conventions
+    opt, _ = cli.load_model(vqa(family="opt"), "caption")
+    assert opt.tokenizer.convert_ids_to_tokens(0) == "<s>"  # OPT conventions
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     other, _ = cli.load_model(vqa(family="t5", seed=4), "vqa")
     assert not torch.equal(model.query_tokens, other.query_tokens)
@@ -118,6 +121,8 @@ def test_from_pretrained_lookup(monkeypatch):
     monkeypatch.setitem(sys.modules, "blip2lib.pretrained", None)  # an installation without pretrained.py
     assert cli._from_pretrained() is None
     monkeypatch.setattr(cli, "_from_pretrained", lambda: None)
+    with pytest.raises(ParamsError, match="^<params>: checkpoint '/ck'"):  # no source given
+        cli.load_model(vqa(checkpoint="/ck"), "vqa")
     with pytest.raises(ParamsError) as err:
         cli.load_model(vqa(checkpoint="/ck"), "vqa", SRC)
     assert str(err.value) == (
@@ -280,6 +285,8 @@ def test_caption_arguments_and_ground_truth_choice(drivers):
     want = CaptionDecoding(**{**lavis.__dict__, "repetition_penalty": 1.5,
                               "source": f"{lavis.source}, overridden by <params>"})  # fmt: skip
     assert drivers["driver"][1][2:] == (want, None)  # no nocaps_test_gt: nothing to score
+    cli.run_params("caption", cli.CaptionParams(split="coco_karpathy_test", autocast="fp16", **cp), SRC)
+    assert drivers["driver"][2]["autocast"] == "fp16"
     for gt_file, gt in (("none", None), ("g/gt.json", Path("/d/g/gt.json"))):
         cli.run_params("caption", cli.CaptionParams(split="coco_karpathy_test", gt_file=gt_file, **cp), SRC)
         assert drivers["driver"][1][3] == gt
