@@ -387,3 +387,55 @@ def test_retrieval_errors(tmp_path):
     assert str(err.value) == ("retrieval: none of the 3 images could be read (first: [{'index': 0, 'bad': "
                               "'<unknown>: sample was None'}])")  # fmt: skip
     assert model.training
+
+
+class LoggedGallery(Gallery):
+    """A gallery whose unreadable images are recorded in its ``bad_log``, as the real readers do."""
+
+    def __init__(self, *args, **kw):
+        from blip2lib.data.images import BadSampleLog
+
+        super().__init__(*args, **kw)
+        self.bad_log = BadSampleLog()
+
+    def __getitem__(self, i):
+        if self.items[i] is None:
+            self.bad_log.record(f"im{i}.jpg", "broken")
+        return super().__getitem__(i)
+
+
+def test_image_pass_loader_bar_and_bad_rows_of_every_batch(tmp_path, monkeypatch):
+    import tqdm.auto
+
+    loaders, bars = [], []
+    real_loader = drivers.DataLoader
+
+    def loader(*args, **kw):
+        loaders.append(kw)
+        return real_loader(*args, **kw)
+
+    def bar(iterable, **kw):
+        bars.append(kw)
+        return iterable
+
+    ds = LoggedGallery(4, ["a", "b c"], [0, 3], bad=(1, 2))
+    model = Matcher(4, [0, 3])
+    model.by_len = {1: 0, 3: 3}
+    monkeypatch.setattr(drivers, "DataLoader", loader)
+    monkeypatch.setattr(tqdm.auto, "tqdm", bar)
+    res = run_retrieval(model, ds, Tokenizer(), fusion="itc", batch_size=2, out_dir=tmp_path, num_workers=0)
+    assert (loaders[0]["batch_size"], loaders[0]["num_workers"]) == (2, 0)
+    assert loaders[0]["collate_fn"].bad_log is ds.bad_log
+    assert bars == [{"desc": "images", "disable": False}]  # rank 0 with progress (the default)
+    # one unreadable image in each batch of 2: both are listed, with the reasons the dataset recorded
+    assert res["counts"]["bad_samples"]["examples"] == ["im1.jpg: broken", "im2.jpg: broken"]
+    assert (res["counts"]["n_images_scored"], res["counts"]["n_texts_scored"]) == (2, 2)
+    bars.clear()
+    res = run_retrieval(model, ds, Tokenizer(), fusion="itc", out_dir=tmp_path, progress=False, num_workers=1)
+    assert bars == [{"desc": "images", "disable": True}] and loaders[1]["num_workers"] == 1
+    assert res["counts"]["bad_samples"]["examples"] == ["im1.jpg: broken", "im2.jpg: broken"]  # drained in the worker
+    bars.clear()
+    monkeypatch.setattr(drivers.dist, "is_main", lambda: False)
+    monkeypatch.setattr(drivers.dist, "broadcast_object", lambda obj: obj)
+    run_retrieval(model, ds, Tokenizer(), fusion="itc", out_dir=tmp_path / "r1")
+    assert bars == [{"desc": "images", "disable": True}]  # other ranks: no bar
