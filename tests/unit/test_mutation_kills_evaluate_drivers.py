@@ -439,3 +439,22 @@ def test_image_pass_loader_bar_and_bad_rows_of_every_batch(tmp_path, monkeypatch
     monkeypatch.setattr(drivers.dist, "broadcast_object", lambda obj: obj)
     run_retrieval(model, ds, Tokenizer(), fusion="itc", out_dir=tmp_path / "r1")
     assert bars == [{"desc": "images", "disable": True}]  # other ranks: no bar
+
+
+def test_retrieval_defaults_and_nested_scores_folder(tmp_path, monkeypatch):
+    import tqdm.auto
+
+    loaders, bars = [], []
+    real_loader = drivers.DataLoader
+    monkeypatch.setattr(drivers, "DataLoader", lambda *a, **kw: loaders.append(kw) or real_loader(*a, **kw))
+    monkeypatch.setattr(tqdm.auto, "tqdm", lambda iterable, **kw: bars.append(kw) or iterable)
+    monkeypatch.chdir(tmp_path)
+    ds, model = gallery()
+    res = run_retrieval(model, ds, Tokenizer())
+    assert json.loads((tmp_path / "eval_retrieval" / "result.json").read_text())["split"] == res["split"] == ""
+    cfg = res["config"]
+    assert (cfg["k"], cfg["fusion"], cfg["text_max_len"], cfg["batch_size"], cfg["itm_batch_size"]) == (
+        128, "itm+itc", 35, 64, 128)  # fmt: skip
+    assert loaders[0]["num_workers"] == 0 and bars == [{"desc": "images", "disable": False}]
+    run_retrieval(model, ds, Tokenizer(), out_dir=tmp_path / "new" / "dir", save_scores=True, progress=False)
+    assert (tmp_path / "new" / "dir" / "scores.pt").exists()
