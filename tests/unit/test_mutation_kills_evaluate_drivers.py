@@ -458,3 +458,41 @@ def test_retrieval_defaults_and_nested_scores_folder(tmp_path, monkeypatch):
     assert loaders[0]["num_workers"] == 0 and bars == [{"desc": "images", "disable": False}]
     run_retrieval(model, ds, Tokenizer(), out_dir=tmp_path / "new" / "dir", save_scores=True, progress=False)
     assert (tmp_path / "new" / "dir" / "scores.pt").exists()
+
+
+def test_generation_arguments_and_defaults(tmp_path, monkeypatch):
+    import dataclasses
+
+    passes = []
+    stats = {"generated_this_run": 0, "from_cache": 0, "wall_s": 0.0}
+
+    def generation_pass(model, dataset, out, meta, batch_size, prompts, record, gen_kwargs, *rest):
+        passes.append((meta, batch_size, gen_kwargs, rest))
+        return {}, stats
+
+    monkeypatch.setattr(drivers, "generation_pass", generation_pass)
+    t5 = Answerer([], family="t5")
+    res = run_vqa(t5, questions(2), None, 4, tmp_path / "v", "val")  # decoding None: the family's paper recipe
+    paper = VQADecoding.paper("t5")
+    assert passes[0][2:] == (paper.generate_kwargs(), (0, True, None)) and passes[0][0]["split"] == "val"
+    assert res["config"]["decoding"] == dataclasses.asdict(paper)
+    res = run_caption(t5, images(2), None, None, 4, tmp_path / "c")
+    cap = CaptionDecoding.paper()
+    meta = {
+        k: passes[1][0][k] for k in ("task", "split", "n_items", "decoding", "generate_kwargs")
+    }  # other keys may join
+    assert meta == {"task": "caption", "split": "", "n_items": 2, "decoding": dataclasses.asdict(cap),
+                    "generate_kwargs": cap.generate_kwargs()}  # fmt: skip
+    assert passes[1][1:] == (4, cap.generate_kwargs(), (0, True, None))
+    assert res["config"]["decoding"] == dataclasses.asdict(cap) and res["split"] == ""
+    assert res["timing"] == {"generated_this_run": 0, "from_cache": 0, "wall_s": 0.0, "per_rank": [stats]}
+    run_vqa(t5, questions(2), DEC, 4, tmp_path / "v2", "s", num_workers=3, progress=False, autocast="bf16")
+    run_caption(t5, images(2), CAP, None, 4, tmp_path / "c2", "s", num_workers=3, progress=False, autocast="bf16")
+    assert passes[2][3] == passes[3][3] == (3, False, "bf16")
+
+
+def test_caption_records_the_autocast_precision(tmp_path):
+    res = run_caption(Answerer(["c0"]), images(1), CAP, None, 1, tmp_path, progress=False, autocast="bf16")
+    assert res["config"]["precision"]["autocast"] == "bf16"
+    res = run_vqa(Answerer(["a"]), questions(1), DEC, 1, tmp_path / "v", "val", progress=False, autocast="fp16")
+    assert res["config"]["precision"]["autocast"] == "fp16"
