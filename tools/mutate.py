@@ -127,6 +127,7 @@ MODULES: dict[str, Module] = {
             "tests/unit/test_mutation_kills_evaluate_main.py",
             "tests/unit/test_mutation_kills_evaluate_drivers.py",
             "tests/unit/test_mutation_kills_evaluate_caption.py",
+            "tests/unit/test_mutation_kills_evaluate_retrieval.py",
         ),
     ),
 }
