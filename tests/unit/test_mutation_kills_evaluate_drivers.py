@@ -93,6 +93,7 @@ def test_vqa_ground_truth_sources(tmp_path):
     assert gt(ds, None, True) == {1: ("a", "b"), 2: ["c"]}
     assert gt(Items([], annotation=[*anns, {"question_id": 3}]), None, False) is None  # one without answers: test
     assert gt(Items([], annotation=[]), None, False) is None and gt(Items([]), None, False) is None
+    assert gt(torch.utils.data.TensorDataset(torch.zeros(1)), None, False) is None  # no annotation attribute at all
 
 
 def test_score_vqa_scores_only_predicted_questions(monkeypatch, caplog):
