@@ -172,17 +172,24 @@ def test_nocaps_domains_score_their_own_images(fake, tmp_path):
 
 
 def test_nocaps_messages(fake):
-    preds = {i: "x" for i in range(1, 8)}
-    refs = {i: ["r"] for i in range(1, 8)}
-    domains = {1: "far", 2: "in-domain", 3: "mid", 4: "in-domain"}  # 5, 6, 7 have none
+    preds = {i: "x" for i in range(1, 9)}
+    refs = {i: ["r"] for i in range(1, 9)}
+    domains = {1: "far", 2: "in-domain", 3: "mid", 4: "in-domain"}  # 5, 6, 7, 8 have none: 6 problems, 5 listed
     with pytest.raises(ValueError) as err:
         nocaps_breakdown(preds, refs, domains=domains, metrics=("CIDEr",))
     assert str(err.value) == ("every image needs a domain in ('in-domain', 'near-domain', 'out-domain'); bad or "
-                              "missing: [5, 6, 7, 'far', 'mid']")  # fmt: skip
+                              "missing: [5, 6, 7, 8, 'far']")  # fmt: skip
     with pytest.raises(ValueError, match="^1 reference images have no prediction"):  # NoCaps scores every image
         nocaps_breakdown({1: "x"}, {1: ["r"], 2: ["s"]}, domains={1: "in-domain", 2: "in-domain"}, metrics=("CIDEr",))
     with pytest.raises(ValueError, match="^unknown metrics"):
         nocaps_breakdown({1: "x"}, {1: ["r"]}, domains={1: "in-domain"}, metrics=("SPICE-2",))
+    with pytest.raises(ValueError, match=r"^every image needs a domain .*missing: \[1\]$"):  # no "images" list
+        nocaps_breakdown({1: "x"}, {"annotations": [{"image_id": 1, "caption": "r"}]}, metrics=("CIDEr",))
+
+
+def test_submission_folder_is_created_with_its_parents(tmp_path):
+    path = caption.write_nocaps_submission({2: "b", 10: "a"}, tmp_path / "x" / "y" / "nocaps.json")
+    assert json.loads(path.read_text()) == [{"image_id": 2, "caption": "b"}, {"image_id": 10, "caption": "a"}]
 
 
 def test_recipe_labels_and_length_rule_argument():
