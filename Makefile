@@ -46,7 +46,7 @@ format: $(STAMP) ## ruff format + autofix; strip notebook outputs (cell ids kept
 	.venv/bin/nbstripout --keep-id notebooks/*.ipynb
 
 demo: $(STAMP) ## run the main job end to end on the embedded toy world
-	$(PY) -m blip2lib.demo
+	$(PY) -m blip2lib.demo $(if $(FORCE),--force)
 
 clean: ## remove caches, runs and build artefacts (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache build *.egg-info

@@ -4,7 +4,7 @@ Rows (one table, also written as JSON with ``--out``):
 
 * ``vit_forward``            frozen EVA ViT-g forward (+ ``ln_vision``), batch 128: images/s — stage 1's roofline.
 * ``stage1_train``           stage-1 step (ITC + ITM + ITG, docs/paper_map.md §2), ViT-g frozen, batch 128: samples/s,
-peak memory.
+                             peak memory.
 * ``stage2_train_opt2.7b``   stage-2 step (docs/paper_map.md §3.1), ViT-g + OPT-2.7B, batch 32, ours AND transformers'
                              ``Blip2ForConditionalGeneration`` on the same weights: samples/s, peak memory, ratio.
 * ``stage2_train_flant5xl``  the same step with FlanT5-XL (docs/paper_map.md §3.2, prefix LM), ours only.
@@ -12,8 +12,8 @@ peak memory.
                              suppressed so every row does the same work): images/s ours and transformers', ratio and
                              the fraction of identical token ids.
 * ``vqa_opt2.7b`` / ``vqa_flant5xl``  zero-shot VQA generation (beam 5, ≤ 10 new tokens, length penalty -1,
-docs/paper_map.md
-                             §5.1): questions/s and the projected time for VQAv2 val (214,354 questions).
+                             docs/paper_map.md §5.1): questions/s and the projected time for VQAv2 val
+                             (214,354 questions).
 
 Precision policy (``--dtype policy``, docs/paper_map.md §3.3 and ``Blip2Base.place``): frozen ViT and OPT fp16, FlanT5
 bf16; Q-Former, queries, ``ln_vision`` and projections fp32 master weights under autocast (fp16 + GradScaler for ViT/OPT

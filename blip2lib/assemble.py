@@ -262,6 +262,8 @@ def load_init(model: torch.nn.Module, path: str) -> dict:
 
 
 def _load_one(model: torch.nn.Module, path: str, skip: set | None = None) -> dict:
+    from .checkpoint import read_safetensors
+
     p = Path(path)
     file = p / "model.safetensors" if p.is_dir() else p
     if p.is_dir() and not file.exists():
@@ -271,7 +273,7 @@ def _load_one(model: torch.nn.Module, path: str, skip: set | None = None) -> dic
         if ck is None:
             raise FileNotFoundError(f"init_from={path}: no model.safetensors or checkpoint found")
         file = Path(ck) / "model.safetensors"
-    sd = safetensors.torch.load_file(str(file))
+    sd = read_safetensors(file)  # a truncated file: LoadError naming it
     own = model.state_dict()
     take = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape and k not in (skip or ())}
     bad_shape = [k for k in sd if k in own and own[k].shape != sd[k].shape]

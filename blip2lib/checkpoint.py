@@ -31,17 +31,36 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .pretrained import LoadError
+
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "trainable_state_dict", "save_training_state", "latest_checkpoint", "best_checkpoint",
-           "load_training_state", "get_rng_state", "set_rng_state"]  # fmt: skip
+__all__ = ["CheckpointError", "read_safetensors", "shape_mismatches", "trainable_state_dict", "save_training_state",
+           "latest_checkpoint", "best_checkpoint", "load_training_state", "get_rng_state", "set_rng_state"]  # fmt: skip
 
 MODEL_FILE, STATE_FILE, MANIFEST_FILE, BEST_FILE = "model.safetensors", "train_state.pt", "manifest.json", "best.json"
 _CKPT = re.compile(r"^ckpt-(\d+)$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, tampered with or does not fit the model."""
+class CheckpointError(LoadError):
+    """A checkpoint is missing, incomplete, tampered with or does not fit the model (a ``LoadError``)."""
+
+
+def read_safetensors(path: Path, error: type[Exception] = LoadError) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` on the CPU; a truncated or corrupt file raises ``error`` naming ``path``.
+
+    (safetensors' own message, e.g. "incomplete metadata", names no file.)
+    """
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # SafetensorError, OSError, ...: which file matters more than the exception type
+        raise error(f"{path}: unreadable safetensors file (truncated or corrupt?): {e}") from e
+
+
+def shape_mismatches(own: dict, tensors: dict) -> dict[str, str]:
+    """Keys in both whose shapes differ -> ``"file (a, b) vs model (c, d)"`` (sorted by key)."""
+    return {k: f"file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
+            for k in sorted(tensors) if k in own and tuple(own[k].shape) != tuple(tensors[k].shape)}  # fmt: skip
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -252,7 +271,9 @@ def load_training_state(
         ``{"step", "data_state", "extra", "scheduler", "rng", "manifest", "path"}``.
 
     Raises:
-        CheckpointError: incomplete checkpoint, sha256 mismatch (naming the file) or key mismatch.
+        CheckpointError: incomplete checkpoint, sha256 mismatch or unreadable file (naming the file), or keys
+            that do not fit: missing trainable, unexpected and mis-shaped keys (both shapes) in one message, raised
+            before anything is loaded into ``model``.
     """
     d = Path(path)
     try:
@@ -265,15 +286,20 @@ def load_training_state(
         if verify and _sha256(d / f) != digest:
             raise CheckpointError(f"{d / f}: sha256 mismatch with {MANIFEST_FILE} (corrupted or modified file)")
     model = _unwrap(model)
-    tensors = load_file(str(d / MODEL_FILE), device="cpu")
+    tensors = read_safetensors(d / MODEL_FILE, CheckpointError)
+    own = model.state_dict()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    result = model.load_state_dict(tensors, strict=False)
-    missing = sorted(trainable & set(result.missing_keys))
-    if missing or result.unexpected_keys:
-        raise CheckpointError(
-            f"{d}: missing trainable keys {missing[:5]}, unexpected keys {result.unexpected_keys[:5]}"
-        )
-    state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)
+    # every way the file can fail to fit, in one error (load_state_dict would stop at the first size mismatch)
+    missing, unexpected = sorted(trainable - set(tensors)), sorted(k for k in tensors if k not in own)
+    mis_shaped = shape_mismatches(own, tensors)
+    if missing or unexpected or mis_shaped:
+        shaped = f", mis-shaped keys {dict(list(mis_shaped.items())[:5])}" if mis_shaped else ""
+        raise CheckpointError(f"{d}: missing trainable keys {missing[:5]}, unexpected keys {unexpected[:5]}{shaped}")
+    model.load_state_dict(tensors, strict=False)
+    try:
+        state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError) as e:  # truncated zip / archive; a refused pickle keeps its own type
+        raise CheckpointError(f"{d / STATE_FILE}: unreadable (truncated or corrupt?): {e}") from e
     if optimizer is not None and state["optimizer"] is not None:
         saved = [g.get("param_names") for g in state["optimizer"]["param_groups"]]
         have = [g.get("param_names") for g in optimizer.param_groups]

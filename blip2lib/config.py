@@ -8,13 +8,17 @@ flat dataclasses whose fields equal a notebook's ``parameters`` cell; YAML files
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
+
+from .errors import UserError
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model configurations
@@ -268,7 +272,7 @@ def config_from_dict(d: dict) -> Blip2Config:
 # Flat run parameters (one dataclass per notebook; the notebook's parameters cell has the same names/defaults)
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError, ValueError):
     """A params file or override is invalid (message names the file and key)."""
 
 
@@ -326,9 +330,34 @@ def _check_type(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
+_INTERVAL = re.compile(r"^\s*([\[(])\s*([^,\s]+)\s*,\s*([^\]\)\s]+)\s*([\])])")
+
+
+def in_range(value: float, spec: str) -> bool:
+    """Whether ``value`` lies in the interval that ``spec`` starts with (``"[1, inf)"``, ``"(0, 1]"``; text may follow).
+
+    Raises:
+        ValueError: ``spec`` does not start with an interval (a schema bug, not a user error).
+    """
+    m = _INTERVAL.match(spec)
+    if m is None:
+        raise ValueError(f"range {spec!r} does not start with an interval such as '[1, inf)'")
+    lo, hi = float(m.group(2)), float(m.group(3))
+    above = value >= lo if m.group(1) == "[" else value > lo
+    below = value <= hi if m.group(4) == "]" else value < hi
+    return above and below and not (isinstance(value, float) and math.isnan(value))
+
+
 @dataclass
 class Params:
-    """Base of every notebook's run parameters: the fields every notebook has."""
+    """Base of every notebook's run parameters: the fields every notebook has.
+
+    ``ranges`` (a class attribute, merged over the class hierarchy) maps numeric keys to their allowed interval;
+    :meth:`from_dict` checks them before any work, so ``batch_size: 0`` is refused naming the file and the key
+    instead of failing later (or, worse, running). A ``None`` value is never range-checked: it means "the recipe's".
+    """
+
+    ranges: ClassVar[dict[str, str]] = {"seed": "[0, 4294967295] (numpy seeds are 32-bit)", "num_gpus": "[1, inf)"}
 
     run_dir: str = ""  # output folder; "" → runs/<notebook>/<variant>/ chosen by the runner
     smoke_test: bool = False  # seconds-sized run for CI
@@ -349,9 +378,26 @@ class Params:
                 raise ParamsError(f"{source}: key '{key}' must be {hints[key]}, got {type(value).__name__} {value!r}")
         values = {k: float(v) if hints[k] is float and isinstance(v, int) else v for k, v in values.items()}
         try:
-            return cls(**values)
+            obj = cls(**values)
         except ParamsError as e:  # a schema's own cross-key check: name the file
             raise ParamsError(f"{source}: {e}") from e
+        obj.check_ranges(source)
+        return obj
+
+    @classmethod
+    def all_ranges(cls) -> dict[str, str]:
+        """``ranges`` of this class and its bases (a subclass entry overrides its base's)."""
+        merged: dict[str, str] = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(vars(klass).get("ranges", {}))
+        return merged
+
+    def check_ranges(self, source: str = "<params>") -> None:
+        """Raise :class:`ParamsError` naming ``source``, the key and its allowed range for a value outside it."""
+        for key, spec in self.all_ranges().items():
+            value = getattr(self, key, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not in_range(value, spec):
+                raise ParamsError(f"{source}: key '{key}' must be in {spec}, got {value!r}")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Params:

@@ -1,7 +1,10 @@
 """``make demo``: build the embedded toy world and run the whole ``toy`` variant, then print the index report.
 
 Runs every ``params/*/toy.yaml`` (stage 0 → stage 1 → stage 2 OPT and T5 → fine-tunings → every table → summary)
-through the papermill runner, two at a time in dependency order, skipping steps whose outputs are current.
+through the papermill runner, two at a time in dependency order, skipping steps whose outputs are current. A finished
+step whose inputs changed since (a ``git pull`` touching the library, an edited params file) is stale: the demo lists
+what changed and stops without touching it; ``make demo FORCE=1`` (``--force``) moves each stale run aside to
+``<run>.prev-<time>`` and runs it again.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ TOY_WALLS = {
 def main(argv: list[str] | None = None) -> int:
     """Run the demo variant; exit status 0 on success, 1 with the failure page's path otherwise."""
     from .workbook.run import REPO_ROOT
-    from .workbook.runner import run_all, variant_params
+    from .workbook.runner import StaleRun, run_all, variant_params
 
     ap = argparse.ArgumentParser(prog="python -m blip2lib.demo", description=__doc__)
     ap.add_argument("--variant", default="toy", help="params variant to run (default: toy)")
-    ap.add_argument("--force", action="store_true", help="redo steps whose outputs are current")
+    ap.add_argument("--force", action="store_true",
+                    help="redo stale and current steps, each old run moved aside to <run>.prev-<time>")  # fmt: skip
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="no per-cell progress bar")
     ap.add_argument("-j", "--jobs", type=int, default=2,
                     help="notebooks executed at once (default 2: the toy models are too small for 2 threads to "
@@ -50,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         estimates = TOY_WALLS if args.variant == "toy" else None
         jobs = run_all(args.variant, force=args.force, progress=args.progress, jobs=args.jobs, estimates=estimates)
+    except StaleRun as e:
+        print(f"==> demo stopped: {e}", file=sys.stderr)
+        print("==> nothing was deleted; `make demo FORCE=1` moves the stale runs aside and runs them again",
+              file=sys.stderr)  # fmt: skip
+        return 2
     except RuntimeError as e:
         print(f"==> demo stopped: {e}", file=sys.stderr)
         return 1

@@ -80,8 +80,8 @@ def _hf_config(cfg: LLMConfig, attn_implementation: str) -> PretrainedConfig:
         raise ValueError("LLMConfig needs either `path` (local transformers directory) or `hf_config`")
     if cfg.family == "t5" and cfg.exact_gelu:
         # LAVIS loads FlanT5's config and replaces the tanh-approximate gelu_new by exact GELU (docs/paper_map.md §1.5,
-        # §10.11); the gated FFN stays gated. Must happen before the model is constructed (the activation is built from
-        # it).
+        # §10.11); the gated FFN stays gated. Must happen before the model is constructed (the activation is built
+        # from it).
         config.dense_act_fn = "gelu"
     config._attn_implementation = attn_implementation
     return config

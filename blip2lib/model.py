@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -118,6 +119,30 @@ class Blip2Base(nn.Module):
                 if dtype == torch.bfloat16:
                     autocast_region_(lm, dtype, torch.device(device).type)
         return self
+
+    def save_pretrained(self, path: str | Path, *, format: str = "transformers", check: bool = True, **kwargs) -> dict:
+        """Write this model to ``path`` as a transformers directory (default) or a LAVIS ``.pth`` file.
+
+        The method form of :func:`blip2lib.pretrained.save_pretrained_hf` (``format="transformers"``) and
+        :func:`blip2lib.pretrained.save_lavis` (``format="lavis"``): the export is verified numerically against the
+        target library's own model before anything appears at ``path`` (``check=False`` skips that).
+
+        Args:
+            path: output directory (transformers) or file (LAVIS); must not exist.
+            format: ``"transformers"`` or ``"lavis"``.
+            check: run the numerical check before writing.
+            **kwargs: passed on (``tol``, ``seed`` for transformers; ``tol``, ``llm_out`` for LAVIS).
+
+        Returns:
+            The check's max-abs differences per compared output (empty when unchecked).
+        """
+        from .pretrained import save_lavis, save_pretrained_hf  # the loaders import this module: import lazily
+
+        if format == "transformers":
+            return save_pretrained_hf(self, path, check=check, **kwargs)
+        if format == "lavis":
+            return save_lavis(self, path, check=check, **kwargs)
+        raise ValueError(f"format must be 'transformers' or 'lavis', got {format!r}")
 
     def vision_dtype(self) -> torch.dtype:
         """Dtype of the vision tower's weights."""

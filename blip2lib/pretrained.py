@@ -18,10 +18,10 @@ Only safetensors and ``torch.load(weights_only=True)`` are used: no code is ever
 :class:`LoadReport` (also logged): keys expected to be absent are named with the reason; any other gap raises
 :class:`LoadError` listing the keys by module.
 
-Image tokens (hf md §4.3): transformers writes ``[<image> x Q ; BOS ; text]`` and scatters the soft prompt into the
-placeholders; our model PREPENDS the soft prompt to the text embeddings. Both give identical logits (placeholders
-occupy the first Q positions; test_parity checks it), so loading ignores ``image_token_index`` and exporting picks
-one (see :func:`save_pretrained_hf`).
+Image tokens (docs/paper_map.md §8.3): transformers writes ``[<image> x Q ; BOS ; text]`` and scatters the soft prompt
+into the placeholders; our model PREPENDS the soft prompt to the text embeddings. Both give identical logits
+(placeholders occupy the first Q positions; test_parity checks it), so loading ignores ``image_token_index`` and
+exporting picks one (see :func:`save_pretrained_hf`).
 
 This module imports torch/transformers lazily so that ``import blip2lib`` stays cheap.
 """
@@ -35,11 +35,16 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class LoadError(RuntimeError):
-    """A checkpoint does not fit the model: unexplained missing or unexpected keys (listed by module)."""
+class LoadError(UserError, RuntimeError):
+    """A checkpoint cannot be read or does not fit the model.
+
+    The message names the file and lists every mis-shaped (both shapes), missing and unexpected key.
+    """
 
 
 @dataclass
@@ -53,20 +58,25 @@ class LoadReport:
     missing: dict[str, list[str]] = field(default_factory=dict)
     unexpected: dict[str, list[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    mis_shaped: dict[str, str] = field(default_factory=dict)  # key -> "file (a, b) vs model (c, d)"; not loaded
+    file: str = ""  # the file or directory read
 
     def summary(self) -> dict:
         """JSON-friendly dict; expected gaps are grouped by reason."""
         by_reason: dict[str, list[str]] = {}
         for k, why in self.expected.items():
             by_reason.setdefault(why, []).append(k)
-        return {"source": self.source, "kind": self.kind, "loaded": self.loaded, "expected": by_reason,
-                "missing": self.missing, "unexpected": self.unexpected, "notes": self.notes}  # fmt: skip
+        return {"source": self.source, "kind": self.kind, "file": self.file, "loaded": self.loaded,
+                "expected": by_reason, "mis_shaped": self.mis_shaped, "missing": self.missing,
+                "unexpected": self.unexpected, "notes": self.notes}  # fmt: skip
 
     def raise_on_error(self) -> None:
-        """Raise :class:`LoadError` when any unexplained key is left."""
-        if self.missing or self.unexpected:
+        """Raise one :class:`LoadError` naming the file and every mis-shaped, missing and unexpected key."""
+        if self.missing or self.unexpected or self.mis_shaped:
+            shaped = f" mis-shaped {self.mis_shaped}" if self.mis_shaped else ""
             raise LoadError(
-                f"{self.source} checkpoint does not fit: missing {self.missing} unexpected {self.unexpected}"
+                f"{self.file or '<state dict>'}: {self.source} checkpoint does not fit:{shaped} missing "
+                f"{self.missing} unexpected {self.unexpected}"
             )
 
 
@@ -76,10 +86,11 @@ class LoadReport:
 
 def _read_tensors(path: Path) -> dict:
     import torch
-    from safetensors.torch import load_file
 
     if path.suffix == ".safetensors":
-        return load_file(str(path), device="cpu")
+        from .checkpoint import read_safetensors
+
+        return read_safetensors(path)  # a truncated file: LoadError naming it
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle with code objects: refuse rather than unpickle it
@@ -140,6 +151,7 @@ def _llm_from_state(llm_cfg, lm_sd: dict, attn: str, report: LoadReport):
 
     lm = build_llm(llm_cfg, device="meta", attn_implementation=attn)
     ties = _tie_groups(lm)
+    lm_sd = _drop_mis_shaped(lm, lm_sd, report, "language_model.")
     res = lm.load_state_dict(lm_sd, strict=False, assign=True)
     missing = set(res.missing_keys)
     for group in ties:
@@ -151,19 +163,34 @@ def _llm_from_state(llm_cfg, lm_sd: dict, attn: str, report: LoadReport):
                 missing.discard(n)
     head, emb = lm.get_output_embeddings(), lm.get_input_embeddings()
     if head is not None and head.weight.is_meta and (llm_cfg.hf_config or {}).get("tie_word_embeddings", True):
-        # A config-tied head (transformers 5.x T5 configs always say tie_word_embeddings=True, hf md §5 pitfall 4;
+        # A config-tied head (transformers 5.x T5 configs always say tie_word_embeddings=True, docs/paper_map.md §8.3;
         # build_llm unties FlanT5 heads): the file stores only the embedding, as transformers itself would load it.
         head.weight = emb.weight
         name = next(n for n in missing if n.endswith("weight") and "head" in n)
         report.expected[f"language_model.{name}"] = "tied to the input embeddings (config tie_word_embeddings=True)"
         missing.discard(name)
-    left = [n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if t.is_meta]
+    shaped = {k[len("language_model.") :] for k in report.mis_shaped if k.startswith("language_model.")}
+    missing -= shaped  # listed as mis-shaped, not again as missing
+    left = [n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if t.is_meta and n not in shaped]
     report.missing.update({"language_model": sorted(f"language_model.{n}" for n in set(left) | missing)} if left
                           else {})  # fmt: skip
     if res.unexpected_keys:
         report.unexpected["language_model"] = [f"language_model.{k}" for k in res.unexpected_keys]
     report.loaded += len(lm_sd) - len(res.unexpected_keys)
     return lm
+
+
+def _drop_mis_shaped(module, sd: dict, report: LoadReport, prefix: str = "") -> dict:
+    """``sd`` without the keys whose shape differs from ``module``'s; those go to ``report.mis_shaped``.
+
+    load_state_dict would raise a bare ``size mismatch`` at the first one, before the other gaps of the same file
+    are known; this way one error lists them all.
+    """
+    from .checkpoint import shape_mismatches
+
+    bad = shape_mismatches(module.state_dict(), sd)
+    report.mis_shaped.update({prefix + k: v for k, v in bad.items()})
+    return {k: v for k, v in sd.items() if k not in bad}
 
 
 def _build(cfg, kind: str, language_model=None, tokenizer=None):
@@ -187,12 +214,13 @@ def _fill(
     """``load_state_dict(strict=False)`` + classification of every gap (expected → named, other → error)."""
     from .convert import group_keys
 
+    sd = _drop_mis_shaped(model, sd, report)
     res = model.load_state_dict(sd, strict=False)
     report.loaded += len(sd) - len(res.unexpected_keys)
     missing = []
     for k in res.missing_keys:
-        if k.startswith(skip_prefix) or (already and k in already):
-            continue
+        if k.startswith(skip_prefix) or (already and k in already) or k in report.mis_shaped:
+            continue  # a mis-shaped key is listed as such, not again as missing
         why = next((r for pre, r in expected_missing.items() if k == pre or k.startswith(pre + ".")), None)
         if why:
             report.expected[k] = why
@@ -230,8 +258,8 @@ def _load_hf(d: Path, attn: str, strict: bool, return_report: bool, config=None)
     hf_cfg = json.loads((d / "config.json").read_text())
     cfg, kind = config_from_hf(hf_cfg)
     cfg = config or cfg
-    report = LoadReport("hf", kind, notes=[f"image_token_index={hf_cfg.get('image_token_index')} unused: our model "
-                                           "prepends the soft prompt (hf md §4.3)"])  # fmt: skip
+    note = f"image_token_index={hf_cfg.get('image_token_index')} unused: our model prepends the soft prompt"
+    report = LoadReport("hf", kind, file=str(d), notes=[note])
     sd = hf_to_ours(_read_hf_weights(d), cfg.vision)
     lm = None
     if kind == "stage2":
@@ -294,7 +322,7 @@ def _load_lavis(path: Path, vision_weights, llm_path, bert_dir, image_size, conf
     if cfg.llm is not None and llm_path:
         cfg = cfg.replace(llm=dataclasses.replace(cfg.llm, path=str(llm_path)))
     kind = "stage1" if cfg.llm is None else "stage2"
-    report = LoadReport("lavis", kind)
+    report = LoadReport("lavis", kind, file=str(path))
     lm = None
     if cfg.llm is not None:
         lm = language_model if language_model is not None else build_llm(cfg.llm, attn_implementation=attn)
@@ -347,7 +375,7 @@ def _load_training(d: Path, vision_weights, llm_path, bert_dir, attn, strict, re
     if cfg.llm is not None and llm_path:
         cfg = cfg.replace(llm=dataclasses.replace(cfg.llm, path=str(llm_path)))
     kind = "stage2" if cfg.llm is not None else "stage1"
-    report = LoadReport("training", kind, notes=[f"stage={run.get('stage')} parent={run.get('parent')}"])
+    report = LoadReport("training", kind, file=str(d), notes=[f"stage={run.get('stage')} parent={run.get('parent')}"])
     lm = None
     if cfg.llm is not None:
         from .llm import build_llm

@@ -10,7 +10,8 @@ Several GPUs on one node (``launch.run_training`` builds exactly this command fr
     torchrun --standalone --nproc_per_node=8 -m blip2lib.train --params FILE.yaml
 
 Several nodes: the same module on every node with ``--nnodes=N --node_rank=i --rdzv_backend=c10d
---rdzv_endpoint=HOST:PORT`` instead of ``--standalone``. ``batch_size`` is per GPU; the global batch is
+--rdzv_endpoint=HOST:PORT`` instead of ``--standalone`` (``launch`` builds it from ``num_nodes`` and the ``rdzv_*``
+keys; docs/multinode.md). ``batch_size`` is per GPU; the global batch is
 ``batch_size × grad_accum × world size`` (paper stage 1: 1680 for ViT-g, docs/paper_map.md §7).
 
 Data (``train_data``): the toy world, an annotation file / manifest under ``data_root``, or WebDataset tar shards
@@ -33,8 +34,10 @@ import torch
 
 from . import dist
 from .assemble import build_data, build_model_and_task, load_init, materialize_frozen
-from .config import Params, config_to_dict
+from .checkpoint import latest_checkpoint
+from .config import Params, ParamsError, config_to_dict
 from .engine import run_loop
+from .errors import add_verbosity, log_level, run_guarded
 from .optim import LR_SCHEDULES, LRSchedule, build_optimizer, param_groups
 from .precision import VIT_PRECISIONS
 from .tasks import TEXT_PADDINGS
@@ -72,6 +75,11 @@ class TrainParams(Params):
     batch_size: int = 32  # per GPU
     grad_accum: int = 1  # micro-batches per step
     num_workers: int = 0  # DataLoader workers
+    num_nodes: int = 1  # nodes taking part; num_gpus counts one node's GPUs (docs/multinode.md)
+    node_rank: int = 0  # this node's index 0..num_nodes-1 (only the static rendezvous uses it)
+    rdzv_endpoint: str = ""  # several nodes: rendezvous HOST:PORT ("" → $PET_RDZV_ENDPOINT)
+    rdzv_id: str = ""  # several nodes: job id shared by all nodes ("" → $PET_RDZV_ID, else from the run folder)
+    rdzv_backend: str = "c10d"  # c10d (ranks assigned when nodes join) | static (node_rank decides them)
     lr: float = 1e-4  # peak LR (paper §3.4)
     min_lr: float = 1e-5  # cosine floor (1e-5 stage 1, 5e-5 stage 2 in the paper)
     warmup_lr: float = 1e-6  # LR at step 0
@@ -106,8 +114,38 @@ class TrainParams(Params):
     progress: bool = True  # tqdm bar on rank 0
     tensorboard: bool = False  # also write the log's scalars to <run_dir>/tensorboard (needs `tensorboard`)
 
-    def validate_values(self) -> TrainParams:
-        """Semantic checks that types alone cannot express."""
+    # Allowed ranges (checked by from_dict / validate_values before any work). Zero keeps its documented meaning
+    # where a key has one (ckpt_every / eval_every 0: only at the end; steps_per_epoch 0: from the data; ...).
+    ranges = {
+        "steps": "[1, inf)",
+        "batch_size": "[1, inf)",
+        "grad_accum": "[1, inf)",
+        "num_workers": "[0, inf)",
+        "image_size": "[1, inf)",
+        "max_txt_len": "[1, inf)",
+        "val_images": "[1, inf)",
+        "lr": "[0, inf)",
+        "min_lr": "[0, inf)",
+        "warmup_lr": "[0, inf)",
+        "warmup_steps": "[0, inf)",
+        "weight_decay": "[0, inf)",
+        "beta2": "[0, 1)",
+        "lr_layer_decay": "(0, 1]",
+        "clip_norm": "[0, inf) (0 turns clipping off)",
+        "steps_per_epoch": "[0, inf) (0 takes the epoch length from the data)",
+        "shard_epoch_samples": "[0, inf)",
+        "shuffle_buffer": "[0, inf) (0 keeps the shard order)",
+        "ckpt_every": "[0, inf) (0 saves only at the end)",
+        "eval_every": "[0, inf) (0 validates only at the end)",
+        "keep_last": "[0, inf) (0 keeps every checkpoint)",
+        "max_bad_steps": "[1, inf)",
+    }
+
+    def validate_values(self, source: str = "TrainParams") -> TrainParams:
+        """Ranges (see ``ranges``) and semantic checks that types alone cannot express."""
+        self.check_ranges(source)
+        if self.llm not in ("opt", "t5"):  # also a folder name (stage 2 trains each family into run_dir/<llm>)
+            raise ValueError(f"llm must be opt or t5, got {self.llm!r}")
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.augment not in ("paper", "crop", "none"):
@@ -125,9 +163,75 @@ class TrainParams(Params):
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.vit_precision not in ("", *VIT_PRECISIONS):
             raise ValueError(f"vit_precision must be '' or one of {VIT_PRECISIONS}, got {self.vit_precision!r}")
-        if self.steps_per_epoch < 0:
-            raise ValueError(f"steps_per_epoch must be >= 0, got {self.steps_per_epoch}")
         return self
+
+
+# Keys a resumed (or finished, then extended) run may change: they steer how long, how often and how visibly the
+# run goes on, not what a step computes. More ``steps`` moves the cosine horizon from the resume step on (LAVIS's
+# resume with a larger max_epoch does the same); the change is recorded in the manifest's ``params_history``.
+# ``run_dir`` is the folder itself, so it is never compared.
+RESUME_MAY_CHANGE = frozenset(
+    {"steps", "ckpt_every", "eval_every", "eval_at_start", "keep_last", "progress", "tensorboard", "num_workers",
+     "max_bad_steps", "smoke_test"}
+)  # fmt: skip
+
+
+def _saved_params(run_dir: Path) -> tuple[Path, dict] | None:
+    """(newest complete checkpoint, its manifest) of ``run_dir``, or None for a fresh folder."""
+    ck = latest_checkpoint(run_dir / "checkpoints")
+    if ck is None:
+        return None
+    try:
+        return ck, json.loads((ck / "manifest.json").read_text())
+    except (OSError, ValueError) as e:  # latest_checkpoint read it a moment ago: a concurrent writer or bad disk
+        raise ParamsError(f"{ck}/manifest.json: unreadable ({e}); cannot tell which params the run used") from e
+
+
+def check_resume_params(params: TrainParams, run_dir: Path) -> list[dict]:
+    """Refuse to continue a run folder with params that would change what its steps compute; return the history.
+
+    The newest checkpoint's manifest holds the params the run used. A key outside :data:`RESUME_MAY_CHANGE` with
+    another value raises; so does ``steps`` below the checkpoint's step. A key the saved params lack (added to the
+    schema later) counts as changed only when it differs from its default. Allowed changes are appended to the
+    ``params_history`` carried from manifest to manifest (``[{"at_step", "from_checkpoint", "changed": {key:
+    [old, new]}}]``).
+
+    Raises:
+        ParamsError: naming the run folder, the checkpoint and every changed key with both values.
+    """
+    found = _saved_params(run_dir)
+    if found is None:
+        return []
+    ck, manifest = found
+    config = manifest.get("config") or {}
+    old = config.get("params")
+    history = list(config.get("params_history") or [])
+    if not isinstance(old, dict):
+        log.warning("%s: manifest records no params; cannot check this resume against them", ck)
+        return history
+    new = json.loads(json.dumps(params.to_dict(), default=str))  # the manifest's JSON view (tuples -> lists)
+    defaults = json.loads(json.dumps(TrainParams().to_dict(), default=str))
+    changed = {}
+    for key, value in new.items():
+        before = old.get(key, defaults.get(key, value))
+        if key != "run_dir" and before != value:
+            changed[key] = [before, value]
+    refused = sorted(k for k in changed if k not in RESUME_MAY_CHANGE)
+    step = int(manifest.get("step", 0))
+    if refused or params.steps < step:
+        what = ", ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in refused)
+        if params.steps < step:
+            what = ", ".join(filter(None, [what, f"steps: {params.steps} is below the checkpoint's step {step}"]))
+        raise ParamsError(
+            f"run folder {run_dir} already holds a run (checkpoint {ck.name}) trained with other params ({what}); "
+            f"resuming would mix two runs. Use a new run_dir (or move this folder away), or restore these keys. Keys a "
+            f"resume may change: "
+            f"{sorted(RESUME_MAY_CHANGE)}"
+        )
+    if changed:
+        log.warning("resuming %s from %s with changed params %s (recorded in params_history)", run_dir, ck, changed)
+        history.append({"at_step": step, "from_checkpoint": ck.name, "changed": changed})
+    return history
 
 
 @dataclass
@@ -183,6 +287,7 @@ def train(params: TrainParams, run_dir: str | Path | None = None) -> RunResult:
     """Train one stage; returns the live task/model and the summary (also written to ``<run_dir>/train.json``)."""
     params.validate_values()
     run_dir = Path(run_dir or params.run_dir or "runs/adhoc")
+    history = check_resume_params(params, run_dir)  # before any work: a changed finished run is refused
     run_dir.mkdir(parents=True, exist_ok=True)
     dist.init_distributed()
     _seed_all(params.seed + dist.get_rank() * 0)  # identical model init on every rank (DDP replicas)
@@ -210,6 +315,7 @@ def train(params: TrainParams, run_dir: str | Path | None = None) -> RunResult:
         "llm_path": components.get("llm_path", params.llm_path),
         "bert_dir": components.get("bert_dir", params.bert_dir),
         "params": params.to_dict(),
+        "params_history": history,  # every params change at a resume: the manifest never claims a mixed run
     }
     summary = run_loop(
         task,
@@ -237,6 +343,7 @@ def train(params: TrainParams, run_dir: str | Path | None = None) -> RunResult:
         eval_at_start=params.eval_at_start,
     )
     summary["init"] = init_report
+    summary["params_history"] = history
     summary["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     summary["bad_samples"] = data["bad_log"].total
     if dist.is_main():
@@ -245,29 +352,40 @@ def train(params: TrainParams, run_dir: str | Path | None = None) -> RunResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m blip2lib.train --params FILE [--run-dir DIR]`` (also under torchrun)."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """``python -m blip2lib.train --params FILE [--run-dir DIR]`` (also under torchrun); exit 2 on a user error."""
+    ap = argparse.ArgumentParser(prog="python -m blip2lib.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="example: python -m blip2lib.train --params s1.yaml --run-dir runs/s1",
+                                 )  # fmt: skip
     ap.add_argument("--params", required=True, help="flat YAML of TrainParams keys")
     ap.add_argument("--run-dir", default="", help="output folder (default: the file's run_dir or runs/adhoc)")
+    add_verbosity(ap)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if dist.is_main() else logging.WARNING)
-    params = TrainParams.from_yaml(args.params)
-    try:
-        result = train(params, args.run_dir or None)
-        if dist.is_main():
-            print(
-                json.dumps(
-                    {
-                        "run_dir": str(result.run_dir),
-                        "step": result.summary["step"],
-                        "best": result.summary.get("best"),
-                    },
-                    default=str,
-                )
-            )
-    finally:
-        dist.cleanup()
-    return 0
+    logging.basicConfig(level=log_level(args) if dist.is_main() else logging.WARNING)
+
+    def body() -> int:
+        try:
+            params = TrainParams.from_yaml(args.params)
+            params.validate_values(args.params)
+        except ParamsError:
+            raise
+        except ValueError as err:  # a value the schema's own checks refuse: name the file
+            raise ParamsError(f"{args.params}: {err}") from err
+        try:
+            # a finished run folder with other params is a ParamsError saying what changed
+            result = train(params, args.run_dir or None)
+            if dist.is_main():
+                out = {
+                    "run_dir": str(result.run_dir),
+                    "step": result.summary["step"],
+                    "best": result.summary.get("best"),
+                }
+                print(json.dumps(out, default=str))
+        finally:
+            dist.cleanup()
+        return 0
+
+    return run_guarded(body, args.verbose)
 
 
 if __name__ == "__main__":

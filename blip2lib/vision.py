@@ -457,19 +457,22 @@ def load_vision_weights(
         ``(missing, unexpected)`` key lists; ``unexpected`` includes the source keys of blocks dropped because
         their index ≥ ``cfg.depth`` (e.g. ``blocks.39.*`` from ``eva_vit_g.pth``, expected).
     """
-    sd = path_or_sd
-    if isinstance(sd, (str, Path)):
-        if str(sd).endswith(".safetensors"):
-            from safetensors.torch import load_file
+    from .checkpoint import shape_mismatches
+    from .pretrained import LoadError, _read_tensors
 
-            sd = load_file(str(sd), device="cpu")
-        else:
-            sd = torch.load(sd, map_location="cpu", weights_only=True)
+    sd = path_or_sd
+    source = str(sd) if isinstance(sd, (str, Path)) else "vision state dict"
+    if isinstance(sd, (str, Path)):  # a truncated or pickled-code file: LoadError naming it
+        sd = _read_tensors(Path(sd))
     for wrapper in ("model", "state_dict"):
         if isinstance(sd.get(wrapper), Mapping):
             sd = sd[wrapper]
             break
     mapped, dropped = _lavis_to_timm(sd, cfg)
+    bad = shape_mismatches(tower.state_dict(), mapped)  # load_state_dict would say only "size mismatch", unnamed
+    if bad:
+        raise LoadError(f"{source}: vision weights do not fit the {cfg.arch} tower (width {cfg.width}, image size "
+                        f"{cfg.image_size}): mis-shaped {bad}")  # fmt: skip
     res = tower.load_state_dict(mapped, strict=False)
     missing, unexpected = list(res.missing_keys), list(res.unexpected_keys) + dropped
     if missing or unexpected:

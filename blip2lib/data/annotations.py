@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from .official import gqa_to_lavis, nocaps_to_lavis, vqa_to_lavis
 
 __all__ = ["AnnotationError", "validate_entry", "load_annotations", "load_caption_gt"]
@@ -17,7 +18,7 @@ __all__ = ["AnnotationError", "validate_entry", "load_annotations", "load_captio
 logger = logging.getLogger(__name__)
 
 
-class AnnotationError(ValueError):
+class AnnotationError(UserError, ValueError):
     """A malformed annotation/manifest entry; the message names the file and line (or entry index)."""
 
 

@@ -4,7 +4,8 @@ Output batch (a dict):
 
 * every sample key, collated: tensors of one shape are stacked ``(B, ...)``; ints → ``LongTensor (B,)``;
   floats → ``FloatTensor (B,)``; anything else (strings, lists, string ids) → a Python list of length B.
-  So an integer retrieval ``image_id`` becomes a tensor and a string caption ``image_id`` stays a list (§10.15).
+  So an integer retrieval ``image_id`` becomes a tensor and a string caption ``image_id`` stays a list
+  (docs/paper_map.md §10.15).
 * VQA training samples (``answers``/``weights`` lists) additionally get LAVIS' flat form: ``answer`` (list of all
   answers, sample after sample), ``weight`` ``(sum n_answers,)`` and ``n_answers`` ``(B,)``.
 * ``batch_size`` — samples kept; ``n_bad`` — samples dropped; ``bad_samples`` — their ``(path, reason)`` pairs

@@ -60,7 +60,9 @@ def image_train_transform(
 
 
 def image_eval_transform(size: int = 224) -> transforms.Compose:
-    """``blip_image_eval``: square bicubic resize to (size, size) — no aspect-preserving resize, no crop (§10.14).
+    """``blip_image_eval``: square bicubic resize to (size, size) — no aspect-preserving resize, no crop.
+
+    See docs/paper_map.md §10.14.
 
     Args:
         size: output side in pixels.

@@ -10,6 +10,9 @@ error naming the file and the key). Multi-GPU: ``torchrun --nproc_per_node N -m 
     recipe: paper                                   # paper | lavis; keys below override it
     batch_size: 64
     out_dir: runs/eval/vqav2_val_flant5xl
+
+Exit status: 0 done; 2 a user error (the message names the file and the key or entry); 3 unreadable images were
+skipped (the scores exclude them; ``--allow-incomplete`` accepts that).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +40,10 @@ from blip2lib.data import (
     VQAEvalDataset,
     image_eval_transform,
 )
-from blip2lib.evaluate.caption import ALL_METRICS, CaptionDecoding
+from blip2lib.errors import add_verbosity, log_level, run_guarded
+from blip2lib.evaluate.caption import ALL_METRICS, CaptionDecoding, metric_groups
 from blip2lib.evaluate.drivers import run_caption, run_retrieval, run_vqa
+from blip2lib.evaluate.integrity import checkpoint_identity, file_identity
 from blip2lib.evaluate.retrieval import FUSIONS
 from blip2lib.evaluate.vqa import VQADecoding
 from blip2lib.generation import LENGTH_RULES
@@ -62,6 +68,11 @@ class EvalParams(Params):
     device: str = "auto"  # auto (cuda:LOCAL_RANK if available, else cpu) | cpu | cuda | cuda:N
     autocast: str = ""  # "" | fp16 | bf16 (generation only)
     progress: bool = True
+
+    ranges = {"batch_size": "[1, inf)", "num_workers": "[0, inf)",
+              "image_size": "[0, inf) (0 keeps the checkpoint's own)", "num_beams": "[1, inf)",
+              "max_new_tokens": "[1, inf)", "min_new_tokens": "[0, inf)", "repetition_penalty": "(0, inf)",
+              "k": "[1, inf)", "text_max_len": "[1, inf)", "itm_batch_size": "[1, inf)"}  # fmt: skip
 
 
 @dataclass
@@ -123,8 +134,11 @@ def _check(p: EvalParams, source: str) -> None:
             f"{source}: key 'split' must be a blip2lib.data.FORMATS key (or set ann_file and "
             f"images_root), got {p.split!r}"
         )
-    if isinstance(p, CaptionParams) and set(p.metrics) - set(ALL_METRICS):
-        raise ParamsError(f"{source}: key 'metrics' must be a subset of {list(ALL_METRICS)}, got {p.metrics}")
+    if isinstance(p, CaptionParams):
+        try:
+            metric_groups(p.metrics)
+        except ValueError as e:
+            raise ParamsError(f"{source}: key 'metrics': {e}") from e
 
 
 def _device(name: str) -> torch.device:
@@ -182,6 +196,20 @@ def load_model(p: EvalParams, task: str, source: str = "<params>"):
     return model, None
 
 
+def _ann_path(p: EvalParams) -> Path:
+    return Path(p.data_root) / (p.ann_file or FORMATS.get(p.split, {})["file"])
+
+
+def run_identity(p: EvalParams) -> dict:
+    """Checkpoint and annotation-file identity of a run: recorded in ``result.json``, part of the cache key."""
+    if p.checkpoint == "tiny":  # a random model: the seed and family make it
+        ckpt = {"checkpoint": "tiny", "seed": p.seed, "family": p.family, "image_size": p.image_size or 28}
+    else:
+        ckpt = checkpoint_identity(p.checkpoint)
+    extra = {k: str(Path(getattr(p, k)).resolve()) for k in ("vision_weights", "llm_path") if getattr(p, k)}
+    return {"checkpoint": {**ckpt, **extra}, "ann_file": file_identity(_ann_path(p))}
+
+
 def build_dataset(p: EvalParams, task: str, image_size: int):
     """The reader for ``p.split`` under ``p.data_root`` with the eval transform.
 
@@ -189,7 +217,7 @@ def build_dataset(p: EvalParams, task: str, image_size: int):
     """
     root = Path(p.data_root)
     fmt = FORMATS.get(p.split, {})
-    ann = root / (p.ann_file or fmt["file"])
+    ann = _ann_path(p)
     images = root / (p.images_root or fmt["images_root"])
     transform = image_eval_transform(image_size)
     if task == "vqa":
@@ -215,12 +243,16 @@ def run(task: str, params_path: str | Path) -> dict:
 def run_params(task: str, p: EvalParams, params_path: str = "<params>") -> dict:
     """Run one evaluation from validated params (notebooks call this; ``params_path`` names the source)."""
     _check(p, str(params_path))
+    # Cheap inputs first: the annotation file is read and validated before minutes of model loading. The transform
+    # gets the checkpoint's own resolution once the model is known (``image_size: 0``).
+    dataset = build_dataset(p, task, p.image_size or 224)
     torch.manual_seed(p.seed)
     model, qformer_tok = load_model(p, task, str(params_path))
     model.place(_device(p.device))
-    dataset = build_dataset(p, task, model.config.vision.image_size)
+    if model.config.vision.image_size != (p.image_size or 224):
+        dataset.transform = image_eval_transform(model.config.vision.image_size)
     out_dir = Path(p.out_dir or p.run_dir)
-    common = dict(batch_size=p.batch_size, num_workers=p.num_workers, progress=p.progress)
+    common = dict(batch_size=p.batch_size, num_workers=p.num_workers, progress=p.progress, identity=run_identity(p))
     if task == "retrieval":
         return run_retrieval(
             model,
@@ -278,23 +310,40 @@ def run_params(task: str, p: EvalParams, params_path: str = "<params>") -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m blip2lib.evaluate", description=__doc__.split("\n\n")[0])
+    """Evaluate; exit 0, 2 on a user error (params, annotations, files), 3 when images were unreadable."""
+    parser = argparse.ArgumentParser(prog="python -m blip2lib.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("task", choices=sorted(SCHEMAS))
     parser.add_argument("--params", required=True, help="flat YAML params file")
+    parser.add_argument("--allow-incomplete", action="store_true",
+                        help="exit 0 even when unreadable images were skipped (default: exit status 3)")  # fmt: skip
+    add_verbosity(parser)
     args = parser.parse_args(argv)
-    started = dist.init_distributed()
-    try:
-        result = run(args.task, args.params)
-        main_rank = dist.is_main()
-    except ParamsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        if started:
-            dist.cleanup()
-    if main_rank:
-        print(json.dumps({"metrics": result.get("metrics"), "counts": result.get("counts")}, indent=2, default=str))
-    return 0
+    logging.basicConfig(level=log_level(args, logging.WARNING), format="%(levelname)s %(name)s: %(message)s")
+    outcome: dict = {}
+
+    def body() -> int:
+        started = dist.init_distributed()
+        try:
+            outcome["result"] = run(args.task, args.params)
+            outcome["main"] = dist.is_main()
+        finally:
+            if started:
+                dist.cleanup()
+        return 0
+
+    status = run_guarded(body, args.verbose)
+    if status or not outcome.get("main"):
+        return status
+    result = outcome["result"]
+    counts = result.get("counts") or {}
+    print(json.dumps({"metrics": result.get("metrics"), "counts": counts}, indent=2, default=str))
+    if counts.get("complete", True) or args.allow_incomplete:
+        return 0
+    bad = (counts.get("bad_samples") or {}).get("count", "some")
+    print(f"error: incomplete evaluation: {bad} unreadable sample(s) were skipped and excluded from the scores "
+          "(listed in result.json); --allow-incomplete accepts that", file=sys.stderr)  # fmt: skip
+    return 3
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Caption scoring: decoding recipes, COCO caption metrics via pycocoevalcap, NoCaps breakdown.
 
 Metrics are pycocoevalcap's (PTB tokenizer, BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE), reported in **percent**
-with ``"unit": "percent"`` in every result (user need 31). The PTB tokenizer, METEOR and SPICE run Java
-subprocesses: Java is checked up front with a clear error. METEOR loads its paraphrase table on every start (about
-half a minute on a busy 2-core machine); SPICE additionally needs Stanford CoreNLP 3.6.0 jars that pycocoevalcap
-downloads on first use, so when they are missing (offline) or SPICE fails, the result holds ``"SPICE": None`` and a
-``"SPICE_status"`` reason — never a fake 0.
+with ``"unit": "percent"`` in every result; they are asked for by pycocoevalcap's result names (``METRIC_NAMES``:
+``Bleu_4``, ``CIDEr`` ...) or by scorer group (``ALL_METRICS``: ``BLEU`` ...). The PTB tokenizer, METEOR and SPICE
+run Java subprocesses: Java is checked up front with a clear error. METEOR loads its paraphrase table on every start
+(about half a minute on a busy 2-core machine); SPICE additionally needs Stanford CoreNLP 3.6.0 jars that
+pycocoevalcap downloads on first use, so when they are missing (offline) or SPICE fails, the result holds
+``"SPICE": None`` and a ``"SPICE_status"`` reason — never a fake 0.
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
+
 __all__ = [
     "ALL_METRICS",
+    "METRIC_NAMES",
     "DOMAINS",
     "CaptionDecoding",
     "JavaNotFoundError",
     "check_java",
+    "metric_groups",
     "spice_models_available",
     "coco_caption_scores",
     "nocaps_breakdown",
@@ -33,12 +38,16 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ALL_METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+ALL_METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", "SPICE")  # scorer groups: one pycocoevalcap scorer each
+# the names pycocoevalcap's COCOEvalCap writes into its result (and LAVIS's logs, and the paper's columns):
+# BLEU is one scorer that yields all four n-gram orders at once, the others one number each
+METRIC_NAMES = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+_GROUP_OF = {**{name: "BLEU" if name.startswith("Bleu_") else name for name in METRIC_NAMES}, "BLEU": "BLEU"}
 DOMAINS = ("in-domain", "near-domain", "out-domain")
 _SPICE_CORENLP_JAR = "stanford-corenlp-3.6.0.jar"  # what pycocoevalcap's get_stanford_models() fetches
 
 
-class JavaNotFoundError(RuntimeError):
+class JavaNotFoundError(UserError, RuntimeError):
     """Raised when no ``java`` executable is on PATH (pycocoevalcap's tokenizer, METEOR and SPICE need it)."""
 
 
@@ -53,7 +62,7 @@ class CaptionDecoding:
         min_new_tokens: LAVIS ``min_len`` (8); what it counts depends on ``length_rule``.
         repetition_penalty: 1.0 = off.
         length_penalty: beam length-normalisation exponent.
-        source: provenance, echoed into result JSONs (user need 8).
+        source: provenance, echoed into result JSONs.
         length_rule: ``"new"`` (paper recipe): both lengths count generated tokens (8 tokens before EOS at least).
             ``"lavis_head"`` (LAVIS recipe): counted as LAVIS HEAD does: FlanT5 ``min_len=8`` includes the decoder
             start token (7 tokens before EOS); OPT generates from ``inputs_embeds`` only (8). ``"lavis_paper_time"``:
@@ -187,10 +196,24 @@ def _score(gts: dict, res: dict, metrics: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _check_metrics(metrics: Sequence[str]) -> None:
-    unknown = set(metrics) - set(ALL_METRICS)
+def metric_groups(metrics: Sequence[str]) -> tuple[str, ...]:
+    """The scorer groups (``ALL_METRICS`` members) that compute ``metrics``, in ``ALL_METRICS`` order.
+
+    Args:
+        metrics: group names (``BLEU``, ``METEOR``, ``ROUGE_L``, ``CIDEr``, ``SPICE``) and / or pycocoevalcap's result
+            names (``Bleu_1`` .. ``Bleu_4``, ``METEOR``, ``ROUGE_L``, ``CIDEr``, ``SPICE``), mixed freely.
+
+    Raises:
+        ValueError: a name that is neither; the message names it and lists both kinds of choice.
+    """
+    unknown = [m for m in metrics if m not in _GROUP_OF]
     if unknown:
-        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {ALL_METRICS}")
+        raise ValueError(
+            f"unknown metrics {unknown}; choose pycocoevalcap result names {list(METRIC_NAMES)} "
+            f"or scorer groups {list(ALL_METRICS)}"
+        )
+    wanted = {_GROUP_OF[m] for m in metrics}
+    return tuple(g for g in ALL_METRICS if g in wanted)
 
 
 def _check_ids(predictions: dict[Any, str], refs: dict[Any, list[str]], allow_subset: bool) -> None:
@@ -217,18 +240,19 @@ def coco_caption_scores(
         predictions: image_id -> generated caption (prompt not included).
         gt: COCO-format dict (``{"annotations": [{"image_id", "caption"}, ...]}``), its JSON path, or a mapping
             image_id -> list of reference captions.
-        metrics: subset of ``ALL_METRICS``; drop ``"METEOR"`` / ``"SPICE"`` to skip those Java steps.
+        metrics: scorer groups (``ALL_METRICS``) and / or result names (``METRIC_NAMES``: ``Bleu_4`` runs the BLEU
+            scorer, which reports ``Bleu_1..4``); leave out ``"METEOR"`` / ``"SPICE"`` to skip those Java steps.
         allow_subset: score only the predicted images when some references have no prediction.
 
     Returns:
         ``Bleu_1..4``, ``METEOR``, ``ROUGE_L``, ``CIDEr``, ``SPICE`` (None when not computed) and
         ``SPICE_status`` for the selected metrics, in percent, plus ``n_images`` and ``"unit": "percent"``.
     """
-    _check_metrics(metrics)
+    groups = metric_groups(metrics)
     refs = _gt_captions(gt)
     _check_ids(predictions, refs, allow_subset)
     gts, res = _tokenize(predictions, refs)
-    out = _score(gts, res, metrics)
+    out = _score(gts, res, groups)
     out.update(n_images=len(res), unit="percent")
     return out
 
@@ -248,13 +272,13 @@ def nocaps_breakdown(
         predictions: image_id -> caption for every image of ``gt``.
         gt: NoCaps-format dict / path (COCO format; ``images`` entries carry ``domain``) or image_id -> captions.
         domains: image_id -> ``"in-domain" | "near-domain" | "out-domain"``; default read from ``gt["images"]``.
-        metrics: subset of ``ALL_METRICS`` (default CIDEr and SPICE, the paper's NoCaps metrics).
+        metrics: as in :func:`coco_caption_scores` (default CIDEr and SPICE, the paper's NoCaps metrics).
 
     Returns:
         ``{"in-domain": {...}, "near-domain": {...}, "out-domain": {...}, "overall": {...}, "unit": "percent"}``;
         each inner dict holds the metrics and ``n_images``.
     """
-    _check_metrics(metrics)
+    groups = metric_groups(metrics)
     if domains is None:
         gt_dict = json.loads(Path(gt).read_text()) if isinstance(gt, (str, Path)) else gt
         domains = {img["id"]: img["domain"] for img in gt_dict.get("images", [])}
@@ -269,7 +293,7 @@ def nocaps_breakdown(
     for name in (*DOMAINS, "overall"):
         ids = [i for i in res if name == "overall" or domains[i] == name]
         if ids:
-            out[name] = _score({i: gts[i] for i in ids}, {i: res[i] for i in ids}, metrics)
+            out[name] = _score({i: gts[i] for i in ids}, {i: res[i] for i in ids}, groups)
             out[name]["n_images"] = len(ids)
     out["unit"] = "percent"
     return out

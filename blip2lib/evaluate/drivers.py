@@ -24,21 +24,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from blip2lib import dist
 from blip2lib.data.processors import CaptionProcessor, pre_question
 
 from .caption import ALL_METRICS, CaptionDecoding, coco_caption_scores, nocaps_breakdown, write_nocaps_submission
 from .drivers_common import (
-    IndexedCollate,
-    IndexedSubset,
+    cache_meta,
+    encode_images,
     environment_info,
     gather_records,
     generation_pass,
     model_device,
     write_json,
 )
+from .integrity import check_unique_ids, duplicate_captions
 from .retrieval import FUSIONS, recall_at_k, rerank_scores, trim_padding
 from .vqa import VQADecoding, evaluate_gqa, evaluate_vqa, lemmatize_answers, write_vqav2_submission
 
@@ -56,6 +57,16 @@ def _bad_summary(rows: list[dict]) -> dict[str, Any]:
             "policy": "skipped and excluded from scoring"}  # fmt: skip
 
 
+def _where(dataset: Dataset, identity: dict | None) -> str:
+    """The annotation file behind ``dataset`` for messages (from ``identity``), else the dataset's class."""
+    return ((identity or {}).get("ann_file") or {}).get("path") or f"{type(dataset).__name__} annotations"
+
+
+def _recipe(decoding: Any) -> dict:
+    """The decoding recipe as part of the cache key: every field but ``source`` (provenance text naming a file)."""
+    return {k: v for k, v in dataclasses.asdict(decoding).items() if k != "source"}
+
+
 def _finish(result: dict, out_dir: Path) -> dict:
     """Rank 0 writes ``result.json``; every rank returns rank 0's dict."""
     if dist.is_main():
@@ -69,7 +80,12 @@ def _finish(result: dict, out_dir: Path) -> dict:
 def _vqa_ground_truth(dataset: Dataset, annotations: Any, gqa: bool) -> Any:
     """GT for scoring: given ``annotations``; else the dataset's own ``answer`` fields; None for test-dev."""
     if annotations is not None:
-        return json.loads(Path(annotations).read_text()) if isinstance(annotations, (str, Path)) else annotations
+        if not isinstance(annotations, (str, Path)):
+            return annotations
+        gt = json.loads(Path(annotations).read_text())
+        if not gqa:  # the scorer refuses repeats too, but without naming the file or the id
+            check_unique_ids(gt["annotations"] if isinstance(gt, dict) else gt, "question_id", str(annotations))
+        return gt
     anns = getattr(dataset, "annotation", None)
     if not anns or not all("answer" in a for a in anns):
         return None
@@ -120,6 +136,7 @@ def run_vqa(
     num_workers: int = 0,
     progress: bool = True,
     autocast: str | None = None,
+    identity: dict | None = None,
 ) -> dict[str, Any]:
     """Zero-shot VQA evaluation: generate answers, score, write results and the submission file.
 
@@ -138,6 +155,9 @@ def run_vqa(
         num_workers: DataLoader workers.
         progress: tqdm progress bar with ETA on rank 0.
         autocast: ``"fp16"`` / ``"bf16"`` autocast around generation, or None.
+        identity: where model and data come from, as only the caller knows it (``{"checkpoint":
+            checkpoint_identity(path), "ann_file": file_identity(path)}``); recorded in ``result.json`` and part of
+            the prediction cache's key (see ``drivers_common``: a changed key moves the old cache aside).
 
     Returns:
         The ``result.json`` dict: ``metrics`` (percent; None without GT; VQAv2 / OK-VQA: the official evaluator's
@@ -145,12 +165,15 @@ def run_vqa(
         ``timing``, ``files``.
     """
     out_dir = Path(out_dir)
+    # a repeated question id would let one answer overwrite another: refused before any generation
+    check_unique_ids(getattr(dataset, "annotation", None), "question_id", _where(dataset, identity))
     decoding = decoding if decoding is not None else VQADecoding.paper(model.family)
     gen_kwargs = decoding.generate_kwargs()
     if model.family == "opt":
         gen_kwargs["max_prompt_len"] = OPT_VQA_MAX_PROMPT_LEN
-    meta = {"task": "gqa" if gqa else "vqa", "split": split_name, "n_items": len(dataset),
-            "decoding": dataclasses.asdict(decoding), "generate_kwargs": gen_kwargs}  # fmt: skip
+    meta = cache_meta(model, dataset, identity, autocast, task="gqa" if gqa else "vqa", split=split_name,
+                      n_items=len(dataset), decoding=_recipe(decoding), generate_kwargs=gen_kwargs,
+                      question_processor="pre_question")  # fmt: skip
 
     def prompts(batch: dict) -> list[str]:
         return [decoding.format_prompt(pre_question(q)) for q in batch["text_input"]]
@@ -183,10 +206,12 @@ def run_vqa(
             "metrics": metrics,
             "config": {"decoding": dataclasses.asdict(decoding), "generate_kwargs": gen_kwargs,
                        "family": model.family, "question_processor": "blip_question (pre_question, max_words=50)",
-                       "lemmatize": lemmatize, "batch_size": batch_size, **environment_info(model, autocast)},
+                       "lemmatize": lemmatize, "batch_size": batch_size, "identity": identity or {},
+                       **environment_info(model, autocast)},
             "counts": {"n_questions": len(dataset), "n_predicted": len(preds), "n_scored":
                        (metrics or {}).get("n_questions", 0), "bad_samples": bad, "complete": bad["count"] == 0},
             "timing": timing,
+            "cache": {"key": meta, "superseded": timing.pop("superseded")},
             "files": files,
         }  # fmt: skip
     return _finish(result, out_dir)
@@ -204,6 +229,7 @@ def run_caption(
     num_workers: int = 0,
     progress: bool = True,
     autocast: str | None = None,
+    identity: dict | None = None,
 ) -> dict[str, Any]:
     """Caption evaluation: generate one caption per image, COCO metrics, NoCaps domain breakdown.
 
@@ -221,6 +247,7 @@ def run_caption(
         num_workers: DataLoader workers.
         progress: tqdm bar on rank 0.
         autocast: ``"fp16"`` / ``"bf16"`` or None.
+        identity: checkpoint / annotation-file identity, recorded and part of the cache key (as in :func:`run_vqa`).
 
     Returns:
         The ``result.json`` dict (``metrics`` in percent; for NoCaps ``{in-domain, near-domain, out-domain,
@@ -229,8 +256,8 @@ def run_caption(
     out_dir = Path(out_dir)
     decoding = decoding if decoding is not None else CaptionDecoding.paper()
     gen_kwargs = decoding.generate_kwargs()
-    meta = {"task": "caption", "split": split_name, "n_items": len(dataset),
-            "decoding": dataclasses.asdict(decoding), "generate_kwargs": gen_kwargs}  # fmt: skip
+    meta = cache_meta(model, dataset, identity, autocast, task="caption", split=split_name, n_items=len(dataset),
+                      decoding=_recipe(decoding), generate_kwargs=gen_kwargs)  # fmt: skip
 
     def prompts(batch: dict) -> list[str]:
         return [decoding.prompt] * batch["batch_size"]
@@ -267,10 +294,11 @@ def run_caption(
             "metrics": scores,
             "config": {"decoding": dataclasses.asdict(decoding), "generate_kwargs": gen_kwargs,
                        "family": model.family, "metrics": list(metrics), "batch_size": batch_size,
-                       **environment_info(model, autocast)},
+                       "identity": identity or {}, **environment_info(model, autocast)},
             "counts": {"n_images": len(dataset), "n_predicted": len(preds), "bad_samples": bad,
                        "complete": bad["count"] == 0},
             "timing": timing,
+            "cache": {"key": meta, "superseded": timing.pop("superseded")},
             "files": files,
         }  # fmt: skip
     return _finish(result, out_dir)
@@ -293,29 +321,6 @@ def _caption_refs(gt: Any) -> dict[int, list[str]]:
 
 
 @torch.no_grad()
-def _encode_images(model, dataset: Dataset, batch_size: int, num_workers: int, progress: bool):
-    """All images -> (kept indices, image_embeds (N, P, Dv) CPU, image_feats (N, Q, E) CPU, bad rows)."""
-    from tqdm.auto import tqdm
-
-    device = model_device(model)
-    loader = DataLoader(IndexedSubset(dataset, range(len(dataset))), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=IndexedCollate(getattr(dataset, "bad_log", None)))  # fmt: skip
-    kept, embeds, feats, bad = [], [], [], []
-    for batch in tqdm(loader, desc="images", disable=not (progress and dist.is_main())):
-        reasons = [f"{p}: {r}" for p, r in batch["bad_samples"]]
-        bad += [{"index": i, "bad": reasons[j] if j < len(reasons) else "sample was None"}
-                for j, i in enumerate(batch["bad_index"])]  # fmt: skip
-        if batch["batch_size"]:
-            out = model.encode_image(batch["image"].to(device))
-            kept += batch["index"]
-            embeds.append(out["image_embeds"].cpu())  # (B, P, Dv): kept on CPU, moved per ITM batch
-            feats.append(out["image_feats"].cpu())  # (B, Q, E)
-    if not kept:
-        raise RuntimeError(f"retrieval: none of the {len(dataset)} images could be read (first: {bad[:1]})")
-    return kept, torch.cat(embeds), torch.cat(feats), bad
-
-
-@torch.no_grad()
 def run_retrieval(
     model: torch.nn.Module,
     dataset: Dataset,
@@ -331,6 +336,7 @@ def run_retrieval(
     progress: bool = True,
     save_scores: bool = False,
     text_processor: Callable[[str], str] | None = None,
+    identity: dict | None = None,
 ) -> dict[str, Any]:
     """Image-text retrieval (docs/paper_map.md §4.3, §5.3): ITC top-k candidates re-ranked by ITM, R@1/5/10 in percent.
 
@@ -357,6 +363,7 @@ def run_retrieval(
         text_processor: applied to every caption before tokenising; None -> ``CaptionProcessor()`` (LAVIS
             ``blip_caption`` with 50 words, what its ``ret_*_eval.yaml`` use at evaluation). It is idempotent, so a
             dataset that already processed its captions gives the same texts; ``str`` keeps them as they are.
+        identity: checkpoint / annotation-file identity, recorded in ``result.json`` (nothing is cached here).
 
     Returns:
         The ``result.json`` dict: ``metrics`` (fused), ``metrics_itc_only``, ``config``, ``counts``.
@@ -369,7 +376,7 @@ def run_retrieval(
     was_training = model.training
     model.eval()
     try:
-        kept, image_embeds, image_feats, bad = _encode_images(model, dataset, batch_size, num_workers, progress)
+        kept, image_embeds, image_feats, bad = encode_images(model, dataset, batch_size, num_workers, progress)
         new_img = {old: new for new, old in enumerate(kept)}
         texts, txt2img, img2txt = [], [], [[] for _ in kept]
         for t, text in enumerate(dataset.text):  # captions of dropped images leave the gallery too
@@ -378,6 +385,7 @@ def run_retrieval(
                 img2txt[img].append(len(texts))
                 txt2img.append(img)
                 texts.append(text_processor(text))
+        shared = duplicate_captions(texts, txt2img, _where(dataset, identity))
         tok = tokenizer(texts, padding="max_length", truncation=True, max_length=text_max_len, return_tensors="pt")
         ids, mask = tok.input_ids, tok.attention_mask  # (Nt, L) CPU
         text_feat = torch.cat(
@@ -421,8 +429,10 @@ def run_retrieval(
             "metrics_itc_only": recall_at_k(sim.cpu(), txt2img, img2txt),
             "config": {"k": k, "fusion": fusion, "text_max_len": text_max_len, "text_padding": "max_length",
                        "text_processor": repr(text_processor),
-                       "itm_batch_size": itm_batch_size, "batch_size": batch_size, **environment_info(model)},
+                       "itm_batch_size": itm_batch_size, "batch_size": batch_size, "identity": identity or {},
+                       **environment_info(model)},
             "counts": {"n_images": len(dataset), "n_texts": len(dataset.text), "n_images_scored": len(kept),
-                       "n_texts_scored": len(texts), "bad_samples": _bad_summary(bad), "complete": not bad},
+                       "n_texts_scored": len(texts), "bad_samples": _bad_summary(bad), "complete": not bad,
+                       "duplicate_captions": shared},
         }  # fmt: skip
     return _finish(result, out_dir)

@@ -3,8 +3,14 @@
 Resumable evaluation (user need 33): every rank appends one JSON line per item to
 ``<out_dir>/predictions.<rank>.jsonl`` after each batch (flushed and fsynced), keyed by the **dataset index**:
 
-* ``{"meta": {...}}`` — first line: task, split, dataset length, decoding. A restart with a different recipe or
-  dataset raises :class:`CacheMismatchError` instead of silently mixing predictions of two recipes (user need 7/8).
+* ``{"meta": {...}}`` — first line: the cache key, everything that changes an answer (:func:`cache_meta`): task,
+  split, decoding recipe and ``generate`` arguments (prompt included), the weights (a sampled fingerprint of every
+  parameter plus the caller's checkpoint identity: path and manifest sha256, or size and mtime of the weight
+  files), the evaluated annotations (sha256 of the dataset's entries, plus the file's identity when the caller
+  gives it), image folder and transform (image size), autocast and module dtypes, and :data:`DECODING_VERSION`.
+  A restart whose key differs never reuses a prediction: the old cache and results are **moved aside** into
+  ``<out_dir>/superseded-<UTC time>/`` (never deleted), a warning names the changed keys, everything is generated
+  afresh, and ``result.json`` records the key and what was moved (``"cache"``).
 * ``{"index": i, "id": <question/image id>, "text": <answer/caption>, ...}`` — one generated item.
 * ``{"index": i, "bad": "<path>: <reason>"}`` — an unreadable image (the dataset returned ``None``): never retried.
 
@@ -32,8 +38,12 @@ from torch.utils.data import DataLoader, Dataset
 from blip2lib import dist
 from blip2lib.data.collate import collate_samples
 
+from .integrity import data_identity, weights_fingerprint
+
 __all__ = [
+    "DECODING_VERSION",
     "CacheMismatchError",
+    "cache_meta",
     "shard_range",
     "IndexedSubset",
     "IndexedCollate",
@@ -41,6 +51,7 @@ __all__ = [
     "model_device",
     "load_cache",
     "generation_pass",
+    "encode_images",
     "gather_records",
     "write_json",
 ]
@@ -49,10 +60,23 @@ logger = logging.getLogger(__name__)
 
 _CACHE_GLOB = "predictions.*.jsonl"
 _LIBRARIES = ("torch", "transformers", "timm", "tokenizers", "pycocoevalcap", "blip2lib")
+# What a driver writes into out_dir besides the caches: moved aside with them when the cache key changes.
+_OUTPUTS = ("result.json", "predictions.json", "per_question.json", "vqav2_submission.json", "captions.json")
+
+# Bump when a change to the generation path (prompt building, question processing, Blip2.generate, beam search,
+# length rules) can change an answer: caches written before are then superseded instead of reused.
+DECODING_VERSION = 1
 
 
 class CacheMismatchError(RuntimeError):
-    """``out_dir`` holds cached predictions of a different task, split, dataset or decoding recipe."""
+    """``out_dir`` holds cached predictions made under another cache key (model, data, decoding, ...).
+
+    ``changed`` lists the differing keys of the cache key (dotted paths, e.g. ``identity.checkpoint.path``).
+    """
+
+    def __init__(self, message: str, changed: Sequence[str] = ()):
+        super().__init__(message)
+        self.changed = list(changed)
 
 
 def shard_range(n: int, rank: int, world_size: int) -> range:
@@ -121,7 +145,36 @@ def environment_info(model: torch.nn.Module, autocast: str | None = None) -> dic
 
 
 def _normalise(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, sort_keys=True))
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def cache_meta(model: torch.nn.Module, dataset: Dataset, identity: dict | None, autocast: str | None,
+               **task_meta: Any) -> dict[str, Any]:  # fmt: skip
+    """The cache key: ``task_meta`` (task, split, decoding, ...) plus the model, data and precision identity.
+
+    ``identity`` is what only the caller knows (the checkpoint path behind an in-memory model, the annotation
+    file); it is recorded as given. The weights fingerprint and the data digest are computed here, so an in-memory
+    model or dataset is keyed too.
+    """
+    vision = getattr(getattr(model, "config", None), "vision", None)
+    precision = environment_info(model, autocast)["precision"]
+    return _normalise({**task_meta, "identity": identity or {}, "weights_sha256_sampled": weights_fingerprint(model),
+                       "data": data_identity(dataset), "image_size": getattr(vision, "image_size", None),
+                       "precision": precision, "decoding_version": DECODING_VERSION})  # fmt: skip
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _changed_keys(old: dict, new: dict) -> list[str]:
+    a, b = _flat(old), _flat(new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
 def load_cache(out_dir: Path, meta: dict) -> dict[int, dict]:
@@ -142,13 +195,51 @@ def load_cache(out_dir: Path, meta: dict) -> dict[int, dict]:
                     continue
                 if "meta" in row:
                     if row["meta"] != meta:
+                        changed = _changed_keys(row["meta"], meta)
                         raise CacheMismatchError(
-                            f"{path} holds predictions for {row['meta']}, not for {meta}; use a fresh out_dir or "
-                            "delete the predictions.*.jsonl files to start over"
+                            f"{path} holds predictions made under another cache key (changed: "
+                            f"{', '.join(changed[:12])}{' ...' if len(changed) > 12 else ''}); use a fresh out_dir "
+                            "or move the predictions.*.jsonl files away to start over",
+                            changed,
                         )
                     continue
                 records[int(row["index"])] = row
     return records
+
+
+def _supersede(out_dir: Path) -> Path:
+    """Move every cache file and driver output of ``out_dir`` into a new ``superseded-<UTC time>`` folder."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest, n = out_dir / f"superseded-{stamp}", 1
+    while dest.exists():
+        dest, n = out_dir / f"superseded-{stamp}-{n}", n + 1
+    dest.mkdir()
+    for f in [*sorted(out_dir.glob(_CACHE_GLOB)), *(out_dir / name for name in _OUTPUTS)]:
+        if f.is_file():
+            os.replace(f, dest / f.name)
+    return dest
+
+
+def prepare_cache(out_dir: Path, meta: dict) -> tuple[dict[int, dict], dict[str, Any]]:
+    """:func:`load_cache`, but a cache made under another key is moved aside (every rank calls this together).
+
+    Returns:
+        ``(records, info)``: the reusable records and ``{"superseded": None | {"moved_to", "changed"}}``.
+    """
+    try:
+        load_cache(out_dir, meta)
+        changed = None
+    except CacheMismatchError as err:
+        changed = err.changed
+    dist.barrier()  # every rank has read the old files before rank 0 moves them
+    moved = None
+    if changed is not None and dist.is_main():
+        dest = _supersede(out_dir)
+        logger.warning("%s: cached predictions were made under another cache key (changed: %s); moved them and the "
+                       "old results to %s and generating afresh", out_dir, ", ".join(changed[:12]), dest)  # fmt: skip
+        moved = {"moved_to": str(dest), "changed": changed}
+    moved = dist.broadcast_object(moved)  # also waits for the move
+    return load_cache(out_dir, meta), {"superseded": moved}
 
 
 def _open_cache(path: Path, meta: dict):
@@ -185,7 +276,7 @@ def generation_pass(
         model: a ``Blip2`` (``generate(pixel_values, prompts, **gen_kwargs) -> list[str]``).
         dataset: map-style dataset returning sample dicts with ``image`` (or ``None`` for an unreadable image).
         out_dir: cache folder (created).
-        meta: recipe fingerprint stored as the cache's first line.
+        meta: the cache key (:func:`cache_meta`), stored as the cache's first line.
         batch_size: images per ``generate`` call.
         prompts_fn: batch -> one prompt per kept sample.
         record_fn: (batch, row) -> fields saved with the generated text (``id`` at least).
@@ -195,13 +286,14 @@ def generation_pass(
         autocast: ``"fp16"`` / ``"bf16"`` to run under ``torch.autocast``; None = model dtypes as placed.
 
     Returns:
-        ``(records, stats)``: this shard's records (dataset index -> cache record) and counts/timing.
+        ``(records, stats)``: this shard's records (dataset index -> cache record) and counts/timing, with
+        ``superseded`` (None, or where an old cache under another key was moved and which keys changed).
     """
     from tqdm.auto import tqdm
 
     rank, world = dist.get_rank(), dist.get_world_size()
     out_dir.mkdir(parents=True, exist_ok=True)
-    cached = load_cache(out_dir, meta)
+    cached, cache_info = prepare_cache(out_dir, meta)
     shard = shard_range(len(dataset), rank, world)
     records = {i: cached[i] for i in shard if i in cached}
     todo = [i for i in shard if i not in cached]
@@ -246,8 +338,31 @@ def generation_pass(
         model.train(was_training)
     wall = time.perf_counter() - start
     stats = {"generated_this_run": generated, "from_cache": len(shard) - len(todo), "wall_s": round(wall, 3),
-             "items_per_s": round(generated / wall, 3) if wall > 0 else None}  # fmt: skip
+             "items_per_s": round(generated / wall, 3) if wall > 0 else None, **cache_info}  # fmt: skip
     return records, stats
+
+
+@torch.no_grad()
+def encode_images(model, dataset: Dataset, batch_size: int, num_workers: int, progress: bool):
+    """All images -> (kept indices, image_embeds (N, P, Dv) CPU, image_feats (N, Q, E) CPU, bad rows)."""
+    from tqdm.auto import tqdm
+
+    device = model_device(model)
+    loader = DataLoader(IndexedSubset(dataset, range(len(dataset))), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=IndexedCollate(getattr(dataset, "bad_log", None)))  # fmt: skip
+    kept, embeds, feats, bad = [], [], [], []
+    for batch in tqdm(loader, desc="images", disable=not (progress and dist.is_main())):
+        reasons = [f"{p}: {r}" for p, r in batch["bad_samples"]]
+        bad += [{"index": i, "bad": reasons[j] if j < len(reasons) else "sample was None"}
+                for j, i in enumerate(batch["bad_index"])]  # fmt: skip
+        if batch["batch_size"]:
+            out = model.encode_image(batch["image"].to(device))
+            kept += batch["index"]
+            embeds.append(out["image_embeds"].cpu())  # (B, P, Dv): kept on CPU, moved per ITM batch
+            feats.append(out["image_feats"].cpu())  # (B, Q, E)
+    if not kept:
+        raise RuntimeError(f"retrieval: none of the {len(dataset)} images could be read (first: {bad[:1]})")
+    return kept, torch.cat(embeds), torch.cat(feats), bad
 
 
 def gather_records(records: dict[int, dict], stats: dict[str, Any]) -> tuple[list[dict], dict[str, Any]]:
@@ -260,7 +375,8 @@ def gather_records(records: dict[int, dict], stats: dict[str, Any]) -> tuple[lis
         "generated_this_run": sum(s["generated_this_run"] for _, s in parts),
         "from_cache": sum(s["from_cache"] for _, s in parts),
         "wall_s": max(s["wall_s"] for _, s in parts),
-        "per_rank": [s for _, s in parts],
+        "per_rank": [{k: v for k, v in s.items() if k != "superseded"} for _, s in parts],
+        "superseded": parts[0][1].get("superseded"),  # the same on every rank (rank 0 moved, then broadcast)
     }
     return [merged[i] for i in sorted(merged)], total
 

@@ -1,12 +1,16 @@
-"""``python -m blip2lib.toy build [--out DIR] [--seed N] [--size full|tiny] [--force]``: build and summarise."""
+"""``python -m blip2lib.toy build [--out DIR] [--seed N] [--size full|tiny] [--force]``: build and summarise.
+
+Example: ``python -m blip2lib.toy build --size tiny`` (seconds) or ``python -m blip2lib.toy build`` (the demo's world).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import sys
 
-from .build import build_toy_world
+from ..errors import add_verbosity, log_level, run_guarded
 
 
 def _table(world) -> str:
@@ -29,7 +33,8 @@ def _table(world) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Build (or load) the toy world and print its baselines; exit status 2 on a user error (bad ``--out``)."""
     parser = argparse.ArgumentParser(prog="python -m blip2lib.toy", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("build", help="build (or load from cache) the toy world and print its baselines")
@@ -37,11 +42,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", default="full", choices=("full", "tiny"))
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    add_verbosity(p)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    world = build_toy_world(args.out, seed=args.seed, force=args.force, size=args.size)
-    print(_table(world))
+    logging.basicConfig(level=log_level(args), format="%(message)s")
+
+    def body() -> int:
+        from .build import build_toy_world  # after parsing: --help stays free of torch
+
+        print(_table(build_toy_world(args.out, seed=args.seed, force=args.force, size=args.size)))
+        return 0
+
+    return run_guarded(body, args.verbose)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -34,6 +34,7 @@ from ..config import VisionConfig
 from ..vision import build_vision_tower, load_vision_weights
 from . import baselines as B
 from . import llm_pretrain as L
+from . import llm_texts as LT
 from . import vit_pretrain as VP
 from . import vocab as V
 from . import world, writers
@@ -203,7 +204,7 @@ def train_stage0(job: str, out: Path, seed: int, size: str, tick: Callable[[], N
         save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, str(out / "vit" / "model.safetensors"))
         (out / "vit" / "config.json").write_text(json.dumps(dataclasses.asdict(VP.vit_config()), indent=1) + "\n")
         return
-    pool = L.text_pool(sz["text_scenes"], seed)
+    pool = LT.text_pool(sz["text_scenes"], seed)
     if job == "opt":
         _save_hf(L.train_opt(pool, sz["opt_steps"], seed, tick=tick), V.build_opt_tokenizer(), out / "opt")
     elif job == "t5":
@@ -294,11 +295,11 @@ def _save_hf(model, tokenizer, out: Path) -> None:
 
 
 def _opt_ids() -> dict:
-    return {"bos": V.OPT_BOS, "eos": V.OPT_EOS, "pad": V.OPT_PAD, "newline": V.OPT_NEWLINE, "vocab_size": len(L.OPT_V)}
+    return {"bos": V.OPT_BOS, "eos": V.OPT_EOS, "pad": V.OPT_PAD, "newline": V.OPT_NEWLINE, "vocab_size": len(LT.OPT_V)}
 
 
 def _t5_ids() -> dict:
-    return {"pad": V.T5_PAD, "eos": V.T5_EOS, "decoder_start": V.T5_PAD, "vocab_size": len(L.T5_V)}
+    return {"pad": V.T5_PAD, "eos": V.T5_EOS, "decoder_start": V.T5_PAD, "vocab_size": len(LT.T5_V)}
 
 
 def _bert_ids() -> dict:
@@ -308,8 +309,8 @@ def _bert_ids() -> dict:
         "cls": 2,
         "sep": 3,
         "mask": 4,
-        "vocab_size": len(L.BERT_V),
-        "dec_when_added": len(L.BERT_V),
+        "vocab_size": len(LT.BERT_V),
+        "dec_when_added": len(LT.BERT_V),
     }
 
 

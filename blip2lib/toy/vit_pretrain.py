@@ -3,8 +3,8 @@
 The tower is built by the same code path as the paper's towers (``blip2lib.vision.build_vision_tower`` with an EVA
 ``VisionConfig``: 64 px, 8-px patches → 64 patch tokens + CLS). Objective — dense supervision of WHERE and WHAT: every
 patch token is classified into the (shape, colour, size) of the object covering it (or background) and into its own
-column and row, and the mean of each slot's patch tokens into that slot's object class (or empty). The feasibility probe
-(toy_world_probe.md) found that a pooled/CLS-only objective leaves the patch tokens — which is all the Q-Former's
+column and row, and the mean of each slot's patch tokens into that slot's object class (or empty). An early feasibility
+probe of the toy world found that a pooled/CLS-only objective leaves the patch tokens — which is all the Q-Former's
 cross-attention reads (docs/paper_map.md §1.3) — much less informative (84% slot accuracy); per-patch targets keep them
 rich. Why the column/row targets (version 9): without them the tokens of object patches forgot where they are (a linear
 probe read an object patch's column 16% of the time, chance 12.5%), so the Q-Former could not tell left from right —

@@ -7,6 +7,7 @@ import statistics
 from pathlib import Path
 
 from ..launch import run_training
+from ..paths import safe_name
 from ..train import TrainParams
 from .tables import evaluate_checkpoints, flat_metrics, resolve_data_root
 
@@ -18,6 +19,8 @@ def run_ablation(params, run_dir: str | Path) -> dict[str, dict[int, dict]]:
         variant → seed → flat metrics (``<metric>``: value, percent).
     """
     run_dir = Path(run_dir)
+    for variant in params.variants:  # each variant trains into run_dir/<variant>/seed<N>
+        safe_name(variant, "variants", "ablation params")
     data_root = resolve_data_root(params.data_root, params.toy_world)
     parent = ""
     if params.parent:  # e.g. the stage-1 run the "with stage 1" variant starts from (self-contained smoke runs)

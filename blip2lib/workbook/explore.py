@@ -294,7 +294,7 @@ TINY = {"tiny-opt": "opt", "tiny-t5": "t5", "tiny-retrieval": None}
 
 @torch.no_grad()
 def rerandomise_(model, seed: int = 0):
-    """Draw every parameter again, seeded (inits are near 0 for the queries; hf md §5 pitfall 1); returns model."""
+    """Draw every parameter again, seeded (inits are near 0 for the queries; docs/paper_map.md §8.3); returns model."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if p.dim() == 1 and "norm" in name.lower():  # LayerNorms stay near identity
@@ -337,7 +337,7 @@ def _greedy_agreement(ours, hf, seed: int, max_new_tokens: int = 8) -> float:
     ids = torch.cat([torch.full((pix.shape[0], nq), hf.config.image_token_index), t.input_ids], 1)
     theirs = hf.generate(pixel_values=pix, input_ids=ids, attention_mask=torch.ones_like(ids), eos_token_id=eos,
                          pad_token_id=tok.pad_token_id, do_sample=False, **kw)  # fmt: skip
-    theirs = theirs[:, ids.shape[1] :] if fam == "opt" else theirs[:, 1:]  # new tokens only (hf md §4.1)
+    theirs = theirs[:, ids.shape[1] :] if fam == "opt" else theirs[:, 1:]  # new tokens only (docs/paper_map.md §8.3)
     n = min(mine.shape[1], theirs.shape[1])
     same = (mine[:, :n] == theirs[:, :n]).float().sum().item()
     return same / (mine.numel() if mine.shape == theirs.shape else max(mine.numel(), theirs.numel()))

@@ -26,6 +26,7 @@ _TEMPLATE = """{%- extends 'index.html.j2' -%}
 {%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
 {% block jupyter_widgets %}{% endblock jupyter_widgets %}
 {% block extra_css %}<style>.blip2-section th,.blip2-section td{text-align:left !important}
+.blip2-section pre{font-family:ui-monospace,Menlo,Consolas,monospace}
 .v-match,.v-met{color:#17692b}.v-differs,.v-missed{color:#b00020}.v-failed{color:#b00020;font-weight:bold}</style>
 {% endblock extra_css %}
 """
@@ -136,6 +137,24 @@ def _place_sections(nb, top: str, bottom: str) -> None:
         nb.cells.append(_html_cell("<h2>Provenance</h2>" + bottom))
 
 
+def drop_stderr(nb) -> int:
+    """Remove every stderr stream output (library warnings, progress bars, kernel notices); returns how many.
+
+    A report shows what the notebook says. What libraries print to stderr (tqdm bars and their "IProgress not
+    found" warning, transformers' loading bars, the kernel's TCP notice) stays in the executed notebook next to the
+    report's run folder; errors are ``error`` outputs, not streams, so a failed cell still shows its traceback.
+    """
+    dropped = 0
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        outputs = cell.get("outputs", [])
+        kept = [o for o in outputs if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
+        dropped += len(outputs) - len(kept)
+        cell.outputs = kept
+    return dropped
+
+
 def render_html(executed: Path, out: Path, hide_input: bool = True, context: dict | None = None) -> Path:
     """Write the HTML report of an executed notebook.
 
@@ -166,7 +185,12 @@ def render_html(executed: Path, out: Path, hide_input: bool = True, context: dic
     exporter.register_preprocessor(TagRemovePreprocessor(config=c), True)
     nb = nbformat.read(executed, as_version=4)
     if context is not None:
-        _place_sections(nb, *sections(Path(executed).parent, context, _title(nb)))
+        hidden = drop_stderr(nb)
+        top, bottom = sections(Path(executed).parent, context, _title(nb))
+        if hidden:  # say where the hidden messages are, so nothing is lost from view silently
+            bottom += (f'<p class="blip2-section">{hidden} stderr message(s) of libraries are not shown here; they are '
+                       f"in {html.escape(Path(executed).name)} in the run folder.</p>")  # fmt: skip
+        _place_sections(nb, top, bottom)
     if context is not None:
         nb.metadata["title"] = context.get("run_id", "")
     body, _ = exporter.from_notebook_node(nb)

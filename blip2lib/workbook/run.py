@@ -10,6 +10,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -82,11 +83,49 @@ class Run:
         os.replace(tmp, self.metrics_path)
 
 
+def _notebook_name(params: Any) -> str:
+    """The notebook a params object belongs to: its registered schema, else JupyterLab's session name, else ""."""
+    from .schemas import SCHEMAS
+
+    for name, cls in SCHEMAS.items():
+        if type(params) is cls:
+            return name
+    session = os.environ.get("JPY_SESSION_NAME", "")  # JupyterLab sets it to the notebook's path in the kernel
+    return Path(session).stem if session.endswith(".ipynb") else ""
+
+
+def adhoc_run_dir(notebook: str = "") -> Path:
+    """A new folder ``runs/adhoc/<notebook>-<UTC time, microseconds>`` for a notebook executed outside the runner.
+
+    Why one per execution: with one shared folder, stage 2 started in JupyterLab found stage 1's checkpoints there
+    and tried to resume them. ``interactive`` stands in for a notebook whose name is unknown.
+    """
+    base = REPO_ROOT / "runs" / "adhoc"
+    base.mkdir(parents=True, exist_ok=True)
+    while True:  # mkdir without exist_ok claims the name: two kernels started in the same microsecond differ
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        run_dir = base / f"{notebook or 'interactive'}-{stamp}"
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+
+
 def start_run(params: Any, notebook: str = "") -> Run:
-    """Create the run folder, write ``config.resolved.yaml`` and ``env.json``, show a header; returns the Run."""
+    """Create the run folder, write ``config.resolved.yaml`` and ``env.json``, show a header; returns the Run.
+
+    Args:
+        params: the notebook's params (a schema instance or a dict); its ``run_dir`` is the runner's folder.
+        notebook: notebook name for the header and an ad-hoc folder (default: found from the params' schema).
+
+    Without a ``run_dir`` (JupyterLab, papermill without the runner) every call gets a fresh
+    :func:`adhoc_run_dir`, so two executions never share checkpoints.
+    """
     global _CURRENT
     values = params.to_dict() if hasattr(params, "to_dict") else dict(params)
-    run_dir = Path(values.get("run_dir") or REPO_ROOT / "runs" / (notebook or "adhoc") / "interactive")
+    notebook = notebook or _notebook_name(params)
+    run_dir = Path(values["run_dir"]) if values.get("run_dir") else adhoc_run_dir(notebook)
     run_dir.mkdir(parents=True, exist_ok=True)
     values["run_dir"] = str(run_dir)
     job_path = run_dir / "job.json"
@@ -173,7 +212,8 @@ def compare_to_paper(metrics: dict[str, Any], targets: dict[str, str | dict], pa
     """The "paper vs reproduced" table: one row per metric; stored in ``metrics.json`` under ``comparison``.
 
     Verdicts: ``match`` / ``differs`` (paper target: ``|value - paper| <= tolerance``), ``met`` / ``missed``
-    (inline goal with ``direction`` ``">="`` or ``"<="``), ``not measured`` (metric missing, None or NaN).
+    (inline goal with ``direction`` ``">="`` or ``"<="``), ``not measured`` (metric missing, None or NaN),
+    ``no published number`` (a paper row whose ``value`` is null, e.g. a Figure 5 curve: listed with our value).
 
     Args:
         metrics: measured values by metric name (floats, or ``record``-style ``{"value", "unit"}`` entries).
@@ -200,11 +240,19 @@ def compare_to_paper(metrics: dict[str, Any], targets: dict[str, str | dict], pa
             if ref not in by_id:
                 raise KeyError(f"paper target id '{ref}' (for metric '{name}') is not in {path}")
             t = by_id[ref]
-            goal, tol, direction, base = float(t["value"]), float(t.get("tolerance", 0.5)), "≈", None
-            label = f"{t['table']} · {t['row']} · {t['column']}"
+            label, base = f"{t['table']} · {t['row']} · {t['column']}", None
+            if t["value"] is None:  # a paper row printed without a number (Figure 5's curves): listed, not judged
+                goal, tol, direction = None, None, "none"
+            else:
+                goal, tol, direction = float(t["value"]), float(t.get("tolerance", 0.5)), "≈"
         # paper numbers at the paper's printed precision; toy goals (often 0.9-like) keep 3 more decimals
-        digits = _decimals(by_id[ref]["value"]) if isinstance(ref, str) else max(_decimals(ref["goal"]), 3)
-        if value is None:
+        if isinstance(ref, str):  # a row without a paper number shows ours to 2 decimals
+            digits = 2 if goal is None else _decimals(by_id[ref]["value"])
+        else:
+            digits = max(_decimals(ref["goal"]), 3)
+        if goal is None:
+            verdict = "no published number"
+        elif value is None:
             verdict = "not measured"
         elif direction == ">=":
             verdict = "met" if value >= goal else "missed"
@@ -213,7 +261,7 @@ def compare_to_paper(metrics: dict[str, Any], targets: dict[str, str | dict], pa
         else:
             verdict = "match" if abs(value - goal) <= tol + 1e-9 else "differs"
         rows.append({"metric": name, "target": label, "reproduced": None if value is None else round(value, digits),
-                     "paper / goal": goal, "delta": None if value is None else round(value - goal, digits),
+                     "paper / goal": goal, "delta": None if None in (value, goal) else round(value - goal, digits),
                      "tolerance": tol, "baseline": base, "verdict": verdict})  # fmt: skip
     run = run or _CURRENT
     if run is not None:

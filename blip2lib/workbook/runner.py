@@ -1,157 +1,73 @@
 """Outside the kernel: execute notebooks with papermill and render HTML reports.
 
-The params file's path alone decides everything: ``params/<notebook>/<variant>.yaml`` runs
-``notebooks/<notebook>.ipynb`` into ``runs/<notebook>/<variant>/`` and renders
-``reports/<variant>/<notebook>.html`` (input cells hidden). Usage::
+``params/<notebook>/<variant>.yaml`` runs ``notebooks/<notebook>.ipynb`` into ``runs/<notebook>/<variant>/`` and
+renders ``reports/<variant>/<notebook>.html`` (input cells hidden). A params file elsewhere names its notebook with
+``--notebook NAME`` or a ``notebook: NAME`` key; its variant is the file's stem. Usage::
 
-    python -m blip2lib.workbook run params/10_stage1_pretrain/toy.yaml [--force]
-    python -m blip2lib.workbook run-all toy [--force] [-j 2]   # every notebook with a toy.yaml, in order
-    python -m blip2lib.workbook validate                       # check every params file against its schema
+    python -m blip2lib.workbook run params/10_stage1_pretrain/toy.yaml [-p KEY=VALUE ...] [--runs DIR] [--force]
+    python -m blip2lib.workbook run ~/exp/my.yaml --notebook 20_stage2_pretrain
+    python -m blip2lib.workbook run-all toy [-p KEY=VALUE ...] [-j 2]   # every notebook with a toy.yaml, in order
+    python -m blip2lib.workbook validate                                # check every params file against its schema
 
-A run folder holds ``executed.ipynb``, ``metrics.json``, ``config.resolved.yaml``, ``env.json``, ``job.json`` (where
-the runner put things), ``status.json`` (ok/failed, wall time), ``stdout.log``/``stderr.log`` (kernel streams) and
-``.inputs.sha256`` (what "current" means: same params file, notebook and upstream ``metrics.json``). A failed run
-keeps its executed notebook and gets ``failed.html`` (code visible, error banner); it never writes ``reports/``.
+``-p`` values are read as YAML and typed by the notebook's schema; ``--runs DIR`` also moves the ``runs/...`` paths
+written inside params files onto DIR. A run folder holds ``executed.ipynb``, ``metrics.json``,
+``config.resolved.yaml``, ``env.json``, ``job.json`` (where the runner put things, the overrides), ``status.json``
+(ok/failed, wall time), ``stdout.log``/``stderr.log`` and, once finished, ``inputs.json`` (params, git commit and a
+hash per notebook, upstream ``metrics.json`` and library file). A finished run is never deleted: unchanged inputs
+→ skipped; changed inputs → reported stale with what changed (exit status 2); ``--force`` moves it aside to
+``<run>.prev-<UTC time>`` and starts afresh. An unfinished run resumes in place. A failed run keeps its executed
+notebook and gets ``failed.html`` (code visible, error banner); it never writes ``reports/``.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
 import threading
 import time
-from dataclasses import dataclass
+import traceback
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
-from ..config import ParamsError, load_params_yaml
+from ..config import ParamsError
+from .jobs import (  # noqa: F401  (re-exported: tests, tools)
+    LIBRARY_ROOT,
+    Job,
+    _collects,
+    _inputs,
+    _inputs_digest,
+    _move_aside,
+    _stale_message,
+    _upstream_metrics,
+    _values,
+    is_current,
+    job_for,
+    load_params,
+    stale_changes,
+    variant_jobs,
+    variant_params,
+)
+from .jobs import finished as _finished
+from .preflight import PreflightFailed, preflight
 from .report import render_html
-from .run import REPO_ROOT
-from .schemas import schema_for
+from .run import REPO_ROOT, git_commit
 from .summary import build_index
 
 log = logging.getLogger(__name__)
 _INDEX_LOCK = threading.Lock()
 
 
-@dataclass(frozen=True)
-class Job:
-    """Where one params file's outputs go."""
-
-    params_path: Path
-    notebook: Path
-    run_dir: Path
-    report: Path
-
-    @property
-    def variant(self) -> str:
-        """The params file's stem (``toy``, ``smoke``, ``vitg``…)."""
-        return self.params_path.stem
-
-    @property
-    def run_id(self) -> str:
-        """``<notebook>/<variant>``."""
-        return f"{self.notebook.stem}/{self.params_path.stem}"
-
-
-def job_for(
-    params_path: str | Path, root: Path = REPO_ROOT, runs: Path | None = None, reports: Path | None = None
-) -> Job:
-    """Map ``params/<notebook>/<variant>.yaml`` to its notebook, run folder and report path."""
-    p = Path(params_path)
-    if not p.is_absolute() and not p.exists() and (root / p).exists():
-        p = root / p
-    if not p.exists():
-        raise FileNotFoundError(f"{params_path}: no such params file")
-    p = p.resolve()
-    nb_name, variant = p.parent.name, p.stem
-    nb = root / "notebooks" / f"{nb_name}.ipynb"
-    if not nb.exists():
-        raise FileNotFoundError(f"{params_path}: no notebook notebooks/{nb_name}.ipynb for this params folder")
-    runs = runs or root / "runs"
-    reports = reports or root / "reports"
-    return Job(p, nb, runs / nb_name / variant, reports / variant / f"{nb_name}.html")
-
-
 class RunFailed(RuntimeError):
     """A notebook raised; the executed notebook and ``failed.html`` are kept in the run folder."""
 
 
-def load_params(path: Path) -> dict:
-    """Validate a params file against its notebook's schema; returns the flat values present in the file.
-
-    Raises:
-        ParamsError: unknown notebook folder, invalid YAML, unknown key or wrong type (the message names the file
-            and the key).
-    """
-    path = Path(path)
-    try:
-        schema = schema_for(path.parent.name)
-    except KeyError as e:
-        raise ParamsError(f"{path}: {e.args[0]}") from None
-    params = schema.from_yaml(path)  # unknown key / wrong type → ParamsError naming file and key
-    given = load_params_yaml(path)
-    return {k: getattr(params, k) for k in given}
-
-
-def _strings(value) -> list[str]:
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]  # init_from may list two folders
-    if isinstance(value, dict):
-        return [s for v in value.values() for s in _strings(v)]
-    if isinstance(value, list):
-        return [s for v in value for s in _strings(v)]
-    return []
-
-
-def _upstream_metrics(job: Job, root: Path) -> list[Path]:
-    """``metrics.json`` of the runs this job reads, or of every run of the variant for collectors.
-
-    A run is read when any params value (``*_run``, ``init_from``, ``checkpoints`` entries, an ablation's
-    ``base`` …) names a folder inside another run of the runs root, e.g. ``runs/20_stage2_pretrain/toy/opt``.
-    """
-    runs_root = job.run_dir.parents[1].resolve()
-    found: list[Path] = []
-    for text in _strings(load_params_yaml(job.params_path)):
-        path = (Path(text) if Path(text).is_absolute() else root / text).resolve()
-        if path == runs_root or runs_root not in path.parents:
-            continue
-        parts = path.relative_to(runs_root).parts
-        run = runs_root.joinpath(*parts[:2]) if len(parts) >= 2 else None  # runs/<notebook>/<variant>
-        if run is not None and run != job.run_dir.resolve() and run / "metrics.json" not in found:
-            found.append(run / "metrics.json")
-    if _collects(job):
-        found += [m for m in sorted(job.run_dir.parents[1].glob(f"*/{job.variant}/metrics.json"))
-                  if m.parent != job.run_dir and m.resolve() not in found]  # fmt: skip
-    return found
-
-
-LIBRARY_ROOT = Path(__file__).resolve().parents[1]  # blip2lib/: its code is an input of every run
-
-
-def _inputs_digest(job: Job, root: Path = REPO_ROOT) -> str:
-    """Hash of what a run's outputs depend on: params file, notebook, upstream metrics and the library's code.
-
-    The library is included so that a changed training recipe or toy-world builder re-runs the steps (and their
-    dependants) instead of leaving reports of the old code marked current.
-    """
-    h = hashlib.sha256()
-    for f in (job.params_path, job.notebook, *_upstream_metrics(job, root), *sorted(LIBRARY_ROOT.rglob("*.py"))):
-        h.update(str(f.name).encode())
-        h.update(f.read_bytes() if f.exists() else b"<missing>")
-    return h.hexdigest()
-
-
-def is_current(job: Job, root: Path = REPO_ROOT) -> bool:
-    """True when the run succeeded with the same params file and notebook and its upstream runs are unchanged."""
-    stamp = job.run_dir / ".inputs.sha256"
-    if not (stamp.exists() and (job.run_dir / "metrics.json").exists() and job.report.exists()):
-        return False
-    return stamp.read_text() == _inputs_digest(job, root)
+class StaleRun(RuntimeError):
+    """A finished run whose inputs changed since: reported, left untouched (``--force`` redoes it)."""
 
 
 def _context(job: Job, root: Path, status: str, wall: float) -> dict:
@@ -159,22 +75,18 @@ def _context(job: Job, root: Path, status: str, wall: float) -> dict:
         shown = str(job.params_path.relative_to(root))
     except ValueError:
         shown = str(job.params_path)
+    text = job.params_path.read_text()
+    if job.overrides:
+        text += "\n# command-line overrides\n" + "\n".join(f"# -p {t}" for t in job.overrides) + "\n"
     return {
         "run_id": job.run_id,
         "params_file": shown,
-        "params_text": job.params_path.read_text(),
+        "params_text": text,
+        "overrides": list(job.overrides),
         "status": status,
         "wall_time_s": round(wall, 1),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-
-
-def _finished(run_dir: Path) -> bool:
-    """The folder holds a run that completed (``status.json`` says ok)."""
-    try:
-        return json.loads((run_dir / "status.json").read_text()).get("status") == "ok"
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -182,42 +94,54 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def run(params_path: str | Path, force: bool = False, root: Path = REPO_ROOT, runs: Path | None = None,
-        reports: Path | None = None, progress: bool = False, threads: int | None = None) -> Job:  # fmt: skip
+        reports: Path | None = None, progress: bool = False, threads: int | None = None, notebook: str | None = None,
+        overrides: Iterable[str] | Mapping[str, Any] | None = None) -> Job:  # fmt: skip
     """Validate a params file, execute its notebook with papermill and render its report.
 
     Args:
-        params_path: ``params/<notebook>/<variant>.yaml``.
-        force: run even when the outputs are current.
+        params_path: ``params/<notebook>/<variant>.yaml``, or any file with ``notebook`` or a ``notebook:`` key.
+        force: redo a finished run; the old folder is moved aside to ``<run>.prev-<UTC time>``, never deleted.
         root: repository root (``notebooks/`` and the kernel's working directory).
-        runs: runs root (default ``<root>/runs``; tests point it at a temporary folder).
+        runs: runs root (default ``<root>/runs``); the ``runs/...`` values of the params file move onto it.
         reports: reports root (default ``<root>/reports``).
         progress: papermill's progress bar.
         threads: torch threads for the kernel (``start_run`` applies it); None keeps torch's default.
+        notebook: the notebook, for a params file outside ``params/<notebook>/``.
+        overrides: ``KEY=VALUE`` texts (or a mapping) applied after the file, typed by the notebook's schema.
 
     Returns:
         The job (paths of the run folder and report).
 
     Raises:
-        ParamsError: the params file is invalid (nothing is executed).
+        ParamsError: the params file or an override is invalid (nothing is executed).
+        StaleRun: the run finished with other inputs; nothing is touched.
         RunFailed: the notebook raised; ``failed.html`` and the executed notebook are in the run folder.
     """
     import papermill as pm
 
-    job = job_for(params_path, root, runs, reports)
-    values = load_params(job.params_path)  # validation BEFORE execution
-    if not force and is_current(job, root):
-        log.info("[skip] %s: outputs are current (use --force to redo)", job.run_id)
+    job = job_for(params_path, root, runs, reports, notebook, overrides)
+    values = _values(job)  # validation BEFORE execution
+    # every file the effective params name, before anything is moved or started (PreflightFailed)
+    preflight([job.params_path], root, runs, notebooks=[job.notebook.stem], overrides=[values])
+    if force and job.run_dir.exists():
+        log.info("[force] %s: previous run moved aside to %s", job.run_id, _move_aside(job.run_dir))
+    elif _finished(job.run_dir):
+        changes = stale_changes(job, root)
+        if changes:
+            raise StaleRun(_stale_message(job, root, changes))
+        if not job.report.exists() and (job.run_dir / "executed.ipynb").exists():  # e.g. a new --reports root
+            status = json.loads((job.run_dir / "status.json").read_text())
+            render_html(job.run_dir / "executed.ipynb", job.report,
+                        context=_context(job, root, "ok", float(status.get("wall_time_s", 0.0))))  # fmt: skip
+        log.info("[skip] %s: up to date (--force redoes it)", job.run_id)
         return job
-    if _finished(job.run_dir):
-        # A finished run redone (--force, or changed params / notebook / upstream runs) must train again from
-        # scratch: resuming its final checkpoint would report the old training under the new params.
-        log.info("[redo] %s: clearing the previous finished run in %s", job.run_id, job.run_dir)
-        shutil.rmtree(job.run_dir)
     job.run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("executed.ipynb", "metrics.json", "status.json", "failed.html", ".inputs.sha256"):
+    for stale in ("executed.ipynb", "metrics.json", "status.json", "failed.html", "inputs.json", ".inputs.sha256"):
         (job.run_dir / stale).unlink(missing_ok=True)  # a failed / killed run keeps checkpoints and logs (resume)
+    inputs = _inputs(job, root, git_commit(root))  # taken now: the code and upstream runs this execution reads
     _write_json(job.run_dir / "job.json", {"run_id": job.run_id, "notebook": job.notebook.stem,
                                            "variant": job.variant, "params_file": str(job.params_path),
+                                           "overrides": list(job.overrides),
                                            "runs_root": str(job.run_dir.parents[1]), "report": str(job.report),
                                            "reports_root": str(job.report.parents[1]),
                                            "threads": threads})  # fmt: skip
@@ -231,36 +155,26 @@ def run(params_path: str | Path, force: bool = False, root: Path = REPO_ROOT, ru
                                 cwd=str(root), progress_bar=progress, stdout_file=out, stderr_file=err)  # fmt: skip
     except Exception as e:  # papermill has saved the executed notebook with its error banner
         ctx = _context(job, root, "failed", time.time() - t0)
+        # the kernel's exception, not papermill's cell dump (the traceback is in the executed notebook and -v)
+        error = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', str(e))}".strip()
         _write_json(job.run_dir / "status.json", {"status": "failed", "wall_time_s": ctx["wall_time_s"],
-                                                  "finished": ctx["finished"], "error": str(e)[-2000:]})  # fmt: skip
+                                                  "finished": ctx["finished"], "error": error})  # fmt: skip
         failed = job.run_dir / "failed.html"
         if executed.exists():
             render_html(executed, failed, hide_input=False, context=ctx)
         with _INDEX_LOCK:
             build_index(job.run_dir.parents[1], job.report.parents[1], job.variant)
-        raise RunFailed(
-            f"{job.run_id} failed after {ctx['wall_time_s']:.0f} s: {type(e).__name__}: "
-            f"{str(e).strip()[-800:]}\nexecuted notebook: {executed}\nfailure page: {failed}"
-        ) from e
+        wall = ctx["wall_time_s"]
+        raise RunFailed(f"{job.run_id} failed after {wall:.0f} s: {error} (failure page: {failed})") from e
     ctx = _context(job, root, "ok", time.time() - t0)
     _write_json(job.run_dir / "status.json", {"status": "ok", "wall_time_s": ctx["wall_time_s"],
                                               "finished": ctx["finished"]})  # fmt: skip
     render_html(executed, job.report, context=ctx)
-    (job.run_dir / ".inputs.sha256").write_text(_inputs_digest(job, root))
+    _write_json(job.run_dir / "inputs.json", inputs)
     with _INDEX_LOCK:  # parallel run-all: one index writer at a time
         build_index(job.run_dir.parents[1], job.report.parents[1], job.variant)  # the index always lists this run
     log.info("[done] %s in %.0f s → %s", job.run_id, ctx["wall_time_s"], job.report)
     return job
-
-
-def variant_params(variant: str, root: Path = REPO_ROOT) -> list[Path]:
-    """Every ``params/*/<variant>.yaml``, in notebook (dependency) order: 0x → 1x → 2x → 3x → 4x → 9x."""
-    variant = Path(variant).name
-    return sorted((root / "params").glob(f"*/{variant}.yaml"), key=lambda p: p.parent.name)
-
-
-def _collects(job: Job) -> bool:
-    return getattr(schema_for(job.notebook.stem), "collects_variant", False)
 
 
 def _dependencies(jobs: list[Job], root: Path) -> dict[Job, set[Job]]:
@@ -281,18 +195,25 @@ def _dependencies(jobs: list[Job], root: Path) -> dict[Job, set[Job]]:
     return deps
 
 
+class StaleRuns(StaleRun):
+    """``run-all`` met stale runs: it ran everything else, not them nor the steps that read them."""
+
+
 def run_all(variant: str, force: bool = False, root: Path = REPO_ROOT, runs: Path | None = None,
             reports: Path | None = None, progress: bool = False, jobs: int = 1,
-            estimates: dict[str, float] | None = None) -> list[Job]:  # fmt: skip
-    """Run a whole variant in dependency order, skipping current steps; stops at the first failure.
+            estimates: dict[str, float] | None = None,
+            overrides: Iterable[str] | Mapping[str, Any] | None = None) -> list[Job]:  # fmt: skip
+    """Run a whole variant in dependency order, skipping up-to-date steps; stops launching at the first failure.
 
     Every executed step rebuilds ``reports/<variant>/index.html`` (a failed step shows as such, without a link).
+    A stale step (finished, inputs changed) is reported and left as it is, and so are the steps that read it; the
+    others run, then :class:`StaleRuns` lists them.
 
     Args:
         variant: params variant (``toy``, ``smoke`` …).
-        force: redo current steps too.
+        force: redo finished steps too (each old run folder is moved aside, never deleted).
         root: repository root.
-        runs: runs root.
+        runs: runs root (the ``runs/...`` values of the params files move onto it).
         reports: reports root.
         progress: papermill's per-cell bar (sequential runs only).
         jobs: steps executed at once. With ``jobs > 1`` a step starts as soon as the steps it reads are done
@@ -301,16 +222,21 @@ def run_all(variant: str, force: bool = False, root: Path = REPO_ROOT, runs: Pat
             two threads to help one notebook much, so two notebooks at once use 2 cores better.
         estimates: expected wall seconds per run id (``"45_ablation_itg/toy"``) for steps that have no previous
             run to time, so that a fresh clone starts its long branches early too (only the launch order uses it).
+        overrides: ``KEY=VALUE`` texts; each reaches the notebooks whose schema has the key (``-p steps=10``: the
+            training notebooks); a key no notebook has is an error.
+
+    Raises:
+        StaleRuns: after everything else ran, when stale steps were met.
     """
-    paths = variant_params(variant, root)
-    if not paths:
-        raise FileNotFoundError(f"no params/*/{variant}.yaml files under {root}")
-    for p in paths:  # validate everything before executing anything
-        load_params(p)
-    if jobs <= 1:
-        return [run(p, force=force, root=root, runs=runs, reports=reports, progress=progress) for p in paths]
-    return _run_parallel([job_for(p, root, runs, reports) for p in paths], jobs, force, root, runs, reports,
-                         estimates)  # fmt: skip
+    todo = variant_jobs(variant, root, runs, reports, overrides)
+    preflight(
+        [j.params_path for j in todo],
+        root,
+        runs,
+        notebooks=[j.notebook.stem for j in todo],
+        overrides=[_values(j) for j in todo],
+    )  # one batch: upstream run folders are "produced by"
+    return _run_parallel(todo, jobs, force, root, runs, reports, estimates, progress)
 
 
 def _plan(todo: list[Job], deps: dict[Job, set[Job]], jobs: int, cores: int,
@@ -350,29 +276,52 @@ def _previous_wall(job: Job, estimates: dict[str, float] | None) -> float:
         return float((estimates or {}).get(job.run_id, 60.0))
 
 
+def _here(fn, *args, **kw) -> Future:
+    """Run ``fn`` in this thread; its result or exception in a finished Future (as ``pool.submit`` would give)."""
+    fut: Future = Future()
+    try:
+        fut.set_result(fn(*args, **kw))
+    except BaseException as e:  # also KeyboardInterrupt: the loop stops launching and raises it
+        fut.set_exception(e)
+    return fut
+
+
 def _run_parallel(todo: list[Job], jobs: int, force: bool, root: Path, runs: Path | None,
-                  reports: Path | None, estimates: dict[str, float] | None = None) -> list[Job]:  # fmt: skip
+                  reports: Path | None, estimates: dict[str, float] | None = None,
+                  progress: bool = False) -> list[Job]:  # fmt: skip
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     deps = _dependencies(todo, root)
     cores = os.cpu_count() or 1
     threads, priority = _plan(todo, deps, jobs, cores, estimates)
     old = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = str(max(1, cores // jobs))  # BLAS etc. in every kernel started from now on
-    log.info("[plan] %d steps, up to %d at a time", len(todo), jobs)
+    if jobs > 1:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // jobs))  # BLAS etc. in every kernel started from now on
+        log.info("[plan] %d steps, up to %d at a time", len(todo), jobs)
     done: set[Job] = set()
+    stale: list[Job] = []
+    held: set[Job] = set()  # stale steps and every step that reads one: not run
     failure: BaseException | None = None
     started: dict = {}
     try:
-        with ThreadPoolExecutor(jobs) as pool:
+        with ThreadPoolExecutor(max(1, jobs)) as pool:
             while len(done) < len(todo):
                 if failure is None:
+                    while hold := [j for j in todo if j not in done and deps[j] & held]:  # readers of readers too
+                        for j in hold:
+                            log.info("[hold] %s: reads a stale run, not run", j.run_id)
+                        held.update(hold)
+                        done.update(hold)
                     ready = [j for j in todo if j not in done and j not in started.values() and deps[j] <= done]
-                    for j in sorted(ready, key=priority.get, reverse=True)[: jobs - len(started)]:
-                        fut = pool.submit(run, j.params_path, force=force, root=root, runs=runs, reports=reports,
-                                          threads=threads[j])  # fmt: skip
+                    for j in sorted(ready, key=priority.get, reverse=True)[: max(1, jobs) - len(started)]:
+                        submit = pool.submit if jobs > 1 else _here  # -j 1: Ctrl-C reaches papermill at once
+                        fut = submit(run, j.params_path, force=force, root=root, runs=runs, reports=reports,
+                                     threads=threads[j] if jobs > 1 else None, notebook=j.notebook.stem,
+                                     overrides=j.overrides, progress=progress and jobs <= 1)  # fmt: skip
                         started[fut] = j
                 if not started:
+                    if len(done) == len(todo):
+                        break  # the last steps were held
                     if failure is None:
                         waiting = [j.run_id for j in todo if j not in done]
                         raise RuntimeError(f"steps that can never start (circular inputs): {waiting}")
@@ -381,9 +330,14 @@ def _run_parallel(todo: list[Job], jobs: int, force: bool, root: Path, runs: Pat
                 if not finished:
                     log.info("[....] running: %s", ", ".join(j.run_id for j in started.values()))
                 for fut in finished:
-                    done.add(started.pop(fut))
+                    j = started.pop(fut)
+                    done.add(j)
                     try:
                         fut.result()
+                    except StaleRun as e:  # reported and left as it is; the other branches go on
+                        log.warning("%s", e)
+                        stale.append(j)
+                        held.add(j)
                     except BaseException as e:  # keep the first failure; let the running steps finish
                         failure = failure or e
     finally:
@@ -393,6 +347,11 @@ def _run_parallel(todo: list[Job], jobs: int, force: bool, root: Path, runs: Pat
             os.environ["OMP_NUM_THREADS"] = old
     if failure is not None:
         raise failure
+    if stale:
+        others = sorted(j.run_id for j in held - set(stale))
+        raise StaleRuns(f"stale, not rerun: {', '.join(j.run_id for j in stale)}"
+                        + (f"; not run because they read a stale run: {', '.join(others)}" if others else "")
+                        + " (--force redoes them, moving each old run aside)")  # fmt: skip
     return todo
 
 
@@ -411,23 +370,51 @@ def validate_all(root: Path = REPO_ROOT) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: ``run``, ``run-all``, ``validate``; returns the exit status (1 on any error)."""
+    """Command line: ``run``, ``run-all``, ``validate``, ``readme``; returns the exit status.
+
+    0: done. 1: a notebook failed (its failure page is named). 2: a user mistake (a bad params file, override or
+    path: one line, ``-v`` adds the traceback) or a stale run left untouched.
+    """
     ap = argparse.ArgumentParser(prog="python -m blip2lib.workbook", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--root", type=Path, default=REPO_ROOT, help="repository root (notebooks/, params/)")
-    common.add_argument("--runs", type=Path, default=None, help="runs root (default <root>/runs)")
+    params = argparse.ArgumentParser(add_help=False)  # what decides a run's params: shared by run, run-all, validate
+    params.add_argument("--root", type=Path, default=REPO_ROOT, help="repository root (notebooks/, params/)")
+    params.add_argument("--runs", type=Path, default=None,
+                        help="runs root (default <root>/runs); the params' runs/... paths move onto it")  # fmt: skip
+    params.add_argument(
+        "-p",
+        "--param",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a params key (repeatable); VALUE is YAML, typed by the notebook's schema",
+    )
+    params.add_argument("-v", "--verbose", action="store_true", help="tracebacks with error messages")
+    common = argparse.ArgumentParser(add_help=False, parents=[params])
     common.add_argument("--reports", type=Path, default=None, help="reports root (default <root>/reports)")
-    common.add_argument("--force", action="store_true", help="run even when the outputs are current")
+    common.add_argument(
+        "--force",
+        action="store_true",
+        help="redo finished runs; each old run folder is moved aside to <run>.prev-<UTC time>",
+    )
     common.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     common.add_argument("-j", "--jobs", type=int, default=1, help="run-all: steps executed at once (default 1)")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("run", help="execute one params file", parents=[common]).add_argument("params")
+    one = sub.add_parser("run", help="execute one params file", parents=[common])
+    one.add_argument("params")
+    one.add_argument("--notebook", default=None, help="the notebook of a params file outside params/<notebook>/")
     sub.add_parser("run-all", help="execute every notebook of a variant in order", parents=[common]).add_argument(
         "variant"
     )
-    v = sub.add_parser("validate", help="validate every params file")
-    v.add_argument("--root", type=Path, default=REPO_ROOT)
+    c = sub.add_parser("check", help="preflight: check every file the params name, without loading a model",
+                       parents=[params])  # fmt: skip
+    c.add_argument("params", nargs="+", help="params files, or a variant name (every params/*/<variant>.yaml)")
+    c.add_argument("--notebook", default=None, help="the notebook of files outside params/<notebook>/")
+    c.add_argument("--no-hardware", dest="hardware", action="store_false", help="skip the GPU count / memory checks")
+    v = sub.add_parser("validate", help="validate params files (default: every file under params/)", parents=[params])
+    v.add_argument("files", nargs="*", help="params files to validate with the overrides (any folder)")
+    v.add_argument("--notebook", default=None, help="the notebook of files outside params/<notebook>/")
     r = sub.add_parser("readme", help="write a variant's measured goals into README.md's results block")
     r.add_argument("variant")
     r.add_argument("--runs", type=Path, default=REPO_ROOT / "runs")
@@ -435,8 +422,15 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        if args.cmd == "check":
+            return _check_command(args)
         if args.cmd == "validate":
-            print(f"{validate_all(args.root)} params files valid")
+            if args.files:
+                for f in args.files:
+                    _values(job_for(f, args.root, args.runs, None, args.notebook, args.overrides))
+                print(f"{len(args.files)} params files valid")
+            else:
+                print(f"{validate_all(args.root)} params files valid")
             return 0
         if args.cmd == "readme":
             from .summary import update_readme
@@ -445,13 +439,38 @@ def main(argv: list[str] | None = None) -> int:
             print(f"README.md results block {'updated' if changed else 'unchanged'} from {args.runs}/*/{args.variant}")
             return 0
         kw = {"force": args.force, "root": args.root, "runs": args.runs, "reports": args.reports,
-              "progress": args.progress}  # fmt: skip
+              "progress": args.progress, "overrides": args.overrides}  # fmt: skip
         if args.cmd == "run":
-            run(args.params, **kw)
+            run(args.params, notebook=args.notebook, **kw)
         else:
             jobs = run_all(args.variant, jobs=args.jobs, **kw)
             print(json.dumps({"reports": [str(j.report) for j in jobs]}, indent=2))
-    except (ParamsError, FileNotFoundError, RuntimeError) as e:
+    except PreflightFailed as e:  # every problem of the params' files, listed at once
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
+    except (ParamsError, FileNotFoundError, StaleRun, RunFailed, RuntimeError) as e:
+        if args.verbose:
+            traceback.print_exception(e)
+        print(str(e) if type(e) is StaleRun else f"error: {e}", file=sys.stderr)  # a stale report has its own head
+        return 2 if isinstance(e, (ParamsError, FileNotFoundError, StaleRun)) else 1
     return 0
+
+
+def _check_command(args) -> int:
+    """``check``: print every finding of the given params files (one batch); 2 when any is an error."""
+    from .preflight import check
+
+    todo: list[Job] = []
+    for arg in args.params:
+        if Path(arg).suffix in (".yaml", ".yml"):
+            todo.append(job_for(arg, args.root, args.runs, None, args.notebook, args.overrides))
+        else:  # a variant: its files with the overrides each schema has, as run-all takes them
+            todo += variant_jobs(arg, args.root, args.runs, None, args.overrides)
+    t0 = time.time()
+    problems = check([j.params_path for j in todo], args.root, args.runs, hardware=args.hardware,
+                     notebooks=[j.notebook.stem for j in todo], overrides=[_values(j) for j in todo])  # fmt: skip
+    for p in problems:
+        print(p, file=sys.stderr if p.level == "error" else sys.stdout)
+    errors = sum(p.level == "error" for p in problems)
+    print(f"preflight: {len(todo)} params files, {errors} problem(s), {time.time() - t0:.1f} s")
+    return 2 if errors else 0

@@ -12,7 +12,10 @@ Two class-level (non-field) attributes steer the runner and the tests:
 
 from __future__ import annotations
 
+import difflib
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 from ..config import Params, ParamsError
@@ -158,9 +161,41 @@ class VQAFTParams(_StageParams):
 # Evaluation notebooks, one per paper table: evaluate named checkpoints on one split with the paper's scoring.
 
 
+# The keys one row of a table notebook's ``checkpoints`` may carry when its models need different local files
+# (``tables.evaluate_checkpoints`` passes them to the evaluator; the file-level keys of the same names are the
+# defaults of rows given as a plain path). Other tools (preflight, rehearsal) read rows through these four keys.
+CHECKPOINT_ROW_KEYS = ("checkpoint", "vision_weights", "llm_path", "bert_dir")
+
+
+def check_checkpoint_rows(checkpoints: dict) -> None:
+    """Each row is a path, or a mapping of :data:`CHECKPOINT_ROW_KEYS` (strings) that names its ``checkpoint``.
+
+    Raises:
+        ParamsError: naming the row and the key; an unknown key comes with the nearest valid one.
+    """
+    for row, value in checkpoints.items():
+        if isinstance(value, str):
+            continue
+        if not isinstance(value, dict):
+            raise ParamsError(f"key 'checkpoints': row '{row}' must be a path or a mapping of "
+                              f"{list(CHECKPOINT_ROW_KEYS)}, got {type(value).__name__} {value!r}")  # fmt: skip
+        for key, v in value.items():
+            if key not in CHECKPOINT_ROW_KEYS:
+                near = difflib.get_close_matches(str(key), CHECKPOINT_ROW_KEYS, n=1, cutoff=0.5)
+                hint = f"did you mean '{near[0]}'? " if near else ""
+                raise ParamsError(f"key 'checkpoints': row '{row}': unknown key '{key}' ({hint}valid keys: "
+                                  f"{list(CHECKPOINT_ROW_KEYS)})")  # fmt: skip
+            if not isinstance(v, str):
+                raise ParamsError(f"key 'checkpoints': row '{row}': key '{key}' must be a string, got {v!r}")
+        if not value.get("checkpoint"):
+            raise ParamsError(f"key 'checkpoints': row '{row}' names no 'checkpoint'")
+
+
 @dataclass
 class _TableParams(Params):
-    checkpoints: dict = field(default_factory=dict)  # model name → run folder, transformers dir, LAVIS file or tiny
+    # model name → checkpoint (run folder, transformers dir, LAVIS file or tiny), or → a mapping of
+    # CHECKPOINT_ROW_KEYS when the rows need their own vision tower / LLM / BERT files
+    checkpoints: dict = field(default_factory=dict)
     split: str = ""  # a blip2lib.data.FORMATS key of the evaluated split
     images_root: str = ""  # image folder under data_root (empty: the split's default)
     image_size: int = 0  # 0 keeps each checkpoint's own resolution
@@ -173,6 +208,9 @@ class _TableParams(Params):
     goals: dict = field(default_factory=dict)  # recorded metric → toy goal {goal, direction, label, baseline}
 
     records: ClassVar[tuple[str, ...]] = ("models_evaluated",)
+
+    def __post_init__(self) -> None:
+        check_checkpoint_rows(self.checkpoints)
 
 
 @register("41_zeroshot_vqa")
@@ -197,7 +235,16 @@ class CaptioningParams(_TableParams):
     # paper: beam 5, 8–30 generated tokens, no repetition penalty, length penalty 1 |
     # lavis: LAVIS HEAD (repetition 1.15, length penalty 0; FlanT5 min_len 8 counts the decoder start: 7 tokens)
     recipe: str = "paper"
-    metrics: list[str] = field(default_factory=lambda: ["BLEU", "CIDEr"])  # pycocoevalcap metric groups to compute
+    metrics: list[str] = field(default_factory=lambda: ["BLEU", "CIDEr"])  # result names (Bleu_4 …) or groups (BLEU …)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from ..evaluate.caption import metric_groups
+
+        try:  # result names (Bleu_4, CIDEr, SPICE ...) and scorer groups (BLEU ...) are both accepted
+            metric_groups(self.metrics)
+        except ValueError as e:
+            raise ParamsError(f"key 'metrics': {e}") from e
 
 
 @register("43_vqa_finetuned")
@@ -262,11 +309,30 @@ class PrepareDataParams(Params):
 class ParityParams(Params):
     """Our model vs stock transformers on the same weights: max-abs differences per stage, greedy agreement."""
 
-    checkpoints: list[str] = field(default_factory=lambda: ["tiny-opt", "tiny-t5", "tiny-retrieval"])  # or paths
+    # tiny-opt / tiny-t5 / tiny-retrieval (random), or local paths: a snapshot of a released Hub checkpoint (e.g.
+    # weights/blip2-opt-2.7b, compared as it is), a LAVIS file or a run folder (exported to transformers first)
+    checkpoints: list[str] = field(default_factory=lambda: ["tiny-opt", "tiny-t5", "tiny-retrieval"])
     skip_missing: bool = False  # checkpoint paths that do not exist are skipped
     goals: dict = field(default_factory=dict)  # report goals: metric → {goal, direction, label}
 
     records: ClassVar[tuple[str, ...]] = ("checkpoints_compared", "max_abs_diff", "min_agreement")
+
+    def __post_init__(self) -> None:
+        for c in self.checkpoints:  # nothing is downloaded: a Hub id must first become a local snapshot folder
+            if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", c) and not c.startswith(_LOCAL) and not _exists(c):
+                local = f"weights/{c.split('/')[-1]}"
+                hint = f"download it once (huggingface-cli download {c} --local-dir {local}), name {local!r}"
+                raise ParamsError(f"key 'checkpoints': {c!r} looks like a Hub id and is no local path; {hint}")
+
+
+_LOCAL = ("runs/", "weights/", "data/", "./", "../")  # folders a params file names locally (never Hub ids)
+
+
+def _exists(path: str) -> bool:
+    """``path`` exists as given or under the repository root (where the runner starts notebooks)."""
+    from .run import REPO_ROOT
+
+    return Path(path).exists() or (REPO_ROOT / path).exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..launch import run_training
+from ..paths import safe_name
 
 
 def run_stage(params, run_dir: str | Path) -> dict[str, Path]:
@@ -19,6 +20,8 @@ def run_stage(params, run_dir: str | Path) -> dict[str, Path]:
     """
     run_dir = Path(run_dir)
     families = (params.llms or [params.llm]) if params.stage == "stage2" else [None]
+    for fam in families if len(families) > 1 else ():  # each family trains into run_dir/<family>
+        safe_name(fam, "llms", "stage params")
     out = {}
     for fam in families:
         tp = params.train_params()

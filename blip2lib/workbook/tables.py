@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..evaluate.__main__ import SCHEMAS as EVAL_SCHEMAS
 from ..evaluate.__main__ import run_params
+from ..paths import safe_name
 from .run import TARGETS, Run, compare_to_paper
 
 # The evaluator behind each VQA figure, by (result task, the result's "scorer"); named in the paper comparison.
@@ -35,6 +36,8 @@ def evaluate_checkpoints(task: str, checkpoints: dict[str, str], out_dir: str | 
         out_dir: each result goes to ``out_dir/<name>/result.json`` (resumable from cached predictions).
         **settings: any key of the task's params schema (``split``, ``data_root``, decoding overrides …).
     """
+    for name in checkpoints:  # every name first: a bad one must not stop the run after others were evaluated
+        safe_name(name, "checkpoints", f"{task} evaluation")
     results = {}
     for name, ckpt in checkpoints.items():
         own = ckpt if isinstance(ckpt, dict) else {"checkpoint": ckpt}
@@ -196,3 +199,113 @@ def examples(result: dict, data_root: str, n: int = 8) -> tuple[list, list[str]]
                 images.append(Image.open(root / by_id[c["image_id"]]).convert("RGB"))
                 texts.append(c["caption"])
     return images, texts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The README's "paper path" table: which released file reproduces which paper cell, with which params file. It is
+# read from the params files (their checkpoints and paper_targets), never typed; tests/unit/test_params_paper.py
+# checks the README against it.
+
+# Where each released checkpoint comes from, by the file or folder name the params files give it. LAVIS: the
+# ``load_model`` name / ``model_type`` whose model-zoo yaml (lavis/configs/models/blip2/) downloads the file; Hub: the
+# transformers repository (converted from the LAVIS file of the same model).
+RELEASED = {
+    "blip2_pretrained.pth": "LAVIS blip2_image_text_matching / pretrain",
+    "blip2_pretrained_vitL.pth": "LAVIS blip2_image_text_matching / pretrain_vitL",
+    "blip2_pretrained_opt2.7b.pth": "LAVIS blip2_opt / pretrain_opt2.7b",
+    "blip2_pretrained_opt6.7b.pth": "LAVIS blip2_opt / pretrain_opt6.7b",
+    "blip2_pretrained_flant5xl.pth": "LAVIS blip2_t5 / pretrain_flant5xl",
+    "blip2_pretrained_flant5xl_vitL.pth": "LAVIS blip2_t5 / pretrain_flant5xl_vitL",
+    "blip2_pretrained_flant5xxl.pth": "LAVIS blip2_t5 / pretrain_flant5xxl",
+    "blip2_caption_opt2.7b.pth": "LAVIS blip2_opt / caption_coco_opt2.7b",
+    "blip2_caption_opt6.7b.pth": "LAVIS blip2_opt / caption_coco_opt6.7b",
+    "blip2_caption_flant5xl.pth": "LAVIS blip2_t5 / caption_coco_flant5xl",
+    "blip2_finetune_coco.pth": "LAVIS blip2_image_text_matching / coco",
+    **{name: f"Hub Salesforce/{name}" for name in (
+        "blip2-opt-2.7b", "blip2-opt-6.7b", "blip2-flan-t5-xl", "blip2-flan-t5-xxl", "blip2-opt-2.7b-coco",
+        "blip2-opt-6.7b-coco", "blip2-flan-t5-xl-coco", "blip2-itm-vit-g", "blip2-itm-vit-g-coco")},
+}  # fmt: skip
+PAPER_PATH_NOTEBOOKS = ("41_zeroshot_vqa", "42_captioning", "43_vqa_finetuned", "44_retrieval", "46_ablation_stage1",
+                        "50_parity")  # fmt: skip
+NO_CELL = "no paper cell (parity with transformers)"
+
+
+def released_as(checkpoint: str) -> str:
+    """How a checkpoint path of a params file is obtained: a released file (LAVIS / Hub name) or our own run.
+
+    Raises:
+        ValueError: a ``weights/`` path whose name is not in :data:`RELEASED` (add it there, with its source).
+    """
+    parts = Path(checkpoint).parts
+    if parts and parts[0] == "runs":
+        return f"not released: our run `{'/'.join(parts[:3])}`"
+    name = Path(checkpoint).name
+    if name not in RELEASED:
+        raise ValueError(f"checkpoint {checkpoint!r}: '{name}' is not a known released file ({sorted(RELEASED)})")
+    return f"{RELEASED[name]} (`{checkpoint}`)"
+
+
+def _model_rows(data: dict) -> dict[str, str]:
+    """Model row → its checkpoint path (41–44, 50), or ``""`` for an ablation variant that this file trains (46)."""
+    ckpts = data.get("checkpoints") or {}
+    if isinstance(ckpts, list):  # parity: a plain list of checkpoints
+        return {c: c for c in ckpts}
+    rows = {r: (c if isinstance(c, str) else c["checkpoint"]) for r, c in ckpts.items()}
+    return {**rows, **{v: "" for v in data.get("variants") or {}}}
+
+
+def paper_path_rows(params_root: str | Path | None = None, targets_path: Path = TARGETS) -> list[tuple[str, str, str]]:
+    """``(paper cells, released file, params files)`` of every model row of the ``paper_*`` params files.
+
+    The evaluation, ablation and parity notebooks' files are read; rows are sorted by paper table then row. A row's
+    paper cells are the ``paper_targets`` of its metrics (``<row>_<metric>``; the longest row name that prefixes a
+    metric owns it). Rows with the same released file and the same paper row are merged: their columns and params
+    files are listed in the same order (e.g. the four Table 2 columns of one checkpoint).
+    """
+    from ..config import load_params_yaml
+    from .run import load_targets
+
+    root = Path(params_root) if params_root else TARGETS.parent
+    by_id = {t["id"]: t for t in load_targets(targets_path)}
+    merged: dict[tuple, tuple[dict[tuple[str, str], list[str]], list[str]]] = {}
+    for path in sorted(root.glob("*/paper_*.yaml")):
+        if path.parent.name not in PAPER_PATH_NOTEBOOKS:
+            continue
+        data = load_params_yaml(path)
+        rows = _model_rows(data)
+        owned: dict[str, list[str]] = {r: [] for r in rows}
+        for metric, ref in (data.get("paper_targets") or {}).items():
+            owners = [r for r in rows if metric.split("@")[0].startswith(f"{r}_")]
+            if owners:
+                owned[max(owners, key=len)].append(ref)
+        for row, ckpt in rows.items():
+            groups: dict[tuple[str, str], list[str]] = {}  # (table, paper row) → columns
+            for ref in owned[row]:
+                groups.setdefault((by_id[ref]["table"], by_id[ref]["row"]), []).append(by_id[ref]["column"])
+            released = released_as(ckpt) if ckpt else "not released: trained by this file"
+            key = (tuple(groups), released)
+            cells, files = merged.setdefault(key, ({g: [] for g in groups}, []))
+            for g, cols in groups.items():
+                cells[g] += [c for c in cols if c not in cells[g]]
+            files.append(f"`{path.parent.name}/{path.name}`")
+
+    def sort_key(item):
+        (groups, released), _ = item
+        if not groups:
+            return (2, 0, "", released)
+        kind, _, num = groups[0][0].partition(" ")
+        return (kind != "Table", int(num) if num.isdigit() else 0, groups[0][1], released)
+
+    out = []
+    for (groups, released), (cells, files) in sorted(merged.items(), key=sort_key):
+        text = "; ".join(f"{table} · {row} · {', '.join(cells[(table, row)])}" for table, row in groups) or NO_CELL
+        out.append((text, released, ", ".join(dict.fromkeys(files))))
+    return out
+
+
+def paper_path_markdown(params_root: str | Path | None = None, targets_path: Path = TARGETS) -> str:
+    """:func:`paper_path_rows` as the README's Markdown table."""
+    lines = ["| paper cell | released file (LAVIS name / Hub name) | params file(s) under `params/` |", "|---|---|---|"]
+    rows = paper_path_rows(params_root, targets_path)
+    lines += [f"| {cell} | {released} | {files} |" for cell, released, files in rows]
+    return "\n".join(lines) + "\n"

@@ -106,6 +106,10 @@ def test_index_and_every_linked_report_open_cleanly(smoke_tree, tmp_path):
     assert sorted(p.name for p in linked) == sorted(j.report.name for j in jobs), "index must link every report"
     for report in linked:
         _check(report, tmp_path / "profile")
+        page = report.read_text()
+        # a smoke run succeeds, so no output may be a stderr block (library noise is dropped; errors would show)
+        assert 'data-mime-type="application/vnd.jupyter.stderr"' not in page, f"{report.name}: stderr block"
+        assert "IProgress" not in page and "Kernel is running over TCP" not in page, report.name
 
 
 @pytest.mark.browser

@@ -4,10 +4,12 @@ See docs/paper_map.md §8.
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+import blip2lib.convert
 from blip2lib.checkpoint import CheckpointError, save_training_state
 from blip2lib.config import config_to_dict, tiny_config
 from blip2lib.convert import (
@@ -15,10 +17,10 @@ from blip2lib.convert import (
     group_keys,
     hf_to_ours,
     lavis_to_ours,
-    main,
     ours_to_hf,
     ours_to_lavis,
 )
+from blip2lib.convert.__main__ import main
 from blip2lib.model import Blip2, Blip2QFormerModel
 from blip2lib.pretrained import LoadError, from_pretrained, save_pretrained_hf
 
@@ -65,7 +67,7 @@ def test_hf_vision_keys_qkv_bias_and_post_layernorm():
     assert sorted({k.split(".")[0] for k in dropped}) == ["cls", "temp"]
     qb, vb = sd["vision_model.blocks.1.attn.q_bias"], sd["vision_model.blocks.1.attn.v_bias"]
     bias = hf["vision_model.encoder.layers.1.self_attn.qkv.bias"]
-    assert torch.equal(bias, torch.cat([qb, torch.zeros_like(qb), vb]))  # [q, 0, v] (hf md §3.2)
+    assert torch.equal(bias, torch.cat([qb, torch.zeros_like(qb), vb]))  # [q, 0, v] (docs/paper_map.md §8.3)
     assert torch.equal(hf["vision_model.post_layernorm.weight"], sd["ln_vision.weight"])
     assert "vision_model.embeddings.class_embedding" in hf and "embeddings.word_embeddings.weight" in hf
     again = hf_to_ours(hf, model.config.vision)
@@ -222,3 +224,52 @@ def test_cli_hf_to_lavis_and_back(tmp_path, capsys):
     back = from_pretrained(tmp_path / "m.pth", config=model.config)
     diffs = save_pretrained_hf(back, tmp_path / "hf2")
     assert max(v for k, v in diffs.items() if k != "eps_effect") <= 1e-5
+
+
+def test_convert_library_never_imports_the_loaders():
+    """One-way imports: ``blip2lib.pretrained`` uses the key maps of ``blip2lib.convert``, never the reverse.
+
+    Every import statement of the conversion library (module level or inside functions) is read from its syntax tree;
+    none may name the loaders. The command line (``blip2lib.convert.__main__``) is the one place that uses both.
+    """
+    import ast
+
+    tree = ast.parse(Path(blip2lib.convert.__file__).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            imported.add(("." * node.level) + (node.module or ""))
+        elif isinstance(node, ast.Import):
+            imported.update(a.name for a in node.names)
+    assert "..config" in imported and "..vision" in imported  # the walk sees the real imports
+    assert not {m for m in imported if m.endswith("pretrained")}, imported
+    cli = ast.parse((Path(blip2lib.convert.__file__).parent / "__main__.py").read_text())
+    assert any(isinstance(n, ast.ImportFrom) and n.module == "pretrained" and n.level == 2 for n in ast.walk(cli))
+
+
+def test_save_pretrained_methods_write_what_the_functions_write(tmp_path, opt_model):
+    """``model.save_pretrained`` is the function under a method name: same bytes, and the export loads back."""
+    import safetensors.torch
+
+    from blip2lib.pretrained import save_lavis
+
+    opt_model.save_pretrained(tmp_path / "m_hf", check=False)
+    save_pretrained_hf(opt_model, tmp_path / "f_hf", check=False)
+    a = safetensors.torch.load_file(tmp_path / "m_hf" / "model.safetensors")
+    b = safetensors.torch.load_file(tmp_path / "f_hf" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    back = from_pretrained(tmp_path / "m_hf")
+    ours, theirs = opt_model.state_dict(), back.state_dict()
+    shared = ours.keys() & theirs.keys()
+    assert len(shared) >= len(ours) - 2  # at most the tied/derived buffers differ by name
+    assert all(torch.equal(theirs[k], ours[k]) for k in shared)
+
+    qf = Blip2QFormerModel(tiny_config()).eval()
+    qf.save_pretrained(tmp_path / "m.pth", format="lavis", check=False)
+    save_lavis(qf, tmp_path / "f.pth", check=False)
+    a, b = (torch.load(tmp_path / n, weights_only=True)["model"] for n in ("m.pth", "f.pth"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "Qformer.bert.encoder.layer.0.attention.self.query.weight" in a
+    with pytest.raises(ValueError, match="format must be 'transformers' or 'lavis'"):
+        qf.save_pretrained(tmp_path / "x", format="onnx")
+    assert not (tmp_path / "x").exists()

@@ -92,8 +92,8 @@ def test_collate_stacks_keeps_lists_and_flattens_vqa():
     assert b["answer"] == ["x", "y", "z"] and b["n_answers"].tolist() == [2, 1]
     torch.testing.assert_close(b["weight"], torch.tensor([0.5, 0.5, 1.0]))
     assert b["n_bad"] == 1 and b["batch_size"] == 2 and b["bad_samples"] == [("<unknown>", "sample was None")]
-    # string ids (caption datasets) must stay a list so they never switch on retrieval-mode ITC (docs/paper_map.md
-    # §10.15)
+    # string ids (caption datasets) must stay a list so they never switch on retrieval-mode ITC
+    # (docs/paper_map.md §10.15)
     assert collate_samples([{"image_id": "coco_1"}, {"image_id": "coco_2"}])["image_id"] == ["coco_1", "coco_2"]
     assert collate_samples([None, None]) == {
         "batch_size": 0,

@@ -37,3 +37,14 @@ def test_demo_orders_a_first_toy_run_by_every_toy_steps_measured_wall():
     steps = {f"{p.parent.name}/toy" for p in runner.variant_params("toy", REPO_ROOT)}
     assert set(demo.TOY_WALLS) == steps
     assert all(1 <= s <= 600 for s in demo.TOY_WALLS.values())
+
+
+def test_demo_stops_on_stale_runs_with_exit_2_and_says_how_to_redo_them(monkeypatch, capsys):
+    def stale(*a, **kw):
+        raise runner.StaleRuns("1 finished run is stale: 10_stage1_pretrain/toy (library files changed: viz.py)")
+
+    monkeypatch.setattr(runner, "run_all", stale)
+    assert demo.main(["--variant", "toy"]) == 2
+    err = capsys.readouterr().err
+    assert "demo stopped: 1 finished run is stale: 10_stage1_pretrain/toy" in err
+    assert "nothing was deleted; `make demo FORCE=1` moves the stale runs aside" in err

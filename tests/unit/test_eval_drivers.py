@@ -25,6 +25,7 @@ from blip2lib.data import (
 from blip2lib.data.readers import GQAEvalDataset
 from blip2lib.evaluate import CacheMismatchError, CaptionDecoding, VQADecoding, run_caption, run_retrieval, run_vqa
 from blip2lib.evaluate.__main__ import main
+from blip2lib.evaluate.drivers_common import load_cache
 from blip2lib.model import Blip2, Blip2QFormerModel
 from blip2lib.toy.synthetic import tiny_bert_tokenizer, tiny_llm_tokenizer
 
@@ -242,7 +243,7 @@ def test_vqa_kill_and_resume_generates_only_missing_questions(tmp_path):
     assert resumed["metrics"] == full["metrics"] and len(preds) == 5
 
 
-def test_truncated_cache_line_is_regenerated_and_recipe_change_is_refused(tmp_path):
+def test_truncated_cache_line_is_regenerated_and_recipe_change_supersedes_the_cache(tmp_path):
     ds = vqa_data(tmp_path / "data", n=3)
     model = StubVQA({f"Question: {q.lower()} Answer:": "red" for q in QUESTIONS})
     run_vqa(model, ds, VQADecoding.paper("opt"), 2, tmp_path / "o", "v", progress=False)
@@ -251,8 +252,19 @@ def test_truncated_cache_line_is_regenerated_and_recipe_change_is_refused(tmp_pa
     model.calls.clear()
     res = run_vqa(model, ds, VQADecoding.paper("opt"), 2, tmp_path / "o", "v", progress=False)
     assert [len(c[0]) for c in model.calls] == [1] and res["metrics"]["overall"] == 100.0
-    with pytest.raises(CacheMismatchError, match="fresh out_dir"):
-        run_vqa(model, ds, VQADecoding.lavis_head("opt"), 2, tmp_path / "o", "v", progress=False)
+    model.calls.clear()  # another recipe: nothing reused, the old cache moved aside (never mixed, never deleted)
+    model.answers.update({f"Question: {q.lower()} Short answer:": "red" for q in QUESTIONS})  # LAVIS's OPT prompt
+    res = run_vqa(model, ds, VQADecoding.lavis_head("opt"), 2, tmp_path / "o", "v", progress=False)
+    assert [len(c[0]) for c in model.calls] == [2, 1] and res["timing"]["from_cache"] == 0
+    moved = res["cache"]["superseded"]
+    assert any(k.startswith("decoding.") for k in moved["changed"])
+    with pytest.raises(
+        CacheMismatchError,
+        match=r"^\S+/predictions\.0\.jsonl holds predictions made under another "
+        r"cache key \(changed: decoding\.",
+    ) as err:  # the moved cache is the paper recipe's
+        load_cache(tmp_path / moved["moved_to"], res["cache"]["key"])
+    assert err.value.changed == moved["changed"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ torch.set_num_threads(1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Full-size parameter counts on the meta device (docs/paper_map.md §1.6), against formulas written from the shapes in
-# §1.3.
+# Full-size parameter counts on the meta device (docs/paper_map.md §1.6), against formulas written from the
+# shapes in docs/paper_map.md §1.3.
 
 
 def _qformer_count(h=768, inter=3072, layers=12, vocab=30523, pos=512, dv=1408, nq=32, text=True, freq=2):

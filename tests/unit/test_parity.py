@@ -1,4 +1,6 @@
-"""Parity with stock transformers (hf md §5 recipe): tiny random BLIP-2s, fp32, eager attention, re-randomised weights.
+"""Parity with stock transformers: tiny random BLIP-2s, fp32, eager attention, re-randomised weights.
+
+The recipe is the one of docs/paper_map.md §8.3.
 
 transformers side: ``Blip2ForConditionalGeneration`` / ``Blip2ForImageTextRetrieval`` built from hand-written configs,
 saved with ``save_pretrained``; our side: ``blip2lib.from_pretrained`` of that directory. Max-abs differences are
@@ -9,7 +11,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-if not transformers.__version__.startswith("5."):  # T5 tie semantics differ in 4.x (hf md §5 pitfall 4)
+if not transformers.__version__.startswith("5."):  # T5 tie semantics differ in 4.x (docs/paper_map.md §8.3)
     pytest.skip(f"parity tests were written against transformers 5.x, found {transformers.__version__}",
                 allow_module_level=True)  # fmt: skip
 
@@ -45,7 +47,7 @@ def hf_config(llm, freq=2, layers=2):
 
 @torch.no_grad()
 def rerandomise_(model, seed=0):
-    """HF init is ~0 for the ViT and 0 for the queries (hf md §5 pitfall 1): draw every tensor again, seeded."""
+    """HF init is ~0 for the ViT and 0 for the queries (docs/paper_map.md §8.3): draw every tensor again, seeded."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if p.dim() == 1 and ("norm" in name.lower()):
@@ -94,7 +96,7 @@ def ours_lm_logits(model, pix, ids, mask, dec):
 @torch.no_grad()
 def hf_lm_logits(hf, pix, ids, mask, dec):
     b = ids.shape[0]
-    ph = torch.full((b, NQ), hf.config.image_token_index)  # processor layout: placeholders first (hf md §4.1)
+    ph = torch.full((b, NQ), hf.config.image_token_index)  # processor layout: placeholders first
     kw = {"decoder_input_ids": dec} if hf.config.text_config.is_encoder_decoder else {}
     return hf(pixel_values=pix, input_ids=torch.cat([ph, ids], 1),
               attention_mask=torch.cat([torch.ones(b, NQ, dtype=torch.long), mask], 1), **kw).logits  # fmt: skip
@@ -135,7 +137,7 @@ def test_generation_ids_match_hf(tmp_path, llm, beams):
         ids = torch.cat([torch.full((2, NQ), hf.config.image_token_index), t.input_ids], 1)
         theirs = hf.generate(pixel_values=pix, input_ids=ids, attention_mask=torch.ones_like(ids), eos_token_id=eos,
                              pad_token_id=tok.pad_token_id, do_sample=False, **kw)  # fmt: skip
-    theirs = theirs[:, ids.shape[1] :] if llm == "opt" else theirs[:, 1:]  # new tokens only (hf md §4.1)
+    theirs = theirs[:, ids.shape[1] :] if llm == "opt" else theirs[:, 1:]  # new tokens only (docs/paper_map.md §8.3)
     print(f"\n[parity] generate {llm} beams={beams}: ours {mine.tolist()} hf {theirs.tolist()}")
     assert mine.shape[1] >= 2 and torch.equal(mine, theirs)
 

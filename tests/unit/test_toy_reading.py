@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from blip2lib.toy import llm_pretrain as L
+from blip2lib.toy import llm_texts as LT
 from blip2lib.toy import reading as R
 from blip2lib.toy import vocab as V
 from blip2lib.toy import world
@@ -85,12 +86,12 @@ def test_parse_labels_cover_every_template():
 
 
 def test_opt_example_points_from_the_answer_position_to_the_referents_shape_word():
-    inv = {i: w for w, i in L.OPT_V.items()}
-    pool = L.text_pool(200, 0)
+    inv = {i: w for w, i in LT.OPT_V.items()}
+    pool = LT.text_pool(200, 0)
     rng = np.random.default_rng(0)
     n_point = 0
     for ex in pool:
-        seq = L.opt_example(ex, rng, num_qa=4)
+        seq = LT.opt_example(ex, rng, num_qa=4)
         assert len(seq.bind) == len(seq.ids) == len(seq.weights)
         for at, _ in seq.parse:
             assert inv[seq.ids[at]] == ":" and inv[seq.ids[at - 1]] == "answer"
@@ -119,7 +120,7 @@ def test_opt_point_scores_are_the_layers_own_attention():
     from transformers import OPTForCausalLM
 
     model = _eager_random(OPTForCausalLM, L.opt_config())
-    x = torch.randint(5, len(L.OPT_V), (3, 12))
+    x = torch.randint(5, len(LT.OPT_V), (3, 12))
     x[1, 9:] = V.OPT_PAD  # a right-padded row
     out = model(input_ids=x, attention_mask=(x != V.OPT_PAD).long(), output_hidden_states=True,
                 output_attentions=True)  # fmt: skip
@@ -135,7 +136,7 @@ def test_t5_point_scores_are_the_decoders_own_cross_attention():
     from transformers import T5ForConditionalGeneration
 
     model = _eager_random(T5ForConditionalGeneration, L.t5_config())
-    x = torch.randint(3, len(L.T5_V), (2, 10))
+    x = torch.randint(3, len(LT.T5_V), (2, 10))
     x[0, 7:] = V.T5_PAD
     mask = (x != V.T5_PAD).long()
     cross = model.decoder.block[-1].layer[1]
@@ -160,7 +161,7 @@ def test_point_loss_is_minus_log_attention_on_the_target():
 
 
 def test_reading_objectives_can_be_switched_off_and_do_not_change_the_saved_model_class():
-    pool = L.text_pool(16, 0)
+    pool = LT.text_pool(16, 0)
     on = L.train_opt(pool, steps=3, seed=0)
     off = L.train_opt(pool, steps=3, seed=0, reading=(0.0, 0.0, 0.0))
     assert set(on.state_dict()) == set(off.state_dict())  # the heads are not part of the model
@@ -179,8 +180,8 @@ def test_t5_loss_in_two_decoder_passes_equals_one_padded_pass():
     torch.manual_seed(0)
     model = T5ForConditionalGeneration(L.t5_config())
     heads = R.ReadingHeads(model.config.d_model, both_sides=True)
-    pool, rng = L.text_pool(40, 0), np.random.default_rng(3)
-    exs = [L.t5_example(ex, rng, fuse_frac=0.5) for ex in pool[:24]]
+    pool, rng = LT.text_pool(40, 0), np.random.default_rng(3)
+    exs = [LT.t5_example(ex, rng, fuse_frac=0.5) for ex in pool[:24]]
     assert {len(e.labels) <= 2 for e in exs} == {True, False} and any(e.point >= 0 for e in exs)
     assert {e.words is None for e in exs} == {True, False}  # word and fused descriptions in one batch
     cross = model.decoder.block[-1].layer[1]
@@ -191,7 +192,7 @@ def test_t5_loss_in_two_decoder_passes_equals_one_padded_pass():
     got = L.t5_loss(model, heads, exs, (0.7, 1.3), cross, seen)
     got_grads = torch.autograd.grad(got, params, allow_unused=True)  # the parse head is OPT's only
 
-    x, y = L._pad([e.enc for e in exs], V.T5_PAD), L._pad([e.labels for e in exs], -100)
+    x, y = LT._pad([e.enc for e in exs], V.T5_PAD), LT._pad([e.labels for e in exs], -100)
     mask = (x != V.T5_PAD).long()
     emb = model.shared(x)
     rows = [emb[b] for b in range(len(exs))]
@@ -205,7 +206,7 @@ def test_t5_loss_in_two_decoder_passes_equals_one_padded_pass():
     nll = F.cross_entropy(out.logits.flatten(0, 1), y.flatten(), reduction="none", ignore_index=-100).view_as(y)
     w = torch.tensor([e.weight for e in exs])[:, None] * (y != -100)
     want = (nll * w).sum() / w.sum()
-    bind = torch.from_numpy(L._pad_rows([e.bind for e in exs], x.shape[1]))
+    bind = torch.from_numpy(LT._pad_rows([e.bind for e in exs], x.shape[1]))
     want = want + 0.7 * heads.bind_loss(out.encoder_hidden_states[1], bind)
     keys = torch.tensor([e.point for e in exs])
     has = keys >= 0
@@ -226,20 +227,20 @@ def test_t5_loss_in_two_decoder_passes_equals_one_padded_pass():
 def test_junk_descriptions_replace_only_the_descriptions_of_picked_question_sequences():
     """train_opt's junk prefixes: picked question rows get noise on exactly their description tokens and lose the
     description loss and the point / bind targets there; re-describe and blind rows, and every other token, stay."""
-    pool, rng = L.text_pool(200, 0), np.random.default_rng(5)
-    seqs = [L.opt_example(ex, rng, 4) for ex in pool[:60]]
-    kinds = ["blind" if s.ids[1] != V.OPT_BOS and L._W_DESC not in s.weights else
-             "recap" if L._W_RECAP in s.weights else "qa" for s in seqs]  # fmt: skip
+    pool, rng = LT.text_pool(200, 0), np.random.default_rng(5)
+    seqs = [LT.opt_example(ex, rng, 4) for ex in pool[:60]]
+    kinds = ["blind" if s.ids[1] != V.OPT_BOS and LT._W_DESC not in s.weights else
+             "recap" if LT._W_RECAP in s.weights else "qa" for s in seqs]  # fmt: skip
     assert {"qa", "recap", "blind"} <= set(kinds)
     before = [(list(s.point), s.bind.copy()) for s in seqs]
-    x, w = L._pad([s.ids for s in seqs], V.OPT_PAD), L._pad([s.weights for s in seqs], 0.0)
+    x, w = LT._pad([s.ids for s in seqs], V.OPT_PAD), LT._pad([s.weights for s in seqs], 0.0)
     emb = torch.randn(*x.shape, 8)
     pick = torch.arange(len(seqs)) % 2 == 0
     torch.manual_seed(0)
     new_emb, new_w = L._junk_descriptions(seqs, emb, w, pick, 0.5)
     for b, s in enumerate(seqs):
         n = len(s.ids)
-        desc = torch.tensor([wt == L._W_DESC for wt in s.weights] + [False] * (x.shape[1] - n))
+        desc = torch.tensor([wt == LT._W_DESC for wt in s.weights] + [False] * (x.shape[1] - n))
         hit = bool(pick[b]) and kinds[b] == "qa"
         assert desc.any() == (kinds[b] != "blind")
         changed = (new_emb[b] != emb[b]).any(-1)
@@ -260,12 +261,12 @@ def test_fused_descriptions_give_one_vector_per_object_in_order_and_point_at_the
     """t5_example(fuse_frac=1): the description becomes fuse_len placeholders whose word triples name the objects
     left→right (size, colour, shape; "," fillers between), each object's row carries its shape word's bind targets,
     and a question's point key is its referent's row."""
-    pool, rng = L.text_pool(300, 0), np.random.default_rng(7)
-    comma, unk = L.T5_V[","], L.T5_V["<unk>"]
-    inv = {i: w for w, i in L.T5_V.items()}
+    pool, rng = LT.text_pool(300, 0), np.random.default_rng(7)
+    comma, unk = LT.T5_V[","], LT.T5_V["<unk>"]
+    inv = {i: w for w, i in LT.T5_V.items()}
     seen = {"qa": 0, "caption": 0, "pointed": 0}
     for ex in pool[:120]:
-        e = L.t5_example(ex, rng, fuse_frac=1.0, fuse_len=8)
+        e = LT.t5_example(ex, rng, fuse_frac=1.0, fuse_len=8)
         if e.words is None:  # blind: no description to fuse
             assert unk not in e.enc
             continue
@@ -273,7 +274,7 @@ def test_fused_descriptions_give_one_vector_per_object_in_order_and_point_at_the
         obj_rows = [p for p in range(8) if e.words[p, 0] != comma]
         assert obj_rows == sorted(obj_rows) and len(obj_rows) == len(ex.objects)
         for p, o in zip(obj_rows, ex.objects):
-            assert e.words[p].tolist() == [L.T5_V[o.size], L.T5_V[o.colour], L.T5_V[o.shape]]
+            assert e.words[p].tolist() == [LT.T5_V[o.size], LT.T5_V[o.colour], LT.T5_V[o.shape]]
         for p in set(range(8)) - set(obj_rows):
             assert e.words[p].tolist() == [comma, -1, -1]
         words = V.split_words(ex.captions[0])
@@ -290,7 +291,7 @@ def test_fused_descriptions_give_one_vector_per_object_in_order_and_point_at_the
             seen["pointed"] += e.point >= 0
         else:  # prefix LM: fused description, then a caption prefix and </s>
             seen["caption"] += 1
-            assert e.enc[-1] == V.T5_EOS and e.weight == L._W_RECAP
+            assert e.enc[-1] == V.T5_EOS and e.weight == LT._W_RECAP
     assert min(seen.values()) >= 10, seen
 
 
@@ -302,7 +303,7 @@ def test_fuse_embeddings_replaces_only_fused_rows_by_their_scaled_word_sum():
     words[0, 1] = torch.tensor([3, 4, 5])
     words[1, 2] = torch.tensor([7, -1, -1])
     words[1, 3] = torch.tensor([8, 9, -1])
-    got = L.fuse_embeddings(table, emb, words)
+    got = LT.fuse_embeddings(table, emb, words)
     want = emb.clone()
     want[0, 1] = (table.weight[3] + table.weight[4] + table.weight[5]) / 3**0.5
     want[1, 2] = table.weight[7]
@@ -314,12 +315,12 @@ def test_opt_fused_sequences_replace_bos_and_description_and_keep_the_questions(
     """opt_example(fuse_frac=1): ``</s> {description}`` becomes 8 fused object vectors (no loss on them, the objects'
     causal bind targets on their rows), the questions follow as before, and each point key is the referent's row;
     junk descriptions leave these sequences alone (they have no description tokens)."""
-    inv = {i: w for w, i in L.OPT_V.items()}
-    comma, unk = L.OPT_V[","], L.OPT_V["<unk>"]
-    pool, rng = L.text_pool(200, 0), np.random.default_rng(11)
+    inv = {i: w for w, i in LT.OPT_V.items()}
+    comma, unk = LT.OPT_V[","], LT.OPT_V["<unk>"]
+    pool, rng = LT.text_pool(200, 0), np.random.default_rng(11)
     seqs, n_point = [], 0
     for ex in pool[:100]:
-        seq = L.opt_example(ex, rng, num_qa=4, fuse_frac=1.0)
+        seq = LT.opt_example(ex, rng, num_qa=4, fuse_frac=1.0)
         if seq.words is None:  # blind
             assert unk not in seq.ids
             continue
@@ -327,7 +328,7 @@ def test_opt_fused_sequences_replace_bos_and_description_and_keep_the_questions(
         assert seq.ids[:8] == [unk] * 8 and seq.ids[8] == V.OPT_BOS and seq.weights[:9] == [0.0] * 9
         assert len(seq.words) == len(seq.ids) == len(seq.bind) == len(seq.weights) and (seq.words[8:] == -1).all()
         rows = [p for p in range(8) if seq.words[p, 0] != comma]
-        assert [seq.words[p].tolist() for p in rows] == [[L.OPT_V[o.size], L.OPT_V[o.colour], L.OPT_V[o.shape]]
+        assert [seq.words[p].tolist() for p in rows] == [[LT.OPT_V[o.size], LT.OPT_V[o.colour], LT.OPT_V[o.shape]]
                                                           for o in ex.objects]  # fmt: skip
         words = V.split_words(ex.captions[0])
         np.testing.assert_array_equal(seq.bind[rows], R.bind_labels(words, ex.objects, False)[R.shape_positions(words)])
@@ -338,7 +339,7 @@ def test_opt_fused_sequences_replace_bos_and_description_and_keep_the_questions(
             question = text.removeprefix("question : ").removesuffix(" answer :").replace(" ?", "?")
             assert key == rows[R.referent(ex.objects, question, causal=True)], question
     assert len(seqs) > 80 and n_point > 100
-    x, w = L._pad([s.ids for s in seqs], V.OPT_PAD), L._pad([s.weights for s in seqs], 0.0)
+    x, w = LT._pad([s.ids for s in seqs], V.OPT_PAD), LT._pad([s.weights for s in seqs], 0.0)
     emb = torch.randn(*x.shape, 8)
     new_emb, new_w = L._junk_descriptions(seqs, emb, w, torch.ones(len(seqs), dtype=torch.bool), 0.5)
     assert torch.equal(new_emb, emb) and torch.equal(new_w, w)

@@ -152,10 +152,10 @@ def test_vit_pretraining_heads_see_where():
 
 
 def test_llm_curriculum_draws_short_scenes_first():
-    from blip2lib.toy import llm_pretrain as L
+    from blip2lib.toy import llm_texts as LT
 
-    pool = L.text_pool(200, 0)
-    draw = L._curriculum(pool, np.random.default_rng(0), steps=10, easy_frac=0.4, easy_max_objects=2)
+    pool = LT.text_pool(200, 0)
+    draw = LT._curriculum(pool, np.random.default_rng(0), steps=10, easy_frac=0.4, easy_max_objects=2)
     early = [ex.num_objects for step in range(4) for ex in draw(step, 50)]
     late = [ex.num_objects for step in range(4, 10) for ex in draw(step, 50)]
     assert max(early) == 2 and min(early) == 1
@@ -223,8 +223,9 @@ def test_retrieval_chance_hand_worked():
 def test_toy_opt_word_vectors_start_as_large_as_its_position_vectors():
     """OPT's default 0.02 init buries token identity under the sinusoidal positions (see train_opt's docstring)."""
     from blip2lib.toy import llm_pretrain as L
+    from blip2lib.toy import llm_texts as LT
 
-    model = L.train_opt(L.text_pool(4, 0), steps=0, seed=0)
+    model = L.train_opt(LT.text_pool(4, 0), steps=0, seed=0)
     words = model.model.decoder.embed_tokens.weight
     positions = model.model.decoder.embed_positions.weight
     assert abs(words.std().item() - 0.5) < 0.03
@@ -282,10 +283,11 @@ def test_toy_bert_contrastive_cls_pulls_paraphrases_together():
     import torch.nn.functional as F
 
     from blip2lib.toy import llm_pretrain as L
+    from blip2lib.toy import llm_texts as LT
 
-    pool, held = L.text_pool(400, 0), L.text_pool(60, 1)
-    enc = [[2] + V.encode(c, L.BERT_V) + [3] for ex in held for c in ex.captions[:2]]
-    x = L._pad(enc, 0)
+    pool, held = LT.text_pool(400, 0), LT.text_pool(60, 1)
+    enc = [[2] + V.encode(c, LT.BERT_V) + [3] for ex in held for c in ex.captions[:2]]
+    x = LT._pad(enc, 0)
     scene = torch.arange(len(enc)) // 2
 
     def paraphrase_nn(model) -> float:

@@ -45,8 +45,8 @@ def test_stage1_then_stage2_handoff(tmp_path):
     assert {"val_txt_r1_itc", "val_img_r5_itm_itc", "val_itm_acc"} <= set(val[0])
     r2 = train(_params("stage2", llm="opt", init_from=str(tmp_path / "s1")), tmp_path / "s2")
     init = r2.summary["init"]
-    # docs/paper_map.md §3.4: the query path comes from stage 1; text FFN, word embeddings and heads are dropped;
-    # projection fresh
+    # docs/paper_map.md §3.4: the query path comes from stage 1; text FFN, word embeddings and heads are dropped; the
+    # projection starts fresh
     assert any(k.startswith("qformer.encoder.layer.0.crossattention") for k in r1.model.state_dict())
     assert "temp" in init["dropped"] and "itm_head.weight" in init["dropped"]
     assert any(k.startswith("embeddings.word_embeddings") for k in init["dropped"])

@@ -111,12 +111,25 @@ def test_load_params_returns_only_given_keys_typed(root):
 def test_main_rejects_invalid_params_before_executing(root, capsys):
     path = root / "params" / PROBE / "bad.yaml"
     path.write_text("lr: 0.1\n")
-    assert main(["run", str(path), "--root", str(root)]) == 1
-    assert "'lr'" in capsys.readouterr().err
+    assert main(["run", str(path), "--root", str(root)]) == 2  # a user mistake: one line, exit status 2
+    err = capsys.readouterr().err
+    assert "'lr'" in err and err.count("\n") == 1
     assert not (root / "runs").exists()
 
 
 # ---- staleness ------------------------------------------------------------------------------------------------
+
+
+def _finish(job, root):
+    """Mark ``job`` finished as the runner does: status ok, metrics, report, and the inputs record."""
+    from blip2lib.workbook.jobs import _inputs
+
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    (job.run_dir / "metrics.json").write_text("{}")
+    (job.run_dir / "status.json").write_text('{"status": "ok"}')
+    job.report.parent.mkdir(parents=True, exist_ok=True)
+    job.report.write_text("<html></html>")
+    (job.run_dir / "inputs.json").write_text(json.dumps(_inputs(job, root)))
 
 
 def test_is_current_tracks_params_notebook_and_upstream_metrics(root):
@@ -127,16 +140,17 @@ def test_is_current_tracks_params_notebook_and_upstream_metrics(root):
     params.write_text("stage1_run: runs/05_up/smoke  # upstream\n")
     job = job_for(params, root=root)
     assert not is_current(job, root)  # nothing ran yet
-    job.run_dir.mkdir(parents=True)
-    (job.run_dir / "metrics.json").write_text("{}")
-    job.report.parent.mkdir(parents=True)
-    job.report.write_text("<html></html>")
-    (job.run_dir / ".inputs.sha256").write_text(_inputs_digest(job, root))
+    _finish(job, root)
+    assert is_current(job, root)
+    params.write_text("stage1_run: runs/05_up/smoke  # a comment edit changes no value\n")
     assert is_current(job, root)
     (up / "metrics.json").write_text('{"metrics": {"a": 2}}')  # the upstream run was redone
     assert not is_current(job, root)
-    (job.run_dir / ".inputs.sha256").write_text(_inputs_digest(job, root))
+    _finish(job, root)
     params.write_text("stage1_run: runs/05_up/smoke\nseed: 3\n")  # params edited
+    assert not is_current(job, root)
+    _finish(job, root)
+    (job.notebook).write_text(job.notebook.read_text().replace("07 · Probe", "07 · The probe"))
     assert not is_current(job, root)
 
 
@@ -310,6 +324,31 @@ def test_render_html_places_sections_in_d8_order(tmp_path):
     assert "FAILED" in failed and 'class="highlight' in failed and 'class="highlight' not in page  # code shown
 
 
+def test_render_html_hides_library_stderr_but_keeps_errors_and_says_so(tmp_path):
+    """tqdm / transformers / kernel notices on stderr stay out of the report; a traceback and stdout stay in."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cells = [new_markdown_cell("# 10 · Title"), new_code_cell("train()"), new_code_cell("boom()")]
+    cells[1].outputs = [
+        new_output("stream", name="stderr", text="IProgress not found. Please update jupyter and ipywidgets.\n"),
+        new_output("stream", name="stderr", text="Loading weights: 100%|##########| 3/3\n"),
+        new_output("stream", name="stdout", text="STEP-LINE loss 1.25\n"),
+    ]
+    cells[2].outputs = [
+        new_output("error", ename="ValueError", evalue="USER-ERROR-TEXT", traceback=["ValueError: USER-ERROR-TEXT"])
+    ]
+    nbformat.write(new_notebook(cells=cells), run_dir / "executed.ipynb")
+    ctx = {"run_id": "10_x/smoke", "params_file": "p.yaml", "params_text": "", "status": "failed", "wall_time_s": 1}
+    page = render_html(run_dir / "executed.ipynb", tmp_path / "x.html", context=ctx).read_text()
+    assert "IProgress" not in page and "Loading weights" not in page
+    assert "STEP-LINE loss 1.25" in page and "USER-ERROR-TEXT" in page
+    assert "2 stderr message(s) of libraries are not shown here; they are in executed.ipynb" in page
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    nbformat.write(new_notebook(cells=[cells[0], new_code_cell("x")]), clean / "executed.ipynb")
+    assert "not shown here" not in render_html(clean / "executed.ipynb", tmp_path / "c.html", context=ctx).read_text()
+
+
 def _fake_run(runs, nb, variant, status, comparison=(), metrics=None):
     d = runs / nb / variant
     d.mkdir(parents=True)
@@ -344,12 +383,12 @@ def test_build_index_links_existing_reports_and_counts_verdicts(tmp_path):
 
 
 def test_inputs_digest_follows_params_notebook_and_library_code(root, tmp_path, monkeypatch):
-    from blip2lib.workbook import runner
+    from blip2lib.workbook import jobs
 
     lib = tmp_path / "lib"
     (lib / "sub").mkdir(parents=True)
     (lib / "sub" / "a.py").write_text("x = 1\n")
-    monkeypatch.setattr(runner, "LIBRARY_ROOT", lib)
+    monkeypatch.setattr(jobs, "LIBRARY_ROOT", lib)
     job = job_for(root / "params" / PROBE / "smoke.yaml", root=root)
     first = _inputs_digest(job, root)
     assert _inputs_digest(job, root) == first
@@ -357,7 +396,10 @@ def test_inputs_digest_follows_params_notebook_and_library_code(root, tmp_path, 
     second = _inputs_digest(job, root)
     assert second != first
     job.params_path.write_text("seed: 2  # test\n")
-    assert _inputs_digest(job, root) not in (first, second)
+    third = _inputs_digest(job, root)
+    assert third not in (first, second)
+    (lib / "sub" / "b.py").write_text("")  # a new library file counts too
+    assert _inputs_digest(job, root) not in (first, second, third)
 
 
 def test_upstream_runs_are_found_in_any_params_value(root):
@@ -390,10 +432,12 @@ def test_run_skips_current_outputs_and_force_reruns(root):
     assert json.loads((job.run_dir / "status.json").read_text())["status"] == "ok"
     assert (job.report.parent / "index.html").exists()
     assert main(["run", str(params), "--root", str(root), "--no-progress"]) == 0
-    assert count.read_text() == "x"  # skipped: outputs are current
+    assert count.read_text() == "x"  # skipped: up to date
     (job.run_dir / "checkpoints").mkdir()  # a finished run's training state must not be resumed by a redo
     assert main(["run", str(params), "--root", str(root), "--no-progress", "--force"]) == 0
     assert count.read_text() == "xx" and not (job.run_dir / "checkpoints").exists()
+    (prev,) = job.run_dir.parent.glob("smoke.prev-*")  # ... nor deleted: --force moved it aside
+    assert (prev / "checkpoints").is_dir() and (prev / "inputs.json").exists()
     assert json.loads((job.run_dir / "status.json").read_text())["status"] == "ok"
 
 
@@ -402,13 +446,15 @@ def test_run_skips_current_outputs_and_force_reruns(root):
 def test_failed_run_keeps_notebook_renders_failure_page_and_exits_nonzero(root, capsys):
     params = root / "params" / PROBE / "fail.yaml"
     assert main(["run", str(params), "--root", str(root), "--no-progress"]) == 1
-    assert "deliberate failure in the probe" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the kernel's exception in one line, not papermill's cell dump cut mid-word
+    assert f"error: {PROBE}/fail failed after " in err and "s: ValueError: deliberate failure in the probe (" in err
+    assert err.count("\n") == 1 and "Traceback" not in err and "----" not in err
     job = job_for(params, root=root)
     executed = nbformat.read(job.run_dir / "executed.ipynb", as_version=4)
     assert any(o.get("ename") == "ValueError" for c in executed.cells for o in c.get("outputs", []))
     page = (job.run_dir / "failed.html").read_text()
     assert "FAILED" in page and "deliberate failure in the probe" in page
-    assert not job.report.exists() and not (job.run_dir / ".inputs.sha256").exists()
+    assert not job.report.exists() and not (job.run_dir / "inputs.json").exists()
     assert json.loads((job.run_dir / "status.json").read_text())["status"] == "failed"
     index = (job.report.parent / "index.html").read_text()
     assert "failed" in index and f'href="{PROBE}.html"' not in index

@@ -15,13 +15,10 @@ difference of each intermediate. CLI: ``python -m blip2lib.convert {lavis-to-hf,
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import copy
 import json
 import logging
 import re
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -29,12 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
-from .vision import vision_state_dict_from_hf, vision_state_dict_from_lavis, vision_state_dict_to_hf
+from ..config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
+from ..vision import vision_state_dict_from_hf, vision_state_dict_from_lavis, vision_state_dict_to_hf
 
 log = logging.getLogger(__name__)
 
-CHECK_TOL = 1e-4  # conversion bar of the transformers script (fp32 logits allclose atol 1e-4; hf md §3.2)
+CHECK_TOL = 1e-4  # conversion bar of the transformers script (fp32 logits allclose atol 1e-4; docs/paper_map.md §8.3)
 GROUPS = ("vision_model", "ln_vision", "query_tokens", "qformer", "embeddings", "cls", "heads", "language_projection",
           "language_model")  # fmt: skip
 _HEADS = ("vision_projection", "text_projection", "itm_head", "temp")
@@ -55,7 +52,7 @@ def group_keys(keys) -> dict[str, list[str]]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# LAVIS <-> ours (docs/paper_map.md §8.1, hf md §3.2)
+# LAVIS <-> ours (docs/paper_map.md §8.1, docs/paper_map.md §8.3)
 
 _LAVIS_PROJ = {"opt": "opt_proj", "t5": "t5_proj"}
 _LAVIS_LM = {"opt": "opt_model", "t5": "t5_model"}
@@ -139,7 +136,7 @@ def ours_to_lavis(sd: Mapping[str, torch.Tensor], family: str | None, arch: str 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# transformers <-> ours (hf md §3.1)
+# transformers <-> ours (docs/paper_map.md §8.3)
 
 HF_ABSENT = {"cls": "ITG head (transformers has none; re-created tied to embeddings.word_embeddings, BERT init)",
              "temp": "ITC temperature (transformers drops it; re-created at 0.07, docs/paper_map.md §1.4)"}  # fmt: skip
@@ -173,7 +170,7 @@ def hf_to_ours(sd: Mapping[str, torch.Tensor], vision: VisionConfig) -> dict[str
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Configurations (hf md §2)
+# Configurations (docs/paper_map.md §8.3)
 
 
 def config_from_hf(hf: Mapping) -> tuple[Blip2Config, str]:
@@ -248,7 +245,7 @@ def hf_config_dict(cfg: Blip2Config, text_config: dict | None, image_token_index
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Numerical check: ours vs a transformers model on a fixed random input (fp32, eager attention; hf md §5)
+# Numerical check: ours vs a transformers model on a fixed random input (fp32, eager attention; docs/paper_map.md §8.3)
 
 
 def set_attn_implementation(model: nn.Module, impl: str) -> None:
@@ -256,7 +253,7 @@ def set_attn_implementation(model: nn.Module, impl: str) -> None:
 
     A stop-gap: ``Blip2Base`` has no ``attn_implementation`` argument yet (the Q-Former and ``build_llm`` do).
     """
-    from .qformer import _MultiHeadAttention
+    from ..qformer import _MultiHeadAttention
 
     for m in model.modules():
         if isinstance(m, _MultiHeadAttention):
@@ -291,7 +288,7 @@ def ours_outputs(model: nn.Module, inp: dict) -> dict[str, torch.Tensor]:
     ``vision`` (after ln_vision), ``qformer``, then ``soft_prompt`` + ``logits`` (stage 2, soft prompt PREPENDED) or
     ``itm`` (B, 2) + ``itc`` (B, B) (retrieval).
     """
-    from .llm import prepend_prefix
+    from ..llm import prepend_prefix
 
     img = model.encode_vision(inp["pixel_values"])  # (B, N, Dv)
     q = model.query_pass(img).last_hidden_state  # (B, Q, H)
@@ -319,7 +316,7 @@ def hf_outputs(hf: nn.Module, inp: dict) -> dict[str, torch.Tensor]:
     q = hf.qformer(query_embeds=hf.query_tokens.expand(img.shape[0], -1, -1), encoder_hidden_states=img)
     out = {"vision": img, "qformer": q.last_hidden_state}
     b = img.shape[0]
-    ids = torch.cat([torch.full((b, nq), c.image_token_index), inp["input_ids"]], 1)  # processor layout (hf md §4.1)
+    ids = torch.cat([torch.full((b, nq), c.image_token_index), inp["input_ids"]], 1)  # processor layout
     mask = torch.cat([torch.ones(b, nq, dtype=torch.long), inp["attention_mask"]], 1)
     if hasattr(hf, "language_model"):
         kw = {"decoder_input_ids": inp["decoder_input_ids"]} if c.text_config.is_encoder_decoder else {}
@@ -387,7 +384,7 @@ def _dedup_tied(sd: dict) -> dict:
 
 
 def _image_token(model, tokenizer, rows: int) -> tuple[int, object]:
-    """Placeholder id inside the LLM embedding table (its row is looked up, then overwritten; hf md §4.3).
+    """Placeholder id inside the LLM embedding table (its row is looked up, then overwritten; docs/paper_map.md §8.3).
 
     A new ``<image>`` token when the table has a free row (the Hub choice: 50265 OPT, 32100 T5), else the last row
     (tiny models, whose tokenizers fill the table); ``rows - 1`` without a tokenizer.
@@ -432,53 +429,3 @@ def load_hf_reference(path, attn_implementation: str = "eager"):
     )[0]
     cls = getattr(transformers, arch)
     return cls.from_pretrained(str(path), dtype=torch.float32, attn_implementation=attn_implementation).eval()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# CLI
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m blip2lib.convert {lavis-to-hf,hf-to-lavis} ...``: convert, verify, write only if verified."""
-    from .pretrained import from_pretrained, save_lavis, save_pretrained_hf
-
-    ap = argparse.ArgumentParser(prog="python -m blip2lib.convert", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("lavis-to-hf", help="LAVIS .pth (+ ViT file, LLM dir, BERT dir) or our ckpt → transformers dir")
-    a.add_argument("checkpoint", help="LAVIS .pth (blip2_pretrained_opt2.7b.pth ...) or our ckpt-<step>/ dir")
-    a.add_argument("--vision-weights", default=None, help="eva_vit_g.pth (pre-training files hold no ViT)")
-    a.add_argument("--llm-path", default=None, help="local LLM dir (facebook/opt-2.7b, google/flan-t5-xl ...)")
-    a.add_argument("--bert-dir", default=None, help="local bert-base-uncased dir (Q-Former tokenizer)")
-    a.add_argument("--image-size", type=int, default=None, help="input resolution (default: from the files)")
-    a.add_argument("--out", required=True, help="output directory (must not exist)")
-    b = sub.add_parser("hf-to-lavis", help="transformers BLIP-2 dir → LAVIS checkpoint {'model': state_dict}")
-    b.add_argument("hf_dir")
-    b.add_argument("--out", required=True, help="output .pth (visual_encoder.* included, like a fine-tuned file)")
-    b.add_argument("--llm-out", default=None, help="also save the LLM (+ tokenizer) as a transformers dir here")
-    for p in (a, b):
-        p.add_argument("--tol", type=float, default=CHECK_TOL, help="max-abs bar of the fp32 check (default 1e-4)")
-        p.add_argument("--no-check", action="store_true", help="skip the numerical check (not recommended)")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    if args.cmd == "lavis-to-hf":
-        model, report = from_pretrained(
-            args.checkpoint,
-            vision_weights=args.vision_weights,
-            llm_path=args.llm_path,
-            bert_dir=args.bert_dir,
-            image_size=args.image_size,
-            return_report=True,
-        )
-        diffs = save_pretrained_hf(model, args.out, check=not args.no_check, tol=args.tol)
-    else:
-        model, report = from_pretrained(args.hf_dir, return_report=True)
-        ref = None if args.no_check else load_hf_reference(args.hf_dir)
-        diffs = save_lavis(model, args.out, llm_out=args.llm_out, check=not args.no_check, tol=args.tol, reference=ref)
-    print(json.dumps({"out": args.out, "load_report": report.summary(), "max_abs": diffs}, indent=2, default=str))
-    return 0
-
-
-if __name__ == "__main__":
-    with contextlib.suppress(BrokenPipeError):
-        sys.exit(main())
