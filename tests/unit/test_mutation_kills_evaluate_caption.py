@@ -122,7 +122,9 @@ def test_messages(fake, monkeypatch):
                               "predicted images, as LAVIS does)")  # fmt: skip
     with pytest.raises(ValueError) as err:
         coco_caption_scores({1: "x"}, REFS, metrics=("CIDEr", "WER", "BLEU-4"))
-    assert str(err.value) == "unknown metrics ['BLEU-4', 'WER']; choose from " + str(caption.ALL_METRICS)
+    assert str(err.value) == ("unknown metrics ['WER', 'BLEU-4']; choose pycocoevalcap result names ['Bleu_1', "
+                              "'Bleu_2', 'Bleu_3', 'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr', 'SPICE'] or scorer groups "
+                              f"{list(caption.ALL_METRICS)}")  # fmt: skip
     asked = []
     monkeypatch.setattr(caption.shutil, "which", lambda name: asked.append(name))
     with pytest.raises(JavaNotFoundError) as err:

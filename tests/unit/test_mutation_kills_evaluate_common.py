@@ -177,11 +177,11 @@ def test_load_cache_reads_every_rank_file_and_skips_cut_lines(tmp_path, caplog):
 def test_load_cache_refuses_another_recipe_with_the_file_named(tmp_path):
     path = tmp_path / "predictions.0.jsonl"
     path.write_text(json.dumps({"meta": {"task": "caption"}}) + "\n")
-    want = (f"{path} holds predictions for {{'task': 'caption'}}, not for {{'task': 'vqa'}}; use a fresh out_dir or "
-            "delete the predictions.*.jsonl files to start over")  # fmt: skip
+    want = (f"{path} holds predictions made under another cache key (changed: task); use a fresh out_dir or move "
+            "the predictions.*.jsonl files away to start over")  # fmt: skip
     with pytest.raises(dc.CacheMismatchError) as err:
         dc.load_cache(tmp_path, {"task": "vqa"})
-    assert str(err.value) == want
+    assert str(err.value) == want and err.value.changed == ["task"]
 
 
 def test_cache_file_layout_meta_first_then_rows(tmp_path):
@@ -313,14 +313,14 @@ def test_stats_timing(tmp_path, monkeypatch):
     ticks = iter([100.0, 102.5])
     monkeypatch.setattr(dc.time, "perf_counter", lambda: next(ticks))
     _, stats = run(Echo(), Images(4), tmp_path / "a")
-    assert stats == {"generated_this_run": 4, "from_cache": 0, "wall_s": 2.5, "items_per_s": 1.6}
+    assert stats == {"generated_this_run": 4, "from_cache": 0, "wall_s": 2.5, "items_per_s": 1.6, "superseded": None}
     ticks = iter([10.0, 10.0123])  # under a second: 3 decimals kept
     monkeypatch.setattr(dc.time, "perf_counter", lambda: next(ticks))
     _, stats = run(Echo(), Images(4), tmp_path / "b")
     assert (stats["wall_s"], stats["items_per_s"]) == (0.012, 325.203)  # 4 / 0.0123 = 325.2033
     monkeypatch.setattr(dc.time, "perf_counter", lambda: 7.0)  # no measurable time: no rate
     _, stats = run(Echo(), Images(4), tmp_path / "a")
-    assert stats == {"generated_this_run": 0, "from_cache": 4, "wall_s": 0.0, "items_per_s": None}
+    assert stats == {"generated_this_run": 0, "from_cache": 4, "wall_s": 0.0, "items_per_s": None, "superseded": None}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -334,7 +334,7 @@ def test_gather_records_merges_sorted_and_sums(monkeypatch):
     monkeypatch.setattr(dc.dist, "all_gather_object", lambda obj: parts)
     rows, total = dc.gather_records({}, {})
     assert rows == [{"index": 0}, {"index": 1}, {"index": 2}]
-    assert total == {"generated_this_run": 5, "from_cache": 1, "wall_s": 4.0, "per_rank": [s0, s1]}
+    assert total == {"generated_this_run": 5, "from_cache": 1, "wall_s": 4.0, "per_rank": [s0, s1], "superseded": None}
 
 
 def test_write_json_is_indented_with_str_fallback(tmp_path):

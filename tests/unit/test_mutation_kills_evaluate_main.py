@@ -59,10 +59,11 @@ def vqa(**kw):
     (vqa(split="x", ann_file="a.json"), f"{SRC}: key 'split' must be a blip2lib.data.FORMATS key (or set ann_file "
                                         "and images_root), got 'x'"),
     (cli.CaptionParams(data_root="/d", out_dir="/o", split="nocaps_val", metrics=["BLEU", "WER"]),
-     f"{SRC}: key 'metrics' must be a subset of {list(ALL_METRICS)}, got ['BLEU', 'WER']"),
+     f"{SRC}: key 'metrics': unknown metrics ['WER']; choose pycocoevalcap result names ['Bleu_1', 'Bleu_2', "
+     f"'Bleu_3', 'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr', 'SPICE'] or scorer groups {list(ALL_METRICS)}"),
 ])  # fmt: skip
 def test_check_messages(params, message, monkeypatch):
-    monkeypatch.setattr(cli, "load_model", lambda *a: pytest.fail("checks come before loading"))
+    monkeypatch.setattr(cli, "build_dataset", lambda *a: pytest.fail("checks come before reading anything"))
     with pytest.raises(ParamsError) as err:
         cli.run_params("vqa", params, SRC)
     assert str(err.value) == message
@@ -74,8 +75,8 @@ def test_check_messages(params, message, monkeypatch):
     cli.RetrievalParams(data_root="/d", out_dir="/o", split="flickr30k_test", fusion="itm"),
     cli.CaptionParams(data_root="/d", out_dir="/o", split="nocaps_val", metrics=["BLEU", "CIDEr"])])  # fmt: skip
 def test_valid_params_pass_the_checks(params, monkeypatch):
-    monkeypatch.setattr(cli, "load_model", lambda *a: (_ for _ in ()).throw(LookupError("loaded")))
-    with pytest.raises(LookupError, match="loaded"):
+    monkeypatch.setattr(cli, "build_dataset", lambda *a: (_ for _ in ()).throw(LookupError("read")))
+    with pytest.raises(LookupError, match="read"):
         cli.run_params("vqa", params, SRC)
 
 
@@ -234,35 +235,42 @@ def drivers(monkeypatch):
     """Recorders for load_model, build_dataset and the three drivers; returns the call log."""
     log = {}
     model = Model()
+    ds = SimpleNamespace(transform="224 px")  # built before the model; re-sized to the model's 44 px afterwards
     monkeypatch.setattr(cli, "load_model", lambda p, task, src: log.update(load=(task, src)) or (model, "tok"))
-    monkeypatch.setattr(cli, "build_dataset", lambda p, task, size: log.update(data=(task, size)) or "ds")
+    monkeypatch.setattr(cli, "build_dataset", lambda p, task, size: log.update(data=(task, size)) or ds)
+    monkeypatch.setattr(cli, "run_identity", lambda p: {"of": p.split})
     for name in ("run_vqa", "run_caption", "run_retrieval"):
         monkeypatch.setattr(cli, name, lambda *a, _n=name, **kw: log.update(driver=(_n, a, kw)) or {"ok": _n})
-    log["model"] = model
+    log["model"], log["ds"] = model, ds
     return log
 
 
 COMMON = {"batch_size": 16, "num_workers": 0, "progress": True}
 
 
+def common(split):
+    return {**COMMON, "identity": {"of": split}}
+
+
 def test_retrieval_arguments(drivers):
     p = cli.RetrievalParams(data_root="/d", run_dir="/r", split="flickr30k_test", k=7, fusion="itc", text_max_len=9,
                             itm_batch_size=5, batch_size=3, num_workers=2, progress=False, device="cpu")  # fmt: skip
     assert cli.run_params("retrieval", p, SRC) == {"ok": "run_retrieval"}
-    assert drivers["load"] == ("retrieval", SRC) and drivers["data"] == ("retrieval", 44)
-    assert drivers["model"].placed == [torch.device("cpu")]
-    assert drivers["driver"] == ("run_retrieval", (drivers["model"], "ds", "tok"), {
+    assert drivers["load"] == ("retrieval", SRC) and drivers["data"] == ("retrieval", 224)
+    assert drivers["model"].placed == [torch.device("cpu")] and drivers["ds"].transform.transforms[0].size == (44, 44)
+    assert drivers["driver"] == ("run_retrieval", (drivers["model"], drivers["ds"], "tok"), {
         "k": 7, "fusion": "itc", "text_max_len": 9, "out_dir": Path("/r"), "split_name": "flickr30k_test",
-        "itm_batch_size": 5, "batch_size": 3, "num_workers": 2, "progress": False})  # fmt: skip
+        "itm_batch_size": 5, "batch_size": 3, "num_workers": 2, "progress": False,
+        "identity": {"of": "flickr30k_test"}})  # fmt: skip
 
 
 def test_vqa_arguments_and_recipe_overrides(drivers):
     cli.run_params("vqa", vqa(split="okvqa_val_eval", num_beams=2, annotations="ann.json", autocast="bf16"), SRC)
     paper = VQADecoding.paper("opt")
     want = VQADecoding(**{**paper.__dict__, "num_beams": 2, "source": f"{paper.source}, overridden by {SRC}"})
-    assert drivers["driver"] == ("run_vqa", (drivers["model"], "ds", want), {
+    assert drivers["driver"] == ("run_vqa", (drivers["model"], drivers["ds"], want), {
         "out_dir": Path("/o"), "split_name": "okvqa_val_eval", "annotations": Path("/d/ann.json"), "gqa": False,
-        "lemmatize": True, "autocast": "bf16", **COMMON})  # fmt: skip
+        "lemmatize": True, "autocast": "bf16", **common("okvqa_val_eval")})  # fmt: skip
     cli.run_params("vqa", vqa(split="gqa_testdev", recipe="lavis", num_beams=5, lemmatize=False), SRC)
     _, (_, _, decoding), kw = drivers["driver"]
     assert decoding == VQADecoding.lavis_head("opt")  # the recipe's own value: not labelled as overridden
@@ -276,10 +284,10 @@ def test_vqa_arguments_and_recipe_overrides(drivers):
 def test_caption_arguments_and_ground_truth_choice(drivers):
     cp = {"data_root": "/d", "out_dir": "/o", "metrics": ["BLEU"]}
     cli.run_params("caption", cli.CaptionParams(split="coco_karpathy_test", **cp), SRC)
-    assert drivers["driver"] == ("run_caption", (drivers["model"], "ds", CaptionDecoding.paper(),
+    assert drivers["driver"] == ("run_caption", (drivers["model"], drivers["ds"], CaptionDecoding.paper(),
                                                  Path("/d") / FORMATS["coco_karpathy_test_gt"]["file"]),
                                  {"out_dir": Path("/o"), "split_name": "coco_karpathy_test", "metrics": ("BLEU",),
-                                  "autocast": None, **COMMON})  # fmt: skip
+                                  "autocast": None, **common("coco_karpathy_test")})  # fmt: skip
     cli.run_params("caption", cli.CaptionParams(split="nocaps_test", recipe="lavis", repetition_penalty=1.5, **cp))
     lavis = CaptionDecoding.lavis_head()
     want = CaptionDecoding(**{**lavis.__dict__, "repetition_penalty": 1.5,
@@ -314,7 +322,7 @@ def test_main_exit_codes_printout_and_cleanup(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out == json.dumps({"metrics": {"overall": 1.5}, "counts": {"n": 2}}, indent=2) + "\n"
     monkeypatch.setattr(cli, "run_params", lambda task, p, src: {"metrics": {"file": Path("/r/x.json")}})
     assert cli.main(["vqa", "--params", str(path)]) == 0  # anything JSON cannot write is printed as text
-    assert json.loads(capsys.readouterr().out) == {"metrics": {"file": "/r/x.json"}, "counts": None}
+    assert json.loads(capsys.readouterr().out) == {"metrics": {"file": "/r/x.json"}, "counts": {}}
     monkeypatch.setattr(cli.dist, "is_main", lambda: False)  # other ranks print nothing
     assert cli.main(["vqa", "--params", str(path)]) == 0 and capsys.readouterr().out == ""
     path.write_text("num_beam: 2\n")
@@ -335,4 +343,4 @@ def test_main_argument_parsing(capsys):
         out.startswith("usage: python -m blip2lib.evaluate [-h] --params PARAMS") and "{caption,retrieval,vqa}" in out
     )
     assert "  --params PARAMS       flat YAML params file\n" in out
-    assert "Command line: ``python -m blip2lib.evaluate" in out and "FILE is a flat YAML" not in out  # first paragraph
+    assert "Command line: ``python -m blip2lib.evaluate" in out
