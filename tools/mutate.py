@@ -123,6 +123,11 @@ MODULES: dict[str, Module] = {
             "tests/unit/test_eval_drivers.py",
             "tests/unit/test_generation_lengths.py",
             "tests/unit/test_mutation_kills_evaluate.py",
+            "tests/unit/test_mutation_kills_evaluate_common.py",
+            "tests/unit/test_mutation_kills_evaluate_main.py",
+            "tests/unit/test_mutation_kills_evaluate_drivers.py",
+            "tests/unit/test_mutation_kills_evaluate_caption.py",
+            "tests/unit/test_mutation_kills_evaluate_retrieval.py",
         ),
     ),
 }

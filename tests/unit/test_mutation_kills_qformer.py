@@ -1,8 +1,9 @@
 """Q-Former behaviours pinned for the mutants that survived `make mutate` (docs/mutation.md).
 
 Attention dropout in training, which kernel each ``attn_implementation`` runs, the Q-Former's own dtype for inputs
-and masks, query-only passes without the text FFN, one-layer caches, masks on the inputs' device and the exact
-error messages.
+and masks, query-only passes without the text FFN, one-layer caches, masks on the inputs' device, the exact
+error messages, and the BERT loader (safetensors or legacy ``pytorch_model.bin`` read weights-only, gamma/beta
+names, the MLM bias kept only as the decoder's, a vocabulary without extra rows, its messages and log line).
 """
 
 import dataclasses
@@ -159,3 +160,124 @@ def test_error_messages():
         m(rand(B, L, 32), 0)
     with pytest.raises(ValueError, match=r"^encoder_hidden_states must be given for a pass with queries"):
         m(rand(B, Q, 32), Q)
+
+
+# ---- BERT initialisation: file forms, renames, messages, the log line ----
+
+
+def bert_state(vocab=99, **change):
+    """State dict of a tiny ``BertForMaskedLM`` shaped like ``qcfg()`` (vocab 99 = ours less [DEC]), distinct values."""
+    import transformers
+
+    c = transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=37, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(5)
+    sd = {k: torch.randn(v.shape) for k, v in transformers.BertForMaskedLM(c).state_dict().items()}  # unshared
+    sd.update(change)
+    return sd
+
+
+def text_qformer():
+    from blip2lib.qformer import Blip2QFormerLMHead, Blip2TextEmbeddings
+
+    c = qcfg()
+    emb = Blip2TextEmbeddings(c)
+    return Blip2QFormer(c), emb, Blip2QFormerLMHead(c, emb.word_embeddings.weight)
+
+
+def save(sd, folder):
+    import safetensors.torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(sd, str(folder / "model.safetensors"))
+    return str(folder)
+
+
+def test_bert_loader_messages(tmp_path):
+    from blip2lib.qformer import load_bert_weights
+
+    m, emb, head = text_qformer()
+    with pytest.raises(FileNotFoundError) as err:
+        load_bert_weights(m, emb, head, str(tmp_path))
+    assert str(err.value) == f"{tmp_path}: no model.safetensors or pytorch_model.bin"
+    tied = "lm_head's decoder must be tied to embeddings.word_embeddings (the BERT LM head)"
+    for embeddings in (None, text_qformer()[1]):  # no embeddings at all, or another table than the head's
+        with pytest.raises(ValueError) as err:
+            load_bert_weights(m, embeddings, head, str(tmp_path))
+        assert str(err.value) == tied
+    short = bert_state(**{"bert.embeddings.position_embeddings.weight": torch.zeros(40, 32)})
+    with pytest.raises(ValueError) as err:  # fewer rows than ours, outside the two resizable tables: refused
+        load_bert_weights(m, emb, head, save(short, tmp_path / "short"))
+    name = "embeddings.position_embeddings.weight"
+    assert str(err.value) == f"{name} has shape (40, 32), {name} expects (64, 32)"
+
+
+def test_bert_of_our_vocabulary_size_adds_no_rows(tmp_path):
+    from blip2lib.qformer import load_bert_weights
+
+    sd = bert_state(vocab=100)
+    m, emb, head = text_qformer()
+    rep = load_bert_weights(m, emb, head, save(sd, tmp_path))
+    assert [k for k in rep["initialised"] if "[" in k] == []
+    assert torch.equal(emb.word_embeddings.weight, sd["bert.embeddings.word_embeddings.weight"])
+    assert torch.equal(head.predictions.bias, sd["cls.predictions.bias"])
+
+
+def test_bias_read_from_the_decoder_bias_when_alone(tmp_path):
+    from blip2lib.qformer import load_bert_weights
+
+    sd = bert_state()
+    bias = sd.pop("cls.predictions.bias")  # some checkpoints keep the MLM bias only as the decoder's
+    sd["cls.predictions.decoder.bias"] = bias
+    m, emb, head = text_qformer()
+    rep = load_bert_weights(m, emb, head, save(sd, tmp_path))
+    assert torch.equal(head.predictions.bias[:99], bias) and head.predictions.bias[99] == 0
+    assert "cls.predictions.decoder.bias" not in rep["ignored"] and "cls.predictions.bias" in rep["loaded"]
+
+
+def test_legacy_gamma_beta_names_and_log_line(tmp_path, caplog):
+    from blip2lib.qformer import load_bert_weights
+
+    sd = bert_state()
+    legacy = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+              for k, v in sd.items()}  # fmt: skip
+    torch.save(legacy, tmp_path / "pytorch_model.bin")
+    m, emb, head = text_qformer()
+    with caplog.at_level("INFO", logger="blip2lib.qformer"):
+        rep = load_bert_weights(m, emb, head, str(tmp_path))
+    assert torch.equal(m.layernorm.bias, sd["bert.embeddings.LayerNorm.bias"])
+    assert torch.equal(m.encoder.layer[1].output.LayerNorm.bias, sd["bert.encoder.layer.1.output.LayerNorm.bias"])
+    assert torch.equal(head.predictions.transform.LayerNorm.bias, sd["cls.predictions.transform.LayerNorm.bias"])
+    assert rep["ignored"] == ["bert.embeddings.token_type_embeddings.weight", "cls.predictions.decoder.bias",
+                              "cls.predictions.decoder.weight"]  # fmt: skip
+    # loaded: 2 layers x (self-attn q, k, v, dense, LN 10 + text FFN 6 + query FFN 6) + LN 2 + embeddings 2 + head 5
+    # = 53;
+    # initialised: layer 0's cross-attention (8 + LN 2) + the [DEC] row and its bias entry = 12
+    assert (len(rep["loaded"]), len(rep["initialised"])) == (53, 12)
+    assert caplog.messages == [f"BERT init {tmp_path}: 53 loaded, 3 ignored, 12 initialised"]
+
+
+def test_legacy_bin_is_read_weights_only(tmp_path):
+    import pickle
+
+    from blip2lib.qformer import load_bert_weights
+
+    torch.save({"bert.embeddings.LayerNorm.gamma": torch.ones(32), "note": Note()}, tmp_path / "pytorch_model.bin")
+    m, emb, head = text_qformer()
+    with pytest.raises(pickle.UnpicklingError):  # an arbitrary object in the pickle is refused, never built
+        load_bert_weights(m, emb, head, str(tmp_path))
+
+
+class Note:
+    """Any class: a weights-only load refuses to build it."""
+
+
+def test_init_weights_default_range_is_a_centred_bert_normal():
+    from blip2lib.qformer import init_weights
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(200, 200)  # 40000 draws: the sample mean is within 1e-4 of 0, the std within 1e-4 of 0.02
+    with torch.no_grad():
+        init_weights(lin)  # no range given: BERT's 0.02
+    assert abs(lin.weight.mean().item()) < 1e-3 and abs(lin.weight.std().item() - 0.02) < 1e-3
+    assert torch.equal(lin.bias, torch.zeros(200))
