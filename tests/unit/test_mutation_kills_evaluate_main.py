@@ -155,8 +155,8 @@ def test_checkpoint_loading_arguments_and_tokenizers(monkeypatch):
     calls = _loader(monkeypatch, FakeBlip2())
     assert cli.load_model(vqa(checkpoint="/ck", llm_path="/llm", bert_dir="/bert"), "vqa", SRC)[1] is None
     cli.load_model(vqa(checkpoint="/ck", image_size=364, vision_weights="/vit"), "caption", SRC)
-    assert calls == [(("/ck",), {"image_size": None, "llm_path": "/llm", "bert_dir": "/bert"}),
-                     (("/ck",), {"image_size": 364, "vision_weights": "/vit"})]  # fmt: skip
+    assert calls == [(("/ck",), {"image_size": None, "model_scale": "full", "llm_path": "/llm", "bert_dir": "/bert"}),
+                     (("/ck",), {"image_size": 364, "model_scale": "full", "vision_weights": "/vit"})]  # fmt: skip
     _loader(monkeypatch, FakeQFormer(qformer_tokenizer="qf-tok", tokenizer="other"))
     assert cli.load_model(vqa(checkpoint="/ck"), "retrieval", SRC)[1] == "qf-tok"
     _loader(monkeypatch, FakeQFormer(tokenizer="bert-tok"))
@@ -315,10 +315,11 @@ def test_main_exit_codes_printout_and_cleanup(tmp_path, monkeypatch, capsys):
     seen, cleaned = [], []
     monkeypatch.setattr(cli, "run_params", lambda task, p, src: seen.append((task, p, src)) or {
         "metrics": {"overall": 1.5}, "counts": {"n": 2}, "config": "not printed"})  # fmt: skip
-    monkeypatch.setattr(cli.dist, "init_distributed", lambda: True)
+    timeouts = []
+    monkeypatch.setattr(cli.dist, "init_distributed", lambda timeout_s: timeouts.append(timeout_s) or True)
     monkeypatch.setattr(cli.dist, "cleanup", lambda: cleaned.append(1))
     assert cli.main(["vqa", "--params", str(path)]) == 0
-    assert seen == [("vqa", vqa(num_beams=2), str(path))] and cleaned == [1]
+    assert seen == [("vqa", vqa(num_beams=2), str(path))] and cleaned == [1] and timeouts == [1800.0]
     assert capsys.readouterr().out == json.dumps({"metrics": {"overall": 1.5}, "counts": {"n": 2}}, indent=2) + "\n"
     monkeypatch.setattr(cli, "run_params", lambda task, p, src: {"metrics": {"file": Path("/r/x.json")}})
     assert cli.main(["vqa", "--params", str(path)]) == 0  # anything JSON cannot write is printed as text
@@ -326,7 +327,7 @@ def test_main_exit_codes_printout_and_cleanup(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli.dist, "is_main", lambda: False)  # other ranks print nothing
     assert cli.main(["vqa", "--params", str(path)]) == 0 and capsys.readouterr().out == ""
     path.write_text("num_beam: 2\n")
-    monkeypatch.setattr(cli.dist, "init_distributed", lambda: False)
+    monkeypatch.setattr(cli.dist, "init_distributed", lambda timeout_s: False)
     assert cli.main(["caption", "--params", str(path)]) == 2 and cleaned == [1, 1, 1]  # not started: no cleanup
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}: unknown key 'num_beam' for CaptionParams") and err.endswith("\n")

@@ -53,10 +53,7 @@ def test_cli_refuses_bad_value_before_creating_the_run_folder(tmp_path, capsys):
     run_dir = tmp_path / "run"
     path = _yaml(tmp_path, model="tiny", train_data="synthetic", batch_size=0, run_dir=str(run_dir))
     assert main(["--params", str(path)]) == 2
-    assert (
-        capsys.readouterr().err.strip()
-        == f"error: {path}: key 'batch_size' must be in [1, inf), got 0"
-    )
+    assert capsys.readouterr().err.strip() == f"error: {path}: key 'batch_size' must be in [1, inf), got 0"
     assert not run_dir.exists()  # nothing was built or written
 
 
