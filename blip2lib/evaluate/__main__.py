@@ -221,7 +221,7 @@ def rehearsal_stand_ins(p: EvalParams, source: str = "<params>") -> EvalParams:
         if newest is not None:
             log.warning("%s: rehearsal: %s was not trained (a few steps only); %s stands in", source, path, newest)
             p = dataclasses.replace(p, checkpoint=str(newest))
-    if p.lemmatize is None and p.split.startswith("okvqa"):
+    if getattr(p, "lemmatize", False) is None and p.split.startswith("okvqa"):  # VQA params only
         from blip2lib.evaluate.vqa import LemmatizerUnavailable, load_lemmatizer
 
         try:

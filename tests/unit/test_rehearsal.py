@@ -347,3 +347,7 @@ def test_rehearsal_stand_ins_only_under_the_rehearsal_scale(tmp_path, monkeypatc
     assert "scored unlemmatised" in caplog.text
     kept = rehearsal_stand_ins(params(model_scale="rehearsal", lemmatize=True, checkpoint=str(ckpts / "ckpt-1")))
     assert kept.checkpoint == str(ckpts / "ckpt-1") and kept.lemmatize is True  # explicit choices are kept
+    for task, split in (("caption", "coco_karpathy_test"), ("retrieval", "flickr30k_test")):  # no lemmatize key
+        other = SCHEMAS[task].from_dict({"checkpoint": want, "data_root": str(tmp_path), "split": split,
+                                         "out_dir": str(tmp_path), "model_scale": "rehearsal"})  # fmt: skip
+        assert rehearsal_stand_ins(other).checkpoint == str(ckpts / "ckpt-2")
