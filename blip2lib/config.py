@@ -8,6 +8,7 @@ flat dataclasses whose fields equal a notebook's ``parameters`` cell; YAML files
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import types
@@ -356,6 +357,20 @@ def load_params_yaml(path: str | Path) -> dict:
     return data
 
 
+def type_word(tp: Any) -> str:
+    """A field's type as a user reads it: ``int``, ``list of str``, ``mapping of str to int``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_word(a) for a in args)
+    if tp is type(None):
+        return "null"
+    if origin in (list, tuple) or tp in (list, tuple):
+        return f"list of {type_word(args[0])}" if args else "list"
+    if origin is dict or tp is dict:
+        return f"mapping of {type_word(args[0])} to {type_word(args[1])}" if args else "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
 def _check_type(value: Any, tp: Any) -> bool:
     origin = typing.get_origin(tp)
     if tp is Any:
@@ -423,9 +438,13 @@ class Params:
         names = {f.name for f in dataclasses.fields(cls)}
         for key, value in values.items():
             if key not in names:
-                raise ParamsError(f"{source}: unknown key '{key}' for {cls.__name__} (known: {sorted(names)})")
+                near = difflib.get_close_matches(str(key), sorted(names), n=1)
+                hint = f"did you mean '{near[0]}'?" if near else f"known keys: {', '.join(sorted(names))}"
+                raise ParamsError(f"{source}: unknown key '{key}' for {cls.__name__} ({hint})")
             if not _check_type(value, hints[key]):
-                raise ParamsError(f"{source}: key '{key}' must be {hints[key]}, got {type(value).__name__} {value!r}")
+                raise ParamsError(
+                    f"{source}: key '{key}' must be {type_word(hints[key])}, got {type(value).__name__} {value!r}"
+                )
         values = {k: float(v) if hints[k] is float and isinstance(v, int) else v for k, v in values.items()}
         scale = values.get("model_scale", "full")
         if scale not in MODEL_SCALES:

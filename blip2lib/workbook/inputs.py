@@ -15,7 +15,6 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import types
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -23,26 +22,12 @@ from typing import Any
 
 import yaml
 
-from ..config import Params, ParamsError, _check_type
+from ..config import Params, ParamsError, _check_type, type_word
 
 NOTEBOOK_KEY = "notebook"  # a params file may name its notebook; the runner consumes the key, the schema never sees it
 
 
 # ---- types as words -----------------------------------------------------------------------------------------------
-
-
-def type_word(tp: Any) -> str:
-    """A schema field's type as a user reads it: ``int``, ``list of str``, ``mapping of str to int``."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(type_word(a) for a in args)
-    if tp is type(None):
-        return "null"
-    if origin in (list, tuple) or tp in (list, tuple):
-        return f"list of {type_word(args[0])}" if args else "list"
-    if origin is dict or tp is dict:
-        return f"mapping of {type_word(args[0])} to {type_word(args[1])}" if args else "mapping"
-    return getattr(tp, "__name__", str(tp))
 
 
 def field_types(schema: type[Params]) -> dict[str, Any]:

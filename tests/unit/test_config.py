@@ -156,3 +156,17 @@ def test_pretraining_defaults_are_the_papers_not_the_lavis_yamls():
         p = schema()
         got = (p.beta2, p.weight_decay, p.lr, p.warmup_steps, p.min_lr, p.lr_schedule, p.apply_layer_decay)
         assert got == (0.98, 0.05, 1e-4, 2000, min_lr, "step", True), schema.__name__
+
+
+def test_params_errors_name_types_in_words_and_suggest_the_nearest_key():
+    """``from_dict`` (every params file, every CLI) says ``int``, not ``<class 'int'>``, and proposes a close key."""
+    from blip2lib.config import Params, ParamsError
+
+    with pytest.raises(ParamsError) as err:
+        Params.from_dict({"sed": 3}, source="f.yaml")
+    assert str(err.value) == "f.yaml: unknown key 'sed' for Params (did you mean 'seed'?)"
+    with pytest.raises(ParamsError) as err:
+        Params.from_dict({"seed": "three"}, source="f.yaml")
+    assert str(err.value) == "f.yaml: key 'seed' must be int, got str 'three'"
+    with pytest.raises(ParamsError, match=r"unknown key .zzzz. for Params \(known keys: data_root, model_scale, "):
+        Params.from_dict({"zzzz": 1}, source="f.yaml")
