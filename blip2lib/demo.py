@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     from .workbook.run import REPO_ROOT
     from .workbook.runner import StaleRun, run_all, variant_params
 
-    ap = argparse.ArgumentParser(prog="python -m blip2lib.demo", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m blip2lib.demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="example: python -m blip2lib.demo -j 2   (what `make demo` runs)")  # fmt: skip
     ap.add_argument("--variant", default="toy", help="params variant to run (default: toy)")
     ap.add_argument("--force", action="store_true",
                     help="redo stale and current steps, each old run moved aside to <run>.prev-<time>")  # fmt: skip

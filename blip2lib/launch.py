@@ -160,7 +160,11 @@ def _load(params_path: Path, notebook: str):
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m blip2lib.launch PARAMS [--run-dir DIR] [--node-rank K] [--rdzv-endpoint H:P] [--rdzv-id ID]``."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m blip2lib.launch", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="example (node 1 of 2): python -m blip2lib.launch "
+                                        "params/10_stage1_pretrain/paper_vitg.yaml --node-rank 1 "
+                                        "--rdzv-endpoint node0:29500")  # fmt: skip
     ap.add_argument("params", help="params/<training notebook>/<variant>.yaml, or a flat YAML of TrainParams keys")
     ap.add_argument("--notebook", default="", help="schema of a params file outside params/<notebook>/")
     ap.add_argument("--run-dir", default="", help="run folder (default: the runner's runs/<notebook>/<variant>/)")

@@ -22,7 +22,15 @@ from . import __doc__ as _LIBRARY_DOC
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m blip2lib.convert {lavis-to-hf,hf-to-lavis} ...``: convert, verify, write only if verified."""
-    ap = argparse.ArgumentParser(prog="python -m blip2lib.convert", description=_LIBRARY_DOC.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m blip2lib.convert",
+        description=_LIBRARY_DOC.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  python -m blip2lib.convert lavis-to-hf blip2_pretrained_opt2.7b.pth --vision-weights eva_vit_g.pth \\\n"
+        "      --llm-path opt-2.7b --bert-dir bert-base-uncased --out blip2-opt-2.7b-from-lavis\n"
+        "  python -m blip2lib.convert hf-to-lavis blip2-opt-2.7b --out blip2_opt2.7b_from_hf.pth",
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("lavis-to-hf", help="LAVIS .pth (+ ViT file, LLM dir, BERT dir) or our ckpt → transformers dir")
     a.add_argument("checkpoint", help="LAVIS .pth (blip2_pretrained_opt2.7b.pth ...) or our ckpt-<step>/ dir")

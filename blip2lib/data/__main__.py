@@ -1,4 +1,14 @@
-"""CLI: ``python -m blip2lib.data {prepare,dedup,formats} ...`` (no network access)."""
+"""CLI: ``python -m blip2lib.data {prepare,dedup,formats} ...`` (no network access).
+
+Examples::
+
+    python -m blip2lib.data prepare coco_karpathy --src /data/raw/coco --out data/
+    python -m blip2lib.data dedup --pretrain laion/ann.json --eval test=coco/annotations/coco_karpathy_test.json
+    python -m blip2lib.data formats
+
+A user mistake (a missing folder, a malformed file) is one ``error:`` line and exit status 2; ``-v`` shows the
+traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +17,15 @@ import json
 import logging
 import sys
 
+from ..errors import add_verbosity, log_level, run_guarded
 from .dedup import dedup_report, image_paths
 from .prepare import DATASETS, prepare
 from .readers import FORMATS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m blip2lib.data", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m blip2lib.data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="convert an official download to the reader formats and check its sizes")
@@ -30,13 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--eval-root", default=None, help="image folder of the evaluation paths (--by hash)")
     d.add_argument("--report", default=None, help="write the JSON report here (default: stdout)")
 
-    sub.add_parser("formats", help="print the annotation formats the readers take (JSON)")
+    f = sub.add_parser("formats", help="print the annotation formats the readers take (JSON)")
+    for one in (p, d, f):
+        add_verbosity(one)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; exit status 2 on a user error."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=log_level(args), format="%(levelname)s %(name)s: %(message)s")
+    return run_guarded(lambda: _command(args), args.verbose)
+
+
+def _command(args: argparse.Namespace) -> int:
     if args.command == "prepare":
         result = prepare(args.dataset, args.src, args.out, link_images=args.link_images)
         for what, n in result["counts"].items():

@@ -399,14 +399,13 @@ def main(argv: list[str] | None = None) -> int:
         help="redo finished runs; each old run folder is moved aside to <run>.prev-<UTC time>",
     )
     common.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    common.add_argument("-j", "--jobs", type=int, default=1, help="run-all: steps executed at once (default 1)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     one = sub.add_parser("run", help="execute one params file", parents=[common])
     one.add_argument("params")
     one.add_argument("--notebook", default=None, help="the notebook of a params file outside params/<notebook>/")
-    sub.add_parser("run-all", help="execute every notebook of a variant in order", parents=[common]).add_argument(
-        "variant"
-    )
+    every = sub.add_parser("run-all", help="execute every notebook of a variant in order", parents=[common])
+    every.add_argument("variant")
+    every.add_argument("-j", "--jobs", type=int, default=1, help="steps executed at once (default 1)")
     c = sub.add_parser("check", help="preflight: check every file the params name, without loading a model",
                        parents=[params])  # fmt: skip
     c.add_argument("params", nargs="+", help="params files, or a variant name (every params/*/<variant>.yaml)")

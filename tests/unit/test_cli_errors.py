@@ -119,3 +119,10 @@ def test_evaluate_exits_3_when_images_were_skipped_unless_allowed(capsys, tmp_pa
         "(listed in result.json); --allow-incomplete accepts that"
     )
     assert main(["vqa", "--params", params, "--allow-incomplete"]) == 0
+
+
+def test_data_prepare_from_a_missing_folder(capsys, tmp_path):
+    from blip2lib.data.__main__ import main
+
+    assert main(["prepare", "coco_karpathy", "--src", str(tmp_path / "nope"), "--out", str(tmp_path / "d")]) == 2
+    assert _one_error_line(capsys.readouterr().err) == f"error: --src {tmp_path / 'nope'} is not a folder"

@@ -30,3 +30,28 @@ def test_listing_is_fast_and_exit_codes(capsys):
     assert main(["--help"]) == 0
     assert main(["bogus"]) == 2
     assert "unknown argument 'bogus'" in capsys.readouterr().err
+
+
+def test_every_help_names_its_command_and_shows_an_example(capsys):
+    """``--help`` of each command: the usage names ``python -m <module>`` (not ``train.py``) and an example follows;
+    ``run --help`` does not offer ``-j`` (only ``run-all`` runs several steps)."""
+    import importlib
+
+    import pytest
+
+    defined_in = {"blip2lib.workbook": "blip2lib.workbook.runner"}  # its __main__ runs main() when imported
+    for module, _, _ in COMMANDS:
+        plain = module.endswith(("demo", "train", "launch"))
+        main_fn = importlib.import_module(defined_in.get(module, module if plain else f"{module}.__main__"))
+        with pytest.raises(SystemExit) as done:
+            main_fn.main(["--help"])
+        assert done.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: python -m {module} "), (module, out[:80])
+        assert out.count(f"python -m {module}") >= 2, f"{module} --help shows no example"
+    from blip2lib.workbook.runner import main as workbook
+
+    for sub, has_jobs in (("run", False), ("run-all", True)):
+        with pytest.raises(SystemExit):
+            workbook([sub, "--help"])
+        assert ("-j JOBS" in capsys.readouterr().out) is has_jobs, sub
