@@ -54,6 +54,7 @@ from .jobs import (  # noqa: F401  (re-exported: tests, tools)
 )
 from .jobs import finished as _finished
 from .preflight import PreflightFailed, preflight
+from .progress import TrainingProgress
 from .report import render_html
 from .run import REPO_ROOT, git_commit
 from .summary import build_index
@@ -91,6 +92,10 @@ def _context(job: Job, root: Path, status: str, wall: float) -> dict:
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, default=str))
+
+
+# Seconds between the console's training-progress lines (``--progress-every``; 0: none). See workbook/progress.py.
+PROGRESS_EVERY_S = 30.0
 
 
 def run(params_path: str | Path, force: bool = False, root: Path = REPO_ROOT, runs: Path | None = None,
@@ -149,8 +154,10 @@ def run(params_path: str | Path, force: bool = False, root: Path = REPO_ROOT, ru
     values["run_dir"] = str(job.run_dir)
     log.info("[run ] %s → %s", job.run_id, job.run_dir)
     t0 = time.time()
+    steps = values.get("steps") if isinstance(values.get("steps"), int) else None
     try:
-        with open(job.run_dir / "stdout.log", "w") as out, open(job.run_dir / "stderr.log", "w") as err:
+        with (open(job.run_dir / "stdout.log", "w") as out, open(job.run_dir / "stderr.log", "w") as err,
+              TrainingProgress(job.run_id, job.run_dir, steps, PROGRESS_EVERY_S)):  # fmt: skip
             pm.execute_notebook(str(job.notebook), str(executed), parameters=values, kernel_name="python3",
                                 cwd=str(root), progress_bar=progress, stdout_file=out, stderr_file=err)  # fmt: skip
     except Exception as e:  # papermill has saved the executed notebook with its error banner
@@ -399,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
         help="redo finished runs; each old run folder is moved aside to <run>.prev-<UTC time>",
     )
     common.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    common.add_argument("--progress-every", type=float, default=PROGRESS_EVERY_S, metavar="SECONDS",
+                        help="a training-progress line (step, loss, throughput, time left) every SECONDS while a "
+                             "notebook trains (default 30; 0: none)")  # fmt: skip
     sub = ap.add_subparsers(dest="cmd", required=True)
     one = sub.add_parser("run", help="execute one params file", parents=[common])
     one.add_argument("params")
@@ -452,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
             changed = update_readme(REPO_ROOT / "README.md", args.runs, args.variant)
             print(f"README.md results block {'updated' if changed else 'unchanged'} from {args.runs}/*/{args.variant}")
             return 0
+        global PROGRESS_EVERY_S
+        PROGRESS_EVERY_S = args.progress_every
         kw = {"force": args.force, "root": args.root, "runs": args.runs, "reports": args.reports,
               "progress": args.progress, "overrides": args.overrides}  # fmt: skip
         if args.cmd == "run":
