@@ -8,6 +8,8 @@ captioner ``generate(input_ids=[[DEC]], max_length=30, min_length=10)``. Expecte
 those definitions, and the models are driven with an EOS logit bias so the bound itself decides the length.
 """
 
+import types
+
 import pytest
 import torch
 
@@ -199,8 +201,11 @@ def test_cli_recipe_sets_the_length_rule(tmp_path, monkeypatch, task, family, re
     import blip2lib.evaluate.__main__ as cli
 
     seen = {}
-    monkeypatch.setattr(cli, "build_dataset", lambda *a: None)
+    monkeypatch.setattr(cli, "build_dataset", lambda *a: types.SimpleNamespace(transform=None))  # read first
     monkeypatch.setattr(cli, f"run_{task}", lambda model, ds, decoding, *a, **kw: seen.setdefault("d", decoding))
+    ann = tmp_path / "coco" / "annotations" / "vqa_val_eval.json"  # its identity keys the prediction cache
+    ann.parent.mkdir(parents=True)
+    ann.write_text("[]")
     values = {"checkpoint": "tiny", "family": family, "data_root": str(tmp_path), "split": "vqa_val_eval",
               "out_dir": str(tmp_path / "o"), "recipe": recipe}  # fmt: skip
     if override:
