@@ -98,6 +98,11 @@ def _write_json(path: Path, data: dict) -> None:
 PROGRESS_EVERY_S = 30.0
 
 
+def _set_progress_every(seconds: float) -> None:
+    global PROGRESS_EVERY_S
+    PROGRESS_EVERY_S = seconds
+
+
 def run(params_path: str | Path, force: bool = False, root: Path = REPO_ROOT, runs: Path | None = None,
         reports: Path | None = None, progress: bool = False, threads: int | None = None, notebook: str | None = None,
         overrides: Iterable[str] | Mapping[str, Any] | None = None) -> Job:  # fmt: skip
@@ -462,8 +467,7 @@ def main(argv: list[str] | None = None) -> int:
             changed = update_readme(REPO_ROOT / "README.md", args.runs, args.variant)
             print(f"README.md results block {'updated' if changed else 'unchanged'} from {args.runs}/*/{args.variant}")
             return 0
-        global PROGRESS_EVERY_S
-        PROGRESS_EVERY_S = args.progress_every
+        _set_progress_every(args.progress_every)
         kw = {"force": args.force, "root": args.root, "runs": args.runs, "reports": args.reports,
               "progress": args.progress, "overrides": args.overrides}  # fmt: skip
         if args.cmd == "run":
