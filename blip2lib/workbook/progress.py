@@ -119,3 +119,7 @@ class TrainingProgress:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+            try:  # the last step the run wrote: a short run still gets its one line, a long one its final state
+                self.poll()
+            except Exception as e:
+                log.debug("progress watcher: %s", e)

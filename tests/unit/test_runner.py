@@ -375,3 +375,22 @@ def test_readers_of_readers_of_a_stale_run_are_held_whatever_their_name_order(ro
                                                r"run: 00_c/v, 10_b/v \("):  # fmt: skip
         runner.run_all("v", root=root, jobs=jobs)
     assert len(executed) == 4
+
+
+def test_the_console_gets_training_progress_from_the_runs_log(root, executed, monkeypatch, caplog):
+    """While (and when) a notebook trains, the runner logs a progress line read from the run's ``log.jsonl``."""
+    import papermill
+
+    fake = papermill.execute_notebook
+
+    def training(input_path, output_path, parameters=None, **kw):
+        fake(input_path, output_path, parameters=parameters, **kw)
+        rows = [{"step": s, "loss": 3.0 / s, "samples_per_s": 100.0} for s in (1, 2, 3)]
+        (Path(parameters["run_dir"]) / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    monkeypatch.setattr(papermill, "execute_notebook", training)
+    monkeypatch.setattr(runner, "PROGRESS_EVERY_S", 0.05)
+    with caplog.at_level("INFO", logger="blip2lib.workbook.runner"):
+        assert _cli(root, "run", str(root / "params" / PROBE / "smoke.yaml")) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[train]")]
+    assert lines and lines[-1] == f"[train] {PROBE}/smoke: step 3, loss 1, 100.0 samples/s"
