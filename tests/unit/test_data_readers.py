@@ -294,10 +294,13 @@ def test_cli_prepare_warns_with_difference(tmp_path, capsys):
     assert "coco_karpathy: test captions: 11" in captured.out
 
 
-def test_cli_prepare_missing_file_is_a_clear_error(tmp_path):
+def test_cli_prepare_missing_file_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "src").mkdir()
-    with pytest.raises(FileNotFoundError, match="dataset_coco.json not found"):
-        main(["prepare", "coco_karpathy", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "data")])
+    assert main(["prepare", "coco_karpathy", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err  # one line, no traceback
+    assert err.startswith("error: ") and "dataset_coco.json not found" in err and err.count("\n") == 1
+    with pytest.raises(FileNotFoundError, match="dataset_coco.json not found"):  # -v: the traceback
+        main(["prepare", "coco_karpathy", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "data"), "-v"])
 
 
 def test_prepare_link_images(tmp_path):
