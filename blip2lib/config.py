@@ -432,19 +432,27 @@ class Params:
     weights_root: str = ""  # folder with local checkpoints ("" → toy world models)
 
     @classmethod
-    def from_dict(cls, values: dict, source: str = "<dict>") -> Params:
-        """Validate ``values`` against the fields (unknown key / wrong type → :class:`ParamsError`)."""
+    def check_keys(cls, values: dict, source: str = "<dict>") -> None:
+        """Unknown key (with the nearest known key) or wrong type (as a word): a ParamsError naming ``source``."""
+        fields = dataclasses.fields(cls)
         hints = typing.get_type_hints(cls)
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = [f.name for f in fields]
         for key, value in values.items():
             if key not in names:
-                near = difflib.get_close_matches(str(key), sorted(names), n=1)
+                near = difflib.get_close_matches(str(key), names, n=1)
                 hint = f"did you mean '{near[0]}'?" if near else f"known keys: {', '.join(sorted(names))}"
                 raise ParamsError(f"{source}: unknown key '{key}' for {cls.__name__} ({hint})")
             if not _check_type(value, hints[key]):
                 raise ParamsError(
                     f"{source}: key '{key}' must be {type_word(hints[key])}, got {type(value).__name__} {value!r}"
                 )
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "<dict>") -> Params:
+        """Validate ``values`` against the fields (unknown key / wrong type → :class:`ParamsError`)."""
+        cls.check_keys(values, source)
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
         values = {k: float(v) if hints[k] is float and isinstance(v, int) else v for k, v in values.items()}
         scale = values.get("model_scale", "full")
         if scale not in MODEL_SCALES:

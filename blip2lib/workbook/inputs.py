@@ -12,7 +12,6 @@ records says what changed (params key by key, which library files) when a finish
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import typing
@@ -22,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from ..config import Params, ParamsError, _check_type, type_word
+from ..config import Params, ParamsError
 
 NOTEBOOK_KEY = "notebook"  # a params file may name its notebook; the runner consumes the key, the schema never sees it
 
@@ -38,16 +37,7 @@ def field_types(schema: type[Params]) -> dict[str, Any]:
 
 def check_values(values: Mapping[str, Any], schema: type[Params], source: str) -> None:
     """Unknown key (with the nearest known key) or wrong type (as a word) → :class:`ParamsError` naming ``source``."""
-    fields = field_types(schema)
-    for key, value in values.items():
-        if key not in fields:
-            near = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"did you mean '{near[0]}'?" if near else f"known keys: {', '.join(sorted(fields))}"
-            raise ParamsError(f"{source}: unknown key '{key}' for {schema.__name__} ({hint})")
-        if not _check_type(value, fields[key]):
-            raise ParamsError(
-                f"{source}: key '{key}' must be {type_word(fields[key])}, got {type(value).__name__} {value!r}"
-            )
+    schema.check_keys(dict(values), source)
 
 
 # ---- -p overrides -------------------------------------------------------------------------------------------------
