@@ -100,15 +100,19 @@ def _read_tensors(path: Path) -> dict:
     return sd
 
 
-def _read_hf_weights(d: Path) -> dict:
+def hf_weight_files(d: Path) -> list[Path]:
+    """The weight files of a transformers directory: the shards its index names, else its one weight file."""
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (d / index).exists():
-            files = sorted(set(json.loads((d / index).read_text())["weight_map"].values()))
-            return {k: v for f in files for k, v in _read_tensors(d / f).items()}
+            return [d / f for f in sorted(set(json.loads((d / index).read_text())["weight_map"].values()))]
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (d / name).exists():
-            return _read_tensors(d / name)
+            return [d / name]
     raise FileNotFoundError(f"{d}: no model.safetensors / pytorch_model.bin (or their index)")
+
+
+def _read_hf_weights(d: Path) -> dict:
+    return {k: v for f in hf_weight_files(d) for k, v in _read_tensors(f).items()}
 
 
 def _tokenizer(d: str | Path | None, bert: bool = False):

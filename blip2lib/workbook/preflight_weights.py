@@ -49,14 +49,13 @@ def file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 def dir_shapes(d: Path) -> dict[str, tuple[int, ...]]:
     """Shapes of a transformers directory's weights (sharded through its index, or one file)."""
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (d / index).exists():
-            files = sorted(set(json.loads((d / index).read_text())["weight_map"].values()))
-            return {k: s for f in files for k, s in file_shapes(d / f).items()}
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (d / name).exists():
-            return file_shapes(d / name)
-    raise Unreadable(f"{d}: no model.safetensors / pytorch_model.bin (or their index)")
+    from ..pretrained import hf_weight_files  # the loader's own file resolution
+
+    try:
+        files = hf_weight_files(d)
+    except FileNotFoundError as e:
+        raise Unreadable(str(e)) from e
+    return {k: s for f in files for k, s in file_shapes(f).items()}
 
 
 def as_meta(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
