@@ -163,8 +163,12 @@ def run(params_path: str | Path, force: bool = False, root: Path = REPO_ROOT, ru
     try:
         with (open(job.run_dir / "stdout.log", "w") as out, open(job.run_dir / "stderr.log", "w") as err,
               TrainingProgress(job.run_id, job.run_dir, steps, PROGRESS_EVERY_S)):  # fmt: skip
+            # the kernel starts in root through nbclient's resources, not papermill's cwd=: that chdir()s this whole
+            # process for the run, and with parallel jobs (-j) one run's exit restores the cwd under another's
+            # kernel start, which then begins in the caller's folder and misses data/ and weights/
             pm.execute_notebook(str(job.notebook), str(executed), parameters=values, kernel_name="python3",
-                                cwd=str(root), progress_bar=progress, stdout_file=out, stderr_file=err)  # fmt: skip
+                                resources={"metadata": {"path": str(root)}}, progress_bar=progress,
+                                stdout_file=out, stderr_file=err)  # fmt: skip
     except Exception as e:  # papermill has saved the executed notebook with its error banner
         ctx = _context(job, root, "failed", time.time() - t0)
         # the kernel's exception, not papermill's cell dump (the traceback is in the executed notebook and -v)

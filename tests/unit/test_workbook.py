@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import threading
+import time
 from dataclasses import dataclass
 
 import nbformat
@@ -37,7 +40,8 @@ PROBE_CELLS = [
         "code",
         "from pathlib import Path\nfrom blip2lib.workbook import record, start_run\n"
         "run = start_run({'run_dir': run_dir, 'fail': fail})\n"
-        "open(Path(run_dir).parent / 'count.txt', 'a').write('x')\nrecord('answer', 42.0, 'units')",
+        "open(Path(run_dir).parent / 'count.txt', 'a').write('x')\nrecord('answer', 42.0, 'units')\n"
+        "Path(run_dir, 'kernel_cwd.txt').write_text(str(Path.cwd()))",
     ),
     ("code", "if fail:\n    raise ValueError('deliberate failure in the probe')"),
 ]
@@ -439,6 +443,32 @@ def test_run_skips_current_outputs_and_force_reruns(root):
     (prev,) = job.run_dir.parent.glob("smoke.prev-*")  # ... nor deleted: --force moved it aside
     assert (prev / "checkpoints").is_dir() and (prev / "inputs.json").exists()
     assert json.loads((job.run_dir / "status.json").read_text())["status"] == "ok"
+
+
+@pytest.mark.notebook
+@pytest.mark.timeout(120)
+def test_kernel_starts_in_root_and_the_process_cwd_never_moves(root, tmp_path_factory, monkeypatch):
+    # parallel runs (-j) share one process: a run that chdir()ed it would move the other runs' kernels
+    elsewhere = tmp_path_factory.mktemp("caller")
+    monkeypatch.chdir(elsewhere)
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            seen.add(os.getcwd())
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=sample)
+    watcher.start()
+    try:
+        assert main(["run", str(root / "params" / PROBE / "smoke.yaml"), "--root", str(root), "--no-progress"]) == 0
+    finally:
+        stop.set()
+        watcher.join()
+    assert seen == {str(elsewhere)}
+    job = job_for(root / "params" / PROBE / "smoke.yaml", root=root)
+    assert (job.run_dir / "kernel_cwd.txt").read_text() == str(root)
 
 
 @pytest.mark.notebook
