@@ -39,6 +39,7 @@ from .llm import _check_family, newline_id, prepend_prefix
 log = logging.getLogger(__name__)
 
 LENGTH_RULES = ("new", "lavis_head", "lavis_paper_time")
+ENGINES = ("auto", "hf", "static")  # decode loop: transformers' generate, or ours (blip2lib/static_decode.py)
 LENGTH_FAMILIES = ("opt", "t5", "qformer")
 
 # Zero-shot VQA prompt templates, kept as data; "{}" is replaced by the question.
@@ -134,6 +135,7 @@ def generate_ids(
     eos: str | int | None = None,
     max_prompt_len: int | None = None,
     length_rule: str = "new",
+    engine: str = "auto",
 ) -> torch.Tensor:
     r"""Generate NEW token ids from the soft prompt + text prompt (HF ``generate`` on ``inputs_embeds``).
 
@@ -156,12 +158,18 @@ def generate_ids(
         max_prompt_len: truncate prompt tokens (LAVIS OPT VQA: 32); None → no truncation.
         length_rule: how the two lengths count (module docstring): ``"new"``, ``"lavis_head"``,
             ``"lavis_paper_time"``.
+        engine: ``"hf"`` (transformers' ``generate``), ``"static"`` (our static-cache loop, the same ids) or
+            ``"auto"`` (``"static"`` where it supports the request, else ``"hf"``).
 
     Returns:
         (B, T) new token ids, T ≤ the resolved ``max_new_tokens``; rows that stopped early are padded with the pad
         id after EOS.
     """
     _check_family(family)
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "static":
+        raise NotImplementedError("engine='static' is not built yet; use 'hf' or 'auto'")
     b = prefix_embeds.shape[0]
     prompts = [prompts] * b if isinstance(prompts, str) else list(prompts)
     if len(prompts) != b:
@@ -213,6 +221,7 @@ def generate(
     eos: str | int | None = None,
     max_prompt_len: int | None = None,
     length_rule: str = "new",
+    engine: str = "auto",
 ) -> list[str]:
     """Generate text for each soft prompt: see :func:`generate_ids` for the arguments.
 
@@ -238,5 +247,6 @@ def generate(
         eos=eos,
         max_prompt_len=max_prompt_len,
         length_rule=length_rule,
+        engine=engine,
     )
     return decode_new_tokens(tokenizer, ids, resolve_eos(tokenizer, family, eos))
