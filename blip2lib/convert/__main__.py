@@ -12,11 +12,9 @@ import json
 import logging
 import sys
 
-import torch
-
 from ..errors import add_verbosity, log_level, run_guarded
-from ..pretrained import from_pretrained, save_lavis, save_pretrained_hf
-from . import CHECK_TOL, load_hf_reference
+from ..pretrained import from_pretrained, save_lavis, save_pretrained_hf  # torch-free until called
+from . import CHECK_TOL
 from . import __doc__ as _LIBRARY_DOC
 
 
@@ -54,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    import torch  # after parsing: --help stays free of torch
+
+    from . import load_hf_reference
+
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.cmd == "lavis-to-hf":
         model, report = from_pretrained(

@@ -20,7 +20,6 @@ import sys
 from ..errors import add_verbosity, log_level, run_guarded
 from .dedup import dedup_report, image_paths
 from .prepare import DATASETS, prepare
-from .readers import FORMATS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +77,8 @@ def _command(args: argparse.Namespace) -> int:
         else:
             print(text)
         return 0
+    from .readers import FORMATS  # after parsing: the readers import torch
+
     print(json.dumps(FORMATS, indent=2))
     return 0
 
