@@ -38,9 +38,8 @@ from .checkpoint import latest_checkpoint
 from .config import Params, ParamsError, config_to_dict
 from .engine import run_loop
 from .errors import add_verbosity, log_level, run_guarded
-from .optim import LR_SCHEDULES, LRSchedule, build_optimizer, param_groups
-from .precision import VIT_PRECISIONS
-from .tasks import TEXT_PADDINGS
+from .optim import LRSchedule, build_optimizer, param_groups
+from .options import DEFAULT_TIMEOUT_S, LR_SCHEDULES, TEXT_PADDINGS, VIT_PRECISIONS
 from .validate import make_eval_fn
 
 log = logging.getLogger(__name__)
@@ -113,7 +112,7 @@ class TrainParams(Params):
     max_bad_steps: int = 10  # consecutive non-finite steps before stopping
     progress: bool = True  # tqdm bar on rank 0
     tensorboard: bool = False  # also write the log's scalars to <run_dir>/tensorboard (needs `tensorboard`)
-    dist_timeout_s: float = float(dist.DEFAULT_TIMEOUT_S)  # several processes: seconds a rank waits for a hung one
+    dist_timeout_s: float = float(DEFAULT_TIMEOUT_S)  # several processes: seconds a rank waits for a hung one
     cache_max_gib: float = 4.0  # memory budget (GiB) of cache_images and of cache_vision_features, each
 
     # Allowed ranges (checked by from_dict / validate_values before any work). Zero keeps its documented meaning
