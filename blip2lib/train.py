@@ -30,17 +30,34 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from . import dist
-from .assemble import build_data, build_model_and_task, load_init, materialize_frozen
-from .checkpoint import latest_checkpoint
-from .config import ParamsError, config_to_dict
-from .engine import run_loop
 from .errors import add_verbosity, log_level, run_guarded
-from .optim import LRSchedule, build_optimizer, param_groups
 from .train_params import STAGES, TrainParams  # noqa: F401  (STAGES re-exported; TrainParams moved, torch-free)
-from .validate import make_eval_fn
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m blip2lib.train`` (torch-free: ``--help`` is answered before torch loads)."""
+    ap = argparse.ArgumentParser(prog="python -m blip2lib.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="example: python -m blip2lib.train --params s1.yaml --run-dir runs/s1",
+                                 )  # fmt: skip
+    ap.add_argument("--params", required=True, help="flat YAML of TrainParams keys")
+    ap.add_argument("--run-dir", default="", help="output folder (default: the file's run_dir or runs/adhoc)")
+    add_verbosity(ap)
+    return ap
+
+
+if __name__ == "__main__":  # python -m: --help and usage errors exit here, before the torch imports below
+    build_parser().parse_args()
+
+import torch  # noqa: E402
+
+from . import dist  # noqa: E402
+from .assemble import build_data, build_model_and_task, load_init, materialize_frozen  # noqa: E402
+from .checkpoint import latest_checkpoint  # noqa: E402
+from .config import ParamsError, config_to_dict  # noqa: E402
+from .engine import run_loop  # noqa: E402
+from .optim import LRSchedule, build_optimizer, param_groups  # noqa: E402
+from .validate import make_eval_fn  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -232,14 +249,7 @@ def train(params: TrainParams, run_dir: str | Path | None = None) -> RunResult:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m blip2lib.train --params FILE [--run-dir DIR]`` (also under torchrun); exit 2 on a user error."""
-    ap = argparse.ArgumentParser(prog="python -m blip2lib.train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="example: python -m blip2lib.train --params s1.yaml --run-dir runs/s1",
-                                 )  # fmt: skip
-    ap.add_argument("--params", required=True, help="flat YAML of TrainParams keys")
-    ap.add_argument("--run-dir", default="", help="output folder (default: the file's run_dir or runs/adhoc)")
-    add_verbosity(ap)
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=log_level(args) if dist.is_main() else logging.WARNING)
 
     def body() -> int:

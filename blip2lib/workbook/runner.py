@@ -53,7 +53,6 @@ from .jobs import (  # noqa: F401  (re-exported: tests, tools)
     variant_params,
 )
 from .jobs import finished as _finished
-from .preflight import PreflightFailed, preflight
 from .progress import TrainingProgress
 from .report import render_html
 from .run import REPO_ROOT, git_commit
@@ -61,6 +60,21 @@ from .summary import build_index
 
 log = logging.getLogger(__name__)
 _INDEX_LOCK = threading.Lock()
+
+
+# The preflight is imported when a run starts, not with this module: its weight checks import torch, and
+# ``python -m blip2lib.workbook --help`` must not.
+def preflight(*args: Any, **kwargs: Any) -> list:
+    """:func:`blip2lib.workbook.preflight.preflight` (raises ``PreflightFailed`` listing every finding)."""
+    from . import preflight as checks
+
+    return checks.preflight(*args, **kwargs)
+
+
+def _preflight_failed() -> type[BaseException] | tuple[()]:
+    """``PreflightFailed`` once the preflight module is loaded (only it raises one); before that, nothing to catch."""
+    checks = sys.modules.get(f"{__package__}.preflight")
+    return checks.PreflightFailed if checks is not None else ()
 
 
 class RunFailed(RuntimeError):
@@ -479,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             jobs = run_all(args.variant, jobs=args.jobs, **kw)
             print(json.dumps({"reports": [str(j.report) for j in jobs]}, indent=2))
-    except PreflightFailed as e:  # every problem of the params' files, listed at once
+    except _preflight_failed() as e:  # every problem of the params' files, listed at once
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (ParamsError, FileNotFoundError, StaleRun, RunFailed, RuntimeError) as e:
