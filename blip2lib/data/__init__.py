@@ -4,8 +4,7 @@ See ``blip2lib/data/README.md`` for the on-disk layout under ``data_root`` and `
 
 The torch-free modules (annotation files, official formats, ``prepare``, ``dedup``) are imported with the package;
 the torch / PIL / torchvision ones on first use of one of their names (PEP 562), so ``python -m blip2lib.data
---help`` and the workbook's params checks never pay for torch. ``from blip2lib.data import X`` works for every name
-in ``__all__`` either way.
+--help`` never pays for torch. ``from blip2lib.data import X`` works for every name in ``__all__`` either way.
 """
 
 from __future__ import annotations

@@ -120,3 +120,34 @@ def test_slowest_help_is_under_2_seconds(helps):
         subprocess.run(cmd, capture_output=True, check=True)
         best = min(best, time.perf_counter() - t0)
     assert best < 2.0, f"{' '.join(slowest)}: {best:.2f} s"
+
+
+@pytest.mark.parametrize("package", ["blip2lib.data", "blip2lib.evaluate", "blip2lib.toy", "blip2lib.convert"])
+def test_lazy_packages_export_each_name_from_the_module_that_defines_it(package):
+    """Each ``__all__`` name is the object of the one submodule whose source defines it (found here by parsing)."""
+    import ast
+    import importlib
+    from pathlib import Path
+
+    pkg = importlib.import_module(package)
+    defined: dict[str, list[str]] = {}
+    for path in sorted(Path(pkg.__file__).parent.glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names = [node.name]
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names = [t.id for t in targets if isinstance(t, ast.Name)]
+            else:
+                continue
+            for name in names:
+                defined.setdefault(name, []).append(path.stem)
+    assert pkg.__all__
+    for name in pkg.__all__:
+        home = [m for m in defined.get(name, []) if m != "__init__"] or ["__init__"]
+        assert len(home) == 1, (name, home)
+        module = importlib.import_module(package if home == ["__init__"] else f"{package}.{home[0]}")
+        assert getattr(pkg, name) is getattr(module, name), name
+        assert name in dir(pkg)
+    with pytest.raises(AttributeError, match="has no attribute 'not_a_name'"):
+        pkg.not_a_name  # noqa: B018
