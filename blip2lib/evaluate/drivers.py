@@ -40,6 +40,7 @@ from .drivers_common import (
     write_json,
 )
 from .integrity import check_unique_ids, duplicate_captions
+from .pipeline import GroupedVQA, plan_generation, plan_vqa_pipeline
 from .retrieval import FUSIONS, recall_at_k, rerank_scores, trim_padding
 from .vqa import VQADecoding, evaluate_gqa, evaluate_vqa, lemmatize_answers, write_vqav2_submission
 
@@ -127,7 +128,7 @@ def run_vqa(
     model: torch.nn.Module,
     dataset: Dataset,
     decoding: VQADecoding | None,
-    batch_size: int,
+    batch_size: int | str,
     out_dir: str | Path,
     split_name: str,
     annotations: Any = None,
@@ -137,6 +138,8 @@ def run_vqa(
     progress: bool = True,
     autocast: str | None = None,
     identity: dict | None = None,
+    pipeline: str = "auto",
+    decode_engine: str | None = None,
 ) -> dict[str, Any]:
     """Zero-shot VQA evaluation: generate answers, score, write results and the submission file.
 
@@ -145,7 +148,8 @@ def run_vqa(
         dataset: ``VQAEvalDataset`` / ``GQAEvalDataset`` (or any dataset giving ``image``, ``text_input``,
             ``question_id``). Questions go through ``blip_question`` (``pre_question``, idempotent) here.
         decoding: recipe (prompt, beams, lengths, length penalty); None -> ``VQADecoding.paper(model.family)``.
-        batch_size: questions per ``generate`` call.
+        batch_size: questions per ``generate`` call (and images per soft-prompt call when grouped); ``"auto"``: from
+            free GPU memory (``pipeline.auto_batch_size``; 16 on a CPU).
         out_dir: cache + results folder (re-running with the same folder resumes).
         split_name: recorded in the result (e.g. ``"vqa_val_eval"``).
         annotations: official annotation dict/list/path (VQAv2, OK-VQA) or qid -> answer (GQA); None -> the
@@ -158,6 +162,11 @@ def run_vqa(
         identity: where model and data come from, as only the caller knows it (``{"checkpoint":
             checkpoint_identity(path), "ann_file": file_identity(path)}``); recorded in ``result.json`` and part of
             the prediction cache's key (see ``drivers_common``: a changed key moves the old cache aside).
+        pipeline: ``"grouped"``: one soft prompt per image, its questions in length-sorted batches
+            (``blip2lib.evaluate.pipeline``); ``"per_question"``: ``batch_size`` questions per ``generate`` call in
+            dataset order, image and soft prompt per question; ``"auto"``: grouped where it applies (not for the
+            VQA fine-tuned variant, whose Q-Former reads the question). The answers are the same.
+        decode_engine: ``generate``'s ``engine`` (``"auto"`` / ``"hf"`` / ``"static"``); None: its default.
 
     Returns:
         The ``result.json`` dict: ``metrics`` (percent; None without GT; VQAv2 / OK-VQA: the official evaluator's
@@ -174,16 +183,24 @@ def run_vqa(
     meta = cache_meta(model, dataset, identity, autocast, task="gqa" if gqa else "vqa", split=split_name,
                       n_items=len(dataset), decoding=_recipe(decoding), generate_kwargs=gen_kwargs,
                       question_processor="pre_question")  # fmt: skip
+    batch_size, call_kwargs, plan = plan_generation(model, batch_size, gen_kwargs, decode_engine,
+                                                    gen_kwargs.get("max_prompt_len") or 32)  # fmt: skip
+    plan["pipeline"] = plan_vqa_pipeline(model, dataset, pipeline)
+
+    def prompt(question: str) -> str:
+        return decoding.format_prompt(pre_question(question))
 
     def prompts(batch: dict) -> list[str]:
-        return [decoding.format_prompt(pre_question(q)) for q in batch["text_input"]]
+        return [prompt(q) for q in batch["text_input"]]
 
     def record(batch: dict, j: int) -> dict:
         qid = batch["question_id"][j]
         return {"id": int(qid) if isinstance(qid, torch.Tensor) else qid}
 
-    records, stats = generation_pass(model, dataset, out_dir, meta, batch_size, prompts, record, gen_kwargs,
-                                     num_workers, progress, autocast)  # fmt: skip
+    grouped = plan["pipeline"] == "grouped"
+    runner = GroupedVQA(model, dataset, batch_size, prompt, call_kwargs, num_workers) if grouped else None
+    records, stats = generation_pass(model, dataset, out_dir, meta, batch_size, prompts, record, call_kwargs,
+                                     num_workers, progress, autocast, runner)  # fmt: skip
     rows, timing = gather_records(records, stats)
     result: dict[str, Any] = {}
     if dist.is_main():
@@ -206,8 +223,7 @@ def run_vqa(
             "metrics": metrics,
             "config": {"decoding": dataclasses.asdict(decoding), "generate_kwargs": gen_kwargs,
                        "family": model.family, "question_processor": "blip_question (pre_question, max_words=50)",
-                       "lemmatize": lemmatize, "batch_size": batch_size, "identity": identity or {},
-                       **environment_info(model, autocast)},
+                       "lemmatize": lemmatize, **plan, "identity": identity or {}, **environment_info(model, autocast)},
             "counts": {"n_questions": len(dataset), "n_predicted": len(preds), "n_scored":
                        (metrics or {}).get("n_questions", 0), "bad_samples": bad, "complete": bad["count"] == 0},
             "timing": timing,
@@ -222,7 +238,7 @@ def run_caption(
     dataset: Dataset,
     decoding: CaptionDecoding | None,
     gt: Any,
-    batch_size: int,
+    batch_size: int | str,
     out_dir: str | Path,
     split_name: str = "",
     metrics: tuple[str, ...] | list[str] = ALL_METRICS,
@@ -230,6 +246,7 @@ def run_caption(
     progress: bool = True,
     autocast: str | None = None,
     identity: dict | None = None,
+    decode_engine: str | None = None,
 ) -> dict[str, Any]:
     """Caption evaluation: generate one caption per image, COCO metrics, NoCaps domain breakdown.
 
@@ -240,7 +257,7 @@ def run_caption(
         dataset: ``CaptionEvalDataset`` (Karpathy val/test) or ``NoCapsDataset`` (items with ``domain``).
         decoding: recipe; None -> ``CaptionDecoding.paper()``.
         gt: COCO-format GT dict/path, or image_id -> captions; None -> no scoring (submission file only).
-        batch_size: images per ``generate`` call.
+        batch_size: images per ``generate`` call; ``"auto"``: from free GPU memory (as in :func:`run_vqa`).
         out_dir: cache + results folder (re-running resumes).
         split_name: recorded in the result.
         metrics: subset of ``ALL_METRICS`` (METEOR/SPICE need Java; SPICE may be "not computed").
@@ -248,6 +265,7 @@ def run_caption(
         progress: tqdm bar on rank 0.
         autocast: ``"fp16"`` / ``"bf16"`` or None.
         identity: checkpoint / annotation-file identity, recorded and part of the cache key (as in :func:`run_vqa`).
+        decode_engine: ``generate``'s ``engine`` (``"auto"`` / ``"hf"`` / ``"static"``); None: its default.
 
     Returns:
         The ``result.json`` dict (``metrics`` in percent; for NoCaps ``{in-domain, near-domain, out-domain,
@@ -258,6 +276,8 @@ def run_caption(
     gen_kwargs = decoding.generate_kwargs()
     meta = cache_meta(model, dataset, identity, autocast, task="caption", split=split_name, n_items=len(dataset),
                       decoding=_recipe(decoding), generate_kwargs=gen_kwargs)  # fmt: skip
+    prompt_len = len(model.tokenizer(decoding.prompt).input_ids) if getattr(model, "tokenizer", None) else 32
+    batch_size, call_kwargs, plan = plan_generation(model, batch_size, gen_kwargs, decode_engine, prompt_len)
 
     def prompts(batch: dict) -> list[str]:
         return [decoding.prompt] * batch["batch_size"]
@@ -268,7 +288,7 @@ def run_caption(
             row["domain"] = batch["domain"][j]
         return row
 
-    records, stats = generation_pass(model, dataset, out_dir, meta, batch_size, prompts, record, gen_kwargs,
+    records, stats = generation_pass(model, dataset, out_dir, meta, batch_size, prompts, record, call_kwargs,
                                      num_workers, progress, autocast)  # fmt: skip
     rows, timing = gather_records(records, stats)
     result: dict[str, Any] = {}
@@ -293,8 +313,8 @@ def run_caption(
             "split": split_name,
             "metrics": scores,
             "config": {"decoding": dataclasses.asdict(decoding), "generate_kwargs": gen_kwargs,
-                       "family": model.family, "metrics": list(metrics), "batch_size": batch_size,
-                       "identity": identity or {}, **environment_info(model, autocast)},
+                       "family": model.family, "metrics": list(metrics), **plan, "identity": identity or {},
+                       **environment_info(model, autocast)},
             "counts": {"n_images": len(dataset), "n_predicted": len(preds), "bad_samples": bad,
                        "complete": bad["count"] == 0},
             "timing": timing,
