@@ -70,7 +70,7 @@ def supports_grouping(model: Any, dataset: Dataset) -> str | None:
 
 
 def group_by_image(dataset: Dataset, indices: Sequence[int]) -> list[list[int]]:
-    """``indices`` grouped by their annotation's ``image`` path: groups in first-appearance order, indices sorted."""
+    """``indices`` grouped by their annotation's ``image`` path: groups in first-appearance order, members as given."""
     groups: dict[str, list[int]] = {}
     for i in indices:
         groups.setdefault(dataset.annotation[i]["image"], []).append(i)
