@@ -197,10 +197,11 @@ def run_vqa(
         qid = batch["question_id"][j]
         return {"id": int(qid) if isinstance(qid, torch.Tensor) else qid}
 
-    grouped = plan["pipeline"] == "grouped"
-    runner = GroupedVQA(model, dataset, batch_size, prompt, call_kwargs, num_workers) if grouped else None
+    grouped = {}  # per question: generation_pass's own loop
+    if plan["pipeline"] == "grouped":
+        grouped["runner"] = GroupedVQA(model, dataset, batch_size, prompt, call_kwargs, num_workers)
     records, stats = generation_pass(model, dataset, out_dir, meta, batch_size, prompts, record, call_kwargs,
-                                     num_workers, progress, autocast, runner)  # fmt: skip
+                                     num_workers, progress, autocast, **grouped)  # fmt: skip
     rows, timing = gather_records(records, stats)
     result: dict[str, Any] = {}
     if dist.is_main():

@@ -253,10 +253,32 @@ def test_decode_engine_reaches_generate(tmp_path):
     assert "engine" not in res["cache"]["key"]["generate_kwargs"]  # the engine does not change an answer
 
 
-def test_vqav2_pipeline_projection_is_the_hand_arithmetic():
+@pytest.fixture(scope="module")
+def decode_rows():
     spec = importlib.util.spec_from_file_location("bench_decode_rows", ROOT / "benchmarks" / "decode_rows.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_vqav2_pipeline_projection_is_the_hand_arithmetic(decode_rows):
     # 40,504 images at 100 img/s = 405.04 s; 214,354 questions at 200 q/s = 1,071.77 s; total 1,476.81 s
-    assert mod.project_vqav2(images_per_s=100.0, questions_per_s=200.0) == pytest.approx(1476.81 / 60, rel=1e-12)
-    assert mod.project_vqav2(40_504.0, 214_354.0) == pytest.approx(2 / 60, rel=1e-12)
+    assert decode_rows.project_vqav2(images_per_s=100.0, questions_per_s=200.0) == pytest.approx(
+        1476.81 / 60, rel=1e-12
+    )
+    assert decode_rows.project_vqav2(40_504.0, 214_354.0) == pytest.approx(2 / 60, rel=1e-12)
+
+
+def test_logit_difference_column(decode_rows):
+    a = torch.tensor([[0.0, 1.0], [2.0, 3.0]])  # (B=2, V): a loop that prefills each sample once
+    b = a.repeat_interleave(3, 0)  # (B x 3 beams, V): one that prefills every beam
+    b[4, 1] += 0.25
+    # step 1: rows repeated to line up, worst entry 0.25; step 2: 5 rows cannot line up with 2 -> not compared
+    assert decode_rows.max_logit_diff([a, a], [b, torch.zeros(5, 2)]) == (0.25, 1)
+    assert decode_rows.max_logit_diff([], []) == (None, 0)
+    llm = tiny_blip2("opt").language_model
+    ids = torch.tensor([[2, 5, 7], [2, 9, 4]])
+    with torch.no_grad():
+        outs = [llm(input_ids=ids[:, : k + 1]).logits[:, -1] for k in range(3)]  # (2, V) per call
+        seen = decode_rows.step_logits(llm, lambda: [llm(input_ids=ids[:, : k + 1]) for k in range(3)], steps=2)
+    assert len(seen) == 2 and all(torch.equal(s, o) for s, o in zip(seen, outs))  # the first 2 calls, last position
