@@ -3,7 +3,8 @@
 See docs/paper_map.md §4.3, §5.
 
 * :func:`run_vqa` / :func:`run_caption`: batched beam-search generation (``Blip2.generate``), sharded over ranks,
-  resumable from ``<out_dir>/predictions.<rank>.jsonl`` (see ``drivers_common``), scored on rank 0.
+  resumable from ``<out_dir>/predictions.<rank>.jsonl`` (see ``drivers_common``), scored on rank 0. VQA runs one
+  soft prompt per image by default (``pipeline.GroupedVQA``).
 * :func:`run_retrieval`: ITC over all pairs, ITM re-ranking of the top-k (``rerank_scores``), recalls.
 
 Every driver writes ``<out_dir>/result.json`` = metrics in percent (``"unit": "percent"``, user need 31) plus the
@@ -148,8 +149,7 @@ def run_vqa(
         dataset: ``VQAEvalDataset`` / ``GQAEvalDataset`` (or any dataset giving ``image``, ``text_input``,
             ``question_id``). Questions go through ``blip_question`` (``pre_question``, idempotent) here.
         decoding: recipe (prompt, beams, lengths, length penalty); None -> ``VQADecoding.paper(model.family)``.
-        batch_size: questions per ``generate`` call (and images per soft-prompt call when grouped); ``"auto"``: from
-            free GPU memory (``pipeline.auto_batch_size``; 16 on a CPU).
+        batch_size: questions per ``generate`` call (images per soft prompt when grouped); ``"auto"``: free memory.
         out_dir: cache + results folder (re-running with the same folder resumes).
         split_name: recorded in the result (e.g. ``"vqa_val_eval"``).
         annotations: official annotation dict/list/path (VQAv2, OK-VQA) or qid -> answer (GQA); None -> the
@@ -162,10 +162,8 @@ def run_vqa(
         identity: where model and data come from, as only the caller knows it (``{"checkpoint":
             checkpoint_identity(path), "ann_file": file_identity(path)}``); recorded in ``result.json`` and part of
             the prediction cache's key (see ``drivers_common``: a changed key moves the old cache aside).
-        pipeline: ``"grouped"``: one soft prompt per image, its questions in length-sorted batches
-            (``blip2lib.evaluate.pipeline``); ``"per_question"``: ``batch_size`` questions per ``generate`` call in
-            dataset order, image and soft prompt per question; ``"auto"``: grouped where it applies (not for the
-            VQA fine-tuned variant, whose Q-Former reads the question). The answers are the same.
+        pipeline: ``"grouped"`` (one soft prompt per image, length-sorted question batches: ``evaluate.pipeline``),
+            ``"per_question"`` (image and soft prompt per question) or ``"auto"`` (grouped where it applies).
         decode_engine: ``generate``'s ``engine`` (``"auto"`` / ``"hf"`` / ``"static"``); None: its default.
 
     Returns:
@@ -183,8 +181,7 @@ def run_vqa(
     meta = cache_meta(model, dataset, identity, autocast, task="gqa" if gqa else "vqa", split=split_name,
                       n_items=len(dataset), decoding=_recipe(decoding), generate_kwargs=gen_kwargs,
                       question_processor="pre_question")  # fmt: skip
-    batch_size, call_kwargs, plan = plan_generation(model, batch_size, gen_kwargs, decode_engine,
-                                                    gen_kwargs.get("max_prompt_len") or 32)  # fmt: skip
+    batch_size, call_kwargs, plan = plan_generation(model, batch_size, gen_kwargs, decode_engine)
     plan["pipeline"] = plan_vqa_pipeline(model, dataset, pipeline)
 
     def prompt(question: str) -> str:
@@ -277,8 +274,7 @@ def run_caption(
     gen_kwargs = decoding.generate_kwargs()
     meta = cache_meta(model, dataset, identity, autocast, task="caption", split=split_name, n_items=len(dataset),
                       decoding=_recipe(decoding), generate_kwargs=gen_kwargs)  # fmt: skip
-    prompt_len = len(model.tokenizer(decoding.prompt).input_ids) if getattr(model, "tokenizer", None) else 32
-    batch_size, call_kwargs, plan = plan_generation(model, batch_size, gen_kwargs, decode_engine, prompt_len)
+    batch_size, call_kwargs, plan = plan_generation(model, batch_size, gen_kwargs, decode_engine)
 
     def prompts(batch: dict) -> list[str]:
         return [decoding.prompt] * batch["batch_size"]

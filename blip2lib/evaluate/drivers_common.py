@@ -336,7 +336,18 @@ def generation_pass(
     return records, stats
 
 
-def _per_item(model, dataset, todo, write, device, batch_size, prompts_fn, record_fn, gen_kwargs, num_workers):
+def _per_item(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    todo: list[int],
+    write: Callable[[list[dict]], None],
+    device: torch.device,
+    batch_size: int,
+    prompts_fn: Callable[[dict], list[str]],
+    record_fn: Callable[[dict, int], dict],
+    gen_kwargs: dict[str, Any],
+    num_workers: int,
+) -> None:
     """The item-by-item loop: ``batch_size`` dataset items per ``generate`` call, in dataset order."""
     bad_log = getattr(dataset, "bad_log", None)
     loader = DataLoader(IndexedSubset(dataset, todo), batch_size=batch_size, shuffle=False, num_workers=num_workers,

@@ -252,6 +252,9 @@ def plan_generation(
 ) -> tuple[int, dict[str, Any], dict[str, Any]]:
     """``(batch_size, call kwargs, config)`` of a generation pass: resolves ``"auto"`` and adds the engine.
 
+    ``"auto"`` charges ``prompt_len`` prompt tokens per item: 32 is LAVIS's OPT question truncation, and more than a
+    caption prompt takes (the estimate errs on the side of memory).
+
     ``engine`` None leaves ``generate``'s own default (nothing is passed); the engine never changes an answer, so it
     is recorded in the result (``config``) but is not part of the prediction cache's key, like ``batch_size``.
     """
