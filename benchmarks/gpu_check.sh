@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one script a GPU host runs: the gpu-marked tests, then the full-size benchmark (≤ 8 min on one H100).
-# Usage: bash benchmarks/gpu_check.sh [extra benchmark flags, e.g. --compile or --only caption]
+# Usage: bash benchmarks/gpu_check.sh [extra benchmark flags, e.g. --compile, --only caption, --engine static]
 #        PY=python3 OUT_DIR=/tmp/out bash benchmarks/gpu_check.sh   (a host whose python already has torch,
 #        transformers, timm, pytest: no .venv needed; results and logs go to OUT_DIR)
 # Writes $OUT_DIR/results_<gpu>.json (e.g. results_h100.json; OUT_DIR defaults to benchmarks/) and the logs beside it.
