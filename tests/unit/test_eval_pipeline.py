@@ -282,3 +282,18 @@ def test_logit_difference_column(decode_rows):
         outs = [llm(input_ids=ids[:, : k + 1]).logits[:, -1] for k in range(3)]  # (2, V) per call
         seen = decode_rows.step_logits(llm, lambda: [llm(input_ids=ids[:, : k + 1]) for k in range(3)], steps=2)
     assert len(seen) == 2 and all(torch.equal(s, o) for s, o in zip(seen, outs))  # the first 2 calls, last position
+
+
+@pytest.mark.gpu
+def test_grouped_on_cuda_with_workers_and_auto_batch_size(tmp_path, monkeypatch):
+    """CUDA: pinned batches from 2 workers, the device synchronised around the soft prompt, free memory read."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 arithmetic on both paths
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    ds, _ = vqa_split(tmp_path / "data")
+    model = tiny_blip2("opt").cuda()
+    run_vqa(model, ds, DECODING, 4, tmp_path / "p", "v", progress=False, pipeline="per_question")
+    res = run_vqa(model, ds, DECODING, 4, tmp_path / "g", "v", progress=False, pipeline="grouped", num_workers=2)
+    assert _files(tmp_path / "g") == _files(tmp_path / "p") and res["counts"]["n_predicted"] == 16
+    n, info = auto_batch_size(model, num_beams=5, max_new_tokens=10)
+    raw = int(0.5 * info["free_bytes"] // info["bytes_per_question"])
+    assert info["free_bytes"] > 0 and n == max(1, min(256, raw // 8 * 8 if raw >= 8 else raw))
