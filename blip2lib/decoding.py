@@ -23,6 +23,8 @@ import torch
 # step(tokens (N, 1), cache, past_length) -> (logits (N, V), new_cache); reorder(cache, index (N,)) -> cache
 StepFn = Callable[[torch.Tensor, object, int], tuple[torch.Tensor, object]]
 ReorderFn = Callable[[object, torch.Tensor], object]
+# hook(log_probs (N, V), generated tokens so far (N, t)) -> log_probs: a transformers logits processor's place
+LogitsHook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _NEG = -1.0e9  # transformers' additive mask for pruned / not-finished entries (finite, unlike -inf)
 
 
@@ -45,6 +47,7 @@ def beam_search(
     min_new_tokens: int = 10,
     length_penalty: float = 1.0,
     device: torch.device | str = "cpu",
+    logits_hook: LogitsHook | None = None,
 ) -> torch.Tensor:
     """Beam search (``num_beams == 1`` is greedy) as transformers runs it (see the module docstring).
 
@@ -61,6 +64,8 @@ def beam_search(
         min_new_tokens: EOS is suppressed until this many tokens were generated.
         length_penalty: final score = sum log-prob / (generated tokens) ** length_penalty.
         device: device of the token tensors.
+        logits_hook: applied to the log-probabilities before the ``min_new_tokens`` mask, with the running beams'
+            tokens (flat rows), where transformers runs its logits processors (e.g. the repetition penalty).
 
     Returns:
         (B, T) generated ids of the best hypothesis (without ``bos_id``), padded with ``pad_id`` after EOS;
@@ -81,6 +86,8 @@ def beam_search(
     for t in range(t_max):
         logits, cache = step(last, cache, t)
         logp = torch.log_softmax(logits.float(), dim=-1)  # (B*K, V)
+        if logits_hook is not None:
+            logp = logits_hook(logp, run_seq[:, :, :t].reshape(batch * k, t))
         if t < min_new_tokens:
             logp[:, eos_id] = float("-inf")
         vocab = logp.shape[-1]
