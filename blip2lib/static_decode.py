@@ -21,10 +21,10 @@ Processors, as ``generate`` builds them from our :class:`~transformers.Generatio
 (over the generated tokens; a T5 decoder also counts its start token) then ``min_new_tokens`` (EOS to ``-inf``).
 Greedy applies them to logits, beam search to log-probabilities, like transformers.
 
-Two cache modes (:class:`SlabLayer`): ``exact`` returns the written prefix of the buffer, so attention sees exactly
-the keys transformers' growing cache holds (the CPU default); ``bucket`` returns a fixed-length window (the next
-multiple of ``bucket`` tokens) with a prepared mask, the static shapes a CUDA graph needs (see
-:mod:`blip2lib.static_graphs`).
+Cache modes (``mode`` of :func:`static_generate`, :class:`SlabLayer`): ``exact`` hands attention the written prefix
+of the buffer, exactly the keys transformers' growing cache holds (the CPU default); ``bucket`` hands it a window of
+fixed length (cache length rounded up to ``bucket`` positions) with a prepared mask: the static shapes and addresses
+a CUDA graph needs. ``graphs`` (the CUDA default) captures one step per window and replays it.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderD
 from .decoding import beam_search
 
 STATIC_MODEL_TYPES = {"opt": ("opt",), "t5": ("t5",)}  # families -> transformers model_type our loop drives
+MODES = ("exact", "bucket", "graphs")  # see static_generate
 
 
 def supports(model: PreTrainedModel, family: str, do_sample: bool) -> bool:
@@ -74,8 +75,9 @@ class SlabLayer(DynamicLayer):
         self.values.index_copy_(2, self.pos, value_states)
         return self.keys[:, :, : self.window], self.values[:, :, : self.window]
 
-    def get_seq_length(self) -> int:  # noqa: D102
-        return self.length
+    def get_seq_length(self) -> int | torch.Tensor:  # noqa: D102
+        # bucket mode: the device tensor, so T5's relative position bias follows the step inside a replayed graph
+        return self.length if self.window is None else self.pos
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:  # noqa: D102
         return (self.length + query_length if self.window is None else self.window), 0
@@ -107,8 +109,8 @@ def _slab_from(prefill: Cache, rows_per_sample: int, max_len: int) -> list[SlabL
 class _Decoder:
     """The state of one batched decode: prefill once per sample, then one-token steps on ``B * K`` rows."""
 
-    def __init__(self, model, family, embeds, mask, k, max_new_tokens, decoder_start_id):
-        self.model, self.family, self.k = model, family, k
+    def __init__(self, model, family, embeds, mask, k, max_new_tokens, decoder_start_id, mode="exact", bucket=32):
+        self.model, self.family, self.k, self.mode, self.bucket = model, family, k, mode, bucket
         b = embeds.shape[0]
         if family == "opt":
             out = model(inputs_embeds=embeds, attention_mask=mask, cache=DynamicCache(config=model.config),
@@ -135,11 +137,84 @@ class _Decoder:
             self.mask = mask.repeat_interleave(k, 0)  # (N, S) encoder mask for cross-attention
         # (B, V) -> (N, V): the K beams of a sample start from the same logits
         self.first = out.logits[:, -1].repeat_interleave(k, 0)
+        if mode != "exact":
+            self._static_inputs(mask)
+
+    def _static_inputs(self, mask: torch.Tensor) -> None:
+        """Fixed-address inputs of a bucket-mode step (what a CUDA graph reads), updated in place before each step."""
+        n, cap, dev = self.first.shape[0], self.layers[0].keys.shape[2], self.first.device
+        self.tok = torch.zeros(n, 1, dtype=torch.long, device=dev)  # (N, 1) token fed at this step
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)  # (1,) cache index it is written to
+        for layer in self.layers:
+            layer.pos = self.pos
+        valid = torch.zeros(n, cap, dtype=torch.bool, device=dev)  # (N, L) keys a query may attend to
+        if self.family == "opt":
+            valid[:, : self.start] = self.mask[:, : self.start].bool()
+            self.real = self.mask[:, : self.start].sum(1, keepdim=True)  # (N, 1) real tokens of the prompt
+            self.pos_ids = torch.zeros(n, 1, dtype=torch.long, device=dev)  # (N, 1) OPT's mask-cumsum position
+        else:
+            valid[:, 0] = True  # the decoder start token
+            self.cross = self._mask4(self.mask.bool())  # (N, 1, 1, S) encoder padding, built once
+        self.self_mask = self._mask4(valid)  # (N, 1, 1, L), one more key opened per step
+        self.graphs: dict[int, tuple] = {}  # window -> (graph, logits)
+        self.pool = None
+
+    def _mask4(self, valid: torch.Tensor) -> torch.Tensor:
+        """(N, K) bool -> (N, 1, 1, K) mask in the format transformers builds for this attention implementation."""
+        if self.model.config._attn_implementation == "eager":  # additive float: 0 or the dtype's minimum
+            dtype = self.model.get_input_embeddings().weight.dtype  # transformers: the decoder inputs' dtype
+            return torch.where(valid, 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None]
+        return valid[:, None, None].clone()  # sdpa / flex: True = attend
+
+    def _forward(self, window: int) -> torch.Tensor:
+        """One bucket-mode step on the fixed-address inputs: logits (N, V)."""
+        if self.family == "opt":
+            out = self.model(input_ids=self.tok, attention_mask=self.self_mask[..., :window], position_ids=self.pos_ids,
+                             cache=self.cache, use_cache=True)  # fmt: skip
+        else:
+            out = self.model(decoder_input_ids=self.tok, encoder_outputs=(self.enc,), attention_mask=self.cross,
+                             decoder_attention_mask=self.self_mask[..., :window], cache=self.cache,
+                             use_cache=True)  # fmt: skip
+        return out.logits[:, -1]
+
+    def _bucket_step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
+        pos = self.start + t - 1  # where the fed token's key/value goes
+        cap = self.layers[0].keys.shape[2]
+        window = min(cap, -(-(pos + 1) // self.bucket) * self.bucket)  # keys [0, pos] rounded up to the bucket
+        self.tok.copy_(tokens)
+        self.pos.fill_(pos)
+        self.self_mask[:, 0, 0, pos] = True if self.self_mask.dtype == torch.bool else 0.0
+        if self.family == "opt":
+            torch.add(self.real, t - 1, out=self.pos_ids)  # cumsum(mask) - 1 at the new token
+        for layer in self.layers:
+            layer.window, layer.length = window, pos + 1
+        if self.mode == "bucket":
+            return self._forward(window)
+        if window not in self.graphs:
+            self.graphs[window] = self._capture(window)
+        graph, logits = self.graphs[window]
+        graph.replay()
+        return logits
+
+    def _capture(self, window: int) -> tuple:
+        """Record one step at this window as a CUDA graph (memory pool shared by all windows of this decode)."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the capture (lazy inits, workspaces): writes the same K/V
+            self._forward(window)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        self.pool = self.pool if self.pool is not None else torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._forward(window)
+        return graph, logits
 
     def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
         """Logits (N, V) after feeding ``tokens`` (N, 1), the token generated at step ``t - 1``; ``t == 0``: prefill."""
         if t == 0:
             return self.first
+        if self.mode != "exact":
+            return self._bucket_step(tokens, t)
         if self.family == "opt":
             out = self.model(input_ids=tokens, attention_mask=self.mask[:, : self.layers[0].length + 1],
                              cache=self.cache, use_cache=True)  # fmt: skip
@@ -177,6 +252,8 @@ def static_generate(
     eos_id: int,
     pad_id: int | None,
     decoder_start_id: int | None = None,
+    mode: str = "auto",
+    bucket: int = 32,
 ) -> torch.Tensor:
     """New token ids for ``[soft prompt ; prompt]`` inputs, the ids transformers' ``generate`` returns.
 
@@ -194,6 +271,11 @@ def static_generate(
         pad_id: filler after EOS (greedy); beam search fills with ``pad_id`` unless it is 0 or None, then ``eos_id``
             (transformers' ``pad_token_id or eos_token_id``).
         decoder_start_id: T5 decoder start token.
+        mode: ``"exact"`` (eager steps, attention over the written keys only, as transformers' growing cache),
+            ``"bucket"`` (eager steps at fixed shapes: a window of ``bucket``-rounded cache length and a prepared
+            mask), ``"graphs"`` (bucket shapes, each window's step captured once as a CUDA graph and replayed) or
+            ``"auto"`` (``"graphs"`` on CUDA, ``"exact"`` elsewhere).
+        bucket: window granularity in cache positions for ``"bucket"`` / ``"graphs"`` (one graph per window).
 
     Returns:
         (B, T) new ids, T ≤ ``max_new_tokens``, as ``generate`` returns them (T5's start token dropped).
@@ -202,8 +284,14 @@ def static_generate(
         raise ValueError(f"static decoding supports families {tuple(STATIC_MODEL_TYPES)}, got {family!r}")
     if family == "t5" and decoder_start_id is None:
         raise ValueError("static decoding of a T5 model needs decoder_start_id")
+    if mode == "auto":
+        mode = "graphs" if embeds.device.type == "cuda" else "exact"
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES + ('auto',)}, got {mode!r}")
+    if mode == "graphs" and embeds.device.type != "cuda":
+        raise ValueError(f"mode='graphs' needs CUDA tensors, got {embeds.device}")
     b, k = embeds.shape[0], num_beams
-    dec = _Decoder(model, family, embeds, mask, k, max_new_tokens, decoder_start_id)
+    dec = _Decoder(model, family, embeds, mask, k, max_new_tokens, decoder_start_id, mode, bucket)
     start_col = None if family == "opt" else torch.full((b * k, 1), decoder_start_id, device=embeds.device)
 
     def seen(generated: torch.Tensor) -> torch.Tensor:  # what transformers' input_ids hold: (N, [1 +] t)
