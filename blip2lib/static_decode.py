@@ -29,11 +29,15 @@ a CUDA graph needs. ``graphs`` (the CUDA default) captures one step per window a
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
 
 from .decoding import beam_search
+
+log = logging.getLogger(__name__)
 
 STATIC_MODEL_TYPES = {"opt": ("opt",), "t5": ("t5",)}  # families -> transformers model_type our loop drives
 MODES = ("exact", "bucket", "graphs")  # see static_generate
@@ -191,7 +195,12 @@ class _Decoder:
         if self.mode == "bucket":
             return self._forward(window)
         if window not in self.graphs:
-            self.graphs[window] = self._capture(window)
+            try:
+                self.graphs[window] = self._capture(window)
+            except RuntimeError as err:  # an op of this model that cannot be captured: same steps, no graphs
+                log.warning("CUDA graph capture failed (%s); decoding on without graphs", err)
+                self.mode = "bucket"
+                return self._forward(window)
         graph, logits = self.graphs[window]
         graph.replay()
         return logits

@@ -9,9 +9,12 @@ computed once, beam reorders that leave the prompt part of the cache alone) are 
 and by reordering a cache by hand.
 """
 
+import functools
+
 import pytest
 import torch
 
+from blip2lib import static_decode
 from blip2lib.config import tiny_config
 from blip2lib.generation import generate_ids
 from blip2lib.llm import build_llm, freeze_llm_
@@ -194,3 +197,30 @@ def test_t5_repetition_penalty_counts_the_decoder_start_token(llms):
             assert (ids[:, 0] == 0).all() if beams == 1 else (ids[:, 0] == 0).sum() >= 3
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("family", ["opt", "t5"])
+def test_bucket_mode_equals_transformers(llms, family, monkeypatch):
+    # the fixed-shape steps a CUDA graph records (cache window rounded up to 4 positions, prepared masks, device-side
+    # write position), run eagerly: still transformers' ids, in sdpa and eager attention
+    windows = []
+    real_step = static_decode._Decoder._bucket_step
+
+    def spy(self, tokens, t):
+        logits = real_step(self, tokens, t)
+        windows.append(self.layers[0].window)
+        return logits
+
+    monkeypatch.setattr(static_decode._Decoder, "_bucket_step", spy)
+    bucketed = functools.partial(static_decode.static_generate, mode="bucket", bucket=4)
+    monkeypatch.setattr(static_decode, "static_generate", bucketed)
+    model = llms[family][0]
+    for attn in ("sdpa", "eager"):
+        monkeypatch.setattr(model.config, "_attn_implementation", attn)
+        for beams, lp, rp, lo in (CASES[1], CASES[3]):
+            _both(llms, family, num_beams=beams, length_penalty=lp, repetition_penalty=rp, min_new_tokens=lo)
+    assert len(set(windows)) >= 3  # several windows were used
+    with pytest.raises(ValueError, match="needs CUDA"):
+        static_decode.static_generate(model, family, torch.zeros(1, 2, 32), torch.ones(1, 2), num_beams=1,
+                                      max_new_tokens=2, min_new_tokens=0, length_penalty=1.0, repetition_penalty=1.0,
+                                      eos_id=1, pad_id=0, decoder_start_id=0, mode="graphs")  # fmt: skip
