@@ -1,9 +1,10 @@
 """Batched greedy / beam-search decoder over a step function with a key/value cache.
 
-Used by the Q-Former-only captioner of the stage-1 model (beam 3 from ``[DEC]``, EOS = ``[SEP]``); the LLM side
-uses transformers' ``generate`` (see ``blip2lib.generation``). The search follows transformers' own beam search
-step for step (``GenerationMixin._beam_search`` of the installed 5.x, default ``early_stopping=False``), so the two
-agree token for token on the same log-probabilities (``tests/unit/test_decoding.py`` checks this):
+Used by the Q-Former-only captioner of the stage-1 model (beam 3 from ``[DEC]``, EOS = ``[SEP]``) and by the LLM's
+static decode engine (``blip2lib.static_decode``, with a ``logits_hook`` for the repetition penalty). The search
+follows transformers' own beam search step for step (``GenerationMixin._beam_search`` of the installed 5.x, default
+``early_stopping=False``), so the two agree token for token on the same log-probabilities
+(``tests/unit/test_decoding.py`` and ``tests/unit/test_static_decode.py`` check this):
 
 * every step ranks the ``2K`` best continuations of the ``K`` running beams by summed log-probability;
 * a continuation that ends (EOS, or the last allowed token) is a finished hypothesis only when it ranks among the

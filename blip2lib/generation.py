@@ -25,6 +25,11 @@ Length rules (``length_rule``; :func:`new_token_bounds` turns each into exact ge
 transformers 5.x ``generate(inputs_embeds=..., attention_mask=...)`` without ``input_ids`` returns ONLY the new
 tokens for a decoder-only model, and ``[decoder_start, new tokens…]`` for T5; :func:`generate_ids` normalises both
 to new tokens only. Repetition penalty therefore sees generated tokens only (the prompt ids are not passed).
+
+Decode engines (``engine``): ``"hf"`` calls transformers' ``generate``; ``"static"`` is our loop over the same modules
+(:mod:`blip2lib.static_decode`: one prefill per sample, preallocated cache, CUDA graphs on GPU) and returns the same
+ids; ``"auto"`` (default) takes ``"static"`` for OPT / T5 models without sampling, on every device (the same ids, and
+less work: the beam-search prefill runs once per sample instead of once per beam), and ``"hf"`` otherwise.
 """
 
 from __future__ import annotations
@@ -138,7 +143,7 @@ def generate_ids(
     length_rule: str = "new",
     engine: str = "auto",
 ) -> torch.Tensor:
-    r"""Generate NEW token ids from the soft prompt + text prompt (HF ``generate`` on ``inputs_embeds``).
+    r"""Generate NEW token ids from the soft prompt + text prompt (transformers' ``generate`` or our static loop).
 
     Args:
         model: frozen transformers LLM (eval).
