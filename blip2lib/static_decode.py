@@ -114,7 +114,7 @@ class _Decoder:
     """The state of one batched decode: prefill once per sample, then one-token steps on ``B * K`` rows."""
 
     def __init__(self, model, family, embeds, mask, k, max_new_tokens, decoder_start_id, mode="exact", bucket=32):
-        self.model, self.family, self.k, self.mode, self.bucket = model, family, k, mode, bucket
+        self.model, self.family, self.mode, self.bucket = model, family, mode, bucket
         b = embeds.shape[0]
         if family == "opt":
             out = model(inputs_embeds=embeds, attention_mask=mask, cache=DynamicCache(config=model.config),
@@ -142,9 +142,9 @@ class _Decoder:
         # (B, V) -> (N, V): the K beams of a sample start from the same logits
         self.first = out.logits[:, -1].repeat_interleave(k, 0)
         if mode != "exact":
-            self._static_inputs(mask)
+            self._static_inputs()
 
-    def _static_inputs(self, mask: torch.Tensor) -> None:
+    def _static_inputs(self) -> None:
         """Fixed-address inputs of a bucket-mode step (what a CUDA graph reads), updated in place before each step."""
         n, cap, dev = self.first.shape[0], self.layers[0].keys.shape[2], self.first.device
         self.tok = torch.zeros(n, 1, dtype=torch.long, device=dev)  # (N, 1) token fed at this step
