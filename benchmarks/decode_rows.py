@@ -72,7 +72,9 @@ def step_logits(llm: torch.nn.Module, fn, steps: int = LOGIT_STEPS) -> list[torc
     def hook(module, args, out):
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
         if len(got) < steps and not capturing:
-            got.append(out[:, -1].float().cpu() if out.dim() == 3 else out.float().cpu())  # (rows, V)
+            # a copy: on a CPU in fp32 .float().cpu() is the same storage, and a loop that masks its logits in place
+            # (EOS under min_new_tokens) would change what was recorded
+            got.append((out[:, -1] if out.dim() == 3 else out).detach().float().cpu().clone())  # (rows, V)
 
     handle = llm.get_output_embeddings().register_forward_hook(hook)
     try:

@@ -283,6 +283,13 @@ def test_logit_difference_column(decode_rows):
         seen = decode_rows.step_logits(llm, lambda: [llm(input_ids=ids[:, : k + 1]) for k in range(3)], steps=2)
     assert len(seen) == 2 and all(torch.equal(s, o) for s, o in zip(seen, outs))  # the first 2 calls, last position
 
+    def masks_in_place():  # a decode loop that suppresses a token in the logits it got (min_new_tokens does)
+        llm(input_ids=ids).logits[:, -1, 3] = -float("inf")
+
+    with torch.no_grad():
+        (kept,) = decode_rows.step_logits(llm, masks_in_place, steps=1)
+    assert torch.equal(kept, outs[2]) and torch.isfinite(kept).all()  # recorded before the mask: a copy
+
 
 @pytest.mark.gpu
 def test_grouped_on_cuda_with_workers_and_auto_batch_size(tmp_path, monkeypatch):
