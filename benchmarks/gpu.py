@@ -9,11 +9,17 @@ Rows (one table, also written as JSON with ``--out``):
                              ``Blip2ForConditionalGeneration`` on the same weights: samples/s, peak memory, ratio.
 * ``stage2_train_flant5xl``  the same step with FlanT5-XL (docs/paper_map.md §3.2, prefix LM), ours only.
 * ``caption_greedy`` / ``caption_beam5``  ViT-g + OPT-2.7B captioning, batch 64, exactly 30 new tokens (EOS
-                             suppressed so every row does the same work): images/s ours and transformers', ratio and
-                             the fraction of identical token ids.
+                             suppressed so every row does the same work), our decode loop (``--engine``) vs
+                             transformers' ``generate``: images/s of both, ratio, the fraction of identical token
+                             ids and the largest logit difference over the first decode steps.
 * ``vqa_opt2.7b`` / ``vqa_flant5xl``  zero-shot VQA generation (beam 5, ≤ 10 new tokens, length penalty -1,
-                             docs/paper_map.md §5.1): questions/s and the projected time for VQAv2 val
-                             (214,354 questions).
+                             docs/paper_map.md §5.1), one soft prompt per question: questions/s and the projected
+                             time for VQAv2 val (214,354 questions).
+* ``vqav2_pipeline``         the grouped evaluation pipeline (one soft prompt per image, length-sorted question
+                             batches), OPT-2.7B, beam 5: measured images/s and questions/s, and the projected VQAv2
+                             val run (40,504 images, 214,354 questions).
+
+The rows live in ``benchmarks/train_rows.py`` (ViT, stage 1, stage 2) and ``benchmarks/decode_rows.py`` (generation).
 
 Precision policy (``--dtype policy``, docs/paper_map.md §3.3 and ``Blip2Base.place``): frozen ViT and OPT fp16, FlanT5
 bf16; Q-Former, queries, ``ln_vision`` and projections fp32 master weights under autocast (fp16 + GradScaler for ViT/OPT
@@ -22,6 +28,7 @@ query_tokens + qformer + language_projection + post_layernorm (= our ``ln_vision
 low-precision in bf16.
 
 Usage:  python benchmarks/gpu.py --out benchmarks/results_h100.json     (GPU host, ≤ 8 min on one H100)
+        python benchmarks/gpu.py --only caption,vqa --engine static      (our static decode engine; default auto)
         python benchmarks/gpu.py --tiny --out /tmp/tiny.json            (same code, tiny configs, CPU, seconds)
 """
 
@@ -44,25 +51,26 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_rows.py, decode_rows.py beside this file
+
+from decode_rows import row_caption, row_vqa, row_vqav2_pipeline  # noqa: E402
+from train_rows import _free, row_stage1, row_stage2, row_vit  # noqa: E402
 
 from blip2lib.checkpoint import git_state  # noqa: E402
 from blip2lib.config import PRESETS, Blip2Config, tiny_config  # noqa: E402
-from blip2lib.generation import VQA_PROMPTS, format_prompt, generate_ids, resolve_eos  # noqa: E402
-from blip2lib.model import Blip2, Blip2QFormerModel, count_parameters  # noqa: E402
-from blip2lib.optim import build_optimizer, param_groups  # noqa: E402
-from blip2lib.tasks import Stage1Task, Stage2Task  # noqa: E402
-from blip2lib.toy.synthetic import WORDS, tiny_bert_tokenizer, tiny_llm_tokenizer  # noqa: E402
+from blip2lib.generation import ENGINES  # noqa: E402
+from blip2lib.model import Blip2, Blip2QFormerModel  # noqa: E402
+from blip2lib.toy.synthetic import tiny_llm_tokenizer  # noqa: E402
 
-VQAV2_VAL_QUESTIONS = 214_354
 GIB = 2**30
 ROWS = tuple("vit_forward stage1_train stage2_train_opt2.7b stage2_train_flant5xl caption_greedy caption_beam5 "
-             "vqa_opt2.7b vqa_flant5xl".split())  # fmt: skip
+             "vqa_opt2.7b vqa_flant5xl vqav2_pipeline".split())  # fmt: skip
 # Reference figures (one H100, torch 2.11, transformers 5.17, random weights) and goals from the issue.
 REFERENCE = {"vit_forward": "882 img/s (bf16)", "stage2_train_opt2.7b": "HF 222 samples/s, 14.1 GiB (fp16)",
              "caption_greedy": "HF 160 img/s", "caption_beam5": "HF 69 img/s"}  # fmt: skip
 GOALS = {"stage1_train": "≥ 600 samples/s", "stage2_train_opt2.7b": "≥ 2× HF, mem ≤ HF",
          "caption_greedy": "≥ 2× HF, tokens identical", "caption_beam5": "≥ 2× HF, tokens identical",
-         "vqa_opt2.7b": "VQAv2 val ≤ 15 min"}  # fmt: skip
+         "vqa_opt2.7b": "VQAv2 val ≤ 15 min", "vqav2_pipeline": "VQAv2 val ≤ 15 min"}  # fmt: skip
 FULL = dict(vit_batch=128, s1_batch=128, s2_batch=32, gen_batch=64, vqa_batch=64, warmup=3, iters=10, gen_iters=3)
 TINY = dict(vit_batch=4, s1_batch=8, s2_batch=4, gen_batch=4, vqa_batch=4, warmup=1, iters=2, gen_iters=1)
 
@@ -83,6 +91,7 @@ class Bench:
             if getattr(args, k) is not None:
                 self.sizes[k] = getattr(args, k)
         self.dtype, self.compile, self.hf = args.dtype, args.compile, not args.no_hf
+        self.engine = args.engine  # our generation rows' decode loop (blip2lib.generation engine)
         self.profile = Path(args.profile) if args.profile else None
         self.row, self.calls = "", 0  # the row being measured and its timed calls so far (names profile sections)
 
@@ -164,21 +173,6 @@ class Bench:
         return torch.cuda.max_memory_allocated() / GIB if self.cuda else None
 
 
-def images(bench: Bench, cfg: Blip2Config, n: int) -> torch.Tensor:
-    """Random normalised images on the host (pinned on a GPU host, so the per-step copy is asynchronous)."""
-    x = torch.randn(n, 3, cfg.vision.image_size, cfg.vision.image_size, generator=torch.Generator().manual_seed(n))
-    return x.pin_memory() if bench.cuda else x
-
-
-def texts(n: int, words: int | tuple[int, int], seed: int = 0) -> list[str]:
-    """``n`` captions/questions of random WORDS (fixed or ranged word count)."""
-    g = torch.Generator().manual_seed(seed)
-    lo, hi = (words, words) if isinstance(words, int) else words
-    pool = [w for w in WORDS if w.isalpha()]
-    lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
-    return [" ".join(pool[int(i)] for i in torch.randint(0, len(pool), (k,), generator=g)) for k in lens]
-
-
 def build(bench: Bench, cfg: Blip2Config):
     """Our model on the device with the dtype policy applied (``Blip2Base.place``), optionally compiled."""
     torch.manual_seed(0)
@@ -224,198 +218,6 @@ def hf_twin(model: Blip2):
     return hf
 
 
-def _free(*objs) -> None:
-    for o in objs:
-        if isinstance(o, torch.optim.Optimizer):
-            o.state.clear()
-    del objs
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Rows
-
-
-def row_vit(bench: Bench, model, cfg) -> dict:
-    n = bench.sizes["vit_batch"]
-    px = images(bench, cfg, n)
-    bench.reset_memory()
-
-    @torch.inference_mode()
-    def step():
-        with bench.amp(cfg):
-            model.encode_vision(px.to(bench.device, non_blocking=True))
-
-    dt = bench.timed(step)
-    return dict(row="vit_forward", unit="img/s", ours=n / dt, mem_ours=bench.peak_gib(), batch=n)
-
-
-def row_stage1(bench: Bench, model, cfg) -> dict:
-    n = bench.sizes["s1_batch"]
-    task = Stage1Task(model, tiny_bert_tokenizer(cfg.qformer.vocab_size), max_txt_len=cfg.max_txt_len).train()
-    opt = build_optimizer(param_groups(model, 0.05), lr=1e-4)
-    scaler, px, caps = bench.scaler(cfg), images(bench, cfg, n), texts(n, (8, 14))
-    bench.reset_memory()
-
-    def step():
-        with bench.amp(cfg):
-            loss = task({"image": px.to(bench.device, non_blocking=True), "text_input": caps})["loss"]
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-
-    dt = bench.timed(step)
-    out = dict(row="stage1_train", unit="samples/s", ours=n / dt, mem_ours=bench.peak_gib(), batch=n,
-               trainable_params=count_parameters(model))  # fmt: skip
-    _free(opt)
-    return out
-
-
-def _hf_lm_batch(hf, llm_inputs: dict, nq: int, device) -> dict:
-    """Our OPT LM inputs in transformers' placeholder layout: ``[<image>×Q ; ids]``, labels -100 on the queries."""
-    ids, mask, labels = (llm_inputs[k] for k in ("input_ids", "attention_mask", "labels"))
-    b = ids.shape[0]
-    image = torch.full((b, nq), hf.config.image_token_index, dtype=ids.dtype)
-    cat = {"input_ids": (image, ids), "attention_mask": (torch.ones_like(image), mask),
-           "labels": (torch.full_like(image, -100), labels)}  # fmt: skip
-    return {k: torch.cat(v, 1).to(device) for k, v in cat.items()}
-
-
-def _train_step_fn(bench, cfg, params, loss_fn, fused_from_library: bool):
-    """One optimizer step closure: ours uses the library optimizer (fused on CUDA), transformers plain AdamW."""
-    if fused_from_library:
-        opt = build_optimizer(params, lr=1e-4)
-    else:
-        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
-    scaler = bench.scaler(cfg)
-
-    def step():
-        with bench.amp(cfg):
-            loss = loss_fn()
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-
-    return step, opt
-
-
-def row_stage2(bench: Bench, model, cfg, name: str, hf=None) -> dict:
-    """Stage-2 step, ours and (OPT) transformers'; first a parity check of the loss in eval mode (no dropout)."""
-    n = bench.sizes["s2_batch"]
-    task = Stage2Task(model, max_txt_len=cfg.llm.max_txt_len)
-    batch_cpu = {"image": images(bench, cfg, n), "text_input": texts(n, 12, seed=1)}
-    extra = {}
-    if hf is not None:  # same weights, same batch, eval mode: losses must agree (within the autocast precision)
-        hb = _hf_lm_batch(hf, task.llm_inputs(batch_cpu), cfg.qformer.num_query_tokens, bench.device)
-        px = batch_cpu["image"].to(bench.device)
-        with torch.no_grad(), bench.amp(cfg):
-            model.eval()
-            ours_loss = model.lm_loss(px, task.llm_inputs(batch_cpu)).float().item()
-            hf_loss = hf(pixel_values=px, **hb).loss.float().item()
-        extra = dict(loss_ours=ours_loss, loss_hf=hf_loss, loss_abs_diff=abs(ours_loss - hf_loss))
-    task.train()
-
-    def ours_loss_fn():
-        return task(
-            {"image": batch_cpu["image"].to(bench.device, non_blocking=True), "text_input": batch_cpu["text_input"]}
-        )["loss"]
-
-    bench.reset_memory()
-    step, opt = _train_step_fn(bench, cfg, param_groups(model, 0.05), ours_loss_fn, True)
-    out = dict(row=name, unit="samples/s", ours=n / bench.timed(step), mem_ours=bench.peak_gib(), batch=n,
-               trainable_params=count_parameters(model), **extra)  # fmt: skip
-    _free(opt)
-    model.zero_grad(set_to_none=True)
-    model.eval()
-    if hf is not None:
-        trainable = ("query_tokens", "qformer.", "language_projection.", "vision_model.post_layernorm.")
-        params = [p for k, p in hf.named_parameters() if k.startswith(trainable)]
-        for p in params:
-            p.requires_grad_(True)
-        hf.train()
-        hf.vision_model.eval()  # frozen towers without dropout, as ours
-        hf.language_model.eval()
-        bench.reset_memory()
-        hf_loss_fn = lambda: hf(pixel_values=batch_cpu["image"].to(bench.device, non_blocking=True), **hb).loss  # noqa: E731
-        step, opt = _train_step_fn(bench, cfg, params, hf_loss_fn, False)
-        out.update(
-            hf=n / bench.timed(step), mem_hf=bench.peak_gib(), trainable_params_hf=sum(p.numel() for p in params)
-        )
-        _free(opt)
-        hf.requires_grad_(False).eval()
-    return out
-
-
-def _gen_config(num_beams: int, max_new: int, min_new: int, length_penalty: float, tok, family: str):
-    from transformers import GenerationConfig
-
-    beam = dict(length_penalty=length_penalty) if num_beams > 1 else {}
-    eos, pad = resolve_eos(tok, family), tok.pad_token_id
-    return GenerationConfig(max_new_tokens=max_new, min_new_tokens=min_new, num_beams=num_beams, do_sample=False,
-                            eos_token_id=eos, pad_token_id=pad, use_cache=True, **beam)  # fmt: skip
-
-
-def row_caption(bench: Bench, model, cfg, num_beams: int, hf=None) -> dict:
-    """Captioning with the empty pre-training prompt (BOS only), exactly 30 new tokens, ours vs transformers."""
-    n, tok, new = bench.sizes["gen_batch"], model.tokenizer, 30
-    px = images(bench, cfg, n)
-    name = "caption_greedy" if num_beams == 1 else f"caption_beam{num_beams}"
-    kw = dict(num_beams=num_beams, max_new_tokens=new, min_new_tokens=new, length_penalty=1.0)
-    res = {}
-    model.eval()
-
-    @torch.inference_mode()
-    def ours():
-        with bench.amp(cfg):
-            prefix = model.soft_prompt(px.to(bench.device, non_blocking=True))
-            res["ours"] = generate_ids(model.language_model, "opt", tok, prefix, "", **kw)
-
-    bench.reset_memory()
-    out = dict(row=name, unit="img/s", ours=n / bench.timed(ours, bench.sizes["gen_iters"]),
-               mem_ours=bench.peak_gib(), batch=n, new_tokens=new, num_beams=num_beams)  # fmt: skip
-    if hf is not None:
-        gen = _gen_config(num_beams, new, new, 1.0, tok, "opt")
-        skip = cfg.qformer.num_query_tokens + 1  # transformers returns [<image>×Q, BOS, new tokens]
-
-        @torch.inference_mode()
-        def theirs():
-            with bench.amp(cfg):
-                ids = hf.generate(pixel_values=px.to(bench.device, non_blocking=True), generation_config=gen)
-                res["hf"] = ids[:, skip:]
-
-        bench.reset_memory()
-        out.update(hf=n / bench.timed(theirs, bench.sizes["gen_iters"]), mem_hf=bench.peak_gib())
-        a, b = res["ours"].cpu(), res["hf"].cpu()
-        t = min(a.shape[1], b.shape[1])
-        same = (a[:, :t] == b[:, :t]).sum().item()
-        out["token_agreement"] = same / (a.shape[0] * max(a.shape[1], b.shape[1]))  # length mismatch counts
-    return out
-
-
-def row_vqa(bench: Bench, model, cfg, name: str) -> dict:
-    """Zero-shot VQA (docs/paper_map.md §5.1): beam 5, ≤ 10 new tokens, min 1, length penalty -1, the paper's prompt."""
-    n, fam = bench.sizes["vqa_batch"], cfg.llm.family
-    px = images(bench, cfg, n)
-    prompts = [format_prompt(VQA_PROMPTS[fam], q + "?") for q in texts(n, (4, 9), seed=2)]
-    model.eval()
-
-    @torch.inference_mode()
-    def step():
-        with bench.amp(cfg):
-            prefix = model.soft_prompt(px.to(bench.device, non_blocking=True))
-            generate_ids(model.language_model, fam, model.tokenizer, prefix, prompts, num_beams=5, max_new_tokens=10,
-                         min_new_tokens=1, length_penalty=-1.0)  # fmt: skip
-
-    bench.reset_memory()
-    qps = n / bench.timed(step, bench.sizes["gen_iters"])
-    return dict(row=name, unit="questions/s", ours=qps, mem_ours=bench.peak_gib(), batch=n,
-                projected_vqav2_val_min=VQAV2_VAL_QUESTIONS / qps / 60)  # fmt: skip
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Driver
 
@@ -428,7 +230,7 @@ def _goal_met(r: dict) -> bool | None:
         return r["ratio"] >= 2 and (r["mem_ours"] is None or r["mem_ours"] <= r["mem_hf"])
     if name.startswith("caption") and "hf" in r:
         return r["ratio"] >= 2 and r["token_agreement"] == 1.0
-    if name == "vqa_opt2.7b":
+    if name in ("vqa_opt2.7b", "vqav2_pipeline"):
         return r["projected_vqav2_val_min"] <= 15
     return None
 
@@ -469,15 +271,16 @@ def run(bench: Bench, only: set[str], save=None) -> list[dict]:
         attempt("stage1_train", row_stage1, bench, model, cfg)
         _free(model)
         del model
-    opt_rows = {"stage2_train_opt2.7b", "caption_greedy", "caption_beam5", "vqa_opt2.7b"}
+    opt_rows = {"stage2_train_opt2.7b", "caption_greedy", "caption_beam5", "vqa_opt2.7b", "vqav2_pipeline"}
     if opt_rows & only:
         cfg = bench.config("opt2.7b")
         model = build(bench, cfg)
-        hf = hf_twin(model) if bench.hf and (only & (opt_rows - {"vqa_opt2.7b"})) else None
+        hf = hf_twin(model) if bench.hf and (only & (opt_rows - {"vqa_opt2.7b", "vqav2_pipeline"})) else None
         # Generation first: both models still hold the initial (identical, shared) weights.
         attempt("caption_greedy", row_caption, bench, model, cfg, 1, hf)
         attempt("caption_beam5", row_caption, bench, model, cfg, 5, hf)
         attempt("vqa_opt2.7b", row_vqa, bench, model, cfg, "vqa_opt2.7b")
+        attempt("vqav2_pipeline", row_vqav2_pipeline, bench, model, cfg)
         attempt("stage2_train_opt2.7b", row_stage2, bench, model, cfg, "stage2_train_opt2.7b", hf)
         _free(hf, model)
         del hf, model
@@ -512,7 +315,7 @@ def header(bench: Bench, argv: list[str]) -> dict:
         torch=torch.__version__, cuda=torch.version.cuda, transformers=transformers.__version__, timm=timm.__version__,
         python=platform.python_version(), date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         command=shlex.join(["python", "benchmarks/gpu.py", *argv]), commit=(git["commit"] or "")[:7],
-        dirty=git["dirty"], dtype=bench.dtype, compile=bench.compile, sizes=bench.sizes,
+        dirty=git["dirty"], dtype=bench.dtype, compile=bench.compile, engine=bench.engine, sizes=bench.sizes,
     )  # fmt: skip
 
 
@@ -524,11 +327,17 @@ def _fmt(x, nd=1) -> str:
     return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
 
 
+def _fmt_sci(x) -> str:
+    return "—" if x is None else f"{x:.1e}"
+
+
 def table(rows: list[dict]) -> str:
-    cols = "row|unit|batch|ours|HF|ratio|GiB ours|GiB HF|same tokens|VQAv2 min|goal|met".split("|")
+    cols = ["row", "unit", "batch", "ours", "HF", "ratio", "GiB ours", "GiB HF", "same tokens", "max |Δlogit|",
+            "VQAv2 min", "goal", "met"]  # fmt: skip
     lines = [cols] + [[r["row"], r["unit"], _fmt(r["batch"]), _fmt(r["ours"]), _fmt(r.get("hf")),
                        _fmt(r.get("ratio"), 2), _fmt(r.get("mem_ours"), 2), _fmt(r.get("mem_hf"), 2),
-                       _fmt(r.get("token_agreement"), 3), _fmt(r.get("projected_vqav2_val_min")), r["goal"] or "",
+                       _fmt(r.get("token_agreement"), 3), _fmt_sci(r.get("max_logit_diff")),
+                       _fmt(r.get("projected_vqav2_val_min")), r["goal"] or "",
                        "ERROR" if "error" in r else _fmt(r["goal_met"])] for r in rows]  # fmt: skip
     w = [max(len(str(line[i])) for line in lines) for i in range(len(cols))]
     return "\n".join("  ".join(str(c).ljust(w[i]) for i, c in enumerate(line)).rstrip() for line in lines)
@@ -542,6 +351,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("policy", "bf16"), default="policy", help="precision (see the docstring)")
     p.add_argument("--compile", action="store_true", help="torch.compile our vision tower and Q-Former in place")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
+    p.add_argument("--engine", choices=ENGINES, default="auto", help="our decode loop in the generation rows "
+                   "(blip2lib.generation engine; transformers' generate is always the baseline)")  # fmt: skip
     p.add_argument("--warmup", type=int, default=None, help="warm-up iterations per row")
     p.add_argument("--iters", type=int, default=None, help="timed iterations per training/forward row")
     p.add_argument("--gen-iters", type=int, default=None, help="timed iterations per generation row")

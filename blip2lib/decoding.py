@@ -1,9 +1,10 @@
 """Batched greedy / beam-search decoder over a step function with a key/value cache.
 
-Used by the Q-Former-only captioner of the stage-1 model (beam 3 from ``[DEC]``, EOS = ``[SEP]``); the LLM side
-uses transformers' ``generate`` (see ``blip2lib.generation``). The search follows transformers' own beam search
-step for step (``GenerationMixin._beam_search`` of the installed 5.x, default ``early_stopping=False``), so the two
-agree token for token on the same log-probabilities (``tests/unit/test_decoding.py`` checks this):
+Used by the Q-Former-only captioner of the stage-1 model (beam 3 from ``[DEC]``, EOS = ``[SEP]``) and by the LLM's
+static decode engine (``blip2lib.static_decode``, with a ``logits_hook`` for the repetition penalty). The search
+follows transformers' own beam search step for step (``GenerationMixin._beam_search`` of the installed 5.x, default
+``early_stopping=False``), so the two agree token for token on the same log-probabilities
+(``tests/unit/test_decoding.py`` and ``tests/unit/test_static_decode.py`` check this):
 
 * every step ranks the ``2K`` best continuations of the ``K`` running beams by summed log-probability;
 * a continuation that ends (EOS, or the last allowed token) is a finished hypothesis only when it ranks among the
@@ -23,6 +24,8 @@ import torch
 # step(tokens (N, 1), cache, past_length) -> (logits (N, V), new_cache); reorder(cache, index (N,)) -> cache
 StepFn = Callable[[torch.Tensor, object, int], tuple[torch.Tensor, object]]
 ReorderFn = Callable[[object, torch.Tensor], object]
+# hook(log_probs (N, V), generated tokens so far (N, t)) -> log_probs: a transformers logits processor's place
+LogitsHook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _NEG = -1.0e9  # transformers' additive mask for pruned / not-finished entries (finite, unlike -inf)
 
 
@@ -45,6 +48,7 @@ def beam_search(
     min_new_tokens: int = 10,
     length_penalty: float = 1.0,
     device: torch.device | str = "cpu",
+    logits_hook: LogitsHook | None = None,
 ) -> torch.Tensor:
     """Beam search (``num_beams == 1`` is greedy) as transformers runs it (see the module docstring).
 
@@ -61,6 +65,8 @@ def beam_search(
         min_new_tokens: EOS is suppressed until this many tokens were generated.
         length_penalty: final score = sum log-prob / (generated tokens) ** length_penalty.
         device: device of the token tensors.
+        logits_hook: applied to the log-probabilities before the ``min_new_tokens`` mask, with the running beams'
+            tokens (flat rows), where transformers runs its logits processors (e.g. the repetition penalty).
 
     Returns:
         (B, T) generated ids of the best hypothesis (without ``bos_id``), padded with ``pad_id`` after EOS;
@@ -81,6 +87,8 @@ def beam_search(
     for t in range(t_max):
         logits, cache = step(last, cache, t)
         logp = torch.log_softmax(logits.float(), dim=-1)  # (B*K, V)
+        if logits_hook is not None:
+            logp = logits_hook(logp, run_seq[:, :, :t].reshape(batch * k, t))
         if t < min_new_tokens:
             logp[:, eos_id] = float("-inf")
         vocab = logp.shape[-1]

@@ -25,6 +25,11 @@ Length rules (``length_rule``; :func:`new_token_bounds` turns each into exact ge
 transformers 5.x ``generate(inputs_embeds=..., attention_mask=...)`` without ``input_ids`` returns ONLY the new
 tokens for a decoder-only model, and ``[decoder_start, new tokens…]`` for T5; :func:`generate_ids` normalises both
 to new tokens only. Repetition penalty therefore sees generated tokens only (the prompt ids are not passed).
+
+Decode engines (``engine``): ``"hf"`` calls transformers' ``generate``; ``"static"`` is our loop over the same modules
+(:mod:`blip2lib.static_decode`: one prefill per sample, preallocated cache, CUDA graphs on GPU) and returns the same
+ids; ``"auto"`` (default) takes ``"static"`` for OPT / T5 models without sampling, on every device (the same ids, and
+less work: the beam-search prefill runs once per sample instead of once per beam), and ``"hf"`` otherwise.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import logging
 import torch
 from transformers import GenerationConfig, PreTrainedModel
 
+from . import static_decode
 from .llm import _check_family, newline_id, prepend_prefix
 
 log = logging.getLogger(__name__)
@@ -137,7 +143,7 @@ def generate_ids(
     length_rule: str = "new",
     engine: str = "auto",
 ) -> torch.Tensor:
-    r"""Generate NEW token ids from the soft prompt + text prompt (HF ``generate`` on ``inputs_embeds``).
+    r"""Generate NEW token ids from the soft prompt + text prompt (transformers' ``generate`` or our static loop).
 
     Args:
         model: frozen transformers LLM (eval).
@@ -168,8 +174,8 @@ def generate_ids(
     _check_family(family)
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    if engine == "static":
-        raise NotImplementedError("engine='static' is not built yet; use 'hf' or 'auto'")
+    if engine == "static" and do_sample:
+        raise ValueError("engine='static' does not sample: use do_sample=False, or engine='hf' / 'auto'")
     b = prefix_embeds.shape[0]
     prompts = [prompts] * b if isinstance(prompts, str) else list(prompts)
     if len(prompts) != b:
@@ -180,11 +186,21 @@ def generate_ids(
     max_new_tokens, min_new_tokens = new_token_bounds(
         length_rule, family, max_new_tokens, min_new_tokens, prompt_len=tok.input_ids.shape[1]
     )
+    eos_id = resolve_eos(tokenizer, family, eos)
+    if engine == "static" or (engine == "auto" and static_decode.supports(model, family, do_sample)):
+        if not static_decode.supports(model, family, do_sample):
+            raise ValueError(f"engine='static' drives OPT / T5 models only, got model_type {model.config.model_type!r}")
+        start = model.config.decoder_start_token_id if family == "t5" else None
+        return static_decode.static_generate(
+            model, family, embeds, mask, num_beams=num_beams, max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens, length_penalty=length_penalty, repetition_penalty=repetition_penalty,
+            eos_id=eos_id, pad_id=tokenizer.pad_token_id, decoder_start_id=start,
+        )  # fmt: skip
     beam = num_beams > 1
     gen = GenerationConfig(
         max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams, do_sample=do_sample,
         top_p=top_p if do_sample else None, length_penalty=length_penalty if beam else None,
-        repetition_penalty=repetition_penalty, eos_token_id=resolve_eos(tokenizer, family, eos),
+        repetition_penalty=repetition_penalty, eos_token_id=eos_id,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=getattr(model.config, "bos_token_id", None),
         decoder_start_token_id=model.config.decoder_start_token_id if family == "t5" else None, use_cache=True,
     )  # fmt: skip

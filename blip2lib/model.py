@@ -422,29 +422,27 @@ class Blip2(Blip2Base):
         qformer_ids: torch.Tensor | None = None,
         qformer_mask: torch.Tensor | None = None,
         questions: list[str] | None = None,
+        prefix_embeds: torch.Tensor | None = None,
         **decoding,
     ) -> list[str]:
         """Batched captioning / VQA (docs/paper_map.md §5): soft prompt + text prompt → new text only.
 
         ``decoding``: ``num_beams``, ``max_new_tokens``, ``min_new_tokens`` (new tokens, never counting the query
-        positions), ``length_penalty``, ``repetition_penalty`` … (see ``blip2lib.generation.generate``).
+        positions), ``length_penalty``, ``repetition_penalty``, ``engine`` … (see ``blip2lib.generation.generate``).
+        ``prefix_embeds`` (B, Q, D_llm): a soft prompt already computed by :meth:`soft_prompt` (e.g. once per image
+        and repeated for its questions); ``pixel_values`` and the question inputs are then not used.
         """
         from .generation import generate
 
         if self.tokenizer is None:
             raise ValueError("Blip2.generate needs the LLM tokenizer (model.tokenizer)")
-        if questions is not None and qformer_ids is None and self.embeddings is not None:
-            # VQA fine-tuned variant (docs/paper_map.md §4.2): the question also goes through the Q-Former with the
-            # queries.
-            tok = self.qformer_tokenizer(
-                list(questions),
-                padding="longest",
-                truncation=True,
-                max_length=self.config.max_txt_len,
-                return_tensors="pt",
-            )
+        if prefix_embeds is None and questions is not None and qformer_ids is None and self.embeddings is not None:
+            # VQA fine-tuned variant (docs/paper_map.md §4.2): the question also goes through the Q-Former.
+            tok = self.qformer_tokenizer(list(questions), padding="longest", truncation=True,
+                                         max_length=self.config.max_txt_len, return_tensors="pt")  # fmt: skip
             qformer_ids = tok.input_ids.to(pixel_values.device)
             qformer_mask = tok.attention_mask.to(pixel_values.device)
         with _eval_mode(self):  # no Q-Former dropout while decoding, whatever mode the caller left
-            prefix = self.soft_prompt(pixel_values, qformer_ids, qformer_mask)
+            prefix = prefix_embeds if prefix_embeds is not None else self.soft_prompt(pixel_values, qformer_ids,
+                                                                                      qformer_mask)  # fmt: skip
             return generate(self.language_model, self.family, self.tokenizer, prefix, prompts, **decoding)

@@ -8,7 +8,7 @@ error naming the file and the key). Multi-GPU: ``torchrun --nproc_per_node N -m 
     data_root: /data                                # layout of blip2lib/data/README.md
     split: vqa_val_eval                             # a blip2lib.data.FORMATS key
     recipe: paper                                   # paper | lavis; keys below override it
-    batch_size: 64
+    batch_size: 64                                  # or auto: from free GPU memory (16 on a CPU)
     out_dir: runs/eval/vqav2_val_flant5xl
 
 Exit status: 0 done; 2 a user error (the message names the file and the key or entry); 3 unreadable images were
@@ -63,9 +63,10 @@ from blip2lib.data import (  # noqa: E402
 from blip2lib.evaluate.caption import ALL_METRICS, CaptionDecoding, metric_groups  # noqa: E402
 from blip2lib.evaluate.drivers import run_caption, run_retrieval, run_vqa  # noqa: E402
 from blip2lib.evaluate.integrity import checkpoint_identity, file_identity  # noqa: E402
+from blip2lib.evaluate.pipeline import PIPELINES  # noqa: E402
 from blip2lib.evaluate.retrieval import FUSIONS  # noqa: E402
 from blip2lib.evaluate.vqa import VQADecoding  # noqa: E402
-from blip2lib.generation import LENGTH_RULES  # noqa: E402
+from blip2lib.generation import ENGINES, LENGTH_RULES  # noqa: E402
 
 
 @dataclass
@@ -81,7 +82,7 @@ class EvalParams(Params):
     vision_weights: str = ""  # LAVIS / training checkpoints: local ViT file (blip2lib.from_pretrained)
     llm_path: str = ""  # LAVIS / training checkpoints: local LLM directory
     bert_dir: str = ""  # local bert-base-uncased directory (Q-Former tokenizer)
-    batch_size: int = 16
+    batch_size: int | str = 16  # vqa / caption also take "auto" (free GPU memory; 16 on a CPU)
     num_workers: int = 0
     out_dir: str = ""  # "" -> run_dir
     device: str = "auto"  # auto (cuda:LOCAL_RANK if available, else cpu) | cpu | cuda | cuda:N
@@ -106,6 +107,8 @@ class VQAParams(EvalParams):
     max_new_tokens: int | None = None
     min_new_tokens: int | None = None
     length_rule: str | None = None  # new | lavis_head | lavis_paper_time (blip2lib.generation.new_token_bounds)
+    decode_engine: str = "auto"  # auto | hf | static (blip2lib.generation engine: the same answers)
+    pipeline: str = "auto"  # auto | grouped (one soft prompt per image) | per_question (blip2lib.evaluate.pipeline)
     annotations: str = ""  # official annotation file (relative to data_root); "" -> the split file's answers
     lemmatize: bool | None = None  # None -> True for okvqa splits (OK-VQA answers are lemmatised)
 
@@ -122,6 +125,7 @@ class CaptionParams(EvalParams):
     repetition_penalty: float | None = None
     length_penalty: float | None = None
     length_rule: str | None = None  # new | lavis_head | lavis_paper_time (blip2lib.generation.new_token_bounds)
+    decode_engine: str = "auto"  # auto | hf | static (blip2lib.generation engine: the same captions)
     gt_file: str = ""  # "" -> FORMATS[split + "_gt"] when it exists; "none" -> no scoring
     metrics: list[str] = field(default_factory=lambda: list(ALL_METRICS))
 
@@ -138,13 +142,16 @@ class RetrievalParams(EvalParams):
 
 SCHEMAS = {"vqa": VQAParams, "caption": CaptionParams, "retrieval": RetrievalParams}  # keys: TASKS
 _CHOICES = {"family": ("opt", "t5"), "recipe": ("paper", "lavis"), "autocast": ("", "fp16", "bf16"), "fusion": FUSIONS,
-            "length_rule": (None, *LENGTH_RULES)}  # fmt: skip
+            "length_rule": (None, *LENGTH_RULES), "decode_engine": ENGINES, "pipeline": PIPELINES}  # fmt: skip
 
 
 def _check(p: EvalParams, source: str) -> None:
     for key, choices in _CHOICES.items():
         if hasattr(p, key) and getattr(p, key) not in choices:
             raise ParamsError(f"{source}: key '{key}' must be one of {list(choices)}, got {getattr(p, key)!r}")
+    if isinstance(p.batch_size, str) and (p.batch_size != "auto" or isinstance(p, RetrievalParams)):
+        allowed = "a positive integer" + ("" if isinstance(p, RetrievalParams) else " or 'auto'")
+        raise ParamsError(f"{source}: key 'batch_size' must be {allowed}, got {p.batch_size!r}")
     if p.dist_timeout_s <= 0:
         raise ParamsError(f"{source}: key 'dist_timeout_s' must be > 0 seconds, got {p.dist_timeout_s}")
     if not p.data_root:
@@ -340,6 +347,8 @@ def run_params(task: str, p: EvalParams, params_path: str = "<params>") -> dict:
             gqa=p.split.startswith("gqa"),
             lemmatize=lemmatize,
             autocast=autocast,
+            pipeline=p.pipeline,
+            decode_engine=p.decode_engine,
             **common,
         )
     base = CaptionDecoding.paper() if p.recipe == "paper" else CaptionDecoding.lavis_head()
@@ -362,6 +371,7 @@ def run_params(task: str, p: EvalParams, params_path: str = "<params>") -> dict:
         split_name=p.split,
         metrics=tuple(p.metrics),
         autocast=autocast,
+        decode_engine=p.decode_engine,
         **common,
     )
 

@@ -3,7 +3,8 @@
 See docs/paper_map.md §4.3, §5.
 
 * :func:`run_vqa` / :func:`run_caption`: batched beam-search generation (``Blip2.generate``), sharded over ranks,
-  resumable from ``<out_dir>/predictions.<rank>.jsonl`` (see ``drivers_common``), scored on rank 0.
+  resumable from ``<out_dir>/predictions.<rank>.jsonl`` (see ``drivers_common``), scored on rank 0. VQA runs one
+  soft prompt per image by default (``pipeline.GroupedVQA``).
 * :func:`run_retrieval`: ITC over all pairs, ITM re-ranking of the top-k (``rerank_scores``), recalls.
 
 Every driver writes ``<out_dir>/result.json`` = metrics in percent (``"unit": "percent"``, user need 31) plus the
@@ -40,6 +41,7 @@ from .drivers_common import (
     write_json,
 )
 from .integrity import check_unique_ids, duplicate_captions
+from .pipeline import GroupedVQA, plan_generation, plan_vqa_pipeline
 from .retrieval import FUSIONS, recall_at_k, rerank_scores, trim_padding
 from .vqa import VQADecoding, evaluate_gqa, evaluate_vqa, lemmatize_answers, write_vqav2_submission
 
@@ -127,7 +129,7 @@ def run_vqa(
     model: torch.nn.Module,
     dataset: Dataset,
     decoding: VQADecoding | None,
-    batch_size: int,
+    batch_size: int | str,
     out_dir: str | Path,
     split_name: str,
     annotations: Any = None,
@@ -137,6 +139,8 @@ def run_vqa(
     progress: bool = True,
     autocast: str | None = None,
     identity: dict | None = None,
+    pipeline: str = "auto",
+    decode_engine: str | None = None,
 ) -> dict[str, Any]:
     """Zero-shot VQA evaluation: generate answers, score, write results and the submission file.
 
@@ -145,7 +149,7 @@ def run_vqa(
         dataset: ``VQAEvalDataset`` / ``GQAEvalDataset`` (or any dataset giving ``image``, ``text_input``,
             ``question_id``). Questions go through ``blip_question`` (``pre_question``, idempotent) here.
         decoding: recipe (prompt, beams, lengths, length penalty); None -> ``VQADecoding.paper(model.family)``.
-        batch_size: questions per ``generate`` call.
+        batch_size: questions per ``generate`` call (images per soft prompt when grouped); ``"auto"``: free memory.
         out_dir: cache + results folder (re-running with the same folder resumes).
         split_name: recorded in the result (e.g. ``"vqa_val_eval"``).
         annotations: official annotation dict/list/path (VQAv2, OK-VQA) or qid -> answer (GQA); None -> the
@@ -158,6 +162,9 @@ def run_vqa(
         identity: where model and data come from, as only the caller knows it (``{"checkpoint":
             checkpoint_identity(path), "ann_file": file_identity(path)}``); recorded in ``result.json`` and part of
             the prediction cache's key (see ``drivers_common``: a changed key moves the old cache aside).
+        pipeline: ``"grouped"`` (one soft prompt per image, length-sorted question batches: ``evaluate.pipeline``),
+            ``"per_question"`` (image and soft prompt per question) or ``"auto"`` (grouped where it applies).
+        decode_engine: ``generate``'s ``engine`` (``"auto"`` / ``"hf"`` / ``"static"``); None: its default.
 
     Returns:
         The ``result.json`` dict: ``metrics`` (percent; None without GT; VQAv2 / OK-VQA: the official evaluator's
@@ -174,16 +181,24 @@ def run_vqa(
     meta = cache_meta(model, dataset, identity, autocast, task="gqa" if gqa else "vqa", split=split_name,
                       n_items=len(dataset), decoding=_recipe(decoding), generate_kwargs=gen_kwargs,
                       question_processor="pre_question")  # fmt: skip
+    batch_size, call_kwargs, plan = plan_generation(model, batch_size, gen_kwargs, decode_engine)
+    plan["pipeline"] = plan_vqa_pipeline(model, dataset, pipeline)
+
+    def prompt(question: str) -> str:
+        return decoding.format_prompt(pre_question(question))
 
     def prompts(batch: dict) -> list[str]:
-        return [decoding.format_prompt(pre_question(q)) for q in batch["text_input"]]
+        return [prompt(q) for q in batch["text_input"]]
 
     def record(batch: dict, j: int) -> dict:
         qid = batch["question_id"][j]
         return {"id": int(qid) if isinstance(qid, torch.Tensor) else qid}
 
-    records, stats = generation_pass(model, dataset, out_dir, meta, batch_size, prompts, record, gen_kwargs,
-                                     num_workers, progress, autocast)  # fmt: skip
+    grouped = {}  # per question: generation_pass's own loop
+    if plan["pipeline"] == "grouped":
+        grouped["runner"] = GroupedVQA(model, dataset, batch_size, prompt, call_kwargs, num_workers)
+    records, stats = generation_pass(model, dataset, out_dir, meta, batch_size, prompts, record, call_kwargs,
+                                     num_workers, progress, autocast, **grouped)  # fmt: skip
     rows, timing = gather_records(records, stats)
     result: dict[str, Any] = {}
     if dist.is_main():
@@ -206,8 +221,7 @@ def run_vqa(
             "metrics": metrics,
             "config": {"decoding": dataclasses.asdict(decoding), "generate_kwargs": gen_kwargs,
                        "family": model.family, "question_processor": "blip_question (pre_question, max_words=50)",
-                       "lemmatize": lemmatize, "batch_size": batch_size, "identity": identity or {},
-                       **environment_info(model, autocast)},
+                       "lemmatize": lemmatize, **plan, "identity": identity or {}, **environment_info(model, autocast)},
             "counts": {"n_questions": len(dataset), "n_predicted": len(preds), "n_scored":
                        (metrics or {}).get("n_questions", 0), "bad_samples": bad, "complete": bad["count"] == 0},
             "timing": timing,
@@ -222,7 +236,7 @@ def run_caption(
     dataset: Dataset,
     decoding: CaptionDecoding | None,
     gt: Any,
-    batch_size: int,
+    batch_size: int | str,
     out_dir: str | Path,
     split_name: str = "",
     metrics: tuple[str, ...] | list[str] = ALL_METRICS,
@@ -230,6 +244,7 @@ def run_caption(
     progress: bool = True,
     autocast: str | None = None,
     identity: dict | None = None,
+    decode_engine: str | None = None,
 ) -> dict[str, Any]:
     """Caption evaluation: generate one caption per image, COCO metrics, NoCaps domain breakdown.
 
@@ -240,7 +255,7 @@ def run_caption(
         dataset: ``CaptionEvalDataset`` (Karpathy val/test) or ``NoCapsDataset`` (items with ``domain``).
         decoding: recipe; None -> ``CaptionDecoding.paper()``.
         gt: COCO-format GT dict/path, or image_id -> captions; None -> no scoring (submission file only).
-        batch_size: images per ``generate`` call.
+        batch_size: images per ``generate`` call; ``"auto"``: from free GPU memory (as in :func:`run_vqa`).
         out_dir: cache + results folder (re-running resumes).
         split_name: recorded in the result.
         metrics: subset of ``ALL_METRICS`` (METEOR/SPICE need Java; SPICE may be "not computed").
@@ -248,6 +263,7 @@ def run_caption(
         progress: tqdm bar on rank 0.
         autocast: ``"fp16"`` / ``"bf16"`` or None.
         identity: checkpoint / annotation-file identity, recorded and part of the cache key (as in :func:`run_vqa`).
+        decode_engine: ``generate``'s ``engine`` (``"auto"`` / ``"hf"`` / ``"static"``); None: its default.
 
     Returns:
         The ``result.json`` dict (``metrics`` in percent; for NoCaps ``{in-domain, near-domain, out-domain,
@@ -258,6 +274,7 @@ def run_caption(
     gen_kwargs = decoding.generate_kwargs()
     meta = cache_meta(model, dataset, identity, autocast, task="caption", split=split_name, n_items=len(dataset),
                       decoding=_recipe(decoding), generate_kwargs=gen_kwargs)  # fmt: skip
+    batch_size, call_kwargs, plan = plan_generation(model, batch_size, gen_kwargs, decode_engine)
 
     def prompts(batch: dict) -> list[str]:
         return [decoding.prompt] * batch["batch_size"]
@@ -268,7 +285,7 @@ def run_caption(
             row["domain"] = batch["domain"][j]
         return row
 
-    records, stats = generation_pass(model, dataset, out_dir, meta, batch_size, prompts, record, gen_kwargs,
+    records, stats = generation_pass(model, dataset, out_dir, meta, batch_size, prompts, record, call_kwargs,
                                      num_workers, progress, autocast)  # fmt: skip
     rows, timing = gather_records(records, stats)
     result: dict[str, Any] = {}
@@ -293,8 +310,8 @@ def run_caption(
             "split": split_name,
             "metrics": scores,
             "config": {"decoding": dataclasses.asdict(decoding), "generate_kwargs": gen_kwargs,
-                       "family": model.family, "metrics": list(metrics), "batch_size": batch_size,
-                       "identity": identity or {}, **environment_info(model, autocast)},
+                       "family": model.family, "metrics": list(metrics), **plan, "identity": identity or {},
+                       **environment_info(model, autocast)},
             "counts": {"n_images": len(dataset), "n_predicted": len(preds), "bad_samples": bad,
                        "complete": bad["count"] == 0},
             "timing": timing,

@@ -269,6 +269,7 @@ def generation_pass(
     num_workers: int = 0,
     progress: bool = True,
     autocast: str | None = None,
+    runner: Callable[[list[int], Callable[[list[dict]], None], torch.device], None] | None = None,
 ) -> tuple[dict[int, dict], dict[str, Any]]:
     """Generate text for this rank's shard of ``dataset``, resuming from and appending to the cache.
 
@@ -280,10 +281,14 @@ def generation_pass(
         batch_size: images per ``generate`` call.
         prompts_fn: batch -> one prompt per kept sample.
         record_fn: (batch, row) -> fields saved with the generated text (``id`` at least).
-        gen_kwargs: decoding keyword arguments for ``generate``.
+        gen_kwargs: keyword arguments for ``generate`` (decoding, and ``engine`` when chosen).
         num_workers: DataLoader workers.
         progress: tqdm bar with ETA on rank 0.
         autocast: ``"fp16"`` / ``"bf16"`` to run under ``torch.autocast``; None = model dtypes as placed.
+        runner: None -> the items in dataset order, ``batch_size`` per ``generate`` call; else
+            ``runner(todo, write, device)`` generates the dataset indices ``todo`` its own way (the grouped VQA
+            pipeline, ``pipeline.GroupedVQA``) and hands every batch of cache records to ``write``
+            (``prompts_fn`` / ``record_fn`` are then unused).
 
     Returns:
         ``(records, stats)``: this shard's records (dataset index -> cache record) and counts/timing, with
@@ -299,47 +304,70 @@ def generation_pass(
     todo = [i for i in shard if i not in cached]
     logger.info("rank %d/%d: %d items, %d cached, %d to generate", rank, world, len(shard), len(records), len(todo))
     device = model_device(model)
-    bad_log = getattr(dataset, "bad_log", None)
-    loader = DataLoader(IndexedSubset(dataset, todo), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=IndexedCollate(bad_log), pin_memory=device.type == "cuda")  # fmt: skip
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(autocast or "")
     amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    was_training, generated, start = model.training, 0, time.perf_counter()
+    was_training, counts, start = model.training, {"generated": 0}, time.perf_counter()
     model.eval()
     bar = tqdm(total=len(todo), unit="item", desc=f"{meta.get('task', 'eval')} {meta.get('split', '')}".strip(),
                disable=not (progress and rank == 0))  # fmt: skip
     # no_grad rather than inference_mode: a model evaluated mid-training must not keep inference-mode buffers
     try:
         with _open_cache(out_dir / f"predictions.{rank}.jsonl", meta) as cache, torch.no_grad(), amp:
-            for batch in loader:
-                if bad_log is not None:
-                    bad_log.absorb(batch)
-                reasons = [f"{p}: {r}" for p, r in batch["bad_samples"]]
-                rows = [{"index": i, "bad": reasons[j] if j < len(reasons) else "sample was None"}
-                        for j, i in enumerate(batch["bad_index"])]  # fmt: skip
-                if batch["batch_size"]:
-                    pixels = batch["image"].to(device, non_blocking=True)  # (B, 3, S, S)
-                    extra = {}
-                    if getattr(model, "embeddings", None) is not None and "text_input" in batch:
-                        extra["questions"] = list(batch["text_input"])  # VQA-FT: the question enters the Q-Former
-                    texts = model.generate(pixels, prompts_fn(batch), **gen_kwargs, **extra)  # strings only
-                    rows += [
-                        {"index": i, **record_fn(batch, j), "text": t}
-                        for j, (i, t) in enumerate(zip(batch["index"], texts))
-                    ]
-                    generated += len(texts)
+
+            def write(rows: list[dict]) -> None:  # one flushed, fsynced append per batch: a kill loses <= a batch
                 cache.write("".join(json.dumps(r) + "\n" for r in rows))
                 cache.flush()
                 os.fsync(cache.fileno())
                 records.update({r["index"]: r for r in rows})
-                bar.update(len(batch["index"]) + len(batch["bad_index"]))
+                counts["generated"] += sum("bad" not in r for r in rows)
+                bar.update(len(rows))
+
+            if runner is not None:
+                runner(todo, write, device)
+            else:
+                _per_item(model, dataset, todo, write, device, batch_size, prompts_fn, record_fn, gen_kwargs,
+                          num_workers)  # fmt: skip
     finally:
         bar.close()
         model.train(was_training)
-    wall = time.perf_counter() - start
+    wall, generated = time.perf_counter() - start, counts["generated"]
     stats = {"generated_this_run": generated, "from_cache": len(shard) - len(todo), "wall_s": round(wall, 3),
              "items_per_s": round(generated / wall, 3) if wall > 0 else None, **cache_info}  # fmt: skip
     return records, stats
+
+
+def _per_item(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    todo: list[int],
+    write: Callable[[list[dict]], None],
+    device: torch.device,
+    batch_size: int,
+    prompts_fn: Callable[[dict], list[str]],
+    record_fn: Callable[[dict, int], dict],
+    gen_kwargs: dict[str, Any],
+    num_workers: int,
+) -> None:
+    """The item-by-item loop: ``batch_size`` dataset items per ``generate`` call, in dataset order."""
+    bad_log = getattr(dataset, "bad_log", None)
+    loader = DataLoader(IndexedSubset(dataset, todo), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=IndexedCollate(bad_log), pin_memory=device.type == "cuda")  # fmt: skip
+    for batch in loader:
+        if bad_log is not None:
+            bad_log.absorb(batch)
+        reasons = [f"{p}: {r}" for p, r in batch["bad_samples"]]
+        rows = [{"index": i, "bad": reasons[j] if j < len(reasons) else "sample was None"}
+                for j, i in enumerate(batch["bad_index"])]  # fmt: skip
+        if batch["batch_size"]:
+            pixels = batch["image"].to(device, non_blocking=True)  # (B, 3, S, S)
+            extra = {}
+            if getattr(model, "embeddings", None) is not None and "text_input" in batch:
+                extra["questions"] = list(batch["text_input"])  # VQA-FT: the question enters the Q-Former
+            texts = model.generate(pixels, prompts_fn(batch), **gen_kwargs, **extra)  # strings only
+            rows += [
+                {"index": i, **record_fn(batch, j), "text": t} for j, (i, t) in enumerate(zip(batch["index"], texts))
+            ]
+        write(rows)
 
 
 @torch.no_grad()

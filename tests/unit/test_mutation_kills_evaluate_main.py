@@ -270,7 +270,8 @@ def test_vqa_arguments_and_recipe_overrides(drivers):
     want = VQADecoding(**{**paper.__dict__, "num_beams": 2, "source": f"{paper.source}, overridden by {SRC}"})
     assert drivers["driver"] == ("run_vqa", (drivers["model"], drivers["ds"], want), {
         "out_dir": Path("/o"), "split_name": "okvqa_val_eval", "annotations": Path("/d/ann.json"), "gqa": False,
-        "lemmatize": True, "autocast": "bf16", **common("okvqa_val_eval")})  # fmt: skip
+        "lemmatize": True, "autocast": "bf16", "pipeline": "auto", "decode_engine": "auto",
+        **common("okvqa_val_eval")})  # fmt: skip
     cli.run_params("vqa", vqa(split="gqa_testdev", recipe="lavis", num_beams=5, lemmatize=False), SRC)
     _, (_, _, decoding), kw = drivers["driver"]
     assert decoding == VQADecoding.lavis_head("opt")  # the recipe's own value: not labelled as overridden
@@ -287,7 +288,8 @@ def test_caption_arguments_and_ground_truth_choice(drivers):
     assert drivers["driver"] == ("run_caption", (drivers["model"], drivers["ds"], CaptionDecoding.paper(),
                                                  Path("/d") / FORMATS["coco_karpathy_test_gt"]["file"]),
                                  {"out_dir": Path("/o"), "split_name": "coco_karpathy_test", "metrics": ("BLEU",),
-                                  "autocast": None, **common("coco_karpathy_test")})  # fmt: skip
+                                  "autocast": None, "decode_engine": "auto",
+                                  **common("coco_karpathy_test")})  # fmt: skip
     cli.run_params("caption", cli.CaptionParams(split="nocaps_test", recipe="lavis", repetition_penalty=1.5, **cp))
     lavis = CaptionDecoding.lavis_head()
     want = CaptionDecoding(**{**lavis.__dict__, "repetition_penalty": 1.5,

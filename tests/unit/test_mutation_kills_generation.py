@@ -47,6 +47,8 @@ class _Spy:
     def __init__(self, model, monkeypatch, fake=None):
         self.calls, self.real, self.fake = [], model.generate, fake
         monkeypatch.setattr(model, "generate", self)
+        # engine="auto" would take our static loop (which never calls model.generate): pin transformers' engine
+        monkeypatch.setattr("blip2lib.static_decode.supports", lambda *args: False)
 
     def __call__(self, **kw):
         self.calls.append(kw)
