@@ -16,6 +16,8 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as tdist
 
+from .options import DEFAULT_TIMEOUT_S
+
 __all__ = [
     "is_dist",
     "get_rank",
@@ -61,9 +63,6 @@ def get_local_rank() -> int:
 def is_main() -> bool:
     """True on global rank 0 (and in every single-process run)."""
     return get_rank() == 0
-
-
-DEFAULT_TIMEOUT_S = 1800  # torch's own default: room for a slow checkpoint write or validation that others wait for
 
 
 class CollectiveTimeoutError(RuntimeError):

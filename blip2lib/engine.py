@@ -22,6 +22,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +30,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import dist
+from .batch_stream import BatchStream as _BatchStream
+from .batch_stream import batch_size_of
 from .checkpoint import get_rng_state, latest_checkpoint, load_training_state, save_training_state, set_rng_state
 from .optim import apply_lr
 
@@ -65,25 +68,6 @@ class NonFiniteLossError(RuntimeError):
     """Raised after ``max_bad_steps`` consecutive optimizer steps with a non-finite loss."""
 
 
-def batch_size_of(batch: object) -> int:
-    """Samples a batch consumed.
-
-    ``Collate``'s kept + dropped count, else the leading dim of the first tensor (or length of the first list)
-    found depth-first.
-    """
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0]
-    if isinstance(batch, dict):
-        if isinstance(batch.get("batch_size"), int):  # blip2lib.data.Collate: kept + dropped (bad) samples
-            return batch["batch_size"] + int(batch.get("n_bad", 0))
-        return batch_size_of(next(iter(batch.values())))
-    if isinstance(batch, (list, tuple)):
-        if batch and isinstance(batch[0], (torch.Tensor, dict, list, tuple)):
-            return batch_size_of(batch[0])
-        return len(batch)
-    raise TypeError(f"cannot infer the batch size of a {type(batch).__name__}")
-
-
 def _to_cpu(x: object) -> object:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu()
@@ -92,44 +76,6 @@ def _to_cpu(x: object) -> object:
     if isinstance(x, (list, tuple)):
         return type(x)(_to_cpu(v) for v in x)
     return x
-
-
-def _is_empty(batch: object) -> bool:
-    """A ``Collate`` batch whose every sample was unreadable (only ``batch_size`` 0 and the bad-sample count)."""
-    return isinstance(batch, dict) and batch.get("batch_size") == 0
-
-
-class _BatchStream:
-    """Iterator over ``loader_factory`` that tracks the sample position and re-opens exhausted iterables.
-
-    A batch left empty by unreadable samples (``batch_size`` 0) still moves the position by its size and is then
-    passed over: the position stays a function of the data order alone, so a resumed run sees the same batches as
-    an uninterrupted one (and an epoch that ends on an empty batch does not re-read it).
-    """
-
-    def __init__(self, factory: Callable[[int], Iterable], position: int):
-        self.factory, self.position = factory, position
-        self._it = iter(factory(position))
-
-    def next(self) -> object:
-        reopened, got_any = False, False
-        while True:
-            try:
-                batch = next(self._it)
-            except StopIteration:
-                if reopened:  # a whole pass from the epoch start gave nothing usable: it never will
-                    if got_any:
-                        raise RuntimeError(
-                            f"loader_factory({self.position}): every batch of a whole epoch was empty "
-                            "(all its samples unreadable; see the skipped-image warnings)"
-                        ) from None
-                    raise RuntimeError(f"loader_factory({self.position}) yielded no batch") from None
-                self._it, reopened, got_any = iter(self.factory(self.position)), True, False
-                continue
-            got_any = True
-            self.position += batch_size_of(batch)
-            if not _is_empty(batch):
-                return batch
 
 
 def _tensorboard_writer(folder: Path, resume_step: int | None):
@@ -267,6 +213,111 @@ def _dump_bad_batch(bad_dir: Path, batches: list, record: dict, model: nn.Module
                             step=record["step"], data_state=None, extra=record, config=config, keep_last=0)  # fmt: skip
 
 
+@dataclass
+class _LoopState:
+    """The loop's counters; a checkpoint carries them (``extra``) across a resume."""
+
+    step: int = 0  # optimizer steps done
+    position: int = 0  # samples this rank consumed (the data-position protocol) at the resume
+    skipped: int = 0  # non-finite steps skipped in all
+    bad: int = 0  # consecutive non-finite steps
+    best: dict | None = None  # {"step", "metric", "key"} of the best validation
+    resumed: str | None = None  # the checkpoint resumed from
+    rng: object = None  # this rank's RNG state at the resume
+
+
+def _resume(ckpt_dir: Path, model: nn.Module, optimizer, scaler) -> _LoopState:
+    """Load the newest checkpoint of ``ckpt_dir`` into model / optimizer / scaler; its counters (fresh when none)."""
+    ck = latest_checkpoint(ckpt_dir)
+    if ck is None:
+        return _LoopState()
+    st = load_training_state(ck, model, optimizer, scaler, restore_rng=False)
+    position, ex = st["data_state"]["position"], st["extra"] or {}
+    ranks = ex.get("rng_ranks", [])
+    # each rank gets back its own RNG stream; with another world size, rank 0's state is all we have
+    rng = ranks[dist.get_rank()] if len(ranks) == dist.get_world_size() else st["rng"]
+    # likewise its own data position: a rank that passed over an empty batch is ahead of the others
+    positions = ex.get("positions", [])
+    position = positions[dist.get_rank()] if len(positions) == dist.get_world_size() else position
+    log.info("resumed from %s at step %d (sample position %d)", ck, st["step"], position)
+    return _LoopState(step=st["step"], position=position, skipped=ex.get("skipped", 0), bad=ex.get("bad", 0),
+                      best=ex.get("best"), resumed=str(ck), rng=rng)  # fmt: skip
+
+
+def _accumulate(task, stream: _BatchStream, amp, scaler, grad_accum: int) -> tuple[dict, int, float, list]:
+    """Forward and backward ``grad_accum`` micro-batches (DDP ``no_sync`` on all but the last).
+
+    Returns:
+        ``(terms, samples, data-wait seconds, batches)``: each loss term averaged over the micro-batches (0-d fp32
+        tensors), the samples consumed, the time spent waiting for batches, the batches (for a bad-batch dump).
+    """
+    wait, n, terms, batches = 0.0, 0, {}, []
+    for i in range(grad_accum):
+        tw = time.perf_counter()
+        batch = stream.next()
+        wait += time.perf_counter() - tw
+        batches.append(batch)
+        n += batch_size_of(batch)
+        sync = task.no_sync() if i < grad_accum - 1 and hasattr(task, "no_sync") else contextlib.nullcontext()
+        with sync:
+            with amp():
+                out = task(batch)
+            scaler.scale(out["loss"] / grad_accum).backward()
+        for k, v in out.items():
+            terms[k] = terms.get(k, 0.0) + torch.as_tensor(v).detach().float() / grad_accum
+    return terms, n, wait, batches
+
+
+def _guard_non_finite(st: _LoopState, max_bad_steps: int, last: dict, rec: dict, batches: list, model: nn.Module,
+                      config: dict, jlog: _JsonlLog, ckpt_dir: Path | None, log_path) -> None:  # fmt: skip
+    """Warn about a skipped step; after ``max_bad_steps`` in a row, dump the batches and state and raise."""
+    log.warning("step %d: non-finite loss %s, step skipped (%d consecutive)", st.step, last, st.bad)
+    if st.bad >= max_bad_steps:
+        bad_dir = (ckpt_dir.parent if ckpt_dir is not None else Path(log_path).parent) / "bad_batch"
+        _dump_bad_batch(bad_dir, batches, rec, model, config)
+        jlog.close()
+        raise NonFiniteLossError(
+            f"{st.bad} consecutive non-finite losses (last at step {st.step}: {last}); batch and state in {bad_dir}"
+        )
+
+
+def _validate(eval_fn, task, jlog: _JsonlLog, st: _LoopState, best_key: str | None, higher_is_better: bool):
+    """``eval_fn(step)``, logged; updates ``st.best``. Returns ``(improved, metric)`` (metric None: not reported)."""
+    metrics = eval_fn(st.step)
+    if isinstance(task, nn.Module):
+        task.train()
+    jlog.write({"step": st.step, "eval": metrics})
+    improved, metric = False, None
+    if best_key is not None and best_key in metrics:  # a probe may skip (e.g. no Java for CIDEr)
+        metric = float(metrics[best_key])
+        best = st.best
+        better = best is None or (metric > best["metric"] if higher_is_better else metric < best["metric"])
+        if better:
+            st.best, improved = {"step": st.step, "metric": metric, "key": best_key}, True
+    return improved, metric
+
+
+def _checkpoint(ckpt_dir: Path, st: _LoopState, position: int, model, optimizer, schedule, scaler, config: dict, *,
+                keep_last: int, metric: float | None, higher_is_better: bool) -> str | None:  # fmt: skip
+    """Save a resumable checkpoint (every rank's RNG state and data position; the main rank writes).
+
+    Returns:
+        The checkpoint folder on the main rank, None on the others.
+    """
+    rng_ranks = dist.all_gather_object(get_rng_state())
+    extra = {"skipped": st.skipped, "bad": st.bad, "best": st.best, "rng_ranks": rng_ranks,
+             "positions": dist.all_gather_object(position)}  # fmt: skip
+    path = None
+    if dist.is_main():
+        data_state = {"position": position, "world_size": dist.get_world_size()}
+        sched = schedule.state_dict() if hasattr(schedule, "state_dict") else None
+        kw = dict(keep_last=keep_last, best_metric=metric, higher_is_better=higher_is_better)
+        path = str(_save_checkpoint(ckpt_dir, model=model, optimizer=optimizer, scheduler_state=sched, scaler=scaler,
+                                    step=st.step, data_state=data_state, extra=extra, config=config, **kw))  # fmt: skip
+    dist.barrier()
+    return path
+
+
 def run_loop(
     task: Callable[[object], dict],
     loader_factory: Callable[[int], Iterable],
@@ -343,56 +394,35 @@ def run_loop(
     amp, scaler = amp_setup(amp_dtype, device.type)
     config = dict(config or {})
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
-    step, position, skipped, bad, best, resumed, rng = 0, 0, 0, 0, None, None, None
-    if resume and ckpt_dir is not None and (ck := latest_checkpoint(ckpt_dir)) is not None:
-        st = load_training_state(ck, model, optimizer, scaler, restore_rng=False)
-        step, position, resumed = st["step"], st["data_state"]["position"], str(ck)
-        ex = st["extra"] or {}
-        skipped, bad, best, ranks = ex.get("skipped", 0), ex.get("bad", 0), ex.get("best"), ex.get("rng_ranks", [])
-        # each rank gets back its own RNG stream; with another world size, rank 0's state is all we have
-        rng = ranks[dist.get_rank()] if len(ranks) == dist.get_world_size() else st["rng"]
-        # likewise its own data position: a rank that passed over an empty batch is ahead of the others
-        positions = ex.get("positions", [])
-        position = positions[dist.get_rank()] if len(positions) == dist.get_world_size() else position
-        log.info("resumed from %s at step %d (sample position %d)", ck, step, position)
-    jlog = _JsonlLog(log_path, step if resumed else None, tensorboard_dir, also_trim=side_logs)
-    stream = _BatchStream(loader_factory, position)
-    if rng is not None:  # after the factory call, so its RNG use cannot shift the restored state
-        set_rng_state(rng)
+    st = _resume(ckpt_dir, model, optimizer, scaler) if resume and ckpt_dir is not None else _LoopState()
+    jlog = _JsonlLog(log_path, st.step if st.resumed else None, tensorboard_dir, also_trim=side_logs)
+    stream = _BatchStream(loader_factory, st.position)
+    if st.rng is not None:  # after the factory call, so its RNG use cannot shift the restored state
+        set_rng_state(st.rng)
     if isinstance(task, nn.Module):
         task.train()
     optimizer.zero_grad(set_to_none=True)
-    if eval_fn is not None and eval_at_start and step == 0 and steps > 0:
+    if eval_fn is not None and eval_at_start and st.step == 0 and steps > 0:
         jlog.write({"step": 0, "eval": eval_fn(0)})
         if isinstance(task, nn.Module):
             task.train()
-    bar = tqdm(total=steps, initial=step, disable=not (progress and dist.is_main()), dynamic_ncols=True)
-    last, ckpt_path = {}, resumed
-    while step < steps:
-        lr = schedule(step)
+    bar = tqdm(total=steps, initial=st.step, disable=not (progress and dist.is_main()), dynamic_ncols=True)
+    last, ckpt_path = {}, st.resumed
+    while st.step < steps:
+        # one optimizer step: LR, grad_accum micro-batches, one finite-loss verdict for all ranks, the update
+        lr = schedule(st.step)
         apply_lr(optimizer, lr, apply_layer_decay)
-        t0, wait, n, terms, batches = time.perf_counter(), 0.0, 0, {}, []
-        for i in range(grad_accum):
-            tw = time.perf_counter()
-            batch = stream.next()
-            wait += time.perf_counter() - tw
-            batches.append(batch)
-            n += batch_size_of(batch)
-            sync = task.no_sync() if i < grad_accum - 1 and hasattr(task, "no_sync") else contextlib.nullcontext()
-            with sync:
-                with amp():
-                    out = task(batch)
-                scaler.scale(out["loss"] / grad_accum).backward()
-            for k, v in out.items():
-                terms[k] = terms.get(k, 0.0) + torch.as_tensor(v).detach().float() / grad_accum
+        t0 = time.perf_counter()
+        terms, n, wait, batches = _accumulate(task, stream, amp, scaler, grad_accum)
         # one verdict for all ranks: DDP has already averaged the (possibly NaN) gradients everywhere
         finite = dist.all_reduce_sum((~torch.isfinite(terms["loss"])).float()).item() == 0
         grad_norm = _optimizer_step(optimizer, scaler, clip_norm) if finite else None
         optimizer.zero_grad(set_to_none=True)
-        step, bad, skipped = step + 1, 0 if finite else bad + 1, skipped + (not finite)
+        st.step, st.bad, st.skipped = st.step + 1, 0 if finite else st.bad + 1, st.skipped + (not finite)
         dt = time.perf_counter() - t0
+        # the step's record, the progress bar, the non-finite guard
         last = {k: float(v) for k, v in terms.items()}
-        rec = {"step": step, **last, "lr": lr, "samples_per_s": n / dt, "data_wait_frac": wait / dt,
+        rec = {"step": st.step, **last, "lr": lr, "samples_per_s": n / dt, "data_wait_frac": wait / dt,
                "skipped": not finite, "position": stream.position}  # fmt: skip
         if grad_norm is not None:
             rec["grad_norm"] = grad_norm
@@ -404,38 +434,16 @@ def run_loop(
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.4g}", lr=f"{lr:.3g}")
         if not finite:
-            log.warning("step %d: non-finite loss %s, step skipped (%d consecutive)", step, last, bad)
-            if bad >= max_bad_steps:
-                bad_dir = (ckpt_dir.parent if ckpt_dir is not None else Path(log_path).parent) / "bad_batch"
-                _dump_bad_batch(bad_dir, batches, rec, model, config)
-                jlog.close()
-                raise NonFiniteLossError(
-                    f"{bad} consecutive non-finite losses (last at step {step}: {last}); batch and state in {bad_dir}"
-                )
+            _guard_non_finite(st, max_bad_steps, last, rec, batches, model, config, jlog, ckpt_dir, log_path)
+        # validation, then a checkpoint (periodic, final, or on a new best)
         improved, metric = False, None
-        if eval_fn is not None and ((eval_every and step % eval_every == 0) or step == steps):
-            metrics = eval_fn(step)
-            if isinstance(task, nn.Module):
-                task.train()
-            jlog.write({"step": step, "eval": metrics})
-            if best_key is not None and best_key in metrics:  # a probe may skip (e.g. no Java for CIDEr)
-                metric = float(metrics[best_key])
-                better = best is None or (metric > best["metric"] if higher_is_better else metric < best["metric"])
-                if better:
-                    best, improved = {"step": step, "metric": metric, "key": best_key}, True
-        if ckpt_dir is not None and ((ckpt_every and step % ckpt_every == 0) or step == steps or improved):
-            extra = {"skipped": skipped, "bad": bad, "best": best, "rng_ranks": dist.all_gather_object(get_rng_state()),
-                     "positions": dist.all_gather_object(stream.position)}  # fmt: skip
-            if dist.is_main():
-                data_state = {"position": stream.position, "world_size": dist.get_world_size()}
-                sched = schedule.state_dict() if hasattr(schedule, "state_dict") else None
-                kw = dict(keep_last=keep_last, best_metric=metric, higher_is_better=higher_is_better)
-                path = _save_checkpoint(ckpt_dir, model=model, optimizer=optimizer, scheduler_state=sched,
-                                           scaler=scaler, step=step, data_state=data_state, extra=extra,
-                                           config=config, **kw)  # fmt: skip
-                ckpt_path = str(path)
-            dist.barrier()
+        if eval_fn is not None and ((eval_every and st.step % eval_every == 0) or st.step == steps):
+            improved, metric = _validate(eval_fn, task, jlog, st, best_key, higher_is_better)
+        if ckpt_dir is not None and ((ckpt_every and st.step % ckpt_every == 0) or st.step == steps or improved):
+            saved = _checkpoint(ckpt_dir, st, stream.position, model, optimizer, schedule, scaler, config,
+                                keep_last=keep_last, metric=metric, higher_is_better=higher_is_better)  # fmt: skip
+            ckpt_path = saved or ckpt_path  # None on the other ranks: only the main rank writes
     bar.close()
     jlog.close()
-    return {"step": step, "skipped_steps": skipped, "last": last, "best": best, "checkpoint": ckpt_path,
-            "resumed_from": resumed, "position": stream.position}  # fmt: skip
+    return {"step": st.step, "skipped_steps": st.skipped, "last": last, "best": st.best, "checkpoint": ckpt_path,
+            "resumed_from": st.resumed, "position": stream.position}  # fmt: skip

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .options import LR_SCHEDULES
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -159,9 +161,6 @@ def build_optimizer(
         params = [p for g in groups for p in g["params"]]
         fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
-
-
-LR_SCHEDULES = ("step", "lavis_epoch")
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,11 @@ import contextlib
 import torch
 from torch import nn
 
+from .options import VIT_PRECISIONS
+
 __all__ = ["VIT_PRECISIONS", "lavis_half_", "set_vision_precision_", "precision_context", "autocast_region_"]
 
 _VIT_DTYPES = {"fp16_lavis": torch.float16, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-VIT_PRECISIONS = tuple(_VIT_DTYPES)  # "fp16_lavis" | "fp16" | "bf16" | "fp32"
 
 
 def precision_context(tower: nn.Module, device_type: str) -> contextlib.AbstractContextManager:

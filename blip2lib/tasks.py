@@ -27,8 +27,7 @@ from .losses import (
     sample_hard_negatives,
 )
 from .model import Blip2QFormerModel
-
-TEXT_PADDINGS = ("max_length", "longest")
+from .options import TEXT_PADDINGS
 
 
 def vision_keys(model, batch: dict):

@@ -12,12 +12,17 @@ import json
 import logging
 import sys
 
-import torch
-
 from ..errors import add_verbosity, log_level, run_guarded
-from ..pretrained import from_pretrained, save_lavis, save_pretrained_hf
-from . import CHECK_TOL, load_hf_reference
+from ..pretrained import from_pretrained, save_lavis, save_pretrained_hf  # torch-free until called
+from . import CHECK_TOL
 from . import __doc__ as _LIBRARY_DOC
+
+_EXAMPLES = {  # each subcommand's --help ends with its own; the command's --help shows both
+    "lavis-to-hf": "  python -m blip2lib.convert lavis-to-hf blip2_pretrained_opt2.7b.pth \\\n"
+    "      --vision-weights eva_vit_g.pth --llm-path opt-2.7b --bert-dir bert-base-uncased \\\n"
+    "      --out blip2-opt-2.7b-from-lavis",
+    "hf-to-lavis": "  python -m blip2lib.convert hf-to-lavis blip2-opt-2.7b --out blip2_opt2.7b_from_hf.pth",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,20 +31,21 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m blip2lib.convert",
         description=_LIBRARY_DOC.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-        "  python -m blip2lib.convert lavis-to-hf blip2_pretrained_opt2.7b.pth --vision-weights eva_vit_g.pth \\\n"
-        "      --llm-path opt-2.7b --bert-dir bert-base-uncased --out blip2-opt-2.7b-from-lavis\n"
-        "  python -m blip2lib.convert hf-to-lavis blip2-opt-2.7b --out blip2_opt2.7b_from_hf.pth",
+        epilog="examples:\n" + "\n".join(_EXAMPLES.values()),
     )
     sub = ap.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("lavis-to-hf", help="LAVIS .pth (+ ViT file, LLM dir, BERT dir) or our ckpt → transformers dir")
+    a = sub.add_parser("lavis-to-hf", help="LAVIS .pth (+ ViT file, LLM dir, BERT dir) or our ckpt → transformers dir",
+                       epilog="example:\n" + _EXAMPLES["lavis-to-hf"],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     a.add_argument("checkpoint", help="LAVIS .pth (blip2_pretrained_opt2.7b.pth ...) or our ckpt-<step>/ dir")
     a.add_argument("--vision-weights", default=None, help="eva_vit_g.pth (pre-training files hold no ViT)")
     a.add_argument("--llm-path", default=None, help="local LLM dir (facebook/opt-2.7b, google/flan-t5-xl ...)")
     a.add_argument("--bert-dir", default=None, help="local bert-base-uncased dir (Q-Former tokenizer)")
     a.add_argument("--image-size", type=int, default=None, help="input resolution (default: from the files)")
     a.add_argument("--out", required=True, help="output directory (must not exist)")
-    b = sub.add_parser("hf-to-lavis", help="transformers BLIP-2 dir → LAVIS checkpoint {'model': state_dict}")
+    b = sub.add_parser("hf-to-lavis", help="transformers BLIP-2 dir → LAVIS checkpoint {'model': state_dict}",
+                       epilog="example:\n" + _EXAMPLES["hf-to-lavis"],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     b.add_argument("hf_dir")
     b.add_argument("--out", required=True, help="output .pth (visual_encoder.* included, like a fine-tuned file)")
     b.add_argument("--llm-out", default=None, help="also save the LLM (+ tokenizer) as a transformers dir here")
@@ -54,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    import torch  # after parsing: --help stays free of torch
+
+    from . import load_hf_reference
+
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.cmd == "lavis-to-hf":
         model, report = from_pretrained(

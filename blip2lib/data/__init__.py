@@ -1,41 +1,54 @@
 """Data: readers of the paper's datasets, user manifests, WebDataset shards, pre-processing (docs/paper_map.md §6).
 
 See ``blip2lib/data/README.md`` for the on-disk layout under ``data_root`` and ``python -m blip2lib.data prepare``.
+
+The torch-free modules (annotation files, official formats, ``prepare``, ``dedup``) are imported with the package;
+the torch / PIL / torchvision ones on first use of one of their names (PEP 562), so ``python -m blip2lib.data
+--help`` never pays for torch. ``from blip2lib.data import X`` works for every name in ``__all__`` either way.
 """
 
+from __future__ import annotations
+
+import importlib
+
 from .annotations import AnnotationError, load_annotations, load_caption_gt, validate_entry
-from .collate import Collate, collate_samples
 from .dedup import dedup_report, image_paths
-from .images import BadSampleLog, SharedImageCache, load_image
-from .manifest import ManifestDataset, read_manifest
 from .official import coco_id_from_path
 from .prepare import DATASETS, KNOWN_SIZES, check_sizes, prepare
-from .processors import (
-    CLIP_MEAN,
-    CLIP_STD,
-    CaptionProcessor,
-    QuestionProcessor,
-    image_eval_transform,
-    image_train_transform,
-    pre_caption,
-    pre_question,
-)
-from .readers import (
-    FORMATS,
-    CaptionDataset,
-    CaptionEvalDataset,
-    GQADataset,
-    GQAEvalDataset,
-    NoCapsDataset,
-    RetrievalDataset,
-    RetrievalEvalDataset,
-    VGCaptionDataset,
-    VQADataset,
-    VQAEvalDataset,
-    answer_weights,
-)
-from .sampler import ResumableDistributedSampler
-from .shards import make_shard_dataset, write_shards
+
+# name -> submodule that defines it, imported on first access (each of these modules imports torch or PIL)
+_LAZY = {
+    "Collate": "collate",
+    "collate_samples": "collate",
+    "BadSampleLog": "images",
+    "SharedImageCache": "images",
+    "load_image": "images",
+    "ManifestDataset": "manifest",
+    "read_manifest": "manifest",
+    "CLIP_MEAN": "processors",
+    "CLIP_STD": "processors",
+    "CaptionProcessor": "processors",
+    "QuestionProcessor": "processors",
+    "image_eval_transform": "processors",
+    "image_train_transform": "processors",
+    "pre_caption": "processors",
+    "pre_question": "processors",
+    "FORMATS": "readers",
+    "CaptionDataset": "readers",
+    "CaptionEvalDataset": "readers",
+    "GQADataset": "readers",
+    "GQAEvalDataset": "readers",
+    "NoCapsDataset": "readers",
+    "RetrievalDataset": "readers",
+    "RetrievalEvalDataset": "readers",
+    "VGCaptionDataset": "readers",
+    "VQADataset": "readers",
+    "VQAEvalDataset": "readers",
+    "answer_weights": "readers",
+    "ResumableDistributedSampler": "sampler",
+    "make_shard_dataset": "shards",
+    "write_shards": "shards",
+}
 
 __all__ = [
     "AnnotationError",
@@ -80,3 +93,16 @@ __all__ = [
     "validate_entry",
     "write_shards",
 ]
+
+
+def __getattr__(name: str):
+    """Import the submodule that defines ``name`` on first access and cache the name here."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value  # the next access is a plain attribute lookup
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

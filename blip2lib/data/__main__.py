@@ -20,7 +20,6 @@ import sys
 from ..errors import add_verbosity, log_level, run_guarded
 from .dedup import dedup_report, image_paths
 from .prepare import DATASETS, prepare
-from .readers import FORMATS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,13 +27,19 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare", help="convert an official download to the reader formats and check its sizes")
+    def example(line: str) -> dict:  # each subcommand's --help ends with an example of it
+        return {"epilog": f"example:\n  python -m blip2lib.data {line}",
+                "formatter_class": argparse.RawDescriptionHelpFormatter}  # fmt: skip
+
+    p = sub.add_parser("prepare", help="convert an official download to the reader formats and check its sizes",
+                       **example("prepare coco_karpathy --src /data/raw/coco --out data/"))  # fmt: skip
     p.add_argument("dataset", choices=DATASETS)
     p.add_argument("--src", required=True, help="folder with the official files (as unzipped)")
     p.add_argument("--out", required=True, help="data_root to write under (e.g. data/)")
     p.add_argument("--link-images", action="store_true", help="symlink the official image folders into data_root")
 
-    d = sub.add_parser("dedup", help="report pre-training images that also appear in evaluation splits")
+    d = sub.add_parser("dedup", help="report pre-training images that also appear in evaluation splits",
+                       **example("dedup --pretrain laion/ann.json --eval test=coco/karpathy_test.json"))  # fmt: skip
     d.add_argument("--pretrain", nargs="+", required=True, help="LAVIS-format annotation files used for training")
     d.add_argument("--eval", nargs="+", required=True, metavar="NAME=FILE", help="evaluation splits, e.g. test=a.json")
     d.add_argument("--by", choices=("coco_id", "hash"), default="coco_id")
@@ -42,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--eval-root", default=None, help="image folder of the evaluation paths (--by hash)")
     d.add_argument("--report", default=None, help="write the JSON report here (default: stdout)")
 
-    f = sub.add_parser("formats", help="print the annotation formats the readers take (JSON)")
+    f = sub.add_parser("formats", help="print the annotation formats the readers take (JSON)",
+                       **example("formats > formats.json"))  # fmt: skip
     for one in (p, d, f):
         add_verbosity(one)
     return parser
@@ -78,6 +84,8 @@ def _command(args: argparse.Namespace) -> int:
         else:
             print(text)
         return 0
+    from .readers import FORMATS  # after parsing: the readers import torch
+
     print(json.dumps(FORMATS, indent=2))
     return 0
 

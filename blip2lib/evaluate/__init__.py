@@ -2,7 +2,14 @@
 
 Every function takes predictions / score matrices / callables from a driver (``blip2lib.tasks`` or a notebook) and
 returns plain dicts whose scores are in percent, with an explicit ``"unit": "percent"`` entry (user need 31).
+
+The scoring modules (``vqa``, ``caption``) are torch-free and imported with the package; the drivers and retrieval
+(torch) on first use of one of their names (PEP 562), so ``python -m blip2lib.evaluate --help`` stays instant.
 """
+
+from __future__ import annotations
+
+import importlib
 
 from blip2lib.evaluate.caption import (
     ALL_METRICS,
@@ -14,17 +21,6 @@ from blip2lib.evaluate.caption import (
     nocaps_breakdown,
     spice_models_available,
     write_nocaps_submission,
-)
-from blip2lib.evaluate.drivers import run_caption, run_retrieval, run_vqa
-from blip2lib.evaluate.drivers_common import CacheMismatchError
-from blip2lib.evaluate.retrieval import (
-    FUSIONS,
-    NEG_FILL,
-    candidate_scores,
-    ranks,
-    recall_at_k,
-    rerank_scores,
-    shard_rows,
 )
 from blip2lib.evaluate.vqa import (
     VQA_PROMPTS,
@@ -43,6 +39,21 @@ from blip2lib.evaluate.vqa import (
     vqa_accuracy,
     write_vqav2_submission,
 )
+
+# name -> submodule that defines it, imported on first access (these modules import torch)
+_LAZY = {
+    "run_caption": "drivers",
+    "run_retrieval": "drivers",
+    "run_vqa": "drivers",
+    "CacheMismatchError": "drivers_common",
+    "FUSIONS": "retrieval",
+    "NEG_FILL": "retrieval",
+    "candidate_scores": "retrieval",
+    "ranks": "retrieval",
+    "recall_at_k": "retrieval",
+    "rerank_scores": "retrieval",
+    "shard_rows": "retrieval",
+}
 
 __all__ = [
     "ALL_METRICS",
@@ -81,3 +92,16 @@ __all__ = [
     "write_nocaps_submission",
     "write_vqav2_submission",
 ]
+
+
+def __getattr__(name: str):
+    """Import the submodule that defines ``name`` on first access and cache the name here."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value  # the next access is a plain attribute lookup
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

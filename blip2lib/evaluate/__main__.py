@@ -25,11 +25,31 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from blip2lib.errors import add_verbosity, log_level, run_guarded
 
-from blip2lib import dist
-from blip2lib.config import Params, ParamsError, tiny_config
-from blip2lib.data import (
+TASKS = ("caption", "retrieval", "vqa")  # the keys of SCHEMAS below
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (torch-free: ``--help`` is answered before torch loads)."""
+    parser = argparse.ArgumentParser(prog="python -m blip2lib.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("task", choices=TASKS)
+    parser.add_argument("--params", required=True, help="flat YAML params file")
+    parser.add_argument("--allow-incomplete", action="store_true",
+                        help="exit 0 even when unreadable images were skipped (default: exit status 3)")  # fmt: skip
+    add_verbosity(parser)
+    return parser
+
+
+if __name__ == "__main__":  # python -m: --help and usage errors exit here, before the torch imports below
+    build_parser().parse_args()
+
+import torch  # noqa: E402
+
+from blip2lib import dist  # noqa: E402
+from blip2lib.config import Params, ParamsError, tiny_config  # noqa: E402
+from blip2lib.data import (  # noqa: E402
     FORMATS,
     CaptionEvalDataset,
     CaptionProcessor,
@@ -40,14 +60,13 @@ from blip2lib.data import (
     VQAEvalDataset,
     image_eval_transform,
 )
-from blip2lib.errors import add_verbosity, log_level, run_guarded
-from blip2lib.evaluate.caption import ALL_METRICS, CaptionDecoding, metric_groups
-from blip2lib.evaluate.drivers import run_caption, run_retrieval, run_vqa
-from blip2lib.evaluate.integrity import checkpoint_identity, file_identity
-from blip2lib.evaluate.pipeline import PIPELINES
-from blip2lib.evaluate.retrieval import FUSIONS
-from blip2lib.evaluate.vqa import VQADecoding
-from blip2lib.generation import ENGINES, LENGTH_RULES
+from blip2lib.evaluate.caption import ALL_METRICS, CaptionDecoding, metric_groups  # noqa: E402
+from blip2lib.evaluate.drivers import run_caption, run_retrieval, run_vqa  # noqa: E402
+from blip2lib.evaluate.integrity import checkpoint_identity, file_identity  # noqa: E402
+from blip2lib.evaluate.pipeline import PIPELINES  # noqa: E402
+from blip2lib.evaluate.retrieval import FUSIONS  # noqa: E402
+from blip2lib.evaluate.vqa import VQADecoding  # noqa: E402
+from blip2lib.generation import ENGINES, LENGTH_RULES  # noqa: E402
 
 
 @dataclass
@@ -121,7 +140,7 @@ class RetrievalParams(EvalParams):
     itm_batch_size: int = 128
 
 
-SCHEMAS = {"vqa": VQAParams, "caption": CaptionParams, "retrieval": RetrievalParams}
+SCHEMAS = {"vqa": VQAParams, "caption": CaptionParams, "retrieval": RetrievalParams}  # keys: TASKS
 _CHOICES = {"family": ("opt", "t5"), "recipe": ("paper", "lavis"), "autocast": ("", "fp16", "bf16"), "fusion": FUSIONS,
             "length_rule": (None, *LENGTH_RULES), "decode_engine": ENGINES, "pipeline": PIPELINES}  # fmt: skip
 
@@ -359,14 +378,7 @@ def run_params(task: str, p: EvalParams, params_path: str = "<params>") -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Evaluate; exit 0, 2 on a user error (params, annotations, files), 3 when images were unreadable."""
-    parser = argparse.ArgumentParser(prog="python -m blip2lib.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("task", choices=sorted(SCHEMAS))
-    parser.add_argument("--params", required=True, help="flat YAML params file")
-    parser.add_argument("--allow-incomplete", action="store_true",
-                        help="exit 0 even when unreadable images were skipped (default: exit status 3)")  # fmt: skip
-    add_verbosity(parser)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=log_level(args, logging.WARNING), format="%(levelname)s %(name)s: %(message)s")
     outcome: dict = {}
 

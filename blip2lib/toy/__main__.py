@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     """Build (or load) the toy world and print its baselines; exit status 2 on a user error (bad ``--out``)."""
     parser = argparse.ArgumentParser(prog="python -m blip2lib.toy", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("build", help="build (or load from cache) the toy world and print its baselines")
+    p = sub.add_parser("build", help="build (or load from cache) the toy world and print its baselines",
+                       epilog="examples:\n  python -m blip2lib.toy build --size tiny   # seconds\n"
+                       "  python -m blip2lib.toy build               # the demo's world",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--out", default=None, help="world folder (default: $BLIP2LIB_CACHE/toy/<key>)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", default="full", choices=("full", "tiny"))

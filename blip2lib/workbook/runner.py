@@ -53,7 +53,6 @@ from .jobs import (  # noqa: F401  (re-exported: tests, tools)
     variant_params,
 )
 from .jobs import finished as _finished
-from .preflight import PreflightFailed, preflight
 from .progress import TrainingProgress
 from .report import render_html
 from .run import REPO_ROOT, git_commit
@@ -61,6 +60,21 @@ from .summary import build_index
 
 log = logging.getLogger(__name__)
 _INDEX_LOCK = threading.Lock()
+
+
+# The preflight is imported when a run starts, not with this module: its weight checks import torch, and
+# ``python -m blip2lib.workbook --help`` must not.
+def preflight(*args: Any, **kwargs: Any) -> list:
+    """:func:`blip2lib.workbook.preflight.preflight` (raises ``PreflightFailed`` listing every finding)."""
+    from . import preflight as checks
+
+    return checks.preflight(*args, **kwargs)
+
+
+def _preflight_failed() -> type[BaseException] | tuple[()]:
+    """``PreflightFailed`` once the preflight module is loaded (only it raises one); before that, nothing to catch."""
+    checks = sys.modules.get(f"{__package__}.preflight")
+    return checks.PreflightFailed if checks is not None else ()
 
 
 class RunFailed(RuntimeError):
@@ -419,25 +433,35 @@ def main(argv: list[str] | None = None) -> int:
                         help="a training-progress line (step, loss, throughput, time left) every SECONDS while a "
                              "notebook trains (default 30; 0: none)")  # fmt: skip
     sub = ap.add_subparsers(dest="cmd", required=True)
-    one = sub.add_parser("run", help="execute one params file", parents=[common])
+
+    def example(line: str) -> dict:  # each subcommand's --help ends with an example of it
+        return {"epilog": f"example:\n  python -m blip2lib.workbook {line}",
+                "formatter_class": argparse.RawDescriptionHelpFormatter}  # fmt: skip
+
+    one = sub.add_parser("run", help="execute one params file", parents=[common],
+                         **example("run params/10_stage1_pretrain/toy.yaml -p steps=20"))  # fmt: skip
     one.add_argument("params")
     one.add_argument("--notebook", default=None, help="the notebook of a params file outside params/<notebook>/")
-    every = sub.add_parser("run-all", help="execute every notebook of a variant in order", parents=[common])
+    every = sub.add_parser("run-all", help="execute every notebook of a variant in order", parents=[common],
+                           **example("run-all toy -j 2"))  # fmt: skip
     every.add_argument("variant")
     every.add_argument("-j", "--jobs", type=int, default=1, help="steps executed at once (default 1)")
     c = sub.add_parser("check", help="preflight: check every file the params name, without loading a model",
-                       parents=[params])  # fmt: skip
+                       parents=[params], **example("check paper_vitg.yaml --notebook 10_stage1_pretrain"))  # fmt: skip
     c.add_argument("params", nargs="+", help="params files, or a variant name (every params/*/<variant>.yaml)")
     c.add_argument("--notebook", default=None, help="the notebook of files outside params/<notebook>/")
     c.add_argument("--no-hardware", dest="hardware", action="store_false", help="skip the GPU count / memory checks")
-    v = sub.add_parser("validate", help="validate params files (default: every file under params/)", parents=[params])
+    v = sub.add_parser("validate", help="validate params files (default: every file under params/)", parents=[params],
+                       **example("validate ~/exp/my.yaml --notebook 20_stage2_pretrain"))  # fmt: skip
     v.add_argument("files", nargs="*", help="params files to validate with the overrides (any folder)")
     v.add_argument("--notebook", default=None, help="the notebook of files outside params/<notebook>/")
-    r = sub.add_parser("readme", help="write a variant's measured goals into README.md's results block")
+    r = sub.add_parser("readme", help="write a variant's measured goals into README.md's results block",
+                       **example("readme toy --runs runs"))  # fmt: skip
     r.add_argument("variant")
     r.add_argument("--runs", type=Path, default=REPO_ROOT / "runs")
     r.add_argument("-v", "--verbose", action="store_true", help="tracebacks with error messages")
-    h = sub.add_parser("rehearse", help="every paper_* params file on tiny models (blip2lib/rehearsal)")
+    h = sub.add_parser("rehearse", help="every paper_* params file on tiny models (blip2lib/rehearsal)",
+                       **example("rehearse --only '10_stage1_pretrain/*' -j 2"))  # fmt: skip
     h.add_argument("--out", type=Path, default=None, help="rehearsal tree (default runs/rehearsal)")
     h.add_argument("--only", action="append", default=[], metavar="GLOB",
                    help="glob over <notebook>/<paper file stem> (repeatable, or comma-separated); the runs they read "
@@ -479,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             jobs = run_all(args.variant, jobs=args.jobs, **kw)
             print(json.dumps({"reports": [str(j.report) for j in jobs]}, indent=2))
-    except PreflightFailed as e:  # every problem of the params' files, listed at once
+    except _preflight_failed() as e:  # every problem of the params' files, listed at once
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (ParamsError, FileNotFoundError, StaleRun, RunFailed, RuntimeError) as e:

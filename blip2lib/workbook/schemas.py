@@ -71,7 +71,7 @@ class SummaryParams(Params):
 # ----------------------------------------------------------------------------------------------------------------
 # Training notebooks: the flat TrainParams keys (blip2lib.train) with per-stage defaults and report goals.
 
-from ..train import TrainParams  # noqa: E402
+from ..train_params import TrainParams  # noqa: E402  (torch-free: the runner's --help reads these schemas)
 
 
 @dataclass
