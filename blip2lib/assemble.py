@@ -31,6 +31,7 @@ from .data import (
     image_eval_transform,
     image_train_transform,
 )
+from .data.collate import bucket_task_text
 from .featcache import VisionFeatureCache, check_feature_budget
 from .model import Blip2, Blip2QFormerModel
 from .tasks import Stage1Task, Stage2Task
@@ -190,6 +191,8 @@ def build_model_and_task(params, device: torch.device):
         comps.update(best_key="val_r_mean_itc", higher_is_better=True)
     if params.cache_vision_features:  # validated: frozen ViT, fixed images (featcache.py)
         model.vision_cache = VisionFeatureCache(max_bytes=params.cache_max_gib * 2**30)
+    if params.text_len_buckets:  # static text shapes: captions right-padded to a bucket, pads masked as before
+        bucket_task_text(task, params.text_len_buckets, params.max_txt_len)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("%s model: %.2fM trainable parameters", params.stage, n_train / 1e6)
     return model, task, comps
