@@ -33,6 +33,9 @@ from .data import (
 )
 from .data.collate import bucket_task_text
 from .featcache import VisionFeatureCache, check_feature_budget
+from .featstore import FeatureStore, StoreFeatures, refuse_random_transform, run_identity
+from .featstore import attach as attach_store
+from .featstore import check_params as check_store_params
 from .model import Blip2, Blip2QFormerModel
 from .tasks import Stage1Task, Stage2Task
 
@@ -191,11 +194,27 @@ def build_model_and_task(params, device: torch.device):
         comps.update(best_key="val_r_mean_itc", higher_is_better=True)
     if params.cache_vision_features:  # validated: frozen ViT, fixed images (featcache.py)
         model.vision_cache = VisionFeatureCache(max_bytes=params.cache_max_gib * 2**30)
+    if params.feature_store:  # the loader serves stored features; the tower runs only on pixels (validation)
+        comps["feature_store"] = _open_feature_store(params, model, device)
+        model.vision_cache = StoreFeatures(comps["feature_store"].feature_shape)
     if params.text_len_buckets:  # static text shapes: captions right-padded to a bucket, pads masked as before
         bucket_task_text(task, params.text_len_buckets, params.max_txt_len)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("%s model: %.2fM trainable parameters", params.stage, n_train / 1e6)
     return model, task, comps
+
+
+def _open_feature_store(params, model, device: torch.device) -> FeatureStore:
+    """The run's feature store, refused unless the same tower, precision, size and transform made it."""
+    check_store_params(params)
+    transform = _transforms(params)[0]
+    refuse_random_transform(transform, "feature_store")
+    store = FeatureStore(params.feature_store)
+    vision = model.config.vision
+    store.check_identity(run_identity(model.vision_model, vision.precision, params.image_size, params.amp, transform,
+                                      device))  # fmt: skip
+    log.info("feature_store %s: %d images, features %s", params.feature_store, len(store), store.feature_shape)
+    return store
 
 
 def _load_frozen_and_init(model, comps: dict, params) -> None:
@@ -455,6 +474,8 @@ def build_data(params, comps: dict, device: torch.device) -> dict:
                 "batches_per_epoch": per_worker * max(1, params.num_workers),  # lavis_epoch's epoch length
                 "eval_transform": image_eval_transform(params.image_size)}  # fmt: skip
     ds = _train_dataset(params, comps, bad)
+    if comps.get("feature_store") is not None:  # samples carry stored (N, Dv) features in place of pixels
+        ds = attach_store(ds, comps["feature_store"])
     if params.cache_vision_features:  # refused before step 1 when the distinct images cannot fit the budget
         vision, anns = comps["config"].vision, getattr(ds, "annotation", None)
         half = device.type == "cuda" and (params.vit_precision or vision.precision) != "fp32"  # features kept as made
