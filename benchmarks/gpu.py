@@ -45,6 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from benchmarks.rows_featstore import row_featstore  # noqa: E402
 from blip2lib.checkpoint import git_state  # noqa: E402
 from blip2lib.config import PRESETS, Blip2Config, tiny_config  # noqa: E402
 from blip2lib.generation import VQA_PROMPTS, format_prompt, generate_ids, resolve_eos  # noqa: E402
@@ -56,7 +57,7 @@ from blip2lib.toy.synthetic import WORDS, tiny_bert_tokenizer, tiny_llm_tokenize
 VQAV2_VAL_QUESTIONS = 214_354
 GIB = 2**30
 ROWS = tuple("vit_forward stage1_train stage2_train_opt2.7b stage2_train_flant5xl caption_greedy caption_beam5 "
-             "vqa_opt2.7b vqa_flant5xl".split())  # fmt: skip
+             "vqa_opt2.7b vqa_flant5xl featstore_read".split())  # fmt: skip
 # Reference figures (one H100, torch 2.11, transformers 5.17, random weights) and goals from the issue.
 REFERENCE = {"vit_forward": "882 img/s (bf16)", "stage2_train_opt2.7b": "HF 222 samples/s, 14.1 GiB (fp16)",
              "caption_greedy": "HF 160 img/s", "caption_beam5": "HF 69 img/s"}  # fmt: skip
@@ -488,6 +489,7 @@ def run(bench: Bench, only: set[str], save=None) -> list[dict]:
         attempt("stage2_train_flant5xl", row_stage2, bench, model, cfg, "stage2_train_flant5xl")
         _free(model)
         del model
+    attempt("featstore_read", row_featstore, bench)  # benchmarks/rows_featstore.py
     return rows
 
 

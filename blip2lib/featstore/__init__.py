@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import re
 import struct
 from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
@@ -88,7 +89,7 @@ def run_identity(vision_model: torch.nn.Module, vision_precision: str, image_siz
         "precision": vision_precision if cuda else "fp32",  # place() leaves a CPU model in fp32
         "autocast": amp if cuda else "off",  # the engine's autocast is CUDA-only
         "device_type": device.type,
-        "transform": repr(transform),
+        "transform": re.sub(r" at 0x[0-9a-f]+", "", repr(transform)),  # a Lambda's address differs per process
     }
 
 
