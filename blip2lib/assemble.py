@@ -33,9 +33,8 @@ from .data import (
 )
 from .data.collate import bucket_task_text
 from .featcache import VisionFeatureCache, check_feature_budget
-from .featstore import FeatureStore, StoreFeatures, refuse_random_transform, run_identity
+from .featstore import StoreFeatures, open_for_run
 from .featstore import attach as attach_store
-from .featstore import check_params as check_store_params
 from .model import Blip2, Blip2QFormerModel
 from .tasks import Stage1Task, Stage2Task
 
@@ -195,26 +194,13 @@ def build_model_and_task(params, device: torch.device):
     if params.cache_vision_features:  # validated: frozen ViT, fixed images (featcache.py)
         model.vision_cache = VisionFeatureCache(max_bytes=params.cache_max_gib * 2**30)
     if params.feature_store:  # the loader serves stored features; the tower runs only on pixels (validation)
-        comps["feature_store"] = _open_feature_store(params, model, device)
+        comps["feature_store"] = open_for_run(params, model, device, _transforms(params)[0])
         model.vision_cache = StoreFeatures(comps["feature_store"].feature_shape)
     if params.text_len_buckets:  # static text shapes: captions right-padded to a bucket, pads masked as before
         bucket_task_text(task, params.text_len_buckets, params.max_txt_len)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("%s model: %.2fM trainable parameters", params.stage, n_train / 1e6)
     return model, task, comps
-
-
-def _open_feature_store(params, model, device: torch.device) -> FeatureStore:
-    """The run's feature store, refused unless the same tower, precision, size and transform made it."""
-    check_store_params(params)
-    transform = _transforms(params)[0]
-    refuse_random_transform(transform, "feature_store")
-    store = FeatureStore(params.feature_store)
-    vision = model.config.vision
-    store.check_identity(run_identity(model.vision_model, vision.precision, params.image_size, params.amp, transform,
-                                      device))  # fmt: skip
-    log.info("feature_store %s: %d images, features %s", params.feature_store, len(store), store.feature_shape)
-    return store
 
 
 def _load_frozen_and_init(model, comps: dict, params) -> None:

@@ -254,6 +254,22 @@ class FeatureStore:
             )
 
 
+def open_for_run(params, model, device: torch.device, transform) -> FeatureStore:
+    """The store ``params.feature_store`` names, checked against this run.
+
+    Refused unless this run's tower, precision, image size and transform made it, and unless the run's params can
+    use a store at all (no augmentation, frozen tower, no tar shards).
+    """
+    check_params(params)
+    refuse_random_transform(transform, "feature_store")
+    store = FeatureStore(params.feature_store)
+    vision = model.config.vision
+    store.check_identity(run_identity(model.vision_model, vision.precision, params.image_size, params.amp, transform,
+                                      device))  # fmt: skip
+    log.info("feature_store %s: %d images, features %s", params.feature_store, len(store), store.feature_shape)
+    return store
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Reading in a run: the loader yields features in place of pixels, the model skips the tower for them
 
@@ -370,6 +386,7 @@ __all__ = [
     "StoreFeatures",
     "attach",
     "check_params",
+    "open_for_run",
     "run_identity",
     "store_keys",
 ]

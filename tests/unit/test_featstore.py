@@ -1,7 +1,9 @@
 """Disk-backed frozen-feature store (blip2lib/featstore): exact features, same training, misuse refused, resumable."""
 
+import contextlib
 import json
 import os
+import random
 import tracemalloc
 
 import numpy as np
@@ -9,11 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+from blip2lib.assemble import build_model_and_task
 from blip2lib.config import tiny_config
 from blip2lib.featstore import FeatureStore, FeatureStoreError, run_identity
 from blip2lib.featstore.__main__ import main as cli
 from blip2lib.featstore.build import build_store, write_features
-from blip2lib.toy.synthetic import WORDS
+from blip2lib.toy.synthetic import WORDS, SyntheticImageText
 from blip2lib.train import TrainParams, train
 from blip2lib.vision import build_vision_tower, freeze_vision_, vision_features
 
@@ -202,3 +205,49 @@ def test_cli_build_info_and_user_errors(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: featstore build: augment='paper'")
     assert not (tmp_path / "s2").exists()
     assert os.path.isdir(tmp_path / "s")
+
+
+class _Recorder:
+    """A vision hook that runs the tower as the model would and keeps what it returned."""
+
+    active = True
+
+    def __init__(self):
+        self.seen = []
+
+    def batch(self, image_ids):
+        return contextlib.nullcontext()
+
+    def features(self, x, compute):
+        out = compute(x)
+        self.seen.append(out.detach().clone())
+        return out
+
+
+GPU = pytest.mark.gpu
+
+
+@pytest.mark.parametrize(
+    "device,vit_precision,amp",
+    [("cpu", "", "bf16"), pytest.param("cuda", "fp16", "bf16", marks=GPU),
+     pytest.param("cuda", "fp16_lavis", "fp16", marks=GPU), pytest.param("cuda", "bf16", "bf16", marks=GPU),
+     pytest.param("cuda", "fp32", "bf16", marks=GPU)],  # fp32 tower: it runs under the training autocast
+)  # fmt: skip
+def test_stored_rows_are_what_the_training_model_computes(tmp_path, device, vit_precision, amp):
+    params = _params("stage1", vit_precision=vit_precision, amp=amp)
+    build_store(params, tmp_path / "s", shard_size=100, batch_size=8, device=device)
+    store = FeatureStore(tmp_path / "s")
+    random.seed(params.seed)  # what train() seeds before it builds the model
+    torch.manual_seed(params.seed)
+    np.random.seed(params.seed)
+    model, _, _ = build_model_and_task(params, torch.device(device))
+    model.vision_cache = recorder = _Recorder()
+    data = SyntheticImageText(256, 28, seed=params.seed)  # the run's training set (train_data: synthetic)
+    pixels = torch.stack([data[i]["image"] for i in range(8)]).to(device)  # the build's first batch of 8
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    with torch.no_grad(), torch.autocast(device, dtype=low, enabled=device == "cuda"):  # the engine's autocast
+        model.encode_vision(pixels)
+    live = recorder.seen[0]  # (8, 17, 32) in the tower's output dtype
+    for i in range(8):
+        row = store[f"synthetic_{i}"]
+        assert row.dtype == live.dtype and torch.equal(row.to(device), live[i]), i
