@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..config import ParamsError
 from .images import BadSampleLog
 
 __all__ = ["Collate", "bucket_length", "bucket_task_text", "check_buckets", "collate_samples", "pad_to_bucket"]
@@ -97,12 +98,16 @@ class Collate:
 
 
 def check_buckets(buckets: Sequence[int], max_txt_len: int) -> list[int]:
-    """``buckets`` sorted, refused unless positive, distinct and reaching ``max_txt_len`` (the longest text)."""
+    """``buckets`` sorted, refused unless positive, distinct and reaching ``max_txt_len`` (the longest text).
+
+    Raises:
+        ParamsError: naming the key (a user's mistake: one ``error:`` line from the command-line tools).
+    """
     out = sorted(int(b) for b in buckets)
     if not out or out[0] < 1 or len(set(out)) != len(out):
-        raise ValueError(f"text_len_buckets must be distinct positive lengths, got {list(buckets)}")
+        raise ParamsError(f"text_len_buckets must be distinct positive lengths, got {list(buckets)}")
     if out[-1] < max_txt_len:
-        raise ValueError(
+        raise ParamsError(
             f"text_len_buckets {list(buckets)}: the largest bucket {out[-1]} is below max_txt_len={max_txt_len}, "
             "so a long caption would fit no bucket; add max_txt_len as the last bucket"
         )

@@ -137,6 +137,7 @@ def _losses(run_dir):
     return [json.loads(x)["loss"] for x in (run_dir / "log.jsonl").read_text().splitlines() if '"loss"' in x]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage,data", [("stage1", "captions"), ("stage2", "synthetic")])
 def test_training_from_the_store_gives_the_live_losses(tmp_path, stage, data):
     kw = _caption_data(tmp_path / "data") if data == "captions" else {}

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from blip2lib.assemble import build_model_and_task
+from blip2lib.config import ParamsError
 from blip2lib.data.collate import bucket_length, bucket_task_text, check_buckets, pad_to_bucket
 from blip2lib.toy.synthetic import synthetic_batch
 from blip2lib.train import TrainParams
@@ -21,11 +22,11 @@ def test_pad_to_bucket_values_and_bucket_choice():
     with pytest.raises(ValueError, match=r"a text of 9 tokens fits no bucket of \[2, 4, 8\]"):
         bucket_length(9, [2, 4, 8])
     assert check_buckets([32, 16], 32) == [16, 32]
-    with pytest.raises(ValueError, match=r"largest bucket 16 is below max_txt_len=32"):
+    with pytest.raises(ParamsError, match=r"largest bucket 16 is below max_txt_len=32"):
         check_buckets([8, 16], 32)
-    with pytest.raises(ValueError, match="distinct positive lengths"):
+    with pytest.raises(ParamsError, match="distinct positive lengths"):
         check_buckets([0, 32], 32)
-    with pytest.raises(ValueError, match="distinct positive lengths"):
+    with pytest.raises(ParamsError, match="distinct positive lengths"):
         check_buckets([32, 32], 32)
 
 
