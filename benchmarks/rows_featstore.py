@@ -49,7 +49,7 @@ def row_featstore(bench) -> dict:
     with tempfile.TemporaryDirectory(prefix="featstore_bench_") as root:
         t = time.perf_counter()
         items = [(f"img{i}", i) for i in range(n_images)]
-        write_features(root, {"benchmark": "random pixels"}, items, lambda i: pixels[i], tower_pass,
+        write_features(root, {"benchmark": "random pixels"}, items, lambda idx: (pixels[i] for i in idx), tower_pass,
                        shard_size=2 * n, batch_size=n)  # fmt: skip
         build_s = time.perf_counter() - t
         store = FeatureStore(root)

@@ -14,7 +14,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +67,7 @@ def write_features(
     out: str | Path,
     identity: dict,
     items: Sequence[tuple[Hashable, int]],
-    load: Callable[[int], torch.Tensor | None],
+    load: Callable[[list[int]], Iterable[torch.Tensor | None]],
     compute: Callable[[torch.Tensor], torch.Tensor],
     shard_size: int = 1024,
     batch_size: int = 64,
@@ -78,7 +78,8 @@ def write_features(
         out: the store folder (created; an earlier build of the same identity is continued).
         identity: :func:`blip2lib.featstore.run_identity` of the tower that ``compute`` runs.
         items: ``(key, sample index)`` per distinct image.
-        load: sample index → transformed pixels (3, S, S), ``None`` for an unreadable image.
+        load: sample indices → their transformed pixels (3, S, S) in that order, ``None`` for an unreadable image
+            (an iterator, so DataLoader workers can decode ahead of the tower).
         compute: pixels (b, 3, S, S) → tower output (b, N, Dv).
         shard_size: images per shard.
         batch_size: images per tower pass.
@@ -99,13 +100,14 @@ def write_features(
     if done and todo:
         log.info("featstore: continuing %s: %d images stored, %d to go", out, len(done) + len(done.bad), len(todo))
     t0, written, n_bad = time.perf_counter(), 0, 0
+    stream = iter(load([index for _, index in todo]))  # pixels in todo order
     for start in range(0, len(todo), shard_size):
         chunk = todo[start : start + shard_size]
         keys, sums, bad, parts = [], [], [], []
         for b in range(0, len(chunk), batch_size):
             pixels = []
-            for key, index in chunk[b : b + batch_size]:
-                px = load(index)
+            for key, _ in chunk[b : b + batch_size]:
+                px = next(stream)
                 if px is None:  # unreadable: recorded, so the run drops the sample as a live loader would
                     bad.append(key)
                     continue
@@ -128,6 +130,20 @@ def write_features(
              len(final.shards))  # fmt: skip
     return {"images": len(final), "bad": len(final.bad), "shards": len(final.shards), "written": written,
             "seconds": seconds}  # fmt: skip
+
+
+class _Pixels(torch.utils.data.Dataset):
+    """The transformed pixels of ``dataset``'s samples ``indices`` (``None`` for an unreadable image)."""
+
+    def __init__(self, dataset, indices: list[int]):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int) -> torch.Tensor | None:
+        sample = self.dataset[self.indices[j]]
+        return None if sample is None else sample["image"]
 
 
 def build_store(params, out: str | Path, shard_size: int = 1024, batch_size: int = 64,
@@ -159,9 +175,12 @@ def build_store(params, out: str | Path, shard_size: int = 1024, batch_size: int
     items = store_keys(dataset)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(params.amp) if device.type == "cuda" else None
 
-    def load(index: int) -> torch.Tensor | None:
-        sample = dataset[index]
-        return None if sample is None else sample["image"]
+    def load(indices: list[int]) -> Iterable[torch.Tensor | None]:
+        pixels = _Pixels(dataset, indices)
+        if params.num_workers == 0:
+            return (pixels[j] for j in range(len(pixels)))
+        # workers decode and transform ahead of the tower; batch_size=None keeps single items (and None) in order
+        return torch.utils.data.DataLoader(pixels, batch_size=None, num_workers=params.num_workers)
 
     def compute(pixels: torch.Tensor) -> torch.Tensor:  # what Blip2Base.encode_vision runs inside the engine
         with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):

@@ -40,7 +40,7 @@ def _identity(tower):
 def _write(out, tower, images, dtype=torch.float32, **kw):
     items = [(f"img{i}", i) for i in range(len(images))]
     with torch.no_grad():
-        return write_features(out, _identity(tower), items, lambda i: images[i],
+        return write_features(out, _identity(tower), items, lambda idx: (images[i] for i in idx),
                               lambda px: vision_features(tower, px.to(dtype)), **kw)  # fmt: skip
 
 
@@ -89,14 +89,18 @@ def test_interrupted_build_continues_and_overwrites_nothing(tmp_path):
             return vision_features(tower, px)
 
     items, out = [(f"img{i}", i) for i in range(10)], tmp_path / "s"
+
+    def load(indices):
+        return (images[i] for i in indices)
+
     with pytest.raises(KeyboardInterrupt):
-        write_features(out, _identity(tower), items, lambda i: images[i], flaky, shard_size=4, batch_size=4)
+        write_features(out, _identity(tower), items, load, flaky, shard_size=4, batch_size=4)
     with pytest.raises(FeatureStoreError, match="the build has not finished; run the same build command again"):
         FeatureStore(out)
     first = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("shard-*")}
     assert sorted(first) == ["shard-00000.safetensors", "shard-00001.safetensors"]
     (out / "shard-00002.safetensors.tmp").write_bytes(b"half a shard")  # what a kill during save_file leaves
-    summary = write_features(out, _identity(tower), items, lambda i: images[i], flaky, shard_size=4, batch_size=4)
+    summary = write_features(out, _identity(tower), items, load, flaky, shard_size=4, batch_size=4)
     assert summary["written"] == 2 and summary["images"] == 10 and not list(out.glob("*.tmp"))
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("shard-0000[01]*")} == first
     with torch.no_grad():
@@ -107,11 +111,11 @@ def test_interrupted_build_continues_and_overwrites_nothing(tmp_path):
     other = _tower()
     torch.nn.init.zeros_(other.patch_embed.proj.bias)
     with pytest.raises(FeatureStoreError, match=r"holds a store of another tower or transform \(differs in weights"):
-        write_features(out, _identity(other), items, lambda i: images[i], flaky)
+        write_features(out, _identity(other), items, load, flaky)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty and holds no store.json"):
-        write_features(tmp_path / "junk", _identity(tower), items, lambda i: images[i], flaky)
+        write_features(tmp_path / "junk", _identity(tower), items, load, flaky)
 
 
 def _caption_data(root, n_images=8):
@@ -235,7 +239,7 @@ GPU = pytest.mark.gpu
      pytest.param("cuda", "fp32", "bf16", marks=GPU)],  # fp32 tower: it runs under the training autocast
 )  # fmt: skip
 def test_stored_rows_are_what_the_training_model_computes(tmp_path, device, vit_precision, amp):
-    params = _params("stage1", vit_precision=vit_precision, amp=amp)
+    params = _params("stage1", vit_precision=vit_precision, amp=amp, num_workers=2)  # workers decode for the build
     build_store(params, tmp_path / "s", shard_size=100, batch_size=8, device=device)
     store = FeatureStore(tmp_path / "s")
     random.seed(params.seed)  # what train() seeds before it builds the model
