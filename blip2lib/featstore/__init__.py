@@ -57,7 +57,7 @@ def weights_digest(module: torch.nn.Module) -> str:
     for name, t in sorted(module.state_dict().items()):
         t = t.detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes: bf16 has no numpy dtype
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # raw bytes (bf16 has no numpy dtype), not copied
     return h.hexdigest()
 
 
@@ -95,10 +95,10 @@ def run_identity(vision_model: torch.nn.Module, vision_precision: str, image_siz
 
 def refuse_random_transform(transform, what: str) -> None:
     """A transform that draws random numbers (crop, flip) gives a new image each epoch: one stored feature is wrong."""
-    text = repr(transform)
-    if "Random" in text:
+    random_steps = [line.strip() for line in repr(transform).splitlines() if "Random" in line]
+    if random_steps:
         raise FeatureStoreError(
-            f"{what}: the image transform is random ({text.splitlines()[1].strip() if chr(10) in text else text}); "
+            f"{what}: the image transform is random ({'; '.join(random_steps)}); "
             "a feature store holds one feature per image, so it needs augment: none (the stage-1 paper recipe's "
             "random crop + flip must compute features live)"
         )
@@ -114,7 +114,8 @@ def check_params(params, source: str = "feature_store") -> None:
     if not params.freeze_vit:
         raise FeatureStoreError(f"{source}: the vision tower is trained (freeze_vit: false); its features change")
     if params.cache_vision_features or params.cache_images:
-        raise FeatureStoreError(f"{source}: cache_vision_features / cache_images have nothing to do with a store")
+        raise FeatureStoreError(f"{source}: turn cache_vision_features and cache_images off: the store already "
+                                "serves every training image's features")  # fmt: skip
     from ..assemble import is_shard_spec  # lazily: assemble imports this module
 
     if is_shard_spec(params.train_data):

@@ -171,6 +171,12 @@ def test_store_refuses_another_tower_size_augmentation_or_images(tmp_path):
         train(_params("stage1", augment="paper", feature_store=str(out)), tmp_path / "r3")
     with pytest.raises(FeatureStoreError, match=r"augment='paper'"):
         build_store(_params("stage1", augment="paper"), tmp_path / "s2")
+    from blip2lib.data import image_eval_transform, image_train_transform
+    from blip2lib.featstore import refuse_random_transform
+
+    with pytest.raises(FeatureStoreError, match=r"transform is random \(RandomResizedCrop.*; RandomHorizontalFlip"):
+        refuse_random_transform(image_train_transform(28, flip=True), "x")  # defence behind the augment check
+    refuse_random_transform(image_eval_transform(28), "x")  # resize + normalise: fixed
     with pytest.raises(FeatureStoreError, match="no store.json"):
         train(_params("stage1", feature_store=str(tmp_path / "nothing")), tmp_path / "r4")
     # an id whose pixels differ from the stored image's, and an image the store never saw
