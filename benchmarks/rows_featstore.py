@@ -11,6 +11,9 @@ then times, at batch ``vit_batch``:
 
 The store is freshly written, so its pages are in the OS page cache: the read figure is memory-bound, an upper bound
 for a store on a cold disk (ViT-g: 257 × 1408 fp16 = 0.69 MiB per image; a disk at 2 GB/s gives ~2900 images/s).
+
+Not yet measured on a GPU; the command is ``python benchmarks/gpu.py --only featstore --out FILE.json`` (the row
+also runs in the full benchmark). ``--tiny`` runs it on the CPU with the tiny config (a smoke run, not timing).
 """
 
 from __future__ import annotations
