@@ -140,17 +140,44 @@ def _preset_components(params) -> dict:
     return out
 
 
-def build_model_and_task(params, device: torch.device):
-    """Model, task and the components dict (tokenizers, config, paths, best-metric key) for ``params.stage``."""
-    comps = {"tiny": _tiny_components, "toy": _toy_components}.get(params.model, _preset_components)(params)
-    cfg: Blip2Config = comps["config"]
-    vision = _with(
+def _vision_config(params, cfg: Blip2Config) -> VisionConfig:
+    """The run's vision tower config: image size, freezing, checkpointing and precision from ``params``."""
+    return _with(
         cfg.vision,
         image_size=params.image_size,
         freeze=params.freeze_vit,
         grad_checkpointing=params.grad_checkpointing,
         precision=(params.vit_precision or cfg.vision.precision) if params.freeze_vit else "fp32",  # trained: fp32
     )
+
+
+def build_frozen_tower(params, device: torch.device):
+    """``(tower, vision config, components)``: the frozen vision tower alone, as :func:`build_model_and_task` makes it.
+
+    No Q-Former and no LLM (a feature-store build needs neither). Under the same seed a random ``tiny`` tower comes out
+    the same, because the model builds its tower first too; weights and precision are applied as the model does.
+    """
+    from .precision import set_vision_precision_
+    from .vision import build_vision_tower, freeze_vision_, load_vision_weights
+
+    comps = {"tiny": _tiny_components, "toy": _toy_components}.get(params.model, _preset_components)(params)
+    vision = _vision_config(params, comps["config"])
+    tower = build_vision_tower(vision)
+    freeze_vision_(tower)
+    if comps.get("vision_weights"):
+        missing, _ = load_vision_weights(tower, comps["vision_weights"], vision)
+        if missing:
+            raise ValueError(f"vision weights {comps['vision_weights']} lack keys: {missing[:8]}")
+    tower.to(device)
+    set_vision_precision_(tower, vision.precision, device)  # a no-op on a CPU, as in Blip2Base.place
+    return tower, vision, comps
+
+
+def build_model_and_task(params, device: torch.device):
+    """Model, task and the components dict (tokenizers, config, paths, best-metric key) for ``params.stage``."""
+    comps = {"tiny": _tiny_components, "toy": _toy_components}.get(params.model, _preset_components)(params)
+    cfg: Blip2Config = comps["config"]
+    vision = _vision_config(params, cfg)
     qformer = cfg.qformer
     if params.stage == "vqa_ft":  # the question goes through the Q-Former too: keep the text path
         qformer = _with(qformer, use_text_input=True)
@@ -501,4 +528,4 @@ def build_data(params, comps: dict, device: torch.device) -> dict:
     }
 
 
-__all__ = ["build_model_and_task", "build_data", "load_init", "GENERATIVE"]
+__all__ = ["build_model_and_task", "build_data", "build_frozen_tower", "load_init", "GENERATIVE"]

@@ -8,7 +8,6 @@ rather than written over.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -151,29 +150,26 @@ def build_store(params, out: str | Path, shard_size: int = 1024, batch_size: int
     """Build (or continue) the feature store of ``params``' training images with the tower ``params`` describe.
 
     The tower is made exactly as :func:`blip2lib.train.train` makes it (same seed, so a random ``tiny`` tower is the
-    same tower) but without the LLM; images come from the run's training dataset with its (fixed) transform and run
-    through the tower under the run's autocast, so the stored rows equal what the run would compute.
+    same tower) but alone, without Q-Former or LLM; images come from the run's training dataset with its (fixed)
+    transform and run through the tower under the run's autocast, so the stored rows equal what the run computes.
     """
-    from ..assemble import GENERATIVE, _train_dataset, _transforms, build_model_and_task
+    from ..assemble import _train_dataset, _transforms, build_frozen_tower
     from ..data import BadSampleLog
     from ..vision import vision_features
 
     check_params(params, "featstore build")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    random.seed(params.seed)  # as train() seeds before it builds the model
+    random.seed(params.seed)  # as train() seeds before it builds the model (a random tiny tower is the same tower)
     torch.manual_seed(params.seed)
     np.random.seed(params.seed)
-    # the tower does not depend on the stage: build the small stage-1 model around it, not the LLM
-    tower_params = dataclasses.replace(params, stage="stage1" if params.stage in GENERATIVE else params.stage,
-                                       feature_store="")  # fmt: skip
-    model, _, comps = build_model_and_task(tower_params, device)
+    tower, vision, comps = build_frozen_tower(params, device)
     transform = _transforms(params)[0]
     refuse_random_transform(transform, "featstore build")
-    identity = run_identity(model.vision_model, model.config.vision.precision, params.image_size, params.amp,
-                            transform, device)  # fmt: skip
+    identity = run_identity(tower, vision.precision, params.image_size, params.amp, transform, device)
     dataset = _train_dataset(params, comps, BadSampleLog())
     items = store_keys(dataset)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(params.amp) if device.type == "cuda" else None
+    dtype = next(tower.parameters()).dtype  # Blip2Base.vision_dtype
 
     def load(indices: list[int]) -> Iterable[torch.Tensor | None]:
         pixels = _Pixels(dataset, indices)
@@ -184,7 +180,7 @@ def build_store(params, out: str | Path, shard_size: int = 1024, batch_size: int
 
     def compute(pixels: torch.Tensor) -> torch.Tensor:  # what Blip2Base.encode_vision runs inside the engine
         with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            return vision_features(model.vision_model, pixels.to(device).to(model.vision_dtype()))
+            return vision_features(tower, pixels.to(device).to(dtype))
 
     log.info("featstore: %d distinct images of %s → %s", len(items), params.train_data, out)
     return write_features(out, identity, items, load, compute, shard_size=shard_size, batch_size=batch_size)
