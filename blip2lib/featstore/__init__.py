@@ -185,6 +185,13 @@ class _Shard:
         return {**self.__dict__, "_map": None}
 
 
+def _short(value):
+    """An identity value as an error message shows it: a digest's first 12 digits, a transform's text on one line."""
+    if not isinstance(value, str):
+        return value
+    return value[:12] if len(value) == 64 and value.isalnum() else " ".join(value.split())
+
+
 class FeatureStore:
     """A built store opened for reading: ``store[key]`` → (N, Dv) features, ``None`` for an unreadable image.
 
@@ -244,9 +251,8 @@ class FeatureStore:
 
     def check_identity(self, run: dict) -> None:
         """Refuse a run whose tower, precision, image size or transform differs from the store's."""
-        diff = [
-            f"{k}: store {self.identity.get(k)!r} vs run {v!r}" for k, v in run.items() if self.identity.get(k) != v
-        ]
+        diff = [f"{k}: store {_short(self.identity.get(k))!r} vs run {_short(v)!r}" for k, v in run.items()
+                if self.identity.get(k) != v]  # fmt: skip
         if diff:
             raise FeatureStoreError(
                 f"feature_store {str(self.root)!r} was built for another vision tower or transform ("
