@@ -17,6 +17,11 @@ reading run's; any difference is refused naming the fields. Keys are annotation 
 ``image_id`` for datasets without an annotation list); a key whose pixels differ from the checksum stored at build
 time is an error, never a silently wrong feature (checked wherever the loader still sees pixels).
 
+Exactness: each stored row is the tower's output for that image, bit for bit, as the build computed it (the run's
+tower, precision and autocast). On a CPU that is also what a live run computes at any batch size (tested); on a GPU
+a live run at another batch size may differ in the last bits, because matmul kernels are chosen per batch shape —
+as two live runs at different batch sizes differ.
+
 Build: ``python -m blip2lib.featstore build PARAMS.yaml --out DIR`` (:func:`blip2lib.featstore.build.build_store`).
 """
 
