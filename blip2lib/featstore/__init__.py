@@ -18,9 +18,9 @@ reading run's; any difference is refused naming the fields. Keys are annotation 
 time is an error, never a silently wrong feature (checked wherever the loader still sees pixels).
 
 Exactness: each stored row is the tower's output for that image, bit for bit, as the build computed it (the run's
-tower, precision and autocast). On a CPU that is also what a live run computes at any batch size (tested); on a GPU
-a live run at another batch size may differ in the last bits, because matmul kernels are chosen per batch shape —
-as two live runs at different batch sizes differ.
+tower, precision and autocast). On a CPU that is also what a live run computes at any batch size (tested on the tiny
+tower); on a GPU a live run at another batch size may differ in the last bits, because matmul kernels are chosen per
+batch shape — as two live runs at different batch sizes differ.
 
 Build: ``python -m blip2lib.featstore build PARAMS.yaml --out DIR`` (:func:`blip2lib.featstore.build.build_store`).
 """
