@@ -19,7 +19,11 @@ Rows (one table, also written as JSON with ``--out``):
                              batches), OPT-2.7B, beam 5: measured images/s and questions/s, and the projected VQAv2
                              val run (40,504 images, 214,354 questions).
 
-The rows live in ``benchmarks/train_rows.py`` (ViT, stage 1, stage 2) and ``benchmarks/decode_rows.py`` (generation).
+* ``featstore_read``         the disk-backed frozen-feature store (``python -m blip2lib.featstore``): stored features
+                             read per second against the live tower's images/s, build images/s and store size.
+
+The rows live in ``benchmarks/train_rows.py`` (ViT, stage 1, stage 2), ``benchmarks/decode_rows.py`` (generation) and
+``benchmarks/rows_featstore.py`` (the feature store).
 
 Precision policy (``--dtype policy``, docs/paper_map.md §3.3 and ``Blip2Base.place``): frozen ViT and OPT fp16, FlanT5
 bf16; Q-Former, queries, ``ln_vision`` and projections fp32 master weights under autocast (fp16 + GradScaler for ViT/OPT
@@ -51,9 +55,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_rows.py, decode_rows.py beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the row modules beside this file
 
 from decode_rows import row_caption, row_vqa, row_vqav2_pipeline  # noqa: E402
+from rows_featstore import row_featstore  # noqa: E402
 from train_rows import _free, row_stage1, row_stage2, row_vit  # noqa: E402
 
 from blip2lib.checkpoint import git_state  # noqa: E402
@@ -64,7 +69,7 @@ from blip2lib.toy.synthetic import tiny_llm_tokenizer  # noqa: E402
 
 GIB = 2**30
 ROWS = tuple("vit_forward stage1_train stage2_train_opt2.7b stage2_train_flant5xl caption_greedy caption_beam5 "
-             "vqa_opt2.7b vqa_flant5xl vqav2_pipeline".split())  # fmt: skip
+             "vqa_opt2.7b vqa_flant5xl vqav2_pipeline featstore_read".split())  # fmt: skip
 # Reference figures (one H100, torch 2.11, transformers 5.17, random weights) and goals from the issue.
 REFERENCE = {"vit_forward": "882 img/s (bf16)", "stage2_train_opt2.7b": "HF 222 samples/s, 14.1 GiB (fp16)",
              "caption_greedy": "HF 160 img/s", "caption_beam5": "HF 69 img/s"}  # fmt: skip
@@ -291,6 +296,7 @@ def run(bench: Bench, only: set[str], save=None) -> list[dict]:
         attempt("stage2_train_flant5xl", row_stage2, bench, model, cfg, "stage2_train_flant5xl")
         _free(model)
         del model
+    attempt("featstore_read", row_featstore, bench)  # benchmarks/rows_featstore.py
     return rows
 
 

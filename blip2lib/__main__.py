@@ -21,6 +21,8 @@ COMMANDS: list[tuple[str, str, str]] = [
      "python -m blip2lib.train --params my_stage1.yaml --run-dir runs/my_stage1"),
     ("blip2lib.launch", "one node's share of a multi-node training run, same params and run folder (docs/multinode.md)",
      "python -m blip2lib.launch params/10_stage1_pretrain/my_2x8.yaml --node-rank 1"),
+    ("blip2lib.featstore", "store the frozen ViT's features of the training images once (runs without augmentation)",
+     "python -m blip2lib.featstore build my_stage2.yaml --out features/my_stage2"),
     ("blip2lib.evaluate", "evaluate a checkpoint on VQA, captioning or retrieval with the official scoring",
      "python -m blip2lib.evaluate vqa --params my_eval.yaml"),
     ("blip2lib.convert", "convert checkpoints between LAVIS, transformers and ours, verified numerically",

@@ -31,7 +31,10 @@ from .data import (
     image_eval_transform,
     image_train_transform,
 )
+from .data.collate import bucket_task_text
 from .featcache import VisionFeatureCache, check_feature_budget
+from .featstore import StoreFeatures, open_for_run
+from .featstore import attach as attach_store
 from .model import Blip2, Blip2QFormerModel
 from .tasks import Stage1Task, Stage2Task
 
@@ -137,17 +140,44 @@ def _preset_components(params) -> dict:
     return out
 
 
-def build_model_and_task(params, device: torch.device):
-    """Model, task and the components dict (tokenizers, config, paths, best-metric key) for ``params.stage``."""
-    comps = {"tiny": _tiny_components, "toy": _toy_components}.get(params.model, _preset_components)(params)
-    cfg: Blip2Config = comps["config"]
-    vision = _with(
+def _vision_config(params, cfg: Blip2Config) -> VisionConfig:
+    """The run's vision tower config: image size, freezing, checkpointing and precision from ``params``."""
+    return _with(
         cfg.vision,
         image_size=params.image_size,
         freeze=params.freeze_vit,
         grad_checkpointing=params.grad_checkpointing,
         precision=(params.vit_precision or cfg.vision.precision) if params.freeze_vit else "fp32",  # trained: fp32
     )
+
+
+def build_frozen_tower(params, device: torch.device):
+    """``(tower, vision config, components)``: the frozen vision tower alone, as :func:`build_model_and_task` makes it.
+
+    No Q-Former and no LLM (a feature-store build needs neither). Under the same seed a random ``tiny`` tower comes out
+    the same, because the model builds its tower first too; weights and precision are applied as the model does.
+    """
+    from .precision import set_vision_precision_
+    from .vision import build_vision_tower, freeze_vision_, load_vision_weights
+
+    comps = {"tiny": _tiny_components, "toy": _toy_components}.get(params.model, _preset_components)(params)
+    vision = _vision_config(params, comps["config"])
+    tower = build_vision_tower(vision)
+    freeze_vision_(tower)
+    if comps.get("vision_weights"):
+        missing, _ = load_vision_weights(tower, comps["vision_weights"], vision)
+        if missing:
+            raise ValueError(f"vision weights {comps['vision_weights']} lack keys: {missing[:8]}")
+    tower.to(device)
+    set_vision_precision_(tower, vision.precision, device)  # a no-op on a CPU, as in Blip2Base.place
+    return tower, vision, comps
+
+
+def build_model_and_task(params, device: torch.device):
+    """Model, task and the components dict (tokenizers, config, paths, best-metric key) for ``params.stage``."""
+    comps = {"tiny": _tiny_components, "toy": _toy_components}.get(params.model, _preset_components)(params)
+    cfg: Blip2Config = comps["config"]
+    vision = _vision_config(params, cfg)
     qformer = cfg.qformer
     if params.stage == "vqa_ft":  # the question goes through the Q-Former too: keep the text path
         qformer = _with(qformer, use_text_input=True)
@@ -190,6 +220,11 @@ def build_model_and_task(params, device: torch.device):
         comps.update(best_key="val_r_mean_itc", higher_is_better=True)
     if params.cache_vision_features:  # validated: frozen ViT, fixed images (featcache.py)
         model.vision_cache = VisionFeatureCache(max_bytes=params.cache_max_gib * 2**30)
+    if params.feature_store:  # the loader serves stored features; the tower runs only on pixels (validation)
+        comps["feature_store"] = open_for_run(params, model, device, _transforms(params)[0])
+        model.vision_cache = StoreFeatures(comps["feature_store"].feature_shape)
+    if params.text_len_buckets:  # static text shapes: captions right-padded to a bucket, pads masked as before
+        bucket_task_text(task, params.text_len_buckets, params.max_txt_len)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("%s model: %.2fM trainable parameters", params.stage, n_train / 1e6)
     return model, task, comps
@@ -452,6 +487,8 @@ def build_data(params, comps: dict, device: torch.device) -> dict:
                 "batches_per_epoch": per_worker * max(1, params.num_workers),  # lavis_epoch's epoch length
                 "eval_transform": image_eval_transform(params.image_size)}  # fmt: skip
     ds = _train_dataset(params, comps, bad)
+    if comps.get("feature_store") is not None:  # samples carry stored (N, Dv) features in place of pixels
+        ds = attach_store(ds, comps["feature_store"])
     if params.cache_vision_features:  # refused before step 1 when the distinct images cannot fit the budget
         vision, anns = comps["config"].vision, getattr(ds, "annotation", None)
         half = device.type == "cuda" and (params.vit_precision or vision.precision) != "fp32"  # features kept as made
@@ -491,4 +528,4 @@ def build_data(params, comps: dict, device: torch.device) -> dict:
     }
 
 
-__all__ = ["build_model_and_task", "build_data", "load_init", "GENERATIVE"]
+__all__ = ["build_model_and_task", "build_data", "build_frozen_tower", "load_init", "GENERATIVE"]

@@ -6,7 +6,7 @@ workbook's schemas); ``blip2lib.train`` re-exports both names.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .config import Params
 from .options import DEFAULT_TIMEOUT_S, LR_SCHEDULES, TEXT_PADDINGS, VIT_PRECISIONS
@@ -81,6 +81,8 @@ class TrainParams(Params):
     tensorboard: bool = False  # also write the log's scalars to <run_dir>/tensorboard (needs `tensorboard`)
     dist_timeout_s: float = float(DEFAULT_TIMEOUT_S)  # several processes: seconds a rank waits for a hung one
     cache_max_gib: float = 4.0  # memory budget (GiB) of cache_images and of cache_vision_features, each
+    feature_store: str = ""  # frozen-ViT feature store folder (python -m blip2lib.featstore build); needs augment none
+    text_len_buckets: list[int] = field(default_factory=list)  # pad captions to the smallest fitting bucket; [] → off
 
     # Allowed ranges (checked by from_dict / validate_values before any work). Zero keeps its documented meaning
     # where a key has one (ckpt_every / eval_every 0: only at the end; steps_per_epoch 0: from the data; ...).
