@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=log_level(args), format="%(message)s")
 
     def body() -> int:
-        from . import FeatureStore
+        from .store import FeatureStore
 
         if args.cmd == "info":
             store = FeatureStore(args.store, require_complete=False)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import (
+from .store import (
     FORMAT,
     SHARD_GLOB,
     STORE_JSON,

@@ -122,7 +122,9 @@ def test_slowest_help_is_under_2_seconds(helps):
     assert best < 2.0, f"{' '.join(slowest)}: {best:.2f} s"
 
 
-@pytest.mark.parametrize("package", ["blip2lib.data", "blip2lib.evaluate", "blip2lib.toy", "blip2lib.convert"])
+@pytest.mark.parametrize(
+    "package", ["blip2lib.data", "blip2lib.evaluate", "blip2lib.toy", "blip2lib.convert", "blip2lib.featstore"]
+)
 def test_lazy_packages_export_each_name_from_the_module_that_defines_it(package):
     """Each ``__all__`` name is the object of the one submodule whose source defines it (found here by parsing)."""
     import ast
