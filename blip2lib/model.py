@@ -23,8 +23,10 @@ from .qformer import (
     Blip2QFormer,
     Blip2QFormerLMHead,
     Blip2TextEmbeddings,
+    CrossInput,
     bidirectional_mask,
     causal_text_mask_with_prefix,
+    cross_input,
     init_weights,
 )
 from .vision import build_vision_tower, freeze_vision_, set_grad_checkpointing, vision_features
@@ -167,18 +169,19 @@ class Blip2Base(nn.Module):
 
     def query_pass(
         self,
-        image_embeds: torch.Tensor,
+        image_embeds: torch.Tensor | CrossInput,
         use_cache: bool = False,
         text_ids: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
     ):
         """Learned queries through the Q-Former with cross-attention to ``image_embeds`` (B, N, Dv).
 
-        With ``text_ids`` the text is concatenated after the queries in one bi-directional pass (ITM, and the VQA
-        fine-tuning variant of docs/paper_map.md §4.2). Returns the Q-Former output (``last_hidden_state`` (B, Q[+L],
-        H)).
+        ``image_embeds`` may be a :class:`~blip2lib.qformer.CrossInput` (cast once; with an ``index``, B rows
+        gathered from S images). With ``text_ids`` the text is concatenated after the queries in one bi-directional
+        pass (ITM, and the VQA fine-tuning variant of docs/paper_map.md §4.2). Returns the Q-Former output
+        (``last_hidden_state`` (B, Q[+L], H)).
         """
-        b = image_embeds.shape[0]
+        b = image_embeds.batch if isinstance(image_embeds, CrossInput) else image_embeds.shape[0]
         queries = self.query_tokens.expand(b, -1, -1)  # (B, Q, H)
         nq = queries.shape[1]
         if text_ids is None:
@@ -219,14 +222,17 @@ class Blip2QFormerModel(Blip2Base):
     def encode_image(self, pixel_values: torch.Tensor, use_cache: bool = False) -> dict:
         """Image side of the stage-1 passes (docs/paper_map.md §2 steps 1–2).
 
-        Returns ``image_embeds`` (B, N, Dv), ``query_output`` (B, Q, H), ``image_feats`` (B, Q, E) L2-normalised,
-        and the query pass's self-attention cache (reused by ITG) when ``use_cache``.
+        Returns ``image_embeds`` (B, N, Dv), ``cross_input`` (the same cast once for cross-attention, for the ITM
+        pass to reuse), ``query_output`` (B, Q, H), ``image_feats`` (B, Q, E) L2-normalised, and the query pass's
+        self-attention cache (reused by ITG) when ``use_cache``.
         """
         image_embeds = self.encode_vision(pixel_values)
-        out = self.query_pass(image_embeds, use_cache=use_cache)
+        cross = cross_input(image_embeds, self.qformer.layernorm.weight.dtype)  # one cast per step, not per pass
+        out = self.query_pass(cross, use_cache=use_cache)
         feats = F.normalize(self.vision_projection(out.last_hidden_state), dim=-1)  # (B, Q, E)
         return {
             "image_embeds": image_embeds,
+            "cross_input": cross,
             "query_output": out.last_hidden_state,
             "image_feats": feats,
             "past_key_values": out.past_key_values,

@@ -34,6 +34,108 @@ MASK_VALUE = -10000.0  # LAVIS additive mask value (docs/paper_map.md §1.3 "Att
 KV = tuple[torch.Tensor, torch.Tensor]  # one layer's self-attention (key, value), each (B, nh, T_kv, hd)
 
 
+# Inductor options for ``torch.compile`` of the Q-Former (and whatever else the benchmarks compile). Upstream bug
+# pytorch/pytorch#197077: with loop re-indexing after fusion (on by default) Inductor's
+# ``tiling_utils.get_pw_red_splits`` asserts on a fused reduction whose pointwise epilogue iterates over exactly the
+# reduction size, which aborts the compile; switching that pass off is the workaround given in the issue.
+INDUCTOR_WORKAROUND = {"loop_reindexing_after_fusion": False}
+
+
+def inductor_options() -> dict:
+    """:data:`INDUCTOR_WORKAROUND` less the keys this PyTorch does not know (older releases lack the pass)."""
+    import torch._inductor.config as inductor_config  # imported on use: it costs seconds at import time
+
+    return {k: v for k, v in INDUCTOR_WORKAROUND.items() if hasattr(inductor_config, k)}
+
+
+def compile_inplace(module: nn.Module, **kwargs) -> nn.Module:
+    """``module.compile(...)`` in place (state-dict names unchanged) with the Inductor workaround applied.
+
+    Args:
+        module: e.g. the Q-Former or the vision tower.
+        **kwargs: passed to ``torch.compile``; ``options`` are merged over :func:`inductor_options`. (``mode`` and
+            ``options`` cannot be combined in ``torch.compile``: with ``mode`` the workaround is left out.)
+    """
+    if "mode" not in kwargs:
+        kwargs["options"] = {**inductor_options(), **kwargs.get("options", {})}
+    module.compile(**kwargs)
+    return module
+
+
+class CrossInput(NamedTuple):
+    """Image features for the cross-attention layers, prepared once and shared by every layer (and pass).
+
+    ``states`` (S, N, Dv) in the Q-Former's dtype receives the gradients; ``low`` is ``states`` cast ONCE to the
+    autocast dtype (detached; ``None`` outside autocast), which the K/V projections read instead of casting the same
+    activations again in every layer; ``index`` (B,) long picks the image row of each batch row (``None``: row b is
+    image b). With ``index`` each layer projects the S images to keys/values once and gathers them for the B rows
+    (the 3B ITM pairs reuse B images), instead of projecting B copies.
+    """
+
+    states: torch.Tensor
+    low: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+
+    @property
+    def batch(self) -> int:
+        """Number of batch rows B this input serves."""
+        return self.states.shape[0] if self.index is None else self.index.shape[0]
+
+    def use(self) -> torch.Tensor:
+        """The K/V projection input: ``low`` behind a per-use cast node (see :class:`_SharedCast`), else ``states``."""
+        return self.states if self.low is None else _SharedCast.apply(self.states, self.low)
+
+
+class _SharedCast(torch.autograd.Function):
+    """Forward: the precomputed cast ``low`` (no new cast). Backward: the gradient cast to ``states``' dtype.
+
+    One node per use, so each use's half-precision gradient is cast to fp32 on its own and the uses are summed in
+    fp32, exactly as when every projection cast its input itself under autocast (only the forward casts are saved).
+    """
+
+    @staticmethod
+    def forward(ctx, states: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        ctx.dtype = states.dtype
+        return low.view_as(low)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.dtype), None
+
+
+class _GatherRows(torch.autograd.Function):
+    """``x.index_select(0, index)`` whose backward sums repeated rows in fp32 (one rounding to a half dtype)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = x.shape[0]
+        return x.index_select(0, index)  # (B, ...)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        acc_dtype = torch.promote_types(grad.dtype, torch.float32)
+        acc = grad.new_zeros((ctx.rows, *grad.shape[1:]), dtype=acc_dtype)  # (S, ...)
+        return acc.index_add_(0, index, grad.to(acc_dtype)).to(grad.dtype), None
+
+
+def cross_input(states: torch.Tensor, dtype: torch.dtype, index: torch.Tensor | None = None) -> CrossInput:
+    """Prepare image features for cross-attention: ``states`` in ``dtype`` plus, under autocast, ONE cast.
+
+    Args:
+        states: image features (S, N, Dv) (``ln_vision`` outputs).
+        dtype: the Q-Former's weight dtype (fp32 master weights).
+        index: optional (B,) long image row per batch row.
+    """
+    states = states.to(dtype)
+    dev = states.device.type
+    low = None
+    if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) != dtype:
+        low = states.detach().to(torch.get_autocast_dtype(dev))  # what every K/V Linear would cast to
+    return CrossInput(states, low, index)
+
+
 class QFormerOutput(NamedTuple):
     """Q-Former result: ``last_hidden_state`` (B, T, H) and, with ``use_cache``, one (k, v) per layer."""
 
@@ -141,10 +243,19 @@ class _MultiHeadAttention(nn.Module):
         return x.view(x.shape[0], x.shape[1], self.nh, self.hd).transpose(1, 2)  # (B, S, H) → (B, nh, S, hd)
 
     def forward(
-        self, x: torch.Tensor, kv_states: torch.Tensor, mask: torch.Tensor | None = None, past: KV | None = None
+        self,
+        x: torch.Tensor,
+        kv_states: torch.Tensor | CrossInput,
+        mask: torch.Tensor | None = None,
+        past: KV | None = None,
     ) -> tuple[torch.Tensor, KV]:
         q = self._heads(self.query(x))  # (B, nh, T, hd)
-        k, v = self._heads(self.key(kv_states)), self._heads(self.value(kv_states))  # (B, nh, S, hd)
+        if isinstance(kv_states, CrossInput):  # image K/V: projected once per image, gathered per row
+            k, v = self._heads(self.key(kv_states.use())), self._heads(self.value(kv_states.use()))  # (S, nh, N, hd)
+            if kv_states.index is not None:
+                k, v = _GatherRows.apply(k, kv_states.index), _GatherRows.apply(v, kv_states.index)  # (B, nh, N, hd)
+        else:
+            k, v = self._heads(self.key(kv_states)), self._heads(self.value(kv_states))  # (B, nh, S, hd)
         if past is not None:  # cached keys/values come first (queries, then earlier text; docs/paper_map.md §2 ITG)
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, nh, T_kv, hd)
         p = self.p_drop if self.training else 0.0
@@ -184,7 +295,11 @@ class _Attention(nn.Module):
         self.output = _SelfOutput(cfg, cfg.hidden_size)
 
     def forward(
-        self, x: torch.Tensor, kv_states: torch.Tensor, mask: torch.Tensor | None = None, past: KV | None = None
+        self,
+        x: torch.Tensor,
+        kv_states: torch.Tensor | CrossInput,
+        mask: torch.Tensor | None = None,
+        past: KV | None = None,
     ) -> tuple[torch.Tensor, KV]:
         ctx, kv = self.attention(x, kv_states, mask, past)  # (B, T, H)
         return self.output(ctx, x), kv
@@ -230,7 +345,7 @@ class Blip2QFormerLayer(nn.Module):
         x: torch.Tensor,
         query_length: int,
         mask: torch.Tensor | None,
-        encoder_hidden_states: torch.Tensor | None,
+        encoder_hidden_states: CrossInput | None,
         past: KV | None,
     ) -> tuple[torch.Tensor, KV]:
         """(B, T, H) → (B, T, H) plus this layer's self-attention (k, v); see :meth:`Blip2QFormer.forward`."""
@@ -274,7 +389,7 @@ class Blip2QFormer(nn.Module):
         embeds: torch.Tensor,
         query_length: int,
         attention_mask: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | CrossInput | None = None,
         past_key_values: list[KV] | None = None,
         use_cache: bool = False,
     ) -> QFormerOutput:
@@ -286,7 +401,8 @@ class Blip2QFormer(nn.Module):
             query_length: number of query positions at the front of ``embeds`` (0: a text-only pass).
             attention_mask: 0/1, either (B, T_kv) key padding or (B, T, T_kv) per row; T_kv = cached + T.
                 ``None`` = attend everywhere.
-            encoder_hidden_states: image features (B, N, Dv), needed when ``query_length > 0``.
+            encoder_hidden_states: image features (B, N, Dv), needed when ``query_length > 0``; or a
+                :class:`CrossInput` (S images, cast once, optionally gathered to the B rows by its ``index``).
             past_key_values: per-layer cached self-attention (k, v), each (B, nh, P, hd), prefixed to the keys.
             use_cache: return this pass's per-layer self-attention (k, v) including the cached prefix.
 
@@ -298,8 +414,10 @@ class Blip2QFormer(nn.Module):
             raise ValueError(f"query_length {query_length} must lie in [0, {t}]")
         dtype = self.layernorm.weight.dtype  # the Q-Former stays in its own (fp32) dtype, as in HF
         x = self.dropout(self.layernorm(embeds.to(dtype)))  # (B, T, H): LN over [queries ; text]
-        if encoder_hidden_states is not None:
-            encoder_hidden_states = encoder_hidden_states.to(dtype)  # (B, N, Dv)
+        if isinstance(encoder_hidden_states, torch.Tensor):  # (B, N, Dv): one cast for all cross-attention layers
+            encoder_hidden_states = cross_input(encoder_hidden_states, dtype)
+        if encoder_hidden_states is not None and encoder_hidden_states.batch != b:
+            raise ValueError(f"encoder_hidden_states serve {encoder_hidden_states.batch} rows, embeds have {b}")
         past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         mask = _additive_mask(attention_mask, t, past_len + t, dtype)  # (B, 1, 1|T, T_kv) or None
         cache: list[KV] | None = [] if use_cache else None
