@@ -21,6 +21,7 @@ import random
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -307,7 +308,7 @@ def prepend_prefix(
     there LAVIS concatenates the fp16/fp32 prefix with the bf16 token embeddings and type promotion makes the
     encoder's input, and so its residual stream, fp32 — reproduced here by promoting both to their common type.
     """
-    tok_embeds = model.get_input_embeddings()(input_ids.to(prefix_embeds.device))  # (B, T, D)
+    tok_embeds = model.get_input_embeddings()(input_ids.to(prefix_embeds.device, non_blocking=True))  # (B, T, D)
     if getattr(model, "_autocast_region", None) is not None:  # Linear layers run in the region's dtype anyway
         dtype = torch.promote_types(prefix_embeds.dtype, tok_embeds.dtype)
         tok_embeds = tok_embeds.to(dtype)
@@ -315,11 +316,60 @@ def prepend_prefix(
         dtype = tok_embeds.dtype
     prefix = prefix_embeds.to(dtype)  # (B, Q, D)
     ones = torch.ones(prefix.shape[:2], dtype=attention_mask.dtype, device=prefix.device)  # (B, Q)
-    return torch.cat([prefix, tok_embeds], 1), torch.cat([ones, attention_mask.to(prefix.device)], 1)
+    return torch.cat([prefix, tok_embeds], 1), torch.cat([ones, attention_mask.to(prefix.device, non_blocking=True)], 1)
+
+
+def label_positions(labels: torch.Tensor, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a decoder-only LM's logits meet a label: flat hidden-state rows and their target ids.
+
+    The sequence is ``[prefix (P) ; text (T)]`` and position p predicts token p + 1, so text label ``labels[b, c]``
+    is predicted by sequence position ``P + c - 1`` (the first text token by the last prefix position; with no
+    prefix it has no predictor). Computed where ``labels`` lives: on the host for tokenizer output (no device sync).
+
+    Args:
+        labels: text labels, -100 where ignored, (B, T).
+        num_prefix: number of soft-prompt positions P in front of the text.
+
+    Returns:
+        ``(rows (K,), targets (K,))``: indices into the (B*(P+T), D) flattened hidden states, in row-major order of
+        the kept labels (the order of HF's shifted, flattened loss), and the K target ids.
+    """
+    b, t = labels.shape
+    keep = labels != IGNORE_INDEX  # (B, T)
+    if num_prefix == 0:
+        keep[:, 0] = False  # nothing precedes the first token
+    r, c = keep.nonzero(as_tuple=True)  # (K,), (K,)
+    return r * (num_prefix + t) + num_prefix + c - 1, labels[r, c]
+
+
+def _label_head_loss(model: PreTrainedModel, embeds, mask, labels: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """Decoder-only LM loss with the LM head and its fp32 upcast applied only at the K label positions.
+
+    The same value as the model's own loss (``lm_head`` over all B*(P+T) positions, fp32 logits, shifted
+    cross-entropy, mean over kept labels): prompt and soft-prompt positions never reach the loss, so their
+    (B*(P+T) - K) x V logits are not computed.
+    """
+    rows, targets = label_positions(labels, num_prefix)  # on labels' device (the host for tokenizer output)
+    dev = embeds.device
+    rows, targets = rows.to(dev, non_blocking=True), targets.to(dev, non_blocking=True)
+    out = model.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False)  # no KV cache in training
+    hidden = out.last_hidden_state  # (B, P+T, D)
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)  # (K, D)
+    logits = model.get_output_embeddings()(picked).float()  # (K, V): fp32 only where a label is
+    return F.cross_entropy(logits, targets)
+
+
+# Decoder-only model types whose logits are exactly ``get_output_embeddings()(base_model(...).last_hidden_state)``
+# (no logit scaling or soft-capping): the label-position head applies to them.
+PLAIN_HEAD_TYPES = ("opt",)
 
 
 def llm_loss(
-    model: PreTrainedModel, family: str, prefix_embeds: torch.Tensor, batch: dict[str, torch.Tensor]
+    model: PreTrainedModel,
+    family: str,
+    prefix_embeds: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    label_logits_only: bool = True,
 ) -> torch.Tensor:
     """Language-modelling loss of the frozen LLM conditioned on the soft prompt.
 
@@ -331,14 +381,19 @@ def llm_loss(
             non-ignored tokens) or "t5" (prefix on the encoder side; HF seq2seq CE). No label smoothing.
         prefix_embeds: (B, Q, D) projected Q-Former outputs; receives the gradient.
         batch: output of :func:`opt_training_inputs` / :func:`t5_training_inputs`.
+        label_logits_only: decoder-only models in :data:`PLAIN_HEAD_TYPES`: run the LM head and the fp32 upcast
+            only at label positions (same loss and gradients up to float summation order; ``False``: the model's
+            own loss over every position). T5's decoder positions are all targets except padding: not applied.
 
     Returns:
-        Scalar loss (fp32 logits inside HF's loss).
+        Scalar loss (fp32 logits, as inside HF's loss).
     """
     _check_family(family)
     dev = prefix_embeds.device
     embeds, mask = prepend_prefix(model, prefix_embeds, batch["input_ids"], batch["attention_mask"])
-    labels = batch["labels"].to(dev)
+    if family == "opt" and label_logits_only and model.config.model_type in PLAIN_HEAD_TYPES:
+        return _label_head_loss(model, embeds, mask, batch["labels"], prefix_embeds.shape[1])
+    labels = batch["labels"].to(dev, non_blocking=True)
     if family == "opt":
         ignore = torch.full(prefix_embeds.shape[:2], IGNORE_INDEX, dtype=labels.dtype, device=dev)  # (B, Q)
         out = model(inputs_embeds=embeds, attention_mask=mask, labels=torch.cat([ignore, labels], 1))
@@ -347,7 +402,7 @@ def llm_loss(
             inputs_embeds=embeds,
             attention_mask=mask,
             labels=labels,
-            decoder_attention_mask=batch["decoder_attention_mask"].to(dev),
+            decoder_attention_mask=batch["decoder_attention_mask"].to(dev, non_blocking=True),
         )
     return out.loss
 
