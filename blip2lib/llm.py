@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import random
 
@@ -320,48 +321,34 @@ def prepend_prefix(
 
 
 def label_positions(labels: torch.Tensor, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where a decoder-only LM's logits meet a label: flat hidden-state rows and their target ids.
+    """Per row, the sequence positions whose logits meet a label, and those labels (for ``logits_to_keep``).
 
     The sequence is ``[prefix (P) ; text (T)]`` and position p predicts token p + 1, so text label ``labels[b, c]``
-    is predicted by sequence position ``P + c - 1`` (the first text token by the last prefix position; with no
-    prefix it has no predictor). Computed where ``labels`` lives: on the host for tokenizer output (no device sync).
+    is predicted by position ``P + c - 1`` (the first text token by the last prefix position; with no prefix it has
+    no predictor). Rows keep their labels in order, padded to the longest row's count K with position 0 and target
+    -100. Computed where ``labels`` lives: on the host for tokenizer output, so no device sync.
 
     Args:
         labels: text labels, -100 where ignored, (B, T).
         num_prefix: number of soft-prompt positions P in front of the text.
 
     Returns:
-        ``(rows (K,), targets (K,))``: indices into the (B*(P+T), D) flattened hidden states, in row-major order of
-        the kept labels (the order of HF's shifted, flattened loss), and the K target ids.
+        ``(positions (B, K) long, targets (B, K))``, K >= 1.
     """
-    b, t = labels.shape
     keep = labels != IGNORE_INDEX  # (B, T)
     if num_prefix == 0:
         keep[:, 0] = False  # nothing precedes the first token
-    r, c = keep.nonzero(as_tuple=True)  # (K,), (K,)
-    return r * (num_prefix + t) + num_prefix + c - 1, labels[r, c]
+    counts = keep.sum(dim=1)  # (B,)
+    k = max(int(counts.max()), 1) if labels.shape[0] else 1
+    cols = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :k]  # (B, K): kept columns first
+    real = torch.arange(k, device=labels.device) < counts[:, None]  # (B, K)
+    positions = torch.where(real, num_prefix + cols - 1, 0)  # padding entries point at position 0 (any valid one)
+    return positions, torch.where(real, labels.gather(1, cols), IGNORE_INDEX)
 
 
-def _label_head_loss(model: PreTrainedModel, embeds, mask, labels: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """Decoder-only LM loss with the LM head and its fp32 upcast applied only at the K label positions.
-
-    The same value as the model's own loss (``lm_head`` over all B*(P+T) positions, fp32 logits, shifted
-    cross-entropy, mean over kept labels): prompt and soft-prompt positions never reach the loss, so their
-    (B*(P+T) - K) x V logits are not computed.
-    """
-    rows, targets = label_positions(labels, num_prefix)  # on labels' device (the host for tokenizer output)
-    dev = embeds.device
-    rows, targets = rows.to(dev, non_blocking=True), targets.to(dev, non_blocking=True)
-    out = model.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False)  # no KV cache in training
-    hidden = out.last_hidden_state  # (B, P+T, D)
-    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)  # (K, D)
-    logits = model.get_output_embeddings()(picked).float()  # (K, V): fp32 only where a label is
-    return F.cross_entropy(logits, targets)
-
-
-# Decoder-only model types whose logits are exactly ``get_output_embeddings()(base_model(...).last_hidden_state)``
-# (no logit scaling or soft-capping): the label-position head applies to them.
-PLAIN_HEAD_TYPES = ("opt",)
+def _keeps_logits(model: PreTrainedModel) -> bool:
+    """Whether the causal LM's forward takes ``logits_to_keep`` (then its LM head can run at chosen positions)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def llm_loss(
@@ -381,9 +368,10 @@ def llm_loss(
             non-ignored tokens) or "t5" (prefix on the encoder side; HF seq2seq CE). No label smoothing.
         prefix_embeds: (B, Q, D) projected Q-Former outputs; receives the gradient.
         batch: output of :func:`opt_training_inputs` / :func:`t5_training_inputs`.
-        label_logits_only: decoder-only models in :data:`PLAIN_HEAD_TYPES`: run the LM head and the fp32 upcast
-            only at label positions (same loss and gradients up to float summation order; ``False``: the model's
-            own loss over every position). T5's decoder positions are all targets except padding: not applied.
+        label_logits_only: decoder-only models whose forward takes ``logits_to_keep`` (OPT): run the LM head and
+            the fp32 upcast only at label positions, padded per row to the batch's most labels (same loss and
+            gradients up to float summation order; ``False``: the model's own loss over every position, soft prompt
+            and text prompt included). T5's decoder positions are all targets except padding: not applied.
 
     Returns:
         Scalar loss (fp32 logits, as inside HF's loss).
@@ -391,8 +379,13 @@ def llm_loss(
     _check_family(family)
     dev = prefix_embeds.device
     embeds, mask = prepend_prefix(model, prefix_embeds, batch["input_ids"], batch["attention_mask"])
-    if family == "opt" and label_logits_only and model.config.model_type in PLAIN_HEAD_TYPES:
-        return _label_head_loss(model, embeds, mask, batch["labels"], prefix_embeds.shape[1])
+    if family == "opt" and label_logits_only and _keeps_logits(model):
+        positions, targets = label_positions(batch["labels"], prefix_embeds.shape[1])  # (B, K) each
+        positions, targets = positions.to(dev, non_blocking=True), targets.to(dev, non_blocking=True)
+        # through the model's forward (its hooks and autocast region apply), no KV cache: training
+        out = model(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=positions, use_cache=False)
+        logits = out.logits.float().flatten(0, 1)  # (B*K, V): fp32 only at label positions, as HF's loss upcasts
+        return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX)
     labels = batch["labels"].to(dev, non_blocking=True)
     if family == "opt":
         ignore = torch.full(prefix_embeds.shape[:2], IGNORE_INDEX, dtype=labels.dtype, device=dev)  # (B, Q)

@@ -228,6 +228,11 @@ def _draw_one(weights: torch.Tensor, generator: torch.Generator | None) -> torch
     """
     if weights.device.type != "cuda":
         return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    return _exponential_race(weights, generator)
+
+
+def _exponential_race(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``argmax(w / q)`` per row with ``q ~ Exp(1)``: row r picks column c with probability ``w[r, c]``, (R,)."""
     q = torch.empty_like(weights).exponential_(1, generator=generator)  # (R, C)
     return (weights / q).argmax(dim=1)
 

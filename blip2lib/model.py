@@ -176,10 +176,9 @@ class Blip2Base(nn.Module):
     ):
         """Learned queries through the Q-Former with cross-attention to ``image_embeds`` (B, N, Dv).
 
-        ``image_embeds`` may be a :class:`~blip2lib.qformer.CrossInput` (cast once; with an ``index``, B rows
-        gathered from S images). With ``text_ids`` the text is concatenated after the queries in one bi-directional
-        pass (ITM, and the VQA fine-tuning variant of docs/paper_map.md §4.2). Returns the Q-Former output
-        (``last_hidden_state`` (B, Q[+L], H)).
+        ``image_embeds`` may be a :class:`~blip2lib.qformer.CrossInput`. With ``text_ids`` the text is concatenated
+        after the queries in one bi-directional pass (ITM, and the VQA fine-tuning variant of docs/paper_map.md §4.2).
+        Returns the Q-Former output (``last_hidden_state`` (B, Q[+L], H)).
         """
         b = image_embeds.batch if isinstance(image_embeds, CrossInput) else image_embeds.shape[0]
         queries = self.query_tokens.expand(b, -1, -1)  # (B, Q, H)
@@ -222,9 +221,8 @@ class Blip2QFormerModel(Blip2Base):
     def encode_image(self, pixel_values: torch.Tensor, use_cache: bool = False) -> dict:
         """Image side of the stage-1 passes (docs/paper_map.md §2 steps 1–2).
 
-        Returns ``image_embeds`` (B, N, Dv), ``cross_input`` (the same cast once for cross-attention, for the ITM
-        pass to reuse), ``query_output`` (B, Q, H), ``image_feats`` (B, Q, E) L2-normalised, and the query pass's
-        self-attention cache (reused by ITG) when ``use_cache``.
+        Returns ``image_embeds`` (B, N, Dv) and ``cross_input`` (cast once, reused by ITM), ``query_output`` (B, Q,
+        H), ``image_feats`` (B, Q, E) L2-normalised, and the query pass's self-attention cache when ``use_cache``.
         """
         image_embeds = self.encode_vision(pixel_values)
         cross = cross_input(image_embeds, self.qformer.layernorm.weight.dtype)  # one cast per step, not per pass

@@ -27,113 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import QFormerConfig
+from .crossinput import CrossInput, cross_input
 
 log = logging.getLogger(__name__)
 
 MASK_VALUE = -10000.0  # LAVIS additive mask value (docs/paper_map.md §1.3 "Attention masks")
 KV = tuple[torch.Tensor, torch.Tensor]  # one layer's self-attention (key, value), each (B, nh, T_kv, hd)
-
-
-# Inductor options for ``torch.compile`` of the Q-Former (and whatever else the benchmarks compile). Upstream bug
-# pytorch/pytorch#197077: with loop re-indexing after fusion (on by default) Inductor's
-# ``tiling_utils.get_pw_red_splits`` asserts on a fused reduction whose pointwise epilogue iterates over exactly the
-# reduction size, which aborts the compile; switching that pass off is the workaround given in the issue.
-INDUCTOR_WORKAROUND = {"loop_reindexing_after_fusion": False}
-
-
-def inductor_options() -> dict:
-    """:data:`INDUCTOR_WORKAROUND` less the keys this PyTorch does not know (older releases lack the pass)."""
-    import torch._inductor.config as inductor_config  # imported on use: it costs seconds at import time
-
-    return {k: v for k, v in INDUCTOR_WORKAROUND.items() if hasattr(inductor_config, k)}
-
-
-def compile_inplace(module: nn.Module, **kwargs) -> nn.Module:
-    """``module.compile(...)`` in place (state-dict names unchanged) with the Inductor workaround applied.
-
-    Args:
-        module: e.g. the Q-Former or the vision tower.
-        **kwargs: passed to ``torch.compile``; ``options`` are merged over :func:`inductor_options`. (``mode`` and
-            ``options`` cannot be combined in ``torch.compile``: with ``mode`` the workaround is left out.)
-    """
-    if "mode" not in kwargs:
-        kwargs["options"] = {**inductor_options(), **kwargs.get("options", {})}
-    module.compile(**kwargs)
-    return module
-
-
-class CrossInput(NamedTuple):
-    """Image features for the cross-attention layers, prepared once and shared by every layer (and pass).
-
-    ``states`` (S, N, Dv) in the Q-Former's dtype receives the gradients; ``low`` is ``states`` cast ONCE to the
-    autocast dtype (detached; ``None`` outside autocast), which the K/V projections read instead of casting the same
-    activations again in every layer; ``index`` (B,) long picks the image row of each batch row (``None``: row b is
-    image b). With ``index`` each layer projects the S images to keys/values once and gathers them for the B rows
-    (the 3B ITM pairs reuse B images), instead of projecting B copies.
-    """
-
-    states: torch.Tensor
-    low: torch.Tensor | None = None
-    index: torch.Tensor | None = None
-
-    @property
-    def batch(self) -> int:
-        """Number of batch rows B this input serves."""
-        return self.states.shape[0] if self.index is None else self.index.shape[0]
-
-    def use(self) -> torch.Tensor:
-        """The K/V projection input: ``low`` behind a per-use cast node (see :class:`_SharedCast`), else ``states``."""
-        return self.states if self.low is None else _SharedCast.apply(self.states, self.low)
-
-
-class _SharedCast(torch.autograd.Function):
-    """Forward: the precomputed cast ``low`` (no new cast). Backward: the gradient cast to ``states``' dtype.
-
-    One node per use, so each use's half-precision gradient is cast to fp32 on its own and the uses are summed in
-    fp32, exactly as when every projection cast its input itself under autocast (only the forward casts are saved).
-    """
-
-    @staticmethod
-    def forward(ctx, states: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-        ctx.dtype = states.dtype
-        return low.view_as(low)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad.to(ctx.dtype), None
-
-
-class _GatherRows(torch.autograd.Function):
-    """``x.index_select(0, index)`` whose backward sums repeated rows in fp32 (one rounding to a half dtype)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(index)
-        ctx.rows = x.shape[0]
-        return x.index_select(0, index)  # (B, ...)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (index,) = ctx.saved_tensors
-        acc_dtype = torch.promote_types(grad.dtype, torch.float32)
-        acc = grad.new_zeros((ctx.rows, *grad.shape[1:]), dtype=acc_dtype)  # (S, ...)
-        return acc.index_add_(0, index, grad.to(acc_dtype)).to(grad.dtype), None
-
-
-def cross_input(states: torch.Tensor, dtype: torch.dtype, index: torch.Tensor | None = None) -> CrossInput:
-    """Prepare image features for cross-attention: ``states`` in ``dtype`` plus, under autocast, ONE cast.
-
-    Args:
-        states: image features (S, N, Dv) (``ln_vision`` outputs).
-        dtype: the Q-Former's weight dtype (fp32 master weights).
-        index: optional (B,) long image row per batch row.
-    """
-    states = states.to(dtype)
-    dev = states.device.type
-    low = None
-    if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) != dtype:
-        low = states.detach().to(torch.get_autocast_dtype(dev))  # what every K/V Linear would cast to
-    return CrossInput(states, low, index)
 
 
 class QFormerOutput(NamedTuple):
@@ -251,9 +150,7 @@ class _MultiHeadAttention(nn.Module):
     ) -> tuple[torch.Tensor, KV]:
         q = self._heads(self.query(x))  # (B, nh, T, hd)
         if isinstance(kv_states, CrossInput):  # image K/V: projected once per image, gathered per row
-            k, v = self._heads(self.key(kv_states.use())), self._heads(self.value(kv_states.use()))  # (S, nh, N, hd)
-            if kv_states.index is not None:
-                k, v = _GatherRows.apply(k, kv_states.index), _GatherRows.apply(v, kv_states.index)  # (B, nh, N, hd)
+            k, v = kv_states.keys_values(self.key, self.value, self._heads)  # (B, nh, N, hd)
         else:
             k, v = self._heads(self.key(kv_states)), self._heads(self.value(kv_states))  # (B, nh, S, hd)
         if past is not None:  # cached keys/values come first (queries, then earlier text; docs/paper_map.md §2 ITG)

@@ -99,7 +99,8 @@ class Stage1Task(nn.Module):
         """BERT ids (B, L): L = ``max_len`` for ``"max_length"`` (LAVIS), else the global batch's longest caption."""
         max_len = max_len or self.max_txt_len
         tok = self.tokenizer(texts, padding=self.text_padding, truncation=True, max_length=max_len, return_tensors="pt")
-        ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)  # (B, L_local)
+        # non_blocking: a pageable host tensor still arrives before any kernel reads it, without a host wait
+        ids, mask = tok.input_ids.to(device, non_blocking=True), tok.attention_mask.to(device, non_blocking=True)
         if self.text_padding == "max_length" or not dist.is_dist():
             return ids, mask
         # ITM gathers every rank's ids for its negatives, so all ranks pad to the same (global) length.
@@ -265,7 +266,8 @@ class Stage2Task(nn.Module):
                 max_length=self.max_txt_len,
                 return_tensors="pt",
             )
-            qids, qmask = tok.input_ids.to(images.device), tok.attention_mask.to(images.device)
+            qids = tok.input_ids.to(images.device, non_blocking=True)
+            qmask = tok.attention_mask.to(images.device, non_blocking=True)
         with vision_keys(self.model, batch):
             loss = self.model.lm_loss(images, self.llm_inputs(batch), qids, qmask)
         return {"lm_loss": loss, "loss": loss}
