@@ -17,16 +17,15 @@ from torch import nn
 from torch.profiler import record_function
 
 from .config import Blip2Config
+from .crossinput import CrossInput, cross_input
 from .decoding import beam_search
 from .featcache import VisionFeatureCache
 from .qformer import (
     Blip2QFormer,
     Blip2QFormerLMHead,
     Blip2TextEmbeddings,
-    CrossInput,
     bidirectional_mask,
     causal_text_mask_with_prefix,
-    cross_input,
     init_weights,
 )
 from .vision import build_vision_tower, freeze_vision_, set_grad_checkpointing, vision_features

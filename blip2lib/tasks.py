@@ -17,6 +17,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from . import dist
+from .crossinput import cross_input
 from .losses import (
     build_itm_pairs,
     build_itm_texts,
@@ -31,7 +32,6 @@ from .losses import (
     sample_hard_negatives,
 )
 from .model import Blip2QFormerModel
-from .qformer import cross_input
 
 TEXT_PADDINGS = ("max_length", "longest")
 

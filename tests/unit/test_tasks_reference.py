@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from blip2lib.config import tiny_config
+from blip2lib.crossinput import CrossInput
 from blip2lib.model import Blip2QFormerModel
-from blip2lib.qformer import CrossInput
 from blip2lib.tasks import Stage1Task
 from blip2lib.toy.synthetic import tiny_bert_tokenizer
 
