@@ -326,3 +326,21 @@ def test_compiled_qformer_stage1_step_matches_eager():
 def _cuda_sampler(sim_i2t, sim_t2i, rank, image_ids=None, image_ids_all=None):
     """:func:`_sampler` on the logits' device."""
     return tuple(t.to(sim_i2t.device) for t in _sampler(sim_i2t, sim_t2i, rank))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The benchmark rows (tiny configs on the CPU: the code path and the parity column, not timing)
+
+
+def test_lever_benchmark_rows_run_tiny_with_parity():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "rows_train_levers.py"
+    spec = importlib.util.spec_from_file_location("rows_train_levers", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.main(["--tiny", "--iters", "1", "--warmup", "0", "--only", "stage1_itm_kv_reuse,stage2_label_head_opt"])
+    assert [r["row"] for r in rows] == ["stage1_itm_kv_reuse", "stage2_label_head_opt"]
+    for r in rows:  # fp32 on the CPU: both sides of each lever give the same loss on the same weights and draws
+        assert r["loss_abs_diff"] <= 1e-6 and r["off"] > 0 and r["on"] > 0, r
