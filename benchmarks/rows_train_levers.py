@@ -2,9 +2,9 @@
 
 Rows (printed as a table, also written as JSON with ``--out``):
 
-* ``stage1_itm_kv_reuse``    stage-1 step (ViT-g frozen, batch 128): ITM cross-attention K/V projected once per image
-                             and gathered per pair (on) vs once per pair (off); samples/s both, ratio, peak memory, and
-                             |loss difference| of one eval-mode forward with the same draws.
+* ``stage1_itm_kv_reuse``    stage-1 step (ViT-g frozen, batch 128): cross-attention K/V computed once per image and
+                             step, gathered per ITM pair (on) vs projected again for each pair (off); samples/s both,
+                             ratio, peak memory, and |loss difference| of one eval-mode forward with the same draws.
 * ``stage2_label_head_opt``  stage-2 step (ViT-g + OPT-2.7B, batch 32): the LM head and its fp32 upcast only at label
                              positions (on) vs at every position (off); samples/s, ratio, peak memory, |loss diff|.
 * ``stage1_compile``         stage-1 step with the Q-Former compiled (Inductor workaround, ``blip2lib.inductor``) vs

@@ -5,7 +5,9 @@ Two savings, both leaving the numbers where they were (docs/fidelity.md, "Traini
 * one cast of the image features to the autocast dtype per step, instead of one inside every key/value projection
   of every cross-attention layer and pass;
 * with a row ``index``, each layer projects S distinct images to keys/values once and gathers them for the B rows
-  (the 3B ITM pairs of stage 1 use only B images in one process), instead of projecting B copies.
+  (the 3B ITM pairs of stage 1 use only B images in one process), instead of projecting B copies;
+* with ``kv`` (:meth:`blip2lib.qformer.Blip2QFormer.image_keys_values`), those keys/values are computed once per
+  step and read by every pass over the same images (stage 1's query pass and, in one process, its ITM pass).
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ class CrossInput(NamedTuple):
     states: torch.Tensor
     low: torch.Tensor | None = None
     index: torch.Tensor | None = None
+    kv: tuple | None = None  # per Q-Former layer: its (k, v) of the S images, each (S, nh, N, hd), or None
+
+    def project(self, key: nn.Module, value: nn.Module, heads: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's keys and values of the S images, each (S, nh, N, hd)."""
+        return heads(key(self.use())), heads(value(self.use()))
 
     @property
     def batch(self) -> int:
@@ -40,18 +47,22 @@ class CrossInput(NamedTuple):
         """The K/V projection input: ``low`` behind a per-use cast node (see :class:`_SharedCast`), else ``states``."""
         return self.states if self.low is None else _SharedCast.apply(self.states, self.low)
 
-    def keys_values(self, key: nn.Module, value: nn.Module, heads: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-        """One layer's image keys and values for the B rows: projected on the S images, then gathered.
+    def keys_values(
+        self, key: nn.Module, value: nn.Module, heads: Callable, layer: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's image keys and values for the B rows: those in ``kv`` or projected on the S images, gathered.
 
         Args:
             key: the layer's key projection (Dv → H).
             value: the layer's value projection.
             heads: (S, N, H) → (S, nh, N, hd) head split.
+            layer: the layer's index in the Q-Former (its entry in ``kv``).
 
         Returns:
             ``(k, v)``, each (B, nh, N, hd).
         """
-        k, v = heads(key(self.use())), heads(value(self.use()))  # (S, nh, N, hd)
+        pre = None if self.kv is None else self.kv[layer]
+        k, v = self.project(key, value, heads) if pre is None else pre  # (S, nh, N, hd)
         if self.index is None:
             return k, v
         return _GatherRows.apply(k, self.index), _GatherRows.apply(v, self.index)  # (B, nh, N, hd)

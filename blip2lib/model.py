@@ -225,6 +225,7 @@ class Blip2QFormerModel(Blip2Base):
         """
         image_embeds = self.encode_vision(pixel_values)
         cross = cross_input(image_embeds, self.qformer.layernorm.weight.dtype)  # one cast per step, not per pass
+        cross = self.qformer.image_keys_values(cross)  # image K/V once per step: the ITM pass reuses them
         out = self.query_pass(cross, use_cache=use_cache)
         feats = F.normalize(self.vision_projection(out.last_hidden_state), dim=-1)  # (B, Q, E)
         return {

@@ -138,6 +138,10 @@ class _MultiHeadAttention(nn.Module):
         self.key = nn.Linear(kv_dim, h)  # kv_dim = H (self) or encoder_hidden_size (cross)
         self.value = nn.Linear(kv_dim, h)
 
+    def image_kv(self, cross: CrossInput) -> KV:
+        """Keys and values of ``cross``'s S images (no row gather), each (S, nh, N, hd)."""
+        return cross.project(self.key, self.value, self._heads)
+
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], x.shape[1], self.nh, self.hd).transpose(1, 2)  # (B, S, H) → (B, nh, S, hd)
 
@@ -150,7 +154,7 @@ class _MultiHeadAttention(nn.Module):
     ) -> tuple[torch.Tensor, KV]:
         q = self._heads(self.query(x))  # (B, nh, T, hd)
         if isinstance(kv_states, CrossInput):  # image K/V: projected once per image, gathered per row
-            k, v = kv_states.keys_values(self.key, self.value, self._heads)  # (B, nh, N, hd)
+            k, v = kv_states.keys_values(self.key, self.value, self._heads, self.layer_index)  # (B, nh, N, hd)
         else:
             k, v = self._heads(self.key(kv_states)), self._heads(self.value(kv_states))  # (B, nh, S, hd)
         if past is not None:  # cached keys/values come first (queries, then earlier text; docs/paper_map.md §2 ITG)
@@ -225,6 +229,7 @@ class Blip2QFormerLayer(nn.Module):
         self.has_cross_attention = index % cfg.cross_attention_frequency == 0  # layers 0, 2, ... for freq 2
         if self.has_cross_attention:
             self.crossattention = _Attention(cfg, cfg.encoder_hidden_size, impl)
+            self.crossattention.attention.layer_index = index  # its entry in CrossInput.kv (not a parameter)
         self.has_text_ffn = cfg.use_text_input
         if self.has_text_ffn:  # text FFN (absent in stage-2 checkpoints, docs/paper_map.md §8.1); HF key order
             self.intermediate = _Intermediate(cfg)
@@ -280,6 +285,16 @@ class Blip2QFormer(nn.Module):
         self.encoder.layer = nn.ModuleList(
             [Blip2QFormerLayer(cfg, i, attn_implementation) for i in range(cfg.num_hidden_layers)]
         )
+
+    def image_keys_values(self, cross: CrossInput) -> CrossInput:
+        """``cross`` with every cross-attention layer's keys/values of its S images computed now, once.
+
+        Every later pass given the result (or a ``_replace(index=...)`` of it) reads them instead of projecting the
+        images again; their gradients from all passes meet in the same tensors.
+        """
+        layers = self.encoder.layer
+        kv = tuple(lay.crossattention.attention.image_kv(cross) if lay.has_cross_attention else None for lay in layers)
+        return cross._replace(kv=kv)
 
     def forward(
         self,

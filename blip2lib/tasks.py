@@ -64,9 +64,10 @@ class Stage1Task(nn.Module):
             keys, ITG labels; ITC reads [CLS], ITM the queries), so both give the same losses up to float rounding
             — only the cost differs (short toy captions: ~1.45× faster steps). Dropout draws differ in shape, so
             training runs are not bit-identical between the two.
-        itm_kv_reuse: the ITM pass projects each distinct image's cross-attention keys/values once and gathers them
-            for its 3 pairs (B images in one process, 2B with several) instead of projecting 3B copies. Same losses
-            and gradients up to float summation order; ``False`` keeps the copy-per-pair pass (the reference).
+        itm_kv_reuse: the ITM pass gathers its 3B pairs' cross-attention keys/values from distinct images instead
+            of projecting 3B copies: in one process it reuses the query pass's keys/values of the B images (one
+            projection per image per step), with several it projects 2B (local + mined negatives). Same losses and
+            gradients up to float summation order; ``False`` keeps the copy-per-pair pass (the reference).
 
     A step never reads a device value on the host: a row without any ITM negative (global batch of one, or one image
     id for the whole batch) makes ``itm_loss`` (and so ``loss``) NaN and ``itm_no_negative`` 1, which the training
@@ -147,7 +148,7 @@ class Stage1Task(nn.Module):
         if self.itm_kv_reuse:  # S distinct images, gathered per pair inside each cross-attention layer
             pair_ids, pair_mask, labels = build_itm_texts(ids, mask, text_ids_all, text_mask_all, neg_txt)
             source, index = itm_pair_images(enc["image_embeds"], embeds_all, neg_img)
-            if source is enc["image_embeds"]:  # one process: reuse the query pass's once-cast input
+            if source is enc["image_embeds"]:  # one process: the query pass's once-cast input and its image K/V
                 pair_images = enc["cross_input"]._replace(index=index)
             else:
                 pair_images = cross_input(source, m.qformer.layernorm.weight.dtype, index)
