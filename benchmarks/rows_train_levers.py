@@ -15,6 +15,7 @@ stepping, so "off" runs first, then "on". Exactness per lever: docs/fidelity.md.
 
 Usage:  python benchmarks/rows_train_levers.py --out benchmarks/measured/levers_h100.json   (GPU host)
         python benchmarks/rows_train_levers.py --tiny                                      (tiny configs, CPU)
+        python benchmarks/rows_train_levers.py --flops 128      (FLOPs of the full-size stage-1 step, any machine)
 """
 
 from __future__ import annotations
@@ -151,6 +152,36 @@ def row_compile(bench) -> dict:
     return out
 
 
+def flops_kv_reuse(bench, batch: int) -> dict:
+    """FLOPs of one stage-1 step (forward + backward) with the ITM K/V lever off and on, counted on the meta device.
+
+    Independent of the machine and its load (``torch.utils.flop_counter``; matmuls and attention only), so it runs
+    anywhere, full size included. Fixed negatives (the next image and the text after next) keep both sides equal.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from blip2lib.model import Blip2QFormerModel
+
+    cfg = bench.config(None)
+    model = Blip2QFormerModel(cfg, device="meta").train()
+    px = torch.empty(batch, 3, cfg.vision.image_size, cfg.vision.image_size, device="meta")
+    caps = gpu.texts(batch, (8, 14))
+
+    def sampler(sim_i2t, sim_t2i, rank, image_ids=None, image_ids_all=None):
+        ar = torch.arange(sim_i2t.shape[0], device=sim_i2t.device)
+        return (ar + 1) % len(ar), (ar + 2) % len(ar)
+
+    flops = {}
+    for on in (False, True):
+        task = Stage1Task(model, tiny_bert_tokenizer(cfg.qformer.vocab_size), max_txt_len=cfg.max_txt_len,
+                          negative_sampler=sampler, itm_kv_reuse=on).train()  # fmt: skip
+        with FlopCounterMode(display=False) as counter:
+            task({"image": px, "text_input": caps})["loss"].backward()
+        flops[on] = counter.get_total_flops()
+    return dict(row="flops_stage1_itm_kv_reuse", unit="TFLOP/step", batch=batch, off=flops[False] / 1e12,
+                on=flops[True] / 1e12, ratio=flops[False] / flops[True], loss_abs_diff=0.0, device="meta")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (smoke run)")
@@ -160,12 +191,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--iters", type=int, default=None, help="timed iterations per side")
     p.add_argument("--warmup", type=int, default=None, help="warm-up iterations per side")
     p.add_argument("--threads", type=int, default=1, help="CPU threads in --tiny mode")
+    p.add_argument("--flops", type=int, default=0, metavar="B", help="only count stage-1 FLOPs off/on at batch B")
     args = p.parse_args(argv)
     gargs = gpu.parse_args(["--no-hf"] + (["--tiny"] if args.tiny else []))
     gargs.iters, gargs.warmup = args.iters, args.warmup
     bench = gpu.Bench(gargs)
     if bench.tiny:
         torch.set_num_threads(args.threads)
+    if args.flops:
+        r = flops_kv_reuse(bench, args.flops)
+        print(f"{r['row']} batch {r['batch']}: off {r['off']:.4g}, on {r['on']:.4g} TFLOP/step ({r['ratio']:.3f}x)")
+        return [r]
     want = {s.strip() for s in args.only.split(",") if s.strip()} or set(ROWS[:2]) | (
         {ROWS[2]} if args.compile else set()
     )

@@ -113,6 +113,10 @@ def cross_input(states: torch.Tensor, dtype: torch.dtype, index: torch.Tensor | 
     states = states.to(dtype)
     dev = states.device.type
     low = None
-    if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) != dtype:
+    if (
+        torch.amp.is_autocast_available(dev)
+        and torch.is_autocast_enabled(dev)
+        and torch.get_autocast_dtype(dev) != dtype
+    ):
         low = states.detach().to(torch.get_autocast_dtype(dev))  # what every K/V Linear would cast to
     return CrossInput(states, low, index)

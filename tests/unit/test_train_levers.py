@@ -344,3 +344,28 @@ def test_lever_benchmark_rows_run_tiny_with_parity():
     assert [r["row"] for r in rows] == ["stage1_itm_kv_reuse", "stage2_label_head_opt"]
     for r in rows:  # fp32 on the CPU: both sides of each lever give the same loss on the same weights and draws
         assert r["loss_abs_diff"] <= 1e-6 and r["off"] > 0 and r["on"] > 0, r
+
+
+def test_lever_flop_count_saves_exactly_three_projections_per_image():
+    """Counted FLOPs (meta device): off − on = the K/V projections of 3B images, forward + both backward GEMMs."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "rows_train_levers.py"
+    spec = importlib.util.spec_from_file_location("rows_train_levers", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    (row,) = mod.main(["--tiny", "--flops", str(B)])
+    cfg = tiny_config()
+    n = (cfg.vision.image_size // cfg.vision.patch_size) ** 2 + 1  # patch tokens + [CLS]
+    dv, h = cfg.qformer.encoder_hidden_size, cfg.qformer.hidden_size
+    cross_layers = len(range(0, cfg.qformer.num_hidden_layers, cfg.qformer.cross_attention_frequency))
+    # per image and layer: key + value, each 2·N·Dv·H forward and twice that backward (input and weight grads)
+    saved = 3 * B * cross_layers * 2 * (2 * n * dv * h) * 3
+    assert round((row["off"] - row["on"]) * 1e12) == saved
+
+
+def test_cross_input_on_the_meta_device():
+    """Shape-only models (parameter counts, FLOP counts) run on ``meta``, which has no autocast state to query."""
+    enc = cross_input(torch.empty(2, 5, 3, device="meta"), torch.float32)
+    assert enc.low is None and enc.states.device.type == "meta"
