@@ -203,6 +203,14 @@ def test_exponential_race_draws_what_multinomial_draws():
 
 
 @pytest.mark.gpu
+def test_exponential_race_draws_what_multinomial_draws_on_cuda():
+    w = torch.randn(6, 9, generator=torch.Generator().manual_seed(0)).softmax(-1).cuda()
+    for seed in range(10):
+        a = torch.multinomial(w, 1, generator=torch.Generator("cuda").manual_seed(seed)).squeeze(1)
+        assert torch.equal(a, _exponential_race(w, torch.Generator("cuda").manual_seed(seed))), seed
+
+
+@pytest.mark.gpu
 def test_stage1_step_has_no_cuda_sync():
     model = _model().cuda()
     task = Stage1Task(model, tiny_bert_tokenizer(), max_txt_len=12).train()
