@@ -64,6 +64,7 @@ from train_rows import _free, row_stage1, row_stage2, row_vit  # noqa: E402
 from blip2lib.checkpoint import git_state  # noqa: E402
 from blip2lib.config import PRESETS, Blip2Config, tiny_config  # noqa: E402
 from blip2lib.generation import ENGINES  # noqa: E402
+from blip2lib.inductor import compile_inplace  # noqa: E402
 from blip2lib.model import Blip2, Blip2QFormerModel  # noqa: E402
 from blip2lib.toy.synthetic import tiny_llm_tokenizer  # noqa: E402
 
@@ -186,9 +187,9 @@ def build(bench: Bench, cfg: Blip2Config):
     else:
         model = Blip2(cfg, device=bench.device, tokenizer=tiny_llm_tokenizer(cfg.llm.family, _vocab(cfg)))
     model.place(bench.device).eval()  # rows that train switch to train mode themselves (dropout on the Q-Former)
-    if bench.compile:  # in place: state-dict names unchanged
-        model.vision_model.compile()
-        model.qformer.compile()
+    if bench.compile:  # in place: state-dict names unchanged; with the Inductor workaround (compile_inplace)
+        compile_inplace(model.vision_model)
+        compile_inplace(model.qformer)
     return model
 
 

@@ -17,7 +17,8 @@ echo "==> gpu-marked tests"
 status=0
 $PY -m pytest -m gpu -o addopts="--strict-markers -ra" -p no:cacheprovider tests/unit/test_llm.py \
     tests/unit/test_engine.py tests/unit/test_precision.py tests/unit/test_preflight.py \
-    tests/unit/test_eval_pipeline.py tests/gpu/test_static_decode_gpu.py 2>&1 | tee "$OUT_DIR/gpu_tests.log" || status=1
+    tests/unit/test_eval_pipeline.py tests/unit/test_train_levers.py tests/gpu/test_static_decode_gpu.py \
+    2>&1 | tee "$OUT_DIR/gpu_tests.log" || status=1
 name=$($PY -c "import torch; n = torch.cuda.get_device_name().lower(); print(next((g for g in ('h200', 'h100', 'a100', 'l40s', 'l4') if g in n), 'gpu'))")
 out="$OUT_DIR/results_${name}.json"
 echo "==> benchmark -> $out"

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import random
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -307,7 +309,7 @@ def prepend_prefix(
     there LAVIS concatenates the fp16/fp32 prefix with the bf16 token embeddings and type promotion makes the
     encoder's input, and so its residual stream, fp32 — reproduced here by promoting both to their common type.
     """
-    tok_embeds = model.get_input_embeddings()(input_ids.to(prefix_embeds.device))  # (B, T, D)
+    tok_embeds = model.get_input_embeddings()(input_ids.to(prefix_embeds.device, non_blocking=True))  # (B, T, D)
     if getattr(model, "_autocast_region", None) is not None:  # Linear layers run in the region's dtype anyway
         dtype = torch.promote_types(prefix_embeds.dtype, tok_embeds.dtype)
         tok_embeds = tok_embeds.to(dtype)
@@ -315,11 +317,46 @@ def prepend_prefix(
         dtype = tok_embeds.dtype
     prefix = prefix_embeds.to(dtype)  # (B, Q, D)
     ones = torch.ones(prefix.shape[:2], dtype=attention_mask.dtype, device=prefix.device)  # (B, Q)
-    return torch.cat([prefix, tok_embeds], 1), torch.cat([ones, attention_mask.to(prefix.device)], 1)
+    return torch.cat([prefix, tok_embeds], 1), torch.cat([ones, attention_mask.to(prefix.device, non_blocking=True)], 1)
+
+
+def label_positions(labels: torch.Tensor, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the sequence positions whose logits meet a label, and those labels (for ``logits_to_keep``).
+
+    The sequence is ``[prefix (P) ; text (T)]`` and position p predicts token p + 1, so text label ``labels[b, c]``
+    is predicted by position ``P + c - 1`` (the first text token by the last prefix position; with no prefix it has
+    no predictor). Rows keep their labels in order, padded to the longest row's count K with position 0 and target
+    -100. Computed where ``labels`` lives: on the host for tokenizer output, so no device sync.
+
+    Args:
+        labels: text labels, -100 where ignored, (B, T).
+        num_prefix: number of soft-prompt positions P in front of the text.
+
+    Returns:
+        ``(positions (B, K) long, targets (B, K))``, K >= 1.
+    """
+    keep = labels != IGNORE_INDEX  # (B, T)
+    if num_prefix == 0:
+        keep[:, 0] = False  # nothing precedes the first token
+    counts = keep.sum(dim=1)  # (B,)
+    k = max(int(counts.max()), 1) if labels.shape[0] else 1
+    cols = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :k]  # (B, K): kept columns first
+    real = torch.arange(k, device=labels.device) < counts[:, None]  # (B, K)
+    positions = torch.where(real, num_prefix + cols - 1, 0)  # padding entries point at position 0 (any valid one)
+    return positions, torch.where(real, labels.gather(1, cols), IGNORE_INDEX)
+
+
+def _keeps_logits(model: PreTrainedModel) -> bool:
+    """Whether the causal LM's forward takes ``logits_to_keep`` (then its LM head can run at chosen positions)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def llm_loss(
-    model: PreTrainedModel, family: str, prefix_embeds: torch.Tensor, batch: dict[str, torch.Tensor]
+    model: PreTrainedModel,
+    family: str,
+    prefix_embeds: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    label_logits_only: bool = True,
 ) -> torch.Tensor:
     """Language-modelling loss of the frozen LLM conditioned on the soft prompt.
 
@@ -331,14 +368,25 @@ def llm_loss(
             non-ignored tokens) or "t5" (prefix on the encoder side; HF seq2seq CE). No label smoothing.
         prefix_embeds: (B, Q, D) projected Q-Former outputs; receives the gradient.
         batch: output of :func:`opt_training_inputs` / :func:`t5_training_inputs`.
+        label_logits_only: decoder-only models whose forward takes ``logits_to_keep`` (OPT): run the LM head and
+            the fp32 upcast only at label positions, padded per row to the batch's most labels (same loss and
+            gradients up to float summation order; ``False``: the model's own loss over every position, soft prompt
+            and text prompt included). T5's decoder positions are all targets except padding: not applied.
 
     Returns:
-        Scalar loss (fp32 logits inside HF's loss).
+        Scalar loss (fp32 logits, as inside HF's loss).
     """
     _check_family(family)
     dev = prefix_embeds.device
     embeds, mask = prepend_prefix(model, prefix_embeds, batch["input_ids"], batch["attention_mask"])
-    labels = batch["labels"].to(dev)
+    if family == "opt" and label_logits_only and _keeps_logits(model):
+        positions, targets = label_positions(batch["labels"], prefix_embeds.shape[1])  # (B, K) each
+        positions, targets = positions.to(dev, non_blocking=True), targets.to(dev, non_blocking=True)
+        # through the model's forward (its hooks and autocast region apply), no KV cache: training
+        out = model(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=positions, use_cache=False)
+        logits = out.logits.float().flatten(0, 1)  # (B*K, V): fp32 only at label positions, as HF's loss upcasts
+        return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX)
+    labels = batch["labels"].to(dev, non_blocking=True)
     if family == "opt":
         ignore = torch.full(prefix_embeds.shape[:2], IGNORE_INDEX, dtype=labels.dtype, device=dev)  # (B, Q)
         out = model(inputs_embeds=embeds, attention_mask=mask, labels=torch.cat([ignore, labels], 1))
@@ -347,7 +395,7 @@ def llm_loss(
             inputs_embeds=embeds,
             attention_mask=mask,
             labels=labels,
-            decoder_attention_mask=batch["decoder_attention_mask"].to(dev),
+            decoder_attention_mask=batch["decoder_attention_mask"].to(dev, non_blocking=True),
         )
     return out.loss
 

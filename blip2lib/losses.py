@@ -15,7 +15,10 @@ __all__ = [
     "itc_targets",
     "itc_loss",
     "positive_mask",
+    "missing_negative",
     "sample_hard_negatives",
+    "build_itm_texts",
+    "itm_pair_images",
     "build_itm_pairs",
     "itm_loss",
     "itm_accuracy",
@@ -144,6 +147,29 @@ def itc_loss(
 
 
 @torch.no_grad()
+def missing_negative(
+    sim_i2t: torch.Tensor,
+    rank: int,
+    image_ids: torch.Tensor | None = None,
+    image_ids_all: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """0-dim bool tensor on the logits' device: does some local row have no negative column at all?
+
+    Computed without reading it on the host, so a training step can carry it to logging time instead of stalling
+    the device (the task turns it into a NaN ITM loss, which the training loop's non-finite guard skips and counts).
+
+    Args:
+        sim_i2t: ITC logits, local images vs all texts, (B, B*W) (only the shape and device are used).
+        rank: this process's rank.
+        image_ids: optional integer image ids of the local rows, (B,).
+        image_ids_all: gathered image ids, (B*W,).
+    """
+    b, n = sim_i2t.shape
+    pos = positive_mask(b, n, rank, image_ids, image_ids_all, device=sim_i2t.device)  # (B, BW)
+    return pos.all(dim=1).any()  # a row whose every column is a positive
+
+
+@torch.no_grad()
 def sample_hard_negatives(
     sim_i2t: torch.Tensor,
     sim_t2i: torch.Tensor,
@@ -151,6 +177,7 @@ def sample_hard_negatives(
     image_ids: torch.Tensor | None = None,
     image_ids_all: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one hard negative per local row from ``softmax`` of the ITC logits with positives excluded.
 
@@ -168,23 +195,91 @@ def sample_hard_negatives(
         image_ids: optional integer image ids of the local rows, (B,) (retrieval fine-tuning).
         image_ids_all: gathered image ids, (B*W,).
         generator: optional ``torch.Generator`` for reproducible draws (must live on the logits' device).
+        check: raise on a row without negatives (reads a flag on the host: a device sync). ``False`` (the training
+            step) never reads it: such a row draws from its unmasked softmax instead and the caller reports
+            :func:`missing_negative` itself.
 
     Returns:
         ``(neg_image_idx, neg_text_idx)``, each (B,) long, indices into the gathered (B*W) axis.
 
     Raises:
-        ValueError: if some row has no negative at all (e.g. global batch of 1, or one image id for the whole
-            global batch); LAVIS would silently "sample" the positive and label it as a non-match.
+        ValueError: with ``check``, if some row has no negative at all (e.g. global batch of 1, or one image id for
+            the whole global batch); LAVIS would silently "sample" the positive and label it as a non-match.
     """
     b, n = sim_i2t.shape
     pos = positive_mask(b, n, rank, image_ids, image_ids_all, device=sim_i2t.device)  # (B, BW)
-    if bool((~pos).sum(dim=1).eq(0).any()):
+    if check and bool(pos.all(dim=1).any()):
         raise ValueError("ITM hard negatives: a row has no negative column (global batch too small or one image id)")
+    if not check:  # a row of only positives would give NaN weights: un-mask it (its loss is poisoned by the caller)
+        pos = pos & ~pos.all(dim=1, keepdim=True)  # (B, BW)
     w_t2i = _upcast(sim_t2i).masked_fill(pos, float("-inf")).softmax(dim=1)  # (B, BW)
     w_i2t = _upcast(sim_i2t).masked_fill(pos, float("-inf")).softmax(dim=1)  # (B, BW)
-    neg_image_idx = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)  # (B,) one image per text
-    neg_text_idx = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)  # (B,) one text per image
+    neg_image_idx = _draw_one(w_t2i, generator)  # (B,) one image per text
+    neg_text_idx = _draw_one(w_i2t, generator)  # (B,) one text per image
     return neg_image_idx, neg_text_idx
+
+
+def _draw_one(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row drawn with probability ``weights`` (rows sum to 1), (R, C) -> (R,).
+
+    On CUDA this is the exponential race ``argmax(w / q)``, ``q ~ Exp(1)``: the very computation (and generator use)
+    of ``torch.multinomial``'s one-sample path, without the validity checks that some PyTorch releases read on the
+    host inside it (a device sync per call). Elsewhere ``torch.multinomial`` itself (the same draws).
+    """
+    if weights.device.type != "cuda":
+        return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    return _exponential_race(weights, generator)
+
+
+def _exponential_race(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``argmax(w / q)`` per row with ``q ~ Exp(1)``: row r picks column c with probability ``w[r, c]``, (R,)."""
+    q = torch.empty_like(weights).exponential_(1, generator=generator)  # (R, C)
+    return (weights / q).argmax(dim=1)
+
+
+def build_itm_texts(
+    text_ids: torch.Tensor,
+    text_mask: torch.Tensor,
+    text_ids_all: torch.Tensor,
+    text_mask_all: torch.Tensor,
+    neg_text_idx: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Text side of the 3B ITM pairs: ids/masks ``[pos; pos; neg]`` and labels ``[1]*B + [0]*2B`` (built on device).
+
+    Returns:
+        ``(pair_ids (3B, L), pair_mask (3B, L), labels (3B,) long)``.
+    """
+    b = text_ids.shape[0]
+    pair_ids = torch.cat([text_ids, text_ids, text_ids_all[neg_text_idx]], dim=0)  # (3B, L)
+    pair_mask = torch.cat([text_mask, text_mask, text_mask_all[neg_text_idx]], dim=0)  # (3B, L)
+    labels = (torch.arange(3 * b, device=text_ids.device) < b).long()  # (3B,): no host tensor copied in the step
+    return pair_ids, pair_mask, labels
+
+
+def itm_pair_images(
+    image_embeds: torch.Tensor, image_embeds_all: torch.Tensor, neg_image_idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image side of the 3B ITM pairs as (distinct images, row index) instead of 3B copies.
+
+    ``source[index]`` equals the ``pair_images`` of :func:`build_itm_pairs` (images ``[pos; neg; pos]``), so the
+    Q-Former can project each image's cross-attention keys/values once and gather them per pair. In one process
+    (``image_embeds_all is image_embeds``) the negatives are local rows: S = B. Otherwise S = 2B (local images, then
+    the B negatives gathered from the global batch, which keep their gradient path to their owners).
+
+    Args:
+        image_embeds: local ``ln_vision`` outputs, (B, N, D).
+        image_embeds_all: the gathered ones (with grad), (B*W, N, D), or ``image_embeds`` itself at world size 1.
+        neg_image_idx: one negative image per local text, (B,), indices into the gathered axis.
+
+    Returns:
+        ``(source (S, N, D), index (3B,) long)``.
+    """
+    b = image_embeds.shape[0]
+    local = torch.arange(b, device=neg_image_idx.device)  # (B,)
+    if image_embeds_all is image_embeds:
+        return image_embeds, torch.cat([local, neg_image_idx, local])  # S = B
+    source = torch.cat([image_embeds, image_embeds_all[neg_image_idx]], dim=0)  # (2B, N, D)
+    return source, torch.cat([local, local + b, local])
 
 
 def build_itm_pairs(
@@ -213,11 +308,8 @@ def build_itm_pairs(
     Returns:
         ``(pair_ids (3B, L), pair_mask (3B, L), pair_images (3B, N, D), labels (3B,) long)``.
     """
-    b = text_ids.shape[0]
-    pair_ids = torch.cat([text_ids, text_ids, text_ids_all[neg_text_idx]], dim=0)  # (3B, L)
-    pair_mask = torch.cat([text_mask, text_mask, text_mask_all[neg_text_idx]], dim=0)  # (3B, L)
+    pair_ids, pair_mask, labels = build_itm_texts(text_ids, text_mask, text_ids_all, text_mask_all, neg_text_idx)
     pair_images = torch.cat([image_embeds, image_embeds_all[neg_image_idx], image_embeds], dim=0)  # (3B, N, D)
-    labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(text_ids.device)  # (3B,)
     return pair_ids, pair_mask, pair_images, labels
 
 

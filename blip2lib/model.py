@@ -17,6 +17,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from .config import Blip2Config
+from .crossinput import CrossInput, cross_input
 from .decoding import beam_search
 from .featcache import VisionFeatureCache
 from .qformer import (
@@ -167,18 +168,18 @@ class Blip2Base(nn.Module):
 
     def query_pass(
         self,
-        image_embeds: torch.Tensor,
+        image_embeds: torch.Tensor | CrossInput,
         use_cache: bool = False,
         text_ids: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
     ):
         """Learned queries through the Q-Former with cross-attention to ``image_embeds`` (B, N, Dv).
 
-        With ``text_ids`` the text is concatenated after the queries in one bi-directional pass (ITM, and the VQA
-        fine-tuning variant of docs/paper_map.md §4.2). Returns the Q-Former output (``last_hidden_state`` (B, Q[+L],
-        H)).
+        ``image_embeds`` may be a :class:`~blip2lib.qformer.CrossInput`. With ``text_ids`` the text is concatenated
+        after the queries in one bi-directional pass (ITM, and the VQA fine-tuning variant of docs/paper_map.md §4.2).
+        Returns the Q-Former output (``last_hidden_state`` (B, Q[+L], H)).
         """
-        b = image_embeds.shape[0]
+        b = image_embeds.batch if isinstance(image_embeds, CrossInput) else image_embeds.shape[0]
         queries = self.query_tokens.expand(b, -1, -1)  # (B, Q, H)
         nq = queries.shape[1]
         if text_ids is None:
@@ -219,14 +220,17 @@ class Blip2QFormerModel(Blip2Base):
     def encode_image(self, pixel_values: torch.Tensor, use_cache: bool = False) -> dict:
         """Image side of the stage-1 passes (docs/paper_map.md §2 steps 1–2).
 
-        Returns ``image_embeds`` (B, N, Dv), ``query_output`` (B, Q, H), ``image_feats`` (B, Q, E) L2-normalised,
-        and the query pass's self-attention cache (reused by ITG) when ``use_cache``.
+        Returns ``image_embeds`` (B, N, Dv) and ``cross_input`` (cast once, reused by ITM), ``query_output`` (B, Q,
+        H), ``image_feats`` (B, Q, E) L2-normalised, and the query pass's self-attention cache when ``use_cache``.
         """
         image_embeds = self.encode_vision(pixel_values)
-        out = self.query_pass(image_embeds, use_cache=use_cache)
+        cross = cross_input(image_embeds, self.qformer.layernorm.weight.dtype)  # one cast per step, not per pass
+        cross = self.qformer.image_keys_values(cross)  # image K/V once per step: the ITM pass reuses them
+        out = self.query_pass(cross, use_cache=use_cache)
         feats = F.normalize(self.vision_projection(out.last_hidden_state), dim=-1)  # (B, Q, E)
         return {
             "image_embeds": image_embeds,
+            "cross_input": cross,
             "query_output": out.last_hidden_state,
             "image_feats": feats,
             "past_key_values": out.past_key_values,

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import QFormerConfig
+from .crossinput import CrossInput, cross_input
 
 log = logging.getLogger(__name__)
 
@@ -137,14 +138,25 @@ class _MultiHeadAttention(nn.Module):
         self.key = nn.Linear(kv_dim, h)  # kv_dim = H (self) or encoder_hidden_size (cross)
         self.value = nn.Linear(kv_dim, h)
 
+    def image_kv(self, cross: CrossInput) -> KV:
+        """Keys and values of ``cross``'s S images (no row gather), each (S, nh, N, hd)."""
+        return cross.project(self.key, self.value, self._heads)
+
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], x.shape[1], self.nh, self.hd).transpose(1, 2)  # (B, S, H) → (B, nh, S, hd)
 
     def forward(
-        self, x: torch.Tensor, kv_states: torch.Tensor, mask: torch.Tensor | None = None, past: KV | None = None
+        self,
+        x: torch.Tensor,
+        kv_states: torch.Tensor | CrossInput,
+        mask: torch.Tensor | None = None,
+        past: KV | None = None,
     ) -> tuple[torch.Tensor, KV]:
         q = self._heads(self.query(x))  # (B, nh, T, hd)
-        k, v = self._heads(self.key(kv_states)), self._heads(self.value(kv_states))  # (B, nh, S, hd)
+        if isinstance(kv_states, CrossInput):  # image K/V: projected once per image, gathered per row
+            k, v = kv_states.keys_values(self.key, self.value, self._heads, self.layer_index)  # (B, nh, N, hd)
+        else:
+            k, v = self._heads(self.key(kv_states)), self._heads(self.value(kv_states))  # (B, nh, S, hd)
         if past is not None:  # cached keys/values come first (queries, then earlier text; docs/paper_map.md §2 ITG)
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, nh, T_kv, hd)
         p = self.p_drop if self.training else 0.0
@@ -184,7 +196,11 @@ class _Attention(nn.Module):
         self.output = _SelfOutput(cfg, cfg.hidden_size)
 
     def forward(
-        self, x: torch.Tensor, kv_states: torch.Tensor, mask: torch.Tensor | None = None, past: KV | None = None
+        self,
+        x: torch.Tensor,
+        kv_states: torch.Tensor | CrossInput,
+        mask: torch.Tensor | None = None,
+        past: KV | None = None,
     ) -> tuple[torch.Tensor, KV]:
         ctx, kv = self.attention(x, kv_states, mask, past)  # (B, T, H)
         return self.output(ctx, x), kv
@@ -213,6 +229,7 @@ class Blip2QFormerLayer(nn.Module):
         self.has_cross_attention = index % cfg.cross_attention_frequency == 0  # layers 0, 2, ... for freq 2
         if self.has_cross_attention:
             self.crossattention = _Attention(cfg, cfg.encoder_hidden_size, impl)
+            self.crossattention.attention.layer_index = index  # its entry in CrossInput.kv (not a parameter)
         self.has_text_ffn = cfg.use_text_input
         if self.has_text_ffn:  # text FFN (absent in stage-2 checkpoints, docs/paper_map.md §8.1); HF key order
             self.intermediate = _Intermediate(cfg)
@@ -230,7 +247,7 @@ class Blip2QFormerLayer(nn.Module):
         x: torch.Tensor,
         query_length: int,
         mask: torch.Tensor | None,
-        encoder_hidden_states: torch.Tensor | None,
+        encoder_hidden_states: CrossInput | None,
         past: KV | None,
     ) -> tuple[torch.Tensor, KV]:
         """(B, T, H) → (B, T, H) plus this layer's self-attention (k, v); see :meth:`Blip2QFormer.forward`."""
@@ -269,12 +286,22 @@ class Blip2QFormer(nn.Module):
             [Blip2QFormerLayer(cfg, i, attn_implementation) for i in range(cfg.num_hidden_layers)]
         )
 
+    def image_keys_values(self, cross: CrossInput) -> CrossInput:
+        """``cross`` with every cross-attention layer's keys/values of its S images computed now, once.
+
+        Every later pass given the result (or a ``_replace(index=...)`` of it) reads them instead of projecting the
+        images again; their gradients from all passes meet in the same tensors.
+        """
+        layers = self.encoder.layer
+        kv = tuple(lay.crossattention.attention.image_kv(cross) if lay.has_cross_attention else None for lay in layers)
+        return cross._replace(kv=kv)
+
     def forward(
         self,
         embeds: torch.Tensor,
         query_length: int,
         attention_mask: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | CrossInput | None = None,
         past_key_values: list[KV] | None = None,
         use_cache: bool = False,
     ) -> QFormerOutput:
@@ -286,7 +313,8 @@ class Blip2QFormer(nn.Module):
             query_length: number of query positions at the front of ``embeds`` (0: a text-only pass).
             attention_mask: 0/1, either (B, T_kv) key padding or (B, T, T_kv) per row; T_kv = cached + T.
                 ``None`` = attend everywhere.
-            encoder_hidden_states: image features (B, N, Dv), needed when ``query_length > 0``.
+            encoder_hidden_states: image features (B, N, Dv), needed when ``query_length > 0``; or a
+                :class:`CrossInput` (S images, cast once, optionally gathered to the B rows by its ``index``).
             past_key_values: per-layer cached self-attention (k, v), each (B, nh, P, hd), prefixed to the keys.
             use_cache: return this pass's per-layer self-attention (k, v) including the cached prefix.
 
@@ -298,8 +326,10 @@ class Blip2QFormer(nn.Module):
             raise ValueError(f"query_length {query_length} must lie in [0, {t}]")
         dtype = self.layernorm.weight.dtype  # the Q-Former stays in its own (fp32) dtype, as in HF
         x = self.dropout(self.layernorm(embeds.to(dtype)))  # (B, T, H): LN over [queries ; text]
-        if encoder_hidden_states is not None:
-            encoder_hidden_states = encoder_hidden_states.to(dtype)  # (B, N, Dv)
+        if isinstance(encoder_hidden_states, torch.Tensor):  # (B, N, Dv): one cast for all cross-attention layers
+            encoder_hidden_states = cross_input(encoder_hidden_states, dtype)
+        if encoder_hidden_states is not None and encoder_hidden_states.batch != b:
+            raise ValueError(f"encoder_hidden_states serve {encoder_hidden_states.batch} rows, embeds have {b}")
         past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         mask = _additive_mask(attention_mask, t, past_len + t, dtype)  # (B, 1, 1|T, T_kv) or None
         cache: list[KV] | None = [] if use_cache else None

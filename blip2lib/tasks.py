@@ -8,6 +8,7 @@ ITC + ITM + ITG (docs/paper_map.md §2), the retrieval fine-tuning variant adds 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 
 import torch
@@ -16,14 +17,18 @@ from torch import nn
 from torch.profiler import record_function
 
 from . import dist
+from .crossinput import cross_input
 from .losses import (
     build_itm_pairs,
+    build_itm_texts,
     itc_loss,
     itc_similarities,
     itg_inputs,
     itg_loss,
     itm_accuracy,
     itm_loss,
+    itm_pair_images,
+    missing_negative,
     sample_hard_negatives,
 )
 from .model import Blip2QFormerModel
@@ -58,6 +63,14 @@ class Stage1Task(nn.Module):
             keys, ITG labels; ITC reads [CLS], ITM the queries), so both give the same losses up to float rounding
             — only the cost differs (short toy captions: ~1.45× faster steps). Dropout draws differ in shape, so
             training runs are not bit-identical between the two.
+        itm_kv_reuse: the ITM pass gathers its 3B pairs' cross-attention keys/values from distinct images instead
+            of projecting 3B copies: in one process it reuses the query pass's keys/values of the B images (one
+            projection per image per step), with several it projects 2B (local + mined negatives). Same losses and
+            gradients up to float summation order; ``False`` keeps the copy-per-pair pass (the reference).
+
+    A step never reads a device value on the host: a row without any ITM negative (global batch of one, or one image
+    id for the whole batch) makes ``itm_loss`` (and so ``loss``) NaN and ``itm_no_negative`` 1, which the training
+    loop reads when it logs the step (its non-finite guard skips the step and stops after repeated ones).
     """
 
     def __init__(
@@ -68,6 +81,7 @@ class Stage1Task(nn.Module):
         use_itg: bool = True,
         negative_sampler: Callable | None = None,
         text_padding: str = "max_length",
+        itm_kv_reuse: bool = True,
     ):
         super().__init__()
         if text_padding not in TEXT_PADDINGS:
@@ -77,13 +91,16 @@ class Stage1Task(nn.Module):
         self.max_txt_len = max_txt_len
         self.text_padding = text_padding
         self.use_itg = use_itg
-        self.negative_sampler = negative_sampler or sample_hard_negatives
+        self.itm_kv_reuse = itm_kv_reuse
+        # The library sampler runs without its host-side check (see missing_negative below).
+        self.negative_sampler = negative_sampler or functools.partial(sample_hard_negatives, check=False)
 
     def tokenize(self, texts: list[str], device: torch.device, max_len: int | None = None):
         """BERT ids (B, L): L = ``max_len`` for ``"max_length"`` (LAVIS), else the global batch's longest caption."""
         max_len = max_len or self.max_txt_len
         tok = self.tokenizer(texts, padding=self.text_padding, truncation=True, max_length=max_len, return_tensors="pt")
-        ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)  # (B, L_local)
+        # non_blocking: a pageable host tensor still arrives before any kernel reads it, without a host wait
+        ids, mask = tok.input_ids.to(device, non_blocking=True), tok.attention_mask.to(device, non_blocking=True)
         if self.text_padding == "max_length" or not dist.is_dist():
             return ids, mask
         # ITM gathers every rank's ids for its negatives, so all ranks pad to the same (global) length.
@@ -125,14 +142,24 @@ class Stage1Task(nn.Module):
         neg_img, neg_txt = self.negative_sampler(
             sim_i2t.detach(), sim_t2i.detach(), rank, image_ids=image_ids, image_ids_all=ids_all
         )
+        no_negative = missing_negative(sim_i2t, rank, image_ids, ids_all)  # device flag, read at logging time
         # texts [pos; pos; neg], images [pos; neg; pos], labels [1]*B + [0]*2B
-        pair_ids, pair_mask, pair_images, labels = build_itm_pairs(
-            ids, mask, text_ids_all, text_mask_all, enc["image_embeds"], embeds_all, neg_img, neg_txt
-        )
+        if self.itm_kv_reuse:  # S distinct images, gathered per pair inside each cross-attention layer
+            pair_ids, pair_mask, labels = build_itm_texts(ids, mask, text_ids_all, text_mask_all, neg_txt)
+            source, index = itm_pair_images(enc["image_embeds"], embeds_all, neg_img)
+            if source is enc["image_embeds"]:  # one process: the query pass's once-cast input and its image K/V
+                pair_images = enc["cross_input"]._replace(index=index)
+            else:
+                pair_images = cross_input(source, m.qformer.layernorm.weight.dtype, index)
+        else:
+            pair_ids, pair_mask, pair_images, labels = build_itm_pairs(
+                ids, mask, text_ids_all, text_mask_all, enc["image_embeds"], embeds_all, neg_img, neg_txt
+            )
         with record_function("stage1/itm_qformer"):
             itm = m.itm_logits(pair_images, pair_ids, pair_mask)  # (3B, 2), averaged over the queries
-        out["itm_loss"] = itm_loss(itm, labels)
+        out["itm_loss"] = torch.where(no_negative, float("nan"), itm_loss(itm, labels))
         out["itm_acc"] = itm_accuracy(itm, labels)  # a constant "no match" already scores 2/3
+        out["itm_no_negative"] = no_negative.float()
 
         # ---- ITG: [DEC] replaces [CLS], causal text over the cached query states (docs/paper_map.md §2 ITG) ----
         if self.use_itg:
@@ -239,7 +266,8 @@ class Stage2Task(nn.Module):
                 max_length=self.max_txt_len,
                 return_tensors="pt",
             )
-            qids, qmask = tok.input_ids.to(images.device), tok.attention_mask.to(images.device)
+            qids = tok.input_ids.to(images.device, non_blocking=True)
+            qmask = tok.attention_mask.to(images.device, non_blocking=True)
         with vision_keys(self.model, batch):
             loss = self.model.lm_loss(images, self.llm_inputs(batch), qids, qmask)
         return {"lm_loss": loss, "loss": loss}

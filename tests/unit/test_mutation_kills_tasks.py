@@ -122,7 +122,7 @@ def test_forward_names_the_batch_images_for_the_vision_cache_and_labels_profiler
     assert len(task.model.vision_cache.named) == 1 and task.model.vision_cache.named[0] is ids
     names = {e.name for e in prof.events()}
     assert {"stage1/encode", "stage1/itm_qformer", "stage1/itg_qformer"} <= names
-    assert set(out) == {"itc_loss", "itm_loss", "itm_acc", "itg_loss", "loss", "temp"}
+    assert set(out) == {"itc_loss", "itm_loss", "itm_acc", "itm_no_negative", "itg_loss", "loss", "temp"}
     assert out["temp"].item() == task.model.temp.item() and not out["temp"].requires_grad
 
 

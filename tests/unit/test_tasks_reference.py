@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from blip2lib.config import tiny_config
+from blip2lib.crossinput import CrossInput
 from blip2lib.model import Blip2QFormerModel
 from blip2lib.tasks import Stage1Task
 from blip2lib.toy.synthetic import tiny_bert_tokenizer
@@ -150,6 +151,8 @@ def _run_task(model, batch, monkeypatch) -> tuple[dict, dict]:
     calls, itm_fn, itg_fn = {}, model.itm_logits, model.itg_logits
 
     def itm_logits(images, ids, mask):
+        if isinstance(images, CrossInput):  # K/V reuse: distinct images + the image row of each pair
+            images = images.states if images.index is None else images.states[images.index]
         calls["itm"] = (images.detach().clone(), ids.clone(), mask.clone())
         return itm_fn(images, ids, mask)
 
