@@ -180,7 +180,11 @@ def cross_attention(model, pixels: torch.Tensor, layer: int = 0) -> torch.Tensor
     finally:
         hook.remove()
     q = attn._heads(attn.query(seen["x"]))  # (B, nh, Q, hd)
-    k = attn._heads(attn.key(seen["kv"]))  # (B, nh, N, hd)
+    kv = seen["kv"]  # the image embeddings, or a CrossInput (keys / values prepared once per image, gathered per row)
+    if isinstance(kv, torch.Tensor):
+        k = attn._heads(attn.key(kv))  # (B, nh, N, hd)
+    else:
+        k = kv.keys_values(attn.key, attn.value, attn._heads, attn.layer_index)[0]  # (B, nh, N, hd)
     probs = (q @ k.transpose(-1, -2) / math.sqrt(attn.hd)).softmax(dim=-1).mean(dim=1)  # (B, Q, N)
     n = probs.shape[-1]
     g = math.isqrt(n)
