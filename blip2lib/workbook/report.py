@@ -150,11 +150,11 @@ def _place_sections(nb, top: str, bottom: str) -> None:
 
 
 def drop_stderr(nb) -> int:
-    """Remove every stderr stream output (library warnings, progress bars, kernel notices); returns how many.
+    """Remove every stderr stream output (library warnings, progress bars); returns how many.
 
     A report shows what the notebook says. What libraries print to stderr (tqdm bars and their "IProgress not
-    found" warning, transformers' loading bars, the kernel's TCP notice) stays in the executed notebook next to the
-    report's run folder; errors are ``error`` outputs, not streams, so a failed cell still shows its traceback.
+    found" warning, transformers' loading bars) stays in the executed notebook in the report's run folder; errors
+    are ``error`` outputs, not streams, so a failed cell still shows its traceback.
     """
     dropped = 0
     for cell in nb.cells:
