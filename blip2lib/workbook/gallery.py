@@ -43,13 +43,16 @@ class Shot:
 
 SHOTS = (  # the default gallery; --shots picks others by name from SHOTS + EXTRA_SHOTS
     Shot("index", "index.html", "", "the index of a variant: one row per notebook, its status, verdicts and report"),
-    Shot("10_stage1_pretrain", "10_stage1_pretrain.html", "",
-         "a training report (stage 1): run header, paper-vs-reproduced table, training summary and loss curves"),
+    Shot("20_stage2_pretrain", "20_stage2_pretrain.html", "",
+         "a training report (stage 2, OPT and T5): run header, paper-vs-reproduced table, training summary"),
+    Shot("20_stage2_pretrain_curves", "20_stage2_pretrain.html", "cell-id=curves-md",
+         "the same report further down: loss curves and validation metrics against step"),
     Shot("41_zeroshot_vqa", "41_zeroshot_vqa.html", "", "an evaluation report (zero-shot VQA): header and targets"),
     Shot("41_zeroshot_vqa_answers", "41_zeroshot_vqa.html", "cell-id=gallery-md",
          "the same report further down: each model's answers to the first questions (the VQA gallery)"),
 )  # fmt: skip
 EXTRA_SHOTS = (
+    Shot("10_stage1_pretrain", "10_stage1_pretrain.html", "", "the stage-1 training report: header and targets"),
     Shot("01_toy_world_scenes", "01_toy_world.html", "cell-id=gallery-md",
          "the toy world's first test scenes with their captions and one question each"),
     Shot("43_vqa_finetuned_answers", "43_vqa_finetuned.html", "cell-id=gallery-md",
