@@ -4,7 +4,7 @@ Each shot opens one page of ``reports/<variant>/`` in headless Chromium (``--scr
 CSS pixel per PNG pixel), optionally starting at a cell (``cell-id=...``, the id nbconvert gives every cell: a copy
 of the page hides everything before it, since headless screenshots ignore a ``#fragment`` scroll). It keeps at most
 ``--max-height`` pixels, trims the blank page below the content and stores a 256-colour palette PNG (text and flat
-colours survive; an 800 × 1400 shot stays well under 300 kB). ``README.md`` beside the PNGs is written by this
+colours survive; a 1280 × 1200 shot stays well under 300 kB). ``README.md`` beside the PNGs is written by this
 script too: what each PNG shows, the commit of the runs the reports came from, and the command that made the
 screenshots. Usage::
 
@@ -27,8 +27,8 @@ from pathlib import Path
 
 from .run import REPO_ROOT, git_commit
 
-WIDTH = 800  # CSS px = PNG px: a report beside another window on a laptop (the browser test's width too)
-MAX_HEIGHT = 1400  # PNG px: the top of a page (header, paper table, first figures); keeps each file small
+WIDTH = 1280  # CSS px = PNG px: a laptop screen; the index's table needs it (at 800 px it is cut after 'rehearsal')
+MAX_HEIGHT = 1200  # PNG px: the top of a page (header, paper table, first figures); keeps each file small
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ def write_readme(out: Path, rows: list[tuple[Shot, Path]], variant: str, command
     lines = [
         "# Gallery: what a report looks like",
         "",
-        f"Screenshots of the `{variant}` reports rendered by {made_by}, taken in headless Chromium {width} px wide",
+        f"Screenshots of the `{variant}` reports of {made_by}, taken in headless Chromium {width} px wide",
         f"(the top of each page, at most {max_height} px). This file and the PNGs are written by",
         "`python -m blip2lib.workbook.gallery`; do not edit them by hand.",
         "",
