@@ -2,6 +2,12 @@
 
 Every function returns a small :class:`matplotlib.figure.Figure` built without pyplot (no global figure state, no
 double display in notebooks); :func:`show` displays one as a PNG at a fixed dpi so a report stays well under 2 MB.
+
+Legibility: a report shows a PNG at its natural size (one PNG pixel per CSS pixel) whenever the page is wide enough,
+so every text is sized in PNG pixels (``FONT_PX`` and up, via :func:`_pt`) and every figure is at most ``MAX_WIDTH_PX``
+wide, which fits the report column of a browser window 800 px wide. :func:`show` records the smallest text of the
+figure (``min_font_px``) and an alternative text in the output's metadata; the report puts them on the ``<img>``
+(``data-min-font-px``, ``alt``), where a browser test checks the rendered size.
 Curves read the JSONL log written by :func:`blip2lib.engine.run_loop`: one ``{"step", "loss", "<term>_loss", "lr",
 ...}`` record per optimizer step and ``{"step", "eval": {...}}`` records after each evaluation.
 """
@@ -19,7 +25,20 @@ import numpy as np
 from matplotlib.figure import Figure
 
 DPI = 80  # 80 dpi × ~6 in wide figures ≈ 40–120 kB PNGs
-_INCH = 1.7  # side of one image tile in a gallery, in inches
+FONT_PX = 12  # smallest text of any figure, in PNG pixels: ≥ 11 CSS px when shown at natural size
+MAX_WIDTH_PX = 720  # widest figure: a report column is 739 CSS px in an 800 px window, so no figure is scaled down
+_INCH = 1.7  # side of one image tile in retrieval examples and attention maps, in inches
+_TILE_INCH = 2.2  # side of one image tile in a caption / VQA gallery: 4 columns × 176 px = 704 px ≤ MAX_WIDTH_PX
+
+
+def _pt(px: float, dpi: int = DPI) -> float:
+    """Font size in points that renders ``px`` pixels tall in a PNG saved at ``dpi``."""
+    return px * 72.0 / dpi
+
+
+def _ticks(ax) -> None:
+    """Tick labels at the legible size (their default, 10 pt, is 11.1 px at 80 dpi: too close to the floor)."""
+    ax.tick_params(labelsize=_pt(FONT_PX))
 
 
 def read_log(log_path: str | Path) -> tuple[list[dict], list[dict]]:
@@ -61,12 +80,16 @@ def loss_curves(log_path: str | Path, terms: Sequence[str] | None = None, log_y:
     for key in terms:
         steps, values = _series(train, key)
         ax.plot(steps, values, label=key, linewidth=1.8 if key == "loss" else 1.0)
-    ax.set(xlabel="step", ylabel="loss", title="training loss by term")
+    ax.set_xlabel("step", fontsize=_pt(FONT_PX + 1))
+    ax.set_ylabel("loss", fontsize=_pt(FONT_PX + 1))
+    ax.set_title("training loss by term", fontsize=_pt(FONT_PX + 2))
+    _ticks(ax)
     if log_y:
         ax.set_yscale("log")
     if terms:
-        ax.legend(fontsize="small")
+        ax.legend(fontsize=_pt(FONT_PX))
     ax.grid(alpha=0.3)
+    fig.set_label(f"Training loss against optimizer step: {', '.join(terms) or 'no loss terms logged'}.")
     return fig
 
 
@@ -81,13 +104,16 @@ def val_curves(log_path: str | Path, keys: Sequence[str]) -> Figure:
         A figure with ``len(keys)`` axes, one line each.
     """
     _, evals = read_log(log_path)
-    fig = Figure(figsize=(min(3 * len(keys), 9), 2.6), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(min(3 * len(keys), MAX_WIDTH_PX / DPI), 2.6), dpi=DPI, layout="constrained")
     for i, key in enumerate(keys):
         ax = fig.add_subplot(1, len(keys), i + 1)
         steps, values = _series(evals, key)
         ax.plot(steps, values, marker="o", markersize=3)
-        ax.set(xlabel="step", title=key)
+        ax.set_xlabel("step", fontsize=_pt(FONT_PX + 1))
+        ax.set_title(key, fontsize=_pt(FONT_PX + 1))
+        _ticks(ax)
         ax.grid(alpha=0.3)
+    fig.set_label(f"Validation metrics against step, one panel each: {', '.join(keys)}.")
     return fig
 
 
@@ -105,15 +131,19 @@ def _to_hwc(image: Any) -> np.ndarray:
 
 
 def image_gallery(images: Sequence[Any], captions: Sequence[str], titles: Sequence[str] | None = None,
-                  ncols: int = 4, wrap: int = 28) -> Figure:  # fmt: skip
+                  ncols: int = 4, wrap: int | None = None) -> Figure:  # fmt: skip
     """A grid of images with a caption under each (captioning and VQA galleries).
+
+    Captions are ``FONT_PX`` pixels tall and at most 4 lines; tiles are ``_TILE_INCH`` wide, so 4 columns stay within
+    ``MAX_WIDTH_PX`` and the report shows them unscaled. The figure's label (the ``alt`` text of the report's image)
+    lists every title and caption.
 
     Args:
         images: PIL images, ``(H, W, C)`` arrays or ``(C, H, W)`` tensors.
-        captions: one text per image (e.g. "pred: … / ref: …" or "Q: … A: …").
-        titles: optional short title above each image (image id, verdict).
-        ncols: images per row.
-        wrap: characters per caption line.
+        captions: one text per image (e.g. "pred: … / ref: …" or "question → answer").
+        titles: optional short title above each image (image id, model name, verdict).
+        ncols: images per row (at most 4 keep the figure within ``MAX_WIDTH_PX``).
+        wrap: characters per caption line; default what fits a tile at ``FONT_PX`` (about 0.6 em per character).
 
     Returns:
         A figure with one axes per image.
@@ -122,15 +152,21 @@ def image_gallery(images: Sequence[Any], captions: Sequence[str], titles: Sequen
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     ncols = max(1, min(ncols, len(images)))
     nrows = max(1, math.ceil(len(images) / ncols))
-    fig = Figure(figsize=(ncols * _INCH, nrows * (_INCH + 0.7)), dpi=DPI, layout="constrained")
+    if wrap is None:
+        wrap = max(8, int(_TILE_INCH * DPI / (0.6 * FONT_PX)) - 2)  # 176 px tile → 22 characters and a margin
+    # (rows × (tile + 4 caption lines + a title line)) in inches; constrained layout shrinks the tiles to fit the text
+    fig = Figure(figsize=(ncols * _TILE_INCH, nrows * (_TILE_INCH + 5.5 * FONT_PX * 1.25 / DPI)), dpi=DPI,
+                 layout="constrained")  # fmt: skip
     for i, (img, cap) in enumerate(zip(images, captions)):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         ax.imshow(_to_hwc(img), interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_xlabel(_wrap(cap, wrap), fontsize=7)
+        ax.set_xlabel(_wrap(cap, wrap), fontsize=_pt(FONT_PX))
         if titles is not None:
-            ax.set_title(titles[i], fontsize=8)
+            ax.set_title(titles[i], fontsize=_pt(FONT_PX + 1))
+    items = [f"{t}: {c}" if titles is not None else c for t, c in zip(titles or captions, captions)]
+    fig.set_label(f"{len(images)} images with their captions: " + "; ".join(items) + ".")
     return fig
 
 
@@ -153,7 +189,8 @@ def retrieval_examples(queries: Sequence[str], ranked_images: Sequence[Sequence[
     Returns:
         A figure with ``len(queries) * k`` axes.
     """
-    fig = Figure(figsize=(k * _INCH + 1.5, len(queries) * _INCH), dpi=DPI, layout="constrained")
+    # the query text sits left of its row: 2.2 in hold 20 characters at FONT_PX
+    fig = Figure(figsize=(k * _INCH + 2.2, len(queries) * _INCH), dpi=DPI, layout="constrained")
     for q, (text, imgs, ok) in enumerate(zip(queries, ranked_images, hits)):
         for j in range(k):
             ax = fig.add_subplot(len(queries), k, q * k + j + 1)
@@ -162,9 +199,11 @@ def retrieval_examples(queries: Sequence[str], ranked_images: Sequence[Sequence[
             ax.set_yticks([])
             for side in ax.spines.values():
                 side.set(color="tab:green" if ok[j] else "tab:red", linewidth=3)
-            ax.set_title(f"#{j + 1}", fontsize=7)
+            ax.set_title(f"#{j + 1}", fontsize=_pt(FONT_PX))
             if j == 0:
-                ax.set_ylabel(_wrap(text, 22), fontsize=7, rotation=0, ha="right", va="center")
+                ax.set_ylabel(_wrap(text, 20), fontsize=_pt(FONT_PX), rotation=0, ha="right", va="center")
+    rows = [f"{text}: " + ", ".join("hit" if h else "miss" for h in ok[:k]) for text, ok in zip(queries, hits)]
+    fig.set_label(f"Top-{k} images retrieved per query (green frame: a match): " + "; ".join(rows) + ".")
     return fig
 
 
@@ -197,9 +236,10 @@ def attention_maps(image: Any, attn: Any, ncols: int = 4, alpha: float = 0.55) -
             m = maps[i - 1]
             m = (m - m.min()) / max(float(m.max() - m.min()), 1e-12)  # (h, w) in [0, 1]
             ax.imshow(m, cmap="magma", alpha=alpha, extent=extent, interpolation="bilinear")
-        ax.set_title("image" if i == 0 else f"query {i - 1}", fontsize=7)
+        ax.set_title("image" if i == 0 else f"query {i - 1}", fontsize=_pt(FONT_PX))
         ax.set_xticks([])
         ax.set_yticks([])
+    fig.set_label(f"An image and the cross-attention maps of {maps.shape[0]} queries over it.")
     return fig
 
 
@@ -210,8 +250,47 @@ def to_png(fig: Figure, dpi: int = DPI) -> bytes:
     return buf.getvalue()
 
 
-def show(fig: Figure, dpi: int = DPI) -> None:
-    """Display a figure in the notebook as a PNG (the executed notebook and the report embed it)."""
+def min_font_px(fig: Figure, dpi: int = DPI) -> float:
+    """The height in PNG pixels of the smallest visible, non-empty text of a rendered figure (ticks included).
+
+    Call after :func:`to_png` (tick labels exist once the figure is drawn). ``inf`` for a figure without text.
+    """
+    from matplotlib.text import Text
+
+    sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    return min(sizes) * dpi / 72.0 if sizes else math.inf
+
+
+def alt_text(fig: Figure) -> str:
+    """The figure's alternative text: its label (set by every figure function here), else its axes titles."""
+    if fig.get_label():
+        return fig.get_label()
+    titles = [t for ax in fig.axes for t in (ax.get_title(), ax.get_ylabel()) if t]
+    return "Figure: " + ("; ".join(titles) if titles else f"{len(fig.axes)} panel(s)") + "."
+
+
+def png_output(fig: Figure, dpi: int = DPI, alt: str | None = None) -> tuple[bytes, dict[str, Any]]:
+    """A figure as PNG bytes and the ``image/png`` metadata that :func:`show` publishes with it.
+
+    Returns:
+        ``(png, {"alt": alt or alt_text(fig), "min_font_px": min_font_px(fig, dpi)})``; ``min_font_px`` is
+        rounded to 0.01 px and left out for a figure without text.
+    """
+    png = to_png(fig, dpi)
+    meta: dict[str, Any] = {"alt": alt or alt_text(fig)}
+    smallest = min_font_px(fig, dpi)
+    if math.isfinite(smallest):  # (JSON has no infinity)
+        meta["min_font_px"] = round(smallest, 2)
+    return png, meta
+
+
+def show(fig: Figure, dpi: int = DPI, alt: str | None = None) -> None:
+    """Display a figure in the notebook as a PNG (the executed notebook and the report embed it).
+
+    The output's ``image/png`` metadata carries ``alt`` (default :func:`alt_text`) and ``min_font_px``
+    (:func:`min_font_px`); the report writes them on the ``<img>`` (``alt``, ``data-min-font-px``).
+    """
     from IPython.display import Image, display
 
-    display(Image(data=to_png(fig, dpi)))
+    png, meta = png_output(fig, dpi, alt)
+    display(Image(data=png, metadata=meta))

@@ -25,6 +25,18 @@ _TEMPLATE = """{%- extends 'index.html.j2' -%}
 {%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
 {%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
 {% block jupyter_widgets %}{% endblock jupyter_widgets %}
+{#- a PNG keeps the alt text and smallest font size that blip2lib.viz.show recorded (the lab template drops both) -#}
+{% block data_png scoped %}
+{%- set alt = output | get_metadata('alt', 'image/png') -%}
+{%- set px = output | get_metadata('min_font_px', 'image/png') -%}
+{%- set width = output | get_metadata('width', 'image/png') -%}
+<div class="jp-RenderedImage jp-OutputArea-output {{ extra_class }}">
+<img src="data:image/png;base64,{{ output.data['image/png'] | escape_html }}"
+{%- if alt is not none %} alt="{{ alt | escape_html }}"{% endif %}
+{%- if px is not none %} data-min-font-px="{{ px | escape_html }}"{% endif %}
+{%- if width is not none %} width="{{ width | escape_html }}"{% endif %}>
+</div>
+{% endblock data_png %}
 {% block extra_css %}<style>.blip2-section th,.blip2-section td{text-align:left !important}
 .blip2-section pre{font-family:ui-monospace,Menlo,Consolas,monospace}
 .v-match,.v-met{color:#17692b}.v-differs,.v-missed{color:#b00020}.v-failed{color:#b00020;font-weight:bold}</style>
@@ -138,11 +150,11 @@ def _place_sections(nb, top: str, bottom: str) -> None:
 
 
 def drop_stderr(nb) -> int:
-    """Remove every stderr stream output (library warnings, progress bars, kernel notices); returns how many.
+    """Remove every stderr stream output (library warnings, progress bars); returns how many.
 
     A report shows what the notebook says. What libraries print to stderr (tqdm bars and their "IProgress not
-    found" warning, transformers' loading bars, the kernel's TCP notice) stays in the executed notebook next to the
-    report's run folder; errors are ``error`` outputs, not streams, so a failed cell still shows its traceback.
+    found" warning, transformers' loading bars) stays in the executed notebook in the report's run folder; errors
+    are ``error`` outputs, not streams, so a failed cell still shows its traceback.
     """
     dropped = 0
     for cell in nb.cells:

@@ -143,6 +143,8 @@ def run(params_path: str | Path, force: bool = False, root: Path = REPO_ROOT, ru
     """
     import papermill as pm
 
+    from .kernel import kernel_config  # here, not at the top: the import block is shared with other changes
+
     job = job_for(params_path, root, runs, reports, notebook, overrides)
     values = _values(job)  # validation BEFORE execution
     # every file the effective params name, before anything is moved or started (PreflightFailed)
@@ -179,10 +181,11 @@ def run(params_path: str | Path, force: bool = False, root: Path = REPO_ROOT, ru
               TrainingProgress(job.run_id, job.run_dir, steps, PROGRESS_EVERY_S)):  # fmt: skip
             # the kernel starts in root through nbclient's resources, not papermill's cwd=: that chdir()s this whole
             # process for the run, and with parallel jobs (-j) one run's exit restores the cwd under another's
-            # kernel start, which then begins in the caller's folder and misses data/ and weights/
+            # kernel start, which then begins in the caller's folder and misses data/ and weights/. kernel_config():
+            # an encrypted (or IPC) transport, so the kernel prints no "running over TCP without encryption" notice
             pm.execute_notebook(str(job.notebook), str(executed), parameters=values, kernel_name="python3",
                                 resources={"metadata": {"path": str(root)}}, progress_bar=progress,
-                                stdout_file=out, stderr_file=err)  # fmt: skip
+                                stdout_file=out, stderr_file=err, config=kernel_config("python3"))  # fmt: skip
     except Exception as e:  # papermill has saved the executed notebook with its error banner
         ctx = _context(job, root, "failed", time.time() - t0)
         # the kernel's exception, not papermill's cell dump (the traceback is in the executed notebook and -v)

@@ -3,9 +3,13 @@
 How Chromium is driven: one ``chromium --headless --dump-dom`` process per page, with ``--enable-logging=stderr
 --v=0`` so every console message (errors, uncaught exceptions) appears on stderr as an ``INFO:CONSOLE`` line. Each
 page is copied next to itself with a tiny inline script appended that, on ``load``, writes each ``<img>``'s
-``naturalWidth`` into a ``data-nw`` attribute and sets ``document.title``; ``--virtual-time-budget`` lets the load
-finish before the DOM is dumped. A page fails on any console message, any image with ``naturalWidth`` 0, any
-script/stylesheet/image URL that is neither ``data:`` nor an existing local file, and any broken local link.
+``naturalWidth`` and rendered ``clientWidth`` into ``data-nw`` / ``data-cw`` attributes and sets ``document.title``;
+``--virtual-time-budget`` lets the load finish before the DOM is dumped. The window is 800 px wide (a report beside
+another window on a laptop). A page fails on any console message, any image with ``naturalWidth`` 0, any
+script/stylesheet/image URL that is neither ``data:`` nor an existing local file, any broken local link, and any
+image without its own alternative text or whose smallest text renders under ``LEGIBLE_PX`` CSS pixels: the figure
+records its smallest font in PNG pixels (``data-min-font-px``), and the browser shows it at ``clientWidth /
+naturalWidth`` of that.
 """
 
 import re
@@ -21,17 +25,21 @@ from blip2lib.workbook.runner import variant_params
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", "--enable-logging=stderr", "--v=0",
-         "--virtual-time-budget=5000", "--dump-dom"]  # fmt: skip
+         "--virtual-time-budget=5000", "--window-size=800,900", "--dump-dom"]  # fmt: skip
 PROBE = (
-    "<script>window.addEventListener('load',()=>{document.querySelectorAll('img').forEach("
-    "i=>i.setAttribute('data-nw',String(i.naturalWidth)));document.title='probed:'+document.title;});</script>"
+    "<script>window.addEventListener('load',()=>{document.querySelectorAll('img').forEach(i=>{"
+    "i.setAttribute('data-nw',String(i.naturalWidth));i.setAttribute('data-cw',String(i.clientWidth));});"
+    "document.title='probed:'+document.title;});</script>"
 )
+LEGIBLE_PX = 11  # smallest text a reader should have to read, in CSS pixels
+NO_ALT = "No description has been provided for this image"  # what nbconvert writes where a figure had no alt text
 
 
 class _Refs(HTMLParser):
     def __init__(self):
         super().__init__()
         self.links, self.resources, self.images, self.title = [], [], [], ""
+        self.figures: list[dict] = []  # every <img>'s attributes
         self._in_title = False
 
     def handle_starttag(self, tag, attrs):
@@ -44,6 +52,7 @@ class _Refs(HTMLParser):
             self.resources.append(a["href"])
         if tag == "img":
             self.images.append(a.get("data-nw"))
+            self.figures.append(a)
         self._in_title = tag == "title"
 
     def handle_data(self, data):
@@ -82,6 +91,14 @@ def _check(page: Path, profile: Path) -> list[Path]:
     assert refs.title.startswith("probed:"), f"{page.name}: the load event never fired (title {refs.title!r})"
     assert not console, f"{page.name}: console messages: {console}"
     assert all(nw not in (None, "0") for nw in refs.images), f"{page.name}: images not loaded: {refs.images}"
+    for i, fig in enumerate(refs.figures):
+        assert fig.get("alt") and fig["alt"] != NO_ALT, f"{page.name}: image {i} has no alternative text"
+        assert fig.get("data-min-font-px"), f"{page.name}: image {i} does not say its smallest font size"
+        shown = int(fig["data-cw"]) / int(fig["data-nw"]) * float(fig["data-min-font-px"])
+        assert shown >= LEGIBLE_PX, (
+            f"{page.name}: image {i} is illegible: its smallest text is {fig['data-min-font-px']} px in a "
+            f"{fig['data-nw']} px wide PNG shown {fig['data-cw']} px wide = {shown:.1f} CSS px < {LEGIBLE_PX}"
+        )
     for url in refs.resources:
         assert not re.match(r"https?:", url), f"{page.name}: loads {url} from the network"
         target = _local(url, page)
@@ -131,3 +148,66 @@ def test_the_checker_catches_broken_pages(tmp_path):
     page.write_text('<html><head><title>t</title></head><body><a href="gone.html">x</a></body></html>')
     with pytest.raises(AssertionError, match="broken link gone.html"):
         _check(page, tmp_path / "profile")
+
+
+def _figure_page(tmp_path: Path, figures: list, metadata: bool = True) -> Path:
+    """A report (rendered by the runner's renderer) showing each figure as ``viz.show`` would (or bare PNGs)."""
+    import base64
+
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+
+    from blip2lib import viz
+    from blip2lib.workbook.report import render_html
+
+    outputs = []
+    for fig in figures:
+        png, meta = viz.png_output(fig)
+        outputs.append(new_output("display_data", data={"image/png": base64.b64encode(png).decode()},
+                                  metadata={"image/png": meta} if metadata else {}))  # fmt: skip
+    nbformat.write(new_notebook(cells=[new_markdown_cell("# figures"), new_code_cell("", outputs=outputs)]),
+                   tmp_path / "figures.ipynb")  # fmt: skip
+    return render_html(tmp_path / "figures.ipynb", tmp_path / "figures.html")
+
+
+def _old_gallery(images, captions):
+    """The VQA gallery as reports drew it before: 4 tiles of 1.7 in at 80 dpi, 7 pt captions (7.8 px)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4 * 1.7, 2 * (1.7 + 0.7)), dpi=80, layout="constrained")
+    for i, (img, cap) in enumerate(zip(images, captions)):
+        ax = fig.add_subplot(2, 4, i + 1)
+        ax.imshow(img)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel(cap, fontsize=7)
+        ax.set_title("opt", fontsize=8)
+    fig.set_label("the old gallery")
+    return fig
+
+
+@pytest.mark.browser
+def test_the_checker_catches_illegible_figures(tmp_path):
+    """Today's VQA gallery passes at the 800 px window; the old one (7 pt captions) and a scaled-down figure fail."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from blip2lib import viz
+
+    images = [np.full((16, 16, 3), i / 8.0) for i in range(8)]
+    captions = [f"what shape is object {i}? → circle" for i in range(8)]
+    gallery = viz.image_gallery(images, captions, titles=["opt"] * 8)
+    page = _figure_page(tmp_path, [gallery])
+    _check(page, tmp_path / "profile")  # 12 px captions in a 704 px PNG, shown unscaled
+    (fig,) = _load(page, tmp_path / "profile")[0].figures
+    assert fig["data-min-font-px"] == "12.0" and fig["data-nw"] == fig["data-cw"] == "704"
+    assert fig["alt"].startswith("8 images with their captions: opt: what shape is object 0? → circle;")
+    with pytest.raises(AssertionError, match=r"image 0 is illegible: its smallest text is 7\.78 px .* = 7\.8 CSS px"):
+        _check(_figure_page(tmp_path, [_old_gallery(images, captions)]), tmp_path / "profile")
+    wide = Figure(figsize=(12, 2), dpi=80)  # 960 px: the browser scales it to the column (739 px at 800 px)
+    wide.add_subplot().set_title("wide", fontsize=12 * 72 / 80)
+    wide.axes[0].tick_params(labelsize=12 * 72 / 80)
+    with pytest.raises(AssertionError, match=r"shown 7\d\d px wide = 9\.\d CSS px < 11"):
+        _check(_figure_page(tmp_path, [wide]), tmp_path / "profile")
+    with pytest.raises(AssertionError, match="image 0 has no alternative text"):
+        _check(_figure_page(tmp_path, [gallery], metadata=False), tmp_path / "profile")

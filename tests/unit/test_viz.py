@@ -92,3 +92,51 @@ def test_constant_attention_map_does_not_divide_by_zero():
 
 def test_figures_are_small(log_path):
     assert len(viz.to_png(viz.loss_curves(log_path))) < 150_000
+
+
+def _all_figures(log_path):
+    imgs = [np.zeros((6, 6, 3))] * 4
+    return {
+        "loss": viz.loss_curves(log_path),
+        "val": viz.val_curves(log_path, ["txt_r1", "img_r1", "missing"]),
+        "gallery": viz.image_gallery(
+            [np.zeros((8, 8, 3))] * 8, [f"what colour is shape {i}? → red" for i in range(8)], titles=["opt"] * 8
+        ),  # fmt: skip
+        "retrieval": viz.retrieval_examples(
+            ["a red square on the left", "a blue circle"],
+            [imgs, imgs],
+            [[True, False, False, False], [False, False, True, False]],
+        ),  # fmt: skip
+        "attention": viz.attention_maps(np.zeros((16, 16, 3)), torch.rand(5, 4, 4)),
+    }
+
+
+def test_every_figure_is_legible_at_natural_size_in_a_report_column(log_path):
+    """Each figure fits a report column (739 px in an 800 px window: shown unscaled) and no text is under 11 px."""
+    import io
+
+    from matplotlib.text import Text
+    from PIL import Image
+
+    for name, fig in _all_figures(log_path).items():
+        width = Image.open(io.BytesIO(viz.to_png(fig))).size[0]  # drawn now: tick labels exist
+        assert width <= 739, name
+        sizes = [t.get_fontsize() * 80 / 72 for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+        assert min(sizes) >= 11.0, (name, min(sizes))
+        assert viz.min_font_px(fig) == pytest.approx(min(sizes)), name
+
+
+def test_gallery_captions_are_12_px_and_the_alt_text_lists_them():
+    import io
+
+    from PIL import Image
+
+    captions = [f"what colour is shape {i}? → red" for i in range(8)]
+    fig = viz.image_gallery([np.zeros((8, 8, 3))] * 8, captions, titles=["opt"] * 8)
+    png, meta = viz.png_output(fig)
+    assert Image.open(io.BytesIO(png)).size[0] == 704  # 4 tiles × 2.2 in × 80 dpi
+    assert [ax.xaxis.label.get_fontsize() * 80 / 72 for ax in fig.axes] == pytest.approx([12.0] * 8)
+    assert fig.axes[0].get_xlabel() == "what colour is shape\n0? → red"  # 22 characters a line
+    assert meta == {"alt": "8 images with their captions: " + "; ".join(f"opt: {c}" for c in captions) + ".",
+                    "min_font_px": 12.0}  # fmt: skip
+    assert viz.png_output(fig, alt="mine")[1]["alt"] == "mine"

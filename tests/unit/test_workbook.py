@@ -473,6 +473,41 @@ def test_kernel_starts_in_root_and_the_process_cwd_never_moves(root, tmp_path_fa
 
 @pytest.mark.notebook
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("transport", ["curve", "ipc", "tcp"])
+def test_console_shows_no_kernel_tcp_notice(root, capfd, monkeypatch, transport):
+    """A real run prints no "running over TCP without encryption" line: the kernel's transport is encrypted (or IPC).
+
+    ``tcp`` is the old launch (an empty kernel config): its notice reaches the captured console, so the check can fail.
+    """
+    from pathlib import Path
+
+    import ipykernel.kernelapp
+    from traitlets.config import Config
+
+    from blip2lib.workbook import kernel
+
+    if transport == "curve" and not kernel.curve_available("python3"):
+        pytest.skip("no CurveZMQ here (pyzmq, jupyter_client or the kernelspec): the ipc case covers this machine")
+    if transport == "ipc":  # a pyzmq without CurveZMQ, or an older jupyter_client or kernelspec: the IPC fallback
+        monkeypatch.setattr(kernel, "curve_available", lambda name: False)
+    if transport == "tcp":
+        if "running over TCP without encryption" not in Path(ipykernel.kernelapp.__file__).read_text():
+            pytest.skip("this ipykernel prints no TCP notice")
+        monkeypatch.setattr(kernel, "kernel_config", lambda name: Config())
+    config = dict(kernel.kernel_config("python3").get("KernelManager", {}))
+    if transport == "ipc":  # an absolute socket prefix: the kernel starts in root, this process may be elsewhere
+        assert os.path.isabs(config.pop("ip"))
+    assert config == {"curve": {"transport_encryption": "required"}, "ipc": {"transport": "ipc"}, "tcp": {}}[transport]
+    capfd.readouterr()
+    assert main(["run", str(root / "params" / PROBE / "smoke.yaml"), "--root", str(root), "--no-progress"]) == 0
+    out, err = capfd.readouterr()  # file-descriptor level: the kernel process writes to the inherited stderr
+    assert ("running over TCP without encryption" in out + err) == (transport == "tcp"), err[-2000:]
+    job = job_for(root / "params" / PROBE / "smoke.yaml", root=root)
+    assert json.loads((job.run_dir / "metrics.json").read_text())["metrics"]["answer"]["value"] == 42.0
+
+
+@pytest.mark.notebook
+@pytest.mark.timeout(120)
 def test_failed_run_keeps_notebook_renders_failure_page_and_exits_nonzero(root, capsys):
     params = root / "params" / PROBE / "fail.yaml"
     assert main(["run", str(params), "--root", str(root), "--no-progress"]) == 1
