@@ -13,6 +13,8 @@ COMMANDS: list[tuple[str, str, str]] = [
      "python -m blip2lib.demo"),
     ("blip2lib.workbook", "run notebooks from params files (run, run-all, validate) and render HTML reports",
      "python -m blip2lib.workbook run params/10_stage1_pretrain/smoke.yaml"),
+    ("blip2lib.workbook.gallery", "screenshots of a variant's reports for docs/gallery (headless Chromium)",
+     "python -m blip2lib.workbook.gallery --variant toy"),
     ("blip2lib.toy", "build the embedded toy world (datasets in the official formats, frozen stage-0 models)",
      "python -m blip2lib.toy build --size tiny"),
     ("blip2lib.data", "prepare official dataset downloads into the layout the loaders read",
