@@ -32,7 +32,9 @@ samples (greedy: the row emitted EOS; beam search: the sample stopped by transfo
 cross-attention keys/values and encoder mask), the repetition-penalty history and the beam bookkeeping, and their
 answers are written back to their original rows, padded as before. A finished sample's tokens no longer change, and
 every row's logits depend on that row alone, so the ids are the same. Dropping copies the whole cache once, so it
-is done in steps (default: a quarter of the rows finished) rather than at every finished sample. In ``graphs`` mode
+is done in steps (default: a quarter of the rows finished) rather than at every finished sample; on CPU, a VQA-like
+decode (beam 5, 10 new tokens, most answers 1-2 tokens) ran about 1.3-1.5x faster with it, and dropping at every
+step was no faster than the quarter rule. In ``graphs`` mode
 rows are dropped only when the next step enters a new cache window: that window needs a capture anyway, so no
 capture is added (graphs are keyed by window and row count).
 """
