@@ -13,6 +13,11 @@ follows transformers' own beam search step for step (``GenerationMixin._beam_sea
 * a sample stops once ``K`` hypotheses finished and the best running beam, normalised by its current length, is
   not above the worst of them (transformers' heuristic; with ``length_penalty > 0`` it can miss a longer winner);
 * the answer is the best finished hypothesis.
+
+With a ``compact`` hook, samples that stopped leave the batch: their answer is stored, their rows are dropped from
+the bookkeeping here and (by the hook) from the model's state, and the next steps run on the remaining rows. A stopped
+sample's finished hypotheses can no longer change (every new candidate of it is masked to ``-1e9``), so the answers
+are the same as without the hook.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ StepFn = Callable[[torch.Tensor, object, int], tuple[torch.Tensor, object]]
 ReorderFn = Callable[[object, torch.Tensor], object]
 # hook(log_probs (N, V), generated tokens so far (N, t)) -> log_probs: a transformers logits processor's place
 LogitsHook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# compact(cache, keep (N',) flat rows to keep, next step t) -> (cache, whether the other rows were dropped)
+CompactFn = Callable[[object, torch.Tensor, int], tuple[object, bool]]
 _NEG = -1.0e9  # transformers' additive mask for pruned / not-finished entries (finite, unlike -inf)
 
 
@@ -49,6 +56,7 @@ def beam_search(
     length_penalty: float = 1.0,
     device: torch.device | str = "cpu",
     logits_hook: LogitsHook | None = None,
+    compact: CompactFn | None = None,
 ) -> torch.Tensor:
     """Beam search (``num_beams == 1`` is greedy) as transformers runs it (see the module docstring).
 
@@ -67,6 +75,10 @@ def beam_search(
         device: device of the token tensors.
         logits_hook: applied to the log-probabilities before the ``min_new_tokens`` mask, with the running beams'
             tokens (flat rows), where transformers runs its logits processors (e.g. the repetition penalty).
+        compact: called after a step in which some samples stopped, with the flat rows of the samples still running
+            (all ``K`` rows of each, in order); when it returns ``True`` it has dropped the other rows from the cache
+            and the search goes on with the remaining samples only (their rows renumbered ``0..N'-1``). It may
+            decline (``False``), e.g. when dropping rows does not pay yet.
 
     Returns:
         (B, T) generated ids of the best hypothesis (without ``bos_id``), padded with ``pad_id`` after EOS;
@@ -84,15 +96,18 @@ def beam_search(
     top_k_rank = torch.arange(keep, device=device) < k  # only the top-K ranked continuations may finish
     offset = torch.arange(batch, device=device).view(-1, 1) * k
     last = torch.full((batch * k, 1), bos_id, dtype=torch.long, device=device)
+    b, ids = batch, torch.arange(batch, device=device)  # samples still in the batch, and their original index
+    out_seq = torch.full((batch, t_max), pad_id, dtype=torch.long, device=device)  # answers of samples that left
+    out_len = torch.zeros(batch, dtype=torch.long, device=device)
     for t in range(t_max):
         logits, cache = step(last, cache, t)
         logp = torch.log_softmax(logits.float(), dim=-1)  # (B*K, V)
         if logits_hook is not None:
-            logp = logits_hook(logp, run_seq[:, :, :t].reshape(batch * k, t))
+            logp = logits_hook(logp, run_seq[:, :, :t].reshape(b * k, t))
         if t < min_new_tokens:
             logp[:, eos_id] = float("-inf")
         vocab = logp.shape[-1]
-        acc = (logp.view(batch, k, vocab) + run_score[:, :, None]).view(batch, k * vocab)  # (B, K*V)
+        acc = (logp.view(b, k, vocab) + run_score[:, :, None]).view(b, k * vocab)  # (B, K*V)
         top, idx = acc.topk(keep, dim=1)  # (B, 2K), sorted best first
         src, tok = idx // vocab, idx % vocab  # source beam, new token
         cand = _gather(run_seq, src).clone()  # (B, 2K, T)
@@ -117,7 +132,20 @@ def beam_search(
         # stop a sample once its best running beam (at its current length) cannot beat the worst finished one
         worst = torch.where(fin_done, fin_score.min(dim=1, keepdim=True).values, _NEG)  # (B, K)
         improvable = improvable & (run_score[:, :1] / ((t + 1) ** length_penalty) > worst).any(1, keepdim=True)
-        if not bool(improvable.any()) or bool(ends.all()):
+        stopped = b - int(improvable.sum())
+        if stopped == b or bool(ends.all()):
             break
-    width = int(fin_len[:, 0].max())
-    return fin_seq[:, 0, :width]
+        if compact is not None and stopped:
+            running = improvable[:, 0]  # (B,) samples still running
+            kept_rows = (running.nonzero() * k + torch.arange(k, device=device)).view(-1)  # (B'*K,) their flat rows
+            cache, dropped = compact(cache, kept_rows, t + 1)
+            if dropped:  # store the stopped samples' answers, then shrink every (B, ...) tensor to the B' running
+                gone = ~running
+                out_seq[ids[gone]], out_len[ids[gone]] = fin_seq[gone, 0], fin_len[gone, 0]
+                state = (run_seq, run_score, fin_seq, fin_score, fin_len, fin_done, improvable, ids)
+                run_seq, run_score, fin_seq, fin_score, fin_len, fin_done, improvable, ids = (x[running] for x in state)
+                b, last = len(ids), last[kept_rows]
+                offset = torch.arange(b, device=device).view(-1, 1) * k
+    out_seq[ids], out_len[ids] = fin_seq[:, 0], fin_len[:, 0]
+    width = int(out_len.max())
+    return out_seq[:, :width]

@@ -4,12 +4,15 @@ Tiny random OPT and T5 (fp32, weights redrawn at std 0.5 so that the greedy and 
 prompts of different lengths (OPT left-pads them behind the soft prompt, T5 right-pads the encoder input). The EOS
 ids were picked from what these models emit: OPT's 97 and T5's 77 end some rows within a few steps and never appear
 in others, so EOS handling, finished-beam bookkeeping and the padding after EOS are all exercised; each case also
-asserts that it is not trivial. The work-sharing claims (one prefill per sample, T5's cross-attention keys/values
+asserts that it is not trivial. Finished samples leaving the batch (``compact_at``) is checked by recording the rows of
+every decoder step: they shrink by whole samples, by at least the configured share, and the ids stay transformers'.
+The work-sharing claims (one prefill per sample, T5's cross-attention keys/values
 computed once, beam reorders that leave the prompt part of the cache alone) are checked by counting module calls
 and by reordering a cache by hand.
 """
 
 import functools
+from itertools import pairwise
 
 import pytest
 import torch
@@ -56,13 +59,40 @@ def _prefix(model, b=7):
     return torch.randn(b, 4, d, generator=torch.Generator().manual_seed(1))  # (B, Q=4, D)
 
 
-def _both(llms, family, **kw):
+def _record_rows(model, rows):
+    """Pre-hook: append the rows of every one-token decoder call (OPT ``input_ids``, T5 ``decoder_input_ids``)."""
+
+    def pre(_mod, _args, kw):
+        ids = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("decoder_input_ids")
+        if ids is not None and ids.shape[1] == 1:
+            rows.append(len(ids))
+
+    return model.register_forward_pre_hook(pre, with_kwargs=True)
+
+
+def _both(llms, family, rows=None, **kw):
+    """transformers' ids; asserts the static engine's are the same. ``rows``: filled with the static steps' rows."""
     model, tok = llms[family]
     kw = {"eos": EOS[family], "max_new_tokens": 12, "min_new_tokens": 0, **kw}
     hf = generate_ids(model, family, tok, _prefix(model), PROMPTS, engine="hf", **kw)
-    static = generate_ids(model, family, tok, _prefix(model), PROMPTS, engine="static", **kw)
+    handle = _record_rows(model, rows if rows is not None else [])
+    try:
+        static = generate_ids(model, family, tok, _prefix(model), PROMPTS, engine="static", **kw)
+    finally:
+        handle.remove()
     assert static.shape == hf.shape and static.tolist() == hf.tolist(), kw
     return hf
+
+
+def _check_drops(steps, beams, compact_at):
+    """Rows of the decode steps never grow, drop by whole samples and by at least ``compact_at`` of the rows."""
+    steps = [7 * beams, *steps]  # the prefill's logits are for every row (samples may leave before step 1)
+    drops = [(a, b) for a, b in pairwise(steps) if a != b]
+    if compact_at is None:
+        assert drops == []
+    for a, b in drops:
+        assert b < a and (a - b) % beams == 0 and a - b >= compact_at * a, steps
+    return len(drops)
 
 
 def _ended_early(ids, eos):
@@ -80,11 +110,19 @@ CASES = [  # (num_beams, length_penalty, repetition_penalty, min_new_tokens)
 
 
 @pytest.mark.parametrize("family", ["opt", "t5"])
-def test_static_equals_transformers(llms, family):
-    eos, got = EOS[family], {}
+@pytest.mark.parametrize("compact_at", [0.25, 0.0, None])  # default, every step a sample finished, never
+def test_static_equals_transformers(llms, family, compact_at, monkeypatch):
+    monkeypatch.setattr(static_decode, "static_generate",
+                        functools.partial(static_decode.static_generate, compact_at=compact_at))  # fmt: skip
+    eos, got, shrunk = EOS[family], {}, []
     for beams, lp, rp, lo in CASES:
-        ids = _both(llms, family, num_beams=beams, length_penalty=lp, repetition_penalty=rp, min_new_tokens=lo)
+        rows = []
+        ids = _both(llms, family, rows, num_beams=beams, length_penalty=lp, repetition_penalty=rp, min_new_tokens=lo)
         got[(beams, lp, rp, lo)] = ids
+        if family == "t5":  # its first recorded call is the prefill of the decoder start token, one row per sample
+            assert rows.pop(0) == 7
+        shrunk.append(_check_drops(rows, beams, compact_at) > 0)
+        assert len(rows) == ids.shape[1] - 1  # one step per generated token but the last (the prefill gave the first)
         early = _ended_early(ids, eos)
         assert any(early) and not all(early), (beams, lp, rp, lo, ids)  # EOS matters, and not everywhere
         for row in ids.tolist():  # min_new_tokens: no EOS among the first `lo` tokens
@@ -92,6 +130,8 @@ def test_static_equals_transformers(llms, family):
     assert got[CASES[0]].tolist() != got[(5, 1.0, 1.0, 3)][:, : got[CASES[0]].shape[1]].tolist()  # beams ≠ greedy
     assert got[(5, -1.0, 1.0, 0)].tolist() != got[(5, 1.0, 1.0, 3)].tolist()  # the length penalty matters
     assert got[(1, 1.0, 1.5, 3)].tolist() != got[CASES[0]].tolist()  # the repetition penalty matters
+    if compact_at is not None:  # finished samples left the batch: both greedy cases, and beam cases
+        assert shrunk[:2] == [True, True] and sum(shrunk[2:]) >= 2, shrunk
 
 
 def test_length_rules_and_max_new_tokens(llms):
@@ -202,7 +242,8 @@ def test_t5_repetition_penalty_counts_the_decoder_start_token(llms):
 @pytest.mark.parametrize("family", ["opt", "t5"])
 def test_bucket_mode_equals_transformers(llms, family, monkeypatch):
     # the fixed-shape steps a CUDA graph records (cache window rounded up to 4 positions, prepared masks, device-side
-    # write position), run eagerly: still transformers' ids, in sdpa and eager attention
+    # write position), run eagerly: still transformers' ids, in sdpa and eager attention; finished samples leave at
+    # every step (compact_at=0), so the fixed-address inputs and the prepared masks are cut down too
     windows = []
     real_step = static_decode._Decoder._bucket_step
 
@@ -212,15 +253,34 @@ def test_bucket_mode_equals_transformers(llms, family, monkeypatch):
         return logits
 
     monkeypatch.setattr(static_decode._Decoder, "_bucket_step", spy)
-    bucketed = functools.partial(static_decode.static_generate, mode="bucket", bucket=4)
+    bucketed = functools.partial(static_decode.static_generate, mode="bucket", bucket=4, compact_at=0.0)
     monkeypatch.setattr(static_decode, "static_generate", bucketed)
     model = llms[family][0]
     for attn in ("sdpa", "eager"):
         monkeypatch.setattr(model.config, "_attn_implementation", attn)
         for beams, lp, rp, lo in (CASES[1], CASES[3]):
-            _both(llms, family, num_beams=beams, length_penalty=lp, repetition_penalty=rp, min_new_tokens=lo)
+            rows = []
+            _both(llms, family, rows, num_beams=beams, length_penalty=lp, repetition_penalty=rp, min_new_tokens=lo)
+            assert _check_drops(rows[family == "t5" :], beams, 0.0) > 0  # T5: the prefill row count left out
     assert len(set(windows)) >= 3  # several windows were used
     with pytest.raises(ValueError, match="needs CUDA"):
         static_decode.static_generate(model, family, torch.zeros(1, 2, 32), torch.ones(1, 2), num_beams=1,
                                       max_new_tokens=2, min_new_tokens=0, length_penalty=1.0, repetition_penalty=1.0,
                                       eos_id=1, pad_id=0, decoder_start_id=0, mode="graphs")  # fmt: skip
+
+
+def test_graphs_mode_drops_rows_only_when_a_new_window_starts(llms):
+    # a CUDA graph reads fixed addresses, so rows may leave only before a step that captures anyway: the first step
+    # and the first step of each new window. Prompt 5 positions, 10 new tokens (cache 15), windows of 4: step t
+    # writes position 4 + t, so steps 1-3 attend over 8 keys, 4-7 over 12, 8-10 over the whole cache (15).
+    model = llms["opt"][0]
+    embeds = torch.randn(2, 5, model.get_input_embeddings().embedding_dim)  # (B, P, D)
+    dec = static_decode._Decoder(model, "opt", embeds, torch.ones(2, 5), 1, 10, None, mode="bucket", bucket=4)
+    assert all(dec.can_keep(t) for t in range(1, 11))  # eager steps: any time
+    dec.mode = "graphs"
+    assert [t for t in range(1, 11) if dec.can_keep(t)] == [1, 4, 8]
+    dec.keep(torch.tensor([1]))  # every per-row input of a step follows the kept row
+    assert dec.rows == 1 and dec.graphs == {}
+    assert [tuple(x.shape) for x in (dec.tok, dec.self_mask, dec.real, dec.pos_ids, dec.mask)] == [
+        (1, 1), (1, 1, 1, 15), (1, 1), (1, 1), (1, 15)]  # fmt: skip
+    assert all(layer.keys.shape[0] == 1 == layer.values.shape[0] for layer in dec.layers)
