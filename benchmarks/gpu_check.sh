@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one script a GPU host runs: the gpu-marked tests, then the full-size benchmark (≤ 8 min on one H100).
+# The one script a GPU host runs: the gpu-marked tests, the full-size benchmark (≤ 8 min on one H100), then the
+# training-step levers (benchmarks/rows_train_levers.py).
 # Usage: bash benchmarks/gpu_check.sh [extra benchmark flags, e.g. --compile, --only caption, --engine static]
 #        PY=python3 OUT_DIR=/tmp/out bash benchmarks/gpu_check.sh   (a host whose python already has torch,
 #        transformers, timm, pytest: no .venv needed; results and logs go to OUT_DIR)
@@ -23,4 +24,7 @@ name=$($PY -c "import torch; n = torch.cuda.get_device_name().lower(); print(nex
 out="$OUT_DIR/results_${name}.json"
 echo "==> benchmark -> $out"
 $PY benchmarks/gpu.py --out "$out" "$@" 2>&1 | tee "${out%.json}.log" || status=1
+levers="$OUT_DIR/levers_${name}.json"  # each training-step lever off and on, same model, one process
+echo "==> training-step levers -> $levers"
+$PY benchmarks/rows_train_levers.py --compile --out "$levers" 2>&1 | tee "${levers%.json}.log" || status=1
 exit $status
