@@ -21,7 +21,6 @@ notebook and gets ``failed.html`` (code visible, error banner); it never writes 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -30,11 +29,11 @@ import threading
 import time
 import traceback
 from collections.abc import Iterable, Mapping
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from ..config import ParamsError
+from .cli import _check_command, build_parser
 from .jobs import (  # noqa: F401  (re-exported: tests, tools)
     LIBRARY_ROOT,
     Job,
@@ -56,6 +55,7 @@ from .jobs import finished as _finished
 from .progress import TrainingProgress
 from .report import render_html
 from .run import REPO_ROOT, git_commit
+from .schedule import _dependencies, _here, _plan, _previous_wall  # noqa: F401  (moved out of this module; tests import them here)
 from .summary import build_index
 
 log = logging.getLogger(__name__)
@@ -210,24 +210,6 @@ def run(params_path: str | Path, force: bool = False, root: Path = REPO_ROOT, ru
     return job
 
 
-def _dependencies(jobs: list[Job], root: Path) -> dict[Job, set[Job]]:
-    """The steps each job must wait for: the runs its params name, the ``0x`` data steps, all others (collectors)."""
-    by_dir = {j.run_dir.resolve(): j for j in jobs}
-    reads = {j: {by_dir[m.parent.resolve()] for m in _upstream_metrics(j, root) if m.parent.resolve() in by_dir}
-             for j in jobs}  # fmt: skip
-    # 0x steps that read no run build the toy world / prepare datasets: everything else reads their outputs.
-    data_steps = {j for j in jobs if j.notebook.stem.startswith("0") and not reads[j] and not _collects(j)}
-    deps = {}
-    for j in jobs:
-        d = set(reads[j])
-        if _collects(j):
-            d |= {k for k in jobs if not _collects(k)}
-        if j not in data_steps:
-            d |= data_steps
-        deps[j] = d - {j}
-    return deps
-
-
 class StaleRuns(StaleRun):
     """``run-all`` met stale runs: it ran everything else, not them nor the steps that read them."""
 
@@ -270,53 +252,6 @@ def run_all(variant: str, force: bool = False, root: Path = REPO_ROOT, runs: Pat
         overrides=[_values(j) for j in todo],
     )  # one batch: upstream run folders are "produced by"
     return _run_parallel(todo, jobs, force, root, runs, reports, estimates, progress)
-
-
-def _plan(todo: list[Job], deps: dict[Job, set[Job]], jobs: int, cores: int,
-          estimates: dict[str, float] | None = None) -> tuple[dict, dict]:  # fmt: skip
-    """Torch threads and launch priority of each step.
-
-    Threads: all cores for a step that can never run beside another one (every other step is upstream or
-    downstream of it: stage 1, the summary), else ``cores // jobs``. A structural rule, not "whatever is idle
-    now", so a step's thread count — and with it its floating-point results — does not depend on timing.
-    Priority: the longest chain of estimated wall times from the step to the end (the previous run's
-    ``status.json``, else ``estimates[run_id]``, else 60 s), so long branches such as the ablations start early
-    instead of last.
-    """
-    upstream: dict[Job, set[Job]] = {}
-
-    def ups(j: Job) -> set[Job]:
-        if j not in upstream:
-            upstream[j] = set(deps[j]).union(*(ups(d) for d in deps[j]))
-        return upstream[j]
-
-    everything = set(todo)
-    threads = {}
-    for j in todo:
-        downstream = {k for k in todo if j in ups(k)}
-        threads[j] = cores if ups(j) | downstream | {j} == everything else max(1, cores // jobs)
-    estimate = {j: _previous_wall(j, estimates) for j in todo}
-    chain: dict[Job, float] = {}
-    for j in sorted(todo, key=lambda j: len(ups(j)), reverse=True):  # downstream steps first
-        chain[j] = estimate[j] + max((chain[k] for k in todo if j in deps[k]), default=0.0)
-    return threads, chain
-
-
-def _previous_wall(job: Job, estimates: dict[str, float] | None) -> float:
-    try:
-        return float(json.loads((job.run_dir / "status.json").read_text())["wall_time_s"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return float((estimates or {}).get(job.run_id, 60.0))
-
-
-def _here(fn, *args, **kw) -> Future:
-    """Run ``fn`` in this thread; its result or exception in a finished Future (as ``pool.submit`` would give)."""
-    fut: Future = Future()
-    try:
-        fut.set_result(fn(*args, **kw))
-    except BaseException as e:  # also KeyboardInterrupt: the loop stops launching and raises it
-        fut.set_exception(e)
-    return fut
 
 
 def _run_parallel(todo: list[Job], jobs: int, force: bool, root: Path, runs: Path | None,
@@ -408,70 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     0: done. 1: a notebook failed (its failure page is named). 2: a user mistake (a bad params file, override or
     path: one line, ``-v`` adds the traceback) or a stale run left untouched.
     """
-    ap = argparse.ArgumentParser(prog="python -m blip2lib.workbook", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    params = argparse.ArgumentParser(add_help=False)  # what decides a run's params: shared by run, run-all, validate
-    params.add_argument("--root", type=Path, default=REPO_ROOT, help="repository root (notebooks/, params/)")
-    params.add_argument("--runs", type=Path, default=None,
-                        help="runs root (default <root>/runs); the params' runs/... paths move onto it")  # fmt: skip
-    params.add_argument(
-        "-p",
-        "--param",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a params key (repeatable); VALUE is YAML, typed by the notebook's schema",
-    )
-    params.add_argument("-v", "--verbose", action="store_true", help="tracebacks with error messages")
-    common = argparse.ArgumentParser(add_help=False, parents=[params])
-    common.add_argument("--reports", type=Path, default=None, help="reports root (default <root>/reports)")
-    common.add_argument(
-        "--force",
-        action="store_true",
-        help="redo finished runs; each old run folder is moved aside to <run>.prev-<UTC time>",
-    )
-    common.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    common.add_argument("--progress-every", type=float, default=PROGRESS_EVERY_S, metavar="SECONDS",
-                        help="a training-progress line (step, loss, throughput, time left) every SECONDS while a "
-                             "notebook trains (default 30; 0: none)")  # fmt: skip
-    sub = ap.add_subparsers(dest="cmd", required=True)
-
-    def example(line: str) -> dict:  # each subcommand's --help ends with an example of it
-        return {"epilog": f"example:\n  python -m blip2lib.workbook {line}",
-                "formatter_class": argparse.RawDescriptionHelpFormatter}  # fmt: skip
-
-    one = sub.add_parser("run", help="execute one params file", parents=[common],
-                         **example("run params/10_stage1_pretrain/toy.yaml -p steps=20"))  # fmt: skip
-    one.add_argument("params")
-    one.add_argument("--notebook", default=None, help="the notebook of a params file outside params/<notebook>/")
-    every = sub.add_parser("run-all", help="execute every notebook of a variant in order", parents=[common],
-                           **example("run-all toy -j 2"))  # fmt: skip
-    every.add_argument("variant")
-    every.add_argument("-j", "--jobs", type=int, default=1, help="steps executed at once (default 1)")
-    c = sub.add_parser("check", help="preflight: check every file the params name, without loading a model",
-                       parents=[params], **example("check paper_vitg.yaml --notebook 10_stage1_pretrain"))  # fmt: skip
-    c.add_argument("params", nargs="+", help="params files, or a variant name (every params/*/<variant>.yaml)")
-    c.add_argument("--notebook", default=None, help="the notebook of files outside params/<notebook>/")
-    c.add_argument("--no-hardware", dest="hardware", action="store_false", help="skip the GPU count / memory checks")
-    v = sub.add_parser("validate", help="validate params files (default: every file under params/)", parents=[params],
-                       **example("validate ~/exp/my.yaml --notebook 20_stage2_pretrain"))  # fmt: skip
-    v.add_argument("files", nargs="*", help="params files to validate with the overrides (any folder)")
-    v.add_argument("--notebook", default=None, help="the notebook of files outside params/<notebook>/")
-    r = sub.add_parser("readme", help="write a variant's measured goals into README.md's results block",
-                       **example("readme toy --runs runs"))  # fmt: skip
-    r.add_argument("variant")
-    r.add_argument("--runs", type=Path, default=REPO_ROOT / "runs")
-    r.add_argument("-v", "--verbose", action="store_true", help="tracebacks with error messages")
-    h = sub.add_parser("rehearse", help="every paper_* params file on tiny models (blip2lib/rehearsal)",
-                       **example("rehearse --only '10_stage1_pretrain/*' -j 2"))  # fmt: skip
-    h.add_argument("--out", type=Path, default=None, help="rehearsal tree (default runs/rehearsal)")
-    h.add_argument("--only", action="append", default=[], metavar="GLOB",
-                   help="glob over <notebook>/<paper file stem> (repeatable, or comma-separated); the runs they read "
-                        "come too")  # fmt: skip
-    h.add_argument("-v", "--verbose", action="store_true", help="tracebacks with error messages")
-    h.add_argument("--force", action="store_true", help="redo finished steps (their old folders are moved aside)")
-    h.add_argument("-j", "--jobs", type=int, default=1, help="steps executed at once (default 1)")
+    ap = build_parser(__doc__, PROGRESS_EVERY_S)
     args = ap.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -515,23 +387,3 @@ def main(argv: list[str] | None = None) -> int:
         print(str(e) if type(e) is StaleRun else f"error: {e}", file=sys.stderr)  # a stale report has its own head
         return 2 if isinstance(e, (ParamsError, FileNotFoundError, StaleRun)) else 1
     return 0
-
-
-def _check_command(args) -> int:
-    """``check``: print every finding of the given params files (one batch); 2 when any is an error."""
-    from .preflight import check
-
-    todo: list[Job] = []
-    for arg in args.params:
-        if Path(arg).suffix in (".yaml", ".yml"):
-            todo.append(job_for(arg, args.root, args.runs, None, args.notebook, args.overrides))
-        else:  # a variant: its files with the overrides each schema has, as run-all takes them
-            todo += variant_jobs(arg, args.root, args.runs, None, args.overrides)
-    t0 = time.time()
-    problems = check([j.params_path for j in todo], args.root, args.runs, hardware=args.hardware,
-                     notebooks=[j.notebook.stem for j in todo], overrides=[_values(j) for j in todo])  # fmt: skip
-    for p in problems:
-        print(p, file=sys.stderr if p.level == "error" else sys.stdout)
-    errors = sum(p.level == "error" for p in problems)
-    print(f"preflight: {len(todo)} params files, {errors} problem(s), {time.time() - t0:.1f} s")
-    return 2 if errors else 0
