@@ -71,7 +71,7 @@ MODULES: dict[str, Module] = {
         ),
     ),
     "qformer": Module(
-        "blip2lib/qformer.py",
+        "blip2lib/qformer*.py",  # qformer.py and qformer_init.py (init_weights, the BERT loader)
         (
             "tests/unit/test_qformer.py",
             "tests/unit/test_tasks_reference.py",
