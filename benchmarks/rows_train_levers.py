@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import blip2lib.llm  # noqa: E402
 from blip2lib.inductor import compile_inplace  # noqa: E402
-from blip2lib.optim import build_optimizer, param_groups  # noqa: E402
+from blip2lib.optim import param_groups  # noqa: E402
 from blip2lib.tasks import Stage1Task, Stage2Task  # noqa: E402
 from blip2lib.toy.synthetic import tiny_bert_tokenizer  # noqa: E402
 
@@ -45,24 +45,14 @@ _spec = importlib.util.spec_from_file_location("benchmarks_gpu", ROOT / "benchma
 gpu = importlib.util.module_from_spec(_spec)  # Bench (timing, memory, autocast), build
 _spec.loader.exec_module(gpu)  # (gpu.py puts benchmarks/ on sys.path for its row modules)
 from decode_rows import images, texts  # noqa: E402  synthetic inputs shared with the decode rows
+from train_rows import _train_step_fn  # noqa: E402  the optimizer step the stage rows time
 
 ROWS = ("stage1_itm_kv_reuse", "stage2_label_head_opt", "stage1_compile")
 
 
 def _step_fn(bench, cfg, model, loss_fn):
-    """One optimizer step (library optimizer, GradScaler as the policy asks) around ``loss_fn``."""
-    opt = build_optimizer(param_groups(model, 0.05), lr=1e-4)
-    scaler = bench.scaler(cfg)
-
-    def step():
-        with bench.amp(cfg):
-            loss = loss_fn()
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-
-    return step, opt
+    """One optimizer step (library optimizer, GradScaler as the policy asks) around ``loss_fn``: gpu.py's own step."""
+    return _train_step_fn(bench, cfg, param_groups(model, 0.05), loss_fn, True)
 
 
 def _eval_loss(bench, cfg, model, loss_fn) -> float:

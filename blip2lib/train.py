@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import add_verbosity, log_level, run_guarded
-from .train_params import STAGES, TrainParams  # noqa: F401  (STAGES re-exported; TrainParams moved, torch-free)
+from .train_params import STAGES, TrainParams, load_train_params  # noqa: F401  (STAGES re-exported; torch-free)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,13 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=log_level(args) if dist.is_main() else logging.WARNING)
 
     def body() -> int:
-        try:
-            params = TrainParams.from_yaml(args.params)
-            params.validate_values(args.params)
-        except ParamsError:
-            raise
-        except ValueError as err:  # a value the schema's own checks refuse: name the file
-            raise ParamsError(f"{args.params}: {err}") from err
+        params = load_train_params(args.params)
         try:
             # a finished run folder with other params is a ParamsError saying what changed
             with dist.explain_timeouts("training"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import Params
+from .config import Params, ParamsError
 from .options import DEFAULT_TIMEOUT_S, LR_SCHEDULES, TEXT_PADDINGS, VIT_PRECISIONS
 
 STAGES = ("stage1", "stage2", "caption_ft", "vqa_ft", "retrieval_ft")
@@ -136,3 +136,15 @@ class TrainParams(Params):
         if self.vit_precision not in ("", *VIT_PRECISIONS):
             raise ValueError(f"vit_precision must be '' or one of {VIT_PRECISIONS}, got {self.vit_precision!r}")
         return self
+
+
+def load_train_params(path: str) -> TrainParams:
+    """``TrainParams`` of a YAML file, keys and values checked; a refused value is a ``ParamsError`` naming the file."""
+    try:
+        params = TrainParams.from_yaml(path)
+        params.validate_values(path)
+    except ParamsError:
+        raise
+    except ValueError as err:  # a value the schema's own checks refuse: name the file
+        raise ParamsError(f"{path}: {err}") from err
+    return params

@@ -9,8 +9,7 @@ the torch / PIL / torchvision ones on first use of one of their names (PEP 562),
 
 from __future__ import annotations
 
-import importlib
-
+from ..lazy import lazy_exports
 from .annotations import AnnotationError, load_annotations, load_caption_gt, validate_entry
 from .dedup import dedup_report, image_paths
 from .official import coco_id_from_path
@@ -95,14 +94,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    """Import the submodule that defines ``name`` on first access and cache the name here."""
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value  # the next access is a plain attribute lookup
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

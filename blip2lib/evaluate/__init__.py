@@ -9,8 +9,6 @@ The scoring modules (``vqa``, ``caption``) are torch-free and imported with the 
 
 from __future__ import annotations
 
-import importlib
-
 from blip2lib.evaluate.caption import (
     ALL_METRICS,
     DOMAINS,
@@ -39,6 +37,7 @@ from blip2lib.evaluate.vqa import (
     vqa_accuracy,
     write_vqav2_submission,
 )
+from blip2lib.lazy import lazy_exports
 
 # name -> submodule that defines it, imported on first access (these modules import torch)
 _LAZY = {
@@ -94,14 +93,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    """Import the submodule that defines ``name`` on first access and cache the name here."""
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value  # the next access is a plain attribute lookup
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

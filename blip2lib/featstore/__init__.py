@@ -8,7 +8,7 @@ Both import torch, so their names are imported here on first use (PEP 562): ``--
 
 from __future__ import annotations
 
-import importlib
+from ..lazy import lazy_exports
 
 __all__ = [
     "FeatureStore",
@@ -23,17 +23,6 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    """Import :mod:`.store` on first access of one of its names and cache the name here."""
-    if name.startswith("__"):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    store = importlib.import_module(".store", __name__)
-    if not hasattr(store, name):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(store, name)
-    globals()[name] = value  # the next access is a plain attribute lookup
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+# every name from .store; refuse_random_transform is used by the build and the tests without being in __all__
+_LAZY = {name: "store" for name in [*__all__, "refuse_random_transform"]}
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

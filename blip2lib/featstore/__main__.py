@@ -49,17 +49,10 @@ def main(argv: list[str] | None = None) -> int:
                     "feature_shape": store.feature_shape}  # fmt: skip
             print(json.dumps(info, indent=1))
             return 0
-        from ..config import ParamsError
-        from ..train import TrainParams
+        from ..train_params import load_train_params
         from .build import build_store
 
-        try:
-            params = TrainParams.from_yaml(args.params)
-            params.validate_values(args.params)
-        except ParamsError:
-            raise
-        except ValueError as err:  # a value the schema's own checks refuse: name the file
-            raise ParamsError(f"{args.params}: {err}") from err
+        params = load_train_params(args.params)
         print(json.dumps(build_store(params, args.out, args.shard_size, args.batch_size, args.device)))
         return 0
 

@@ -7,21 +7,11 @@ instant and ``from blip2lib.toy import build_toy_world`` works as before.
 
 from __future__ import annotations
 
-import importlib
+from ..lazy import lazy_exports
 
 _LAZY = {"ToyWorld": "build", "build_toy_world": "build", "load_toy_world": "build"}  # name -> defining submodule
 
 __all__ = ["ToyWorld", "build_toy_world", "load_toy_world"]
 
 
-def __getattr__(name: str):
-    """Import the submodule that defines ``name`` on first access and cache the name here."""
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value  # the next access is a plain attribute lookup
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)
