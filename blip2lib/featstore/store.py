@@ -389,16 +389,3 @@ def attach(dataset, store: FeatureStore):
         dataset.image_cache = _StoreView(store)
         return dataset
     return StoreDataset(dataset, store)
-
-
-__all__ = [  # re-exported by the package
-    "FeatureStore",
-    "FeatureStoreError",
-    "StoreDataset",
-    "StoreFeatures",
-    "attach",
-    "check_params",
-    "open_for_run",
-    "run_identity",
-    "store_keys",
-]
