@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -159,6 +160,13 @@ def write_readme(out: Path, rows: list[tuple[Shot, Path]], variant: str, command
     return readme
 
 
+def _listed_pngs(readme: Path) -> set[str]:
+    """The PNG file names a gallery README written by :func:`write_readme` lists (none if there is no README)."""
+    if not readme.is_file():
+        return set()
+    return set(re.findall(r"^\| \[([^\]/\\]+\.png)\]\(", readme.read_text(), flags=re.MULTILINE))
+
+
 def make_gallery(reports: Path, out: Path, variant: str = "toy", shots: tuple[Shot, ...] = SHOTS,
                  runs: Path | None = None, command: str = "", width: int = WIDTH,
                  max_height: int = MAX_HEIGHT) -> list[Path]:  # fmt: skip
@@ -166,7 +174,8 @@ def make_gallery(reports: Path, out: Path, variant: str = "toy", shots: tuple[Sh
 
     Args:
         reports: the reports root (``reports/``), holding ``<variant>/index.html`` and the reports.
-        out: the gallery folder (e.g. ``docs/gallery``); PNGs of earlier shots that are not in ``shots`` are removed.
+        out: the gallery folder (e.g. ``docs/gallery``); PNGs its previous README listed that are no longer shots are
+            removed (other files are left alone).
         variant: which variant's reports.
         shots: what to take.
         runs: the runs root (``runs/``), for the commits the reports came from; default ``reports``' sibling.
@@ -182,11 +191,11 @@ def make_gallery(reports: Path, out: Path, variant: str = "toy", shots: tuple[Sh
     if missing:
         raise FileNotFoundError(f"{folder}: no {', '.join(sorted(set(missing)))}: run `make demo` first")
     out = Path(out)
+    made_before = _listed_pngs(out / "README.md")  # what an earlier run of this command wrote here
     rows = [(s, screenshot(folder / s.page, out / f"{s.name}.png", s.anchor, width, max_height)) for s in shots]
-    keep = {png for _, png in rows}
-    for old in out.glob("*.png"):  # a shot dropped from the list must not linger unlisted
-        if old not in keep:
-            old.unlink()
+    # a shot dropped from the list must not linger unlisted; any other PNG in the folder is not ours to delete
+    for name in sorted(made_before - {png.name for _, png in rows}):
+        (out / name).unlink(missing_ok=True)
     runs = Path(runs) if runs is not None else Path(reports).parent / "runs"
     stems = {Path(s.page).stem for s in shots if s.page != "index.html"}
     commits = _demo_commits(runs, variant, stems)

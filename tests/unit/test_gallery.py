@@ -62,8 +62,11 @@ def test_gallery_writes_pngs_of_the_stated_width_and_lists_them(tmp_path):
         assert f"| [{name}]({name}) | {shows} |" in readme and f"![{shows}]({name})" in readme
     assert "`reports/smoke/10_a.html#cell-id=gallery-md`" in readme and "at commit abc1234" in readme
     assert "`the-command` at commit " in readme and "640 px wide" in readme and "at most 500 px" in readme
+    (out / "mine.png").write_bytes(b"a user's own file")  # not written by the gallery: never deleted
     make_gallery(tmp_path / "reports", out, "smoke", shots[:2], command="again", width=640, max_height=500)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "index.png", "top.png"]  # no unlisted leftover
+    # no unlisted leftover of ours, and the user's file is untouched
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "index.png", "mine.png", "top.png"]
+    assert (out / "mine.png").read_bytes() == b"a user's own file"
 
 
 @pytest.mark.browser
